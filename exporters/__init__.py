@@ -1,0 +1,1 @@
+"""Export stage: quantized base + scale pack -> ONNX graphs with Q/DQ -> TensorRT engines."""

@@ -1,0 +1,274 @@
+"""Q-Diffusion-style calibration data and activation ranges.
+
+1. :func:`capture_trajectories` runs the full-precision pipeline (DDIM, classifier-free
+   guidance) on calibration prompts and records every UNet call: latents, timestep, text
+   embeddings (cond and uncond in one batch) and, for SDXL, the added conditions.
+2. :func:`spread_over_schedule` keeps calls spread evenly over the whole schedule
+   (timestep-aware calibration), cycling through prompts.
+3. :func:`calibrate_activations` runs those calls through the weight-quantized UNet with
+   activation quantization off, keeps a seeded random sample of each quantized layer's
+   input values per timestep interval and per channel group (shortcut splitting), and
+   searches per tensor the clipping range that minimises the L_p quantization error.
+4. :func:`sqnr_db` / :func:`sqnr_by_interval` score the quantized UNet against the float
+   one on held-out calls.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .layers import ACT_QMAX, ACT_QMIN, quant_layers
+
+
+@dataclass
+class UNetCall:
+    """One recorded UNet call: positional/keyword arguments, on the CPU, plus its origin."""
+
+    args: tuple
+    kwargs: dict
+    timestep: float
+    step: int
+    prompt: int
+
+    def to(self, device) -> tuple[tuple, dict]:
+        """The call's arguments moved to ``device``."""
+        return _tree_to(self.args, device), _tree_to(self.kwargs, device)
+
+
+def _tree_to(obj, device):
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, dict):
+        return {k: _tree_to(v, device) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_tree_to(v, device) for v in obj)
+    return obj
+
+
+_KEEP_KWARGS = ("encoder_hidden_states", "added_cond_kwargs", "timestep_cond", "class_labels")
+
+
+@torch.no_grad()
+def capture_trajectories(pipe, prompts, steps: int, guidance: float, resolution: int | None,
+                         seed: int, progress=None) -> list[UNetCall]:
+    """Run the float pipeline on each prompt and record every UNet call.
+
+    Args:
+        pipe: a diffusers text-to-image pipeline (its scheduler is swapped for DDIM).
+        prompts: one trajectory per prompt, seeded with ``seed + index``.
+        steps, guidance, resolution: DDIM steps, CFG scale, image size (None: model default).
+        progress: optional callable invoked once per trajectory.
+
+    Returns:
+        The recorded calls, in (prompt, step) order.
+    """
+    from diffusers import DDIMScheduler
+
+    original_scheduler = pipe.scheduler
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    calls: list[UNetCall] = []
+    state = {"prompt": 0, "step": 0}
+
+    def record(_module, args, kwargs):
+        kept = {k: v for k, v in kwargs.items() if k in _KEEP_KWARGS and v is not None}
+        timestep = args[1] if len(args) > 1 else kwargs["timestep"]
+        sample = args[0] if args else kwargs["sample"]
+        calls.append(UNetCall((_tree_to(sample, "cpu").clone(), _tree_to(torch.as_tensor(timestep), "cpu")),
+                              _tree_to(kept, "cpu"), float(torch.as_tensor(timestep).float().mean()),
+                              state["step"], state["prompt"]))
+        state["step"] += 1
+
+    handle = pipe.unet.register_forward_pre_hook(record, with_kwargs=True)
+    size = {} if resolution is None else {"height": resolution, "width": resolution}
+    try:
+        pipe.set_progress_bar_config(disable=True)
+        for i, prompt in enumerate(prompts):
+            state.update(prompt=i, step=0)
+            generator = torch.Generator("cpu").manual_seed(seed + i)
+            pipe(prompt, num_inference_steps=steps, guidance_scale=guidance, output_type="latent",
+                 generator=generator, **size)
+            if progress is not None:
+                progress()
+    finally:
+        handle.remove()
+        pipe.scheduler = original_scheduler
+    return calls
+
+
+def spread_over_schedule(calls: list[UNetCall], count: int) -> list[UNetCall]:
+    """Pick ``count`` calls spread evenly over the schedule (all steps), cycling prompts."""
+    ordered = sorted(calls, key=lambda c: (c.step, c.prompt))
+    if count >= len(ordered):
+        return ordered
+    idx = torch.linspace(0, len(ordered) - 1, count).round().long().unique().tolist()
+    return [ordered[i] for i in idx]
+
+
+# ------------------------------------------------------------------------------------
+# Activation statistics and range search
+# ------------------------------------------------------------------------------------
+
+class ActivationSampler:
+    """Forward pre-hooks keeping a seeded random sample of each quantized layer's input.
+
+    Values are kept per (layer, interval, part): ``part`` 1 holds the skip-connection half
+    of a split input. The running absolute maximum is tracked exactly, the sample is
+    uniform over elements (so L_p errors measured on it are unbiased estimates).
+    """
+
+    def __init__(self, unet: nn.Module, values_per_sample: int, seed: int):
+        self.values_per_sample = values_per_sample
+        self.generator = torch.Generator().manual_seed(seed)
+        self.samples: dict[tuple[str, int, int], list[torch.Tensor]] = defaultdict(list)
+        self.amax: dict[tuple[str, int, int], float] = defaultdict(float)
+        self.handles = [layer.register_forward_pre_hook(self._hook(name, layer)) for name, layer in quant_layers(unet)]
+
+    def _hook(self, name, layer):
+        def hook(_module, args):
+            x = args[0].detach()
+            in_table = layer.in_scale_table()
+            if in_table is not None:  # what the quantizer sees is x * s_in
+                x = x * layer._per_sample(in_table[layer.router.expert], x)
+            intervals = layer.router.interval.tolist()
+            parts = _split_parts(x, layer)
+            for b, interval in enumerate(intervals):
+                for part, values in enumerate(parts):
+                    self._keep((name, interval, part), values[b].reshape(-1))
+        return hook
+
+    def _keep(self, key, values: torch.Tensor) -> None:
+        self.amax[key] = max(self.amax[key], float(values.abs().max()))
+        n = min(self.values_per_sample, values.numel())
+        idx = torch.randint(0, values.numel(), (n,), generator=self.generator)
+        self.samples[key].append(values.float().cpu()[idx])
+
+    def close(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def _split_parts(x: torch.Tensor, layer) -> list[torch.Tensor]:
+    if not layer.split:
+        return [x]
+    return list(x.split([layer.split, x.shape[layer.channel_dim] - layer.split], dim=layer.channel_dim))
+
+
+def search_act_scale(values: torch.Tensor, amax: float, method: str = "lp", p: float = 2.4,
+                     grid: int = 24, max_values: int = 1 << 16) -> float:
+    """Per-tensor symmetric INT8 scale from sampled values.
+
+    ``minmax`` uses ``amax / 127``. ``lp`` searches the clipping range ``alpha * amax``
+    minimising the mean ``|x - Q(x)|^p``: a coarse grid over alpha in (0, 1], then a fine
+    grid around the best coarse point (the error is unimodal in alpha in practice). At most
+    ``max_values`` values (an even stride through the sample) enter the search.
+    """
+    amax = max(amax, 1e-8)
+    if method == "minmax":
+        return amax / ACT_QMAX
+    v = values.float()
+    if v.numel() > max_values:
+        v = v[:: -(-v.numel() // max_values)]
+    coarse = torch.linspace(1.0 / grid, 1.0, grid)
+    best = coarse[_lp_errors(v, coarse * amax / ACT_QMAX, p).argmin()]
+    step = 1.0 / grid
+    fine = torch.linspace(max(best - step, step / grid), min(best + step, 1.0), grid)
+    scales = torch.cat([fine, best.view(1)]) * amax / ACT_QMAX
+    return float(scales[_lp_errors(v, scales, p).argmin()])
+
+
+def _lp_errors(v: torch.Tensor, scales: torch.Tensor, p: float) -> torch.Tensor:
+    """Mean ``|v - Q_s(v)|^p`` for each candidate scale s."""
+    errors = []
+    for s in scales.tolist():
+        q = torch.clamp(torch.round(v / s), ACT_QMIN, ACT_QMAX) * s
+        errors.append((v - q).abs_().pow_(p).mean())
+    return torch.stack(errors)
+
+
+@torch.no_grad()
+def calibrate_activations(qunet: nn.Module, calls: list[UNetCall], config, device, progress=None) -> None:
+    """Set every quantized layer's ``act_scale`` from the calibration calls (in place).
+
+    Activation quantization is off while the statistics are gathered (the weights are
+    already quantized). Per-interval scales fall back to the layer's global scale in an
+    interval that no calibration call reached.
+    """
+    layers = dict(quant_layers(qunet))
+    saved_bits = {name: layer.act_bits for name, layer in layers.items()}
+    for layer in layers.values():
+        layer.act_bits = None
+    sampler = ActivationSampler(qunet, config.sample_values, config.seed)
+    try:
+        for call in calls:
+            args, kwargs = call.to(device)
+            qunet(*args, **kwargs)
+            if progress is not None:
+                progress()
+    finally:
+        sampler.close()
+        for name, layer in layers.items():
+            layer.act_bits = saved_bits[name]
+    for name, layer in layers.items():
+        layer.act_scale.copy_(_layer_scales(name, layer, sampler, config))
+
+
+def _layer_scales(name, layer, sampler: ActivationSampler, config) -> torch.Tensor:
+    sets, parts = layer.act_scale.shape
+    table = torch.empty(sets, parts)
+    for part in range(parts):
+        keys = [k for k in sampler.samples if k[0] == name and k[2] == part]
+        if not keys:
+            table[:, part] = 1.0
+            continue
+        pooled = torch.cat([torch.cat(sampler.samples[k]) for k in keys])
+        global_scale = search_act_scale(pooled, max(sampler.amax[k] for k in keys), config.act_search, config.lp_norm)
+        for interval in range(sets):
+            key = (name, interval, part)
+            if sets == 1 or key not in sampler.samples:
+                table[interval, part] = global_scale
+            else:
+                table[interval, part] = search_act_scale(
+                    torch.cat(sampler.samples[key]), sampler.amax[key], config.act_search, config.lp_norm
+                )
+    return table
+
+
+# ------------------------------------------------------------------------------------
+# Scoring
+# ------------------------------------------------------------------------------------
+
+def sqnr_db(reference: torch.Tensor, test: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio ``10 log10(sum ref^2 / sum (ref - test)^2)`` in dB."""
+    reference, test = reference.double(), test.double()
+    noise = (reference - test).pow(2).sum()
+    if noise == 0:
+        return float("inf")
+    return float(10 * torch.log10(reference.pow(2).sum() / noise))
+
+
+@torch.no_grad()
+def unet_outputs(unet: nn.Module, calls: list[UNetCall], device) -> list[torch.Tensor]:
+    """The UNet's noise predictions for each call, on the CPU, in float32."""
+    outputs = []
+    for call in calls:
+        args, kwargs = call.to(device)
+        outputs.append(unet(*args, **kwargs, return_dict=False)[0].float().cpu())
+    return outputs
+
+
+def sqnr_by_interval(reference: list[torch.Tensor], test: list[torch.Tensor], calls: list[UNetCall],
+                     intervals) -> tuple[float, list[float | None]]:
+    """Overall SQNR and SQNR per timestep interval (None for an interval with no call)."""
+    overall = sqnr_db(torch.cat([r.flatten() for r in reference]), torch.cat([t.flatten() for t in test]))
+    per = []
+    for k in range(intervals.k):
+        idx = [i for i, c in enumerate(calls) if intervals.index(c.timestep) == k]
+        if not idx:
+            per.append(None)
+            continue
+        per.append(sqnr_db(torch.cat([reference[i].flatten() for i in idx]), torch.cat([test[i].flatten() for i in idx])))
+    return overall, per

@@ -1,0 +1,379 @@
+"""Quantized Conv2d / Linear with timestep-aware scale sets (the method's "Weights" and
+"Activations" in DESIGN.md).
+
+A quantized layer computes, for sample b whose timestep falls in interval i(b) and whose
+scale set ("expert") is e(b):
+
+    x'  = x * s_in[e]                                   (optional input-channel scales)
+    x_q = a * clamp(round(x' / a), -128, 127)           (INT8 per-tensor, a = act_scale[i])
+    z   = x_q (*) (s_ptq * W_int)                        (integer weight, post-training scale)
+    y   = z * (s_out[e] / s_ptq) + bias                  (per-output-channel rescale)
+
+so the effective weight is ``s_out[e] * W_int * s_in[e]``. Row ``E`` of the scale tables is
+the post-training set (``s_out = s_ptq``, ``s_in = 1``) and never trains; rows ``0..E-1`` are
+the trainable sets of a scale pack. Writing the rescale after the convolution is what makes
+a single engine with K scale tables exact (DESIGN.md, "multi-expert"), and keeping z in
+``s_ptq`` units keeps fp16 sums in range.
+
+Training touches only ``s_out`` (and ``s_in``). The integer weight goes into backward as
+itself: :class:`IntWeightOp` saves the int8 (or packed int4) tensor and rebuilds the float
+weight when the input gradient is needed, so no float copy of any weight stays alive
+between forward and backward.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ACT_QMIN, ACT_QMAX = -128, 127
+
+
+def weight_qrange(bits: int) -> tuple[int, int]:
+    """Signed symmetric integer range used for weights of ``bits`` bits: (-2^(b-1), 2^(b-1)-1)."""
+    return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+
+
+# ------------------------------------------------------------------------------------
+# INT4 packing: two signed nibbles per byte, low nibble first, rows padded to even length
+# ------------------------------------------------------------------------------------
+
+def pack_int4(w: torch.Tensor) -> torch.Tensor:
+    """Pack an int8 tensor of values in [-8, 7] into uint8, two values per byte.
+
+    The tensor is flattened per output channel (dim 0); rows of odd length get one zero pad.
+
+    Returns:
+        uint8 tensor of shape (C_out, ceil(N / 2)), N = numel / C_out.
+    """
+    rows = w.reshape(w.shape[0], -1).to(torch.int16)
+    if rows.shape[1] % 2:
+        rows = F.pad(rows, (0, 1))
+    nibbles = rows & 0xF  # two's complement nibble
+    return (nibbles[:, 0::2] | (nibbles[:, 1::2] << 4)).to(torch.uint8)
+
+
+def unpack_int4(packed: torch.Tensor, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
+    """Inverse of :func:`pack_int4`: an int8 tensor of ``shape``."""
+    p = packed.to(torch.int16)
+    nibbles = torch.stack([p & 0xF, (p >> 4) & 0xF], dim=-1).reshape(p.shape[0], -1)
+    values = nibbles - ((nibbles & 0x8) << 1)  # sign-extend 4 -> 16 bits
+    n = 1
+    for d in shape[1:]:
+        n *= d
+    return values[:, :n].to(torch.int8).reshape(shape)
+
+
+# ------------------------------------------------------------------------------------
+# Autograd functions
+# ------------------------------------------------------------------------------------
+
+class FakeQuantSTE(torch.autograd.Function):
+    """Symmetric INT8 fake quantization with a straight-through gradient.
+
+    The gradient passes where the input was inside the representable range and is zero
+    where it was clipped. Only a bool mask is saved for backward (1 byte per element).
+    The scale gets no gradient: activation scales are calibrated, not trained.
+    """
+
+    @staticmethod
+    def forward(ctx, x, scale):
+        q = torch.round(x / scale)
+        inside = (q >= ACT_QMIN) & (q <= ACT_QMAX)
+        ctx.save_for_backward(inside)
+        return q.clamp_(ACT_QMIN, ACT_QMAX) * scale
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inside,) = ctx.saved_tensors
+        return grad * inside, None
+
+
+def fake_quant(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """INT8 fake quantization of x with ``scale`` broadcastable to x (straight-through grad)."""
+    return FakeQuantSTE.apply(x, scale.to(x.dtype))
+
+
+class IntWeightOp(torch.autograd.Function):
+    """``z = op(x, s_ptq * W_int)`` for a frozen integer weight, saving only the integers.
+
+    ``op`` is conv2d or linear. Backward returns the input gradient only (the integer
+    weight and its post-training scale are frozen), rebuilding the float weight from the
+    saved integer tensor. That is the memory win of training scales instead of weights.
+    """
+
+    @staticmethod
+    def forward(ctx, x, w_int, s_ptq, layer):
+        weight = layer.dequantized_weight(w_int, s_ptq, x.dtype)
+        ctx.layer = layer
+        ctx.x_shape = x.shape
+        ctx.save_for_backward(w_int, s_ptq)
+        return layer.apply_weight(x, weight)
+
+    @staticmethod
+    def backward(ctx, grad):
+        w_int, s_ptq = ctx.saved_tensors
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None
+        weight = ctx.layer.dequantized_weight(w_int, s_ptq, grad.dtype)
+        return ctx.layer.input_grad(ctx.x_shape, weight, grad), None, None, None
+
+
+# ------------------------------------------------------------------------------------
+# Routing: which interval and scale set each sample of a batch uses
+# ------------------------------------------------------------------------------------
+
+class ScaleRouter(nn.Module):
+    """Per-sample interval and expert indices shared by the quantized layers of one UNet.
+
+    Attached to the UNet as ``qp_router``; a forward pre-hook on the UNet calls
+    :meth:`route` with the call's timestep, so the layers see this call's routing and
+    nothing global. ``expert_of_interval[k]`` is the scale-set row used in interval k;
+    the value ``num_sets`` (one past the trainable sets) means the post-training scales.
+    """
+
+    def __init__(self, intervals, num_sets: int = 0, expert_of_interval=None):
+        super().__init__()
+        self.intervals = intervals
+        if expert_of_interval is None:
+            expert_of_interval = [num_sets] * intervals.k
+        self.register_buffer("expert_of_interval", torch.as_tensor(expert_of_interval, dtype=torch.long))
+        self.num_sets = num_sets
+        self.interval: torch.Tensor | None = None  # (B,) long
+        self.expert: torch.Tensor | None = None  # (B,) long
+
+    def configure(self, intervals, num_sets: int, expert_of_interval) -> None:
+        """Install a new partition and interval -> scale-set map (used when a pack loads)."""
+        self.intervals = intervals
+        self.num_sets = num_sets
+        self.expert_of_interval = torch.as_tensor(
+            expert_of_interval, dtype=torch.long, device=self.expert_of_interval.device
+        )
+
+    def route(self, timestep, batch: int, device) -> None:
+        """Set (interval, expert) per sample from ``timestep`` (scalar or (B,) tensor)."""
+        t = torch.as_tensor(timestep, device=device)
+        if t.ndim == 0:
+            t = t.expand(batch)
+        self.set(self.intervals.index(t.reshape(batch)))
+
+    def set(self, interval: torch.Tensor, expert: torch.Tensor | None = None) -> None:
+        """Set the per-sample interval indices (B,), and experts if not derived from the map."""
+        self.interval = interval
+        self.expert = self.expert_of_interval[interval] if expert is None else expert
+
+    def selection(self, batch: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (interval, expert) tensors of the current call; post-training if never routed."""
+        if self.interval is None:
+            return unrouted_selection(batch, device, self.num_sets)
+        if self.interval.shape[0] != batch:
+            raise RuntimeError(
+                f"quantized layer got batch {batch} but the UNet call was routed for "
+                f"{self.interval.shape[0]} samples"
+            )
+        return self.interval, self.expert
+
+
+def unrouted_selection(batch: int, device, num_sets: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Interval 0 and the post-training scale row for every sample (no routing installed)."""
+    zeros = torch.zeros(batch, dtype=torch.long, device=device)
+    return zeros, zeros + num_sets
+
+
+# ------------------------------------------------------------------------------------
+# The quantized layers
+# ------------------------------------------------------------------------------------
+
+class QuantLayer(nn.Module):
+    """Shared state and forward of :class:`QuantConv2d` and :class:`QuantLinear`.
+
+    Buffers: ``w_int`` (int8, or uint8 packed INT4), ``s_ptq`` (C_out,), ``act_scale``
+    (K_a, P) with K_a = 1 (global) or K (per interval) and P = 2 when the input is split
+    into two channel groups, and ``bias``. Parameters: ``s_out`` (E, C_out) and optional
+    ``s_in`` (E, C_in), the trainable scale sets (E = 0 for a post-training base).
+    """
+
+    channel_dim = 1  # where input channels live (conv: dim 1; linear overrides: dim -1)
+
+    def __init__(self, in_features: int, out_features: int, weight_shape, weight_bits: int,
+                 act_bits: int | None, act_sets: int, split: int):
+        super().__init__()
+        if weight_bits not in (4, 8):
+            raise ValueError(f"weight_bits must be 4 or 8, got {weight_bits}")
+        self.in_features, self.out_features = in_features, out_features
+        self.weight_shape = torch.Size(weight_shape)
+        self.weight_bits, self.act_bits, self.split = weight_bits, act_bits, split
+        numel = self.weight_shape.numel()
+        if weight_bits == 8:
+            self.register_buffer("w_int", torch.zeros(self.weight_shape, dtype=torch.int8))
+        else:
+            self.register_buffer("w_int", torch.zeros(out_features, (numel // out_features + 1) // 2, dtype=torch.uint8))
+        self.register_buffer("s_ptq", torch.ones(out_features))
+        self.register_buffer("act_scale", torch.ones(act_sets, 2 if split else 1))
+        self.register_buffer("bias", None)
+        self.s_out = nn.Parameter(torch.ones(0, out_features), requires_grad=False)
+        self.s_in: nn.Parameter | None = None
+        object.__setattr__(self, "router", None)  # set by attach_router; not a submodule
+
+    # -- integer weight --------------------------------------------------------------
+    def int_weight(self, w_int: torch.Tensor | None = None) -> torch.Tensor:
+        """The integer weight as int8 of the float layer's shape (INT4 unpacked)."""
+        w_int = self.w_int if w_int is None else w_int
+        return w_int if self.weight_bits == 8 else unpack_int4(w_int, self.weight_shape)
+
+    def set_int_weight(self, w_int: torch.Tensor) -> None:
+        """Store an int8 tensor of the float weight's shape (packed if INT4)."""
+        lo, hi = weight_qrange(self.weight_bits)
+        if w_int.dtype != torch.int8 or w_int.shape != self.weight_shape or w_int.min() < lo or w_int.max() > hi:
+            raise ValueError(f"integer weight must be int8 of shape {tuple(self.weight_shape)} in [{lo}, {hi}]")
+        self.w_int = w_int.clone() if self.weight_bits == 8 else pack_int4(w_int)
+
+    def dequantized_weight(self, w_int, s_ptq, dtype) -> torch.Tensor:
+        """``s_ptq * W_int`` in ``dtype`` (a transient: never saved for backward)."""
+        w = self.int_weight(w_int).to(dtype)
+        return w * s_ptq.to(dtype).view(-1, *([1] * (w.ndim - 1)))
+
+    # -- scale sets ------------------------------------------------------------------
+    @property
+    def num_sets(self) -> int:
+        return self.s_out.shape[0]
+
+    def set_scale_sets(self, s_out: torch.Tensor, s_in: torch.Tensor | None = None) -> None:
+        """Install trainable scale sets: s_out (E, C_out) and optionally s_in (E, C_in)."""
+        if s_out.ndim != 2 or s_out.shape[1] != self.out_features:
+            raise ValueError(f"s_out must have shape (E, {self.out_features}), got {tuple(s_out.shape)}")
+        if s_in is not None and tuple(s_in.shape) != (s_out.shape[0], self.in_features):
+            raise ValueError(f"s_in must have shape ({s_out.shape[0]}, {self.in_features}), got {tuple(s_in.shape)}")
+        device = self.s_ptq.device
+        self.s_out = nn.Parameter(s_out.detach().to(device, torch.float32).clone(), requires_grad=False)
+        self.s_in = None if s_in is None else nn.Parameter(s_in.detach().to(device, torch.float32).clone(), requires_grad=False)
+
+    def out_ratio_table(self) -> torch.Tensor:
+        """(E + 1, C_out) table of ``s_out / s_ptq``; the last row (post-training) is all ones."""
+        ones = torch.ones(1, self.out_features, device=self.s_ptq.device)
+        return torch.cat([self.s_out / self.s_ptq, ones])
+
+    def in_scale_table(self) -> torch.Tensor | None:
+        """(E + 1, C_in) table of input-channel scales, last row ones; None without s_in."""
+        if self.s_in is None:
+            return None
+        return torch.cat([self.s_in, torch.ones(1, self.in_features, device=self.s_in.device)])
+
+    # -- forward ---------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.router is not None:
+            interval, expert = self.router.selection(x.shape[0], x.device)
+        else:
+            interval, expert = unrouted_selection(x.shape[0], x.device, self.num_sets)
+        in_table = self.in_scale_table()
+        if in_table is not None:
+            x = x * self._per_sample(in_table[expert], x)
+        if self.act_bits is not None:
+            x = self.quantize_input(x, self.act_scales_for(interval))
+        z = IntWeightOp.apply(x, self.w_int, self.s_ptq, self)
+        if self.num_sets:
+            z = z * self._per_sample(self.out_ratio_table()[expert], z)
+        if self.bias is not None:
+            z = z + self.bias.to(z.dtype).view(self._bias_view(z))
+        return z
+
+    def quantize_input(self, x: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+        """Fake-quantize x with per-sample scales (B, P); P = 2 splits channels at ``split``."""
+        batch_view = (-1,) + (1,) * (x.ndim - 1)
+        if not self.split:
+            return fake_quant(x, scales[:, 0].view(batch_view))
+        head, tail = x.split([self.split, x.shape[self.channel_dim] - self.split], dim=self.channel_dim)
+        return torch.cat(
+            [fake_quant(head, scales[:, 0].view(batch_view)), fake_quant(tail, scales[:, 1].view(batch_view))],
+            dim=self.channel_dim,
+        )
+
+    def act_scales_for(self, interval: torch.Tensor) -> torch.Tensor:
+        """Per-sample activation scales (B, P): the sample's interval row, or the global row."""
+        if self.act_scale.shape[0] == 1:
+            return self.act_scale.expand(interval.shape[0], -1)
+        return self.act_scale[interval]
+
+    def _per_sample(self, rows: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """Reshape per-sample channel rows (B, C) to broadcast against ``like``."""
+        raise NotImplementedError
+
+    def _bias_view(self, z: torch.Tensor) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        act = f"a{self.act_bits}" if self.act_bits else "a-fp"
+        extra = f", split={self.split}" if self.split else ""
+        return f"{self.in_features}, {self.out_features}, w{self.weight_bits}{act}, sets={self.num_sets}{extra}"
+
+
+class QuantConv2d(QuantLayer):
+    """Quantized replacement of ``nn.Conv2d`` (zero padding only)."""
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1,
+                 weight_bits=8, act_bits=8, act_sets=1, split=0):
+        kernel_size = tuple(kernel_size) if isinstance(kernel_size, (tuple, list)) else (kernel_size,) * 2
+        shape = (out_channels, in_channels // groups, *kernel_size)
+        super().__init__(in_channels, out_channels, shape, weight_bits, act_bits, act_sets, split)
+        self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
+
+    @classmethod
+    def from_float(cls, conv: nn.Conv2d, weight_bits=8, act_bits=8, act_sets=1, split=0) -> "QuantConv2d":
+        """An (uncalibrated) quantized layer with the conv's geometry and bias."""
+        if conv.padding_mode != "zeros":
+            raise ValueError(f"only zero padding is supported, got {conv.padding_mode}")
+        layer = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                    conv.dilation, conv.groups, weight_bits, act_bits, act_sets, split)
+        layer.bias = None if conv.bias is None else conv.bias.detach().clone().float()
+        return layer.to(conv.weight.device)
+
+    def apply_weight(self, x, weight):
+        return F.conv2d(x, weight, None, self.stride, self.padding, self.dilation, self.groups)
+
+    def input_grad(self, x_shape, weight, grad):
+        return torch.nn.grad.conv2d_input(x_shape, weight, grad, self.stride, self.padding, self.dilation, self.groups)
+
+    def _per_sample(self, rows, like):
+        return rows.to(like.dtype)[:, :, None, None]  # (B, C, 1, 1)
+
+    def _bias_view(self, z):
+        return (1, -1, 1, 1)
+
+
+class QuantLinear(QuantLayer):
+    """Quantized replacement of ``nn.Linear`` for inputs (B, C) or (B, L, C)."""
+
+    channel_dim = -1
+
+    def __init__(self, in_features, out_features, weight_bits=8, act_bits=8, act_sets=1, split=0):
+        super().__init__(in_features, out_features, (out_features, in_features), weight_bits, act_bits, act_sets, split)
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, weight_bits=8, act_bits=8, act_sets=1, split=0) -> "QuantLinear":
+        """An (uncalibrated) quantized layer with the linear's geometry and bias."""
+        layer = cls(linear.in_features, linear.out_features, weight_bits, act_bits, act_sets, split)
+        layer.bias = None if linear.bias is None else linear.bias.detach().clone().float()
+        return layer.to(linear.weight.device)
+
+    def apply_weight(self, x, weight):
+        return F.linear(x, weight)
+
+    def input_grad(self, x_shape, weight, grad):
+        return (grad @ weight).reshape(x_shape)
+
+    def _per_sample(self, rows, like):
+        return rows.to(like.dtype).view(rows.shape[0], *([1] * (like.ndim - 2)), rows.shape[1])  # (B, 1.., C)
+
+    def _bias_view(self, z):
+        return (-1,)
+
+
+QUANT_TYPES = (QuantConv2d, QuantLinear)
+
+
+def quant_layers(model: nn.Module):
+    """Yield ``(name, layer)`` for every quantized layer of ``model``, in module order."""
+    for name, module in model.named_modules():
+        if isinstance(module, QUANT_TYPES):
+            yield name, module

@@ -1,0 +1,243 @@
+"""Load a Stable Diffusion pipeline from a local path or a bundled name, never the network.
+
+MODEL may be:
+- a local diffusers directory (``model_index.json`` at its root): SD 1.x, 2.x, XL, or any
+  pipeline whose ``unet`` is a ``UNet2DConditionModel``;
+- a single-file checkpoint (``.safetensors``; ``.ckpt`` is refused because it is a pickle),
+  converted by diffusers' ``from_single_file``; its configuration comes from ``config_dir``
+  (a local diffusers directory of the same architecture) or from the local Hugging Face cache;
+- a bundled name: ``tiny-sd1``, ``tiny-sd2``, ``tiny-sdxl`` (random weights built from a
+  config with a fixed seed: for tests and smoke runs) or ``miniworld`` (the trained small
+  model shipped in ``qpdeploy/assets`` once it exists).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .errors import QPDeployError
+from .prompts import CALIBRATION_PROMPTS
+
+TINY_FAMILIES = ("sd1", "sd2", "sdxl")
+ASSETS = Path(__file__).parent / "assets"
+MINIWORLD_DIR = ASSETS / "miniworld" / "pipeline"
+DEFAULT_MODEL = "tiny-sd1"
+BUNDLED = tuple(f"tiny-{f}" for f in TINY_FAMILIES) + ("miniworld",)
+
+
+def load_pipeline(model: str | os.PathLike, config_dir: str | os.PathLike | None = None, **components):
+    """Load a diffusers pipeline for MODEL (see module docstring), in float32 on the CPU.
+
+    ``components`` (for example ``unet=quantized_unet``) replace the model's own and are
+    then not loaded from disk.
+
+    Raises:
+        QPDeployError: the path is missing, is not a diffusion model, or its UNet is not
+            a ``UNet2DConditionModel``.
+    """
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a missing local file must never become a download
+    name = str(model)
+    if name in BUNDLED and not Path(name).exists():
+        pipe = _load_bundled(name, components)
+    else:
+        path = Path(name).expanduser()
+        if not path.exists():
+            raise QPDeployError(
+                f"model not found: {path} (give a diffusers directory, a .safetensors checkpoint, "
+                f"or one of {', '.join(BUNDLED)})"
+            )
+        if path.is_dir():
+            pipe = _load_directory(path, components)
+        else:
+            pipe = _load_single_file(path, config_dir, components)
+    check_unet(pipe, name)
+    return pipe
+
+
+def check_unet(pipe, name: str) -> None:
+    """Refuse pipelines whose denoiser is not a UNet2DConditionModel (DiT, video UNets...)."""
+    from diffusers import UNet2DConditionModel
+
+    unet = getattr(pipe, "unet", None)
+    if not isinstance(unet, UNet2DConditionModel):
+        kind = type(unet).__name__ if unet is not None else type(getattr(pipe, "transformer", pipe)).__name__
+        raise QPDeployError(
+            f"unsupported architecture in {name}: the denoiser is {kind}, "
+            "qpdeploy quantizes UNet2DConditionModel (SD 1.x, 2.x, XL)"
+        )
+
+
+def _load_directory(path: Path, components: dict):
+    from diffusers import DiffusionPipeline
+
+    if not (path / "model_index.json").is_file():
+        raise QPDeployError(f"not a diffusers model directory: {path} has no model_index.json")
+    try:
+        return DiffusionPipeline.from_pretrained(path, local_files_only=True, safety_checker=None, **components)
+    except Exception as exc:  # diffusers raises many types; the user needs one line
+        raise QPDeployError(f"cannot load diffusers model {path}: {_first_line(exc)}") from exc
+
+
+def _load_single_file(path: Path, config_dir, components: dict):
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers.loaders.single_file_utils import infer_diffusers_model_type
+    from safetensors.torch import load_file
+
+    if path.suffix != ".safetensors":
+        raise QPDeployError(
+            f"unsupported checkpoint file {path}: give a .safetensors file "
+            "(.ckpt/.pt files are pickles and are not loaded)"
+        )
+    try:
+        state = load_file(str(path))
+    except Exception as exc:
+        raise QPDeployError(f"cannot read checkpoint {path}: {_first_line(exc)}") from exc
+    if not any(k.startswith("model.diffusion_model.") for k in state):
+        raise QPDeployError(
+            f"not a Stable Diffusion checkpoint: {path} has no 'model.diffusion_model.*' UNet weights"
+        )
+    is_xl = infer_diffusers_model_type(state).startswith("xl")
+    del state
+    cls = StableDiffusionXLPipeline if is_xl else StableDiffusionPipeline
+    kwargs = {"local_files_only": True, **components}
+    if config_dir is not None:
+        kwargs["config"] = str(config_dir)
+    if not is_xl:
+        kwargs.update(safety_checker=None, requires_safety_checker=False)
+    try:
+        return cls.from_single_file(str(path), **kwargs)
+    except Exception as exc:
+        hint = "" if config_dir else "; pass --config DIR (a local diffusers model of the same architecture)"
+        raise QPDeployError(f"cannot load checkpoint {path}: {_first_line(exc)}{hint}") from exc
+
+
+def _load_bundled(name: str, components: dict):
+    if name == "miniworld":
+        if not (MINIWORLD_DIR / "model_index.json").is_file():
+            raise QPDeployError(f"the bundled miniworld model is not installed (expected {MINIWORLD_DIR})")
+        return _load_directory(MINIWORLD_DIR, components)
+    pipe = tiny_pipeline(name.removeprefix("tiny-"))
+    for key, module in components.items():
+        setattr(pipe, key, module)
+    return pipe
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{exc.__class__.__name__}: {text[0] if text else ''}"
+
+
+# --------------------------------------------------------------------------------------
+# Tiny pipelines built from configs (the diffusers testing habit: no download, fixed seed)
+# --------------------------------------------------------------------------------------
+
+def tiny_unet_config(family: str) -> dict:
+    """UNet2DConditionModel kwargs of a tiny model with the structure of an SD family.
+
+    sd1: conv projections, one head dim; sd2: linear projections and per-block head dims;
+    sdxl: sd2 plus ``text_time`` added embeddings and two transformer layers in the
+    deepest block.
+    """
+    if family not in TINY_FAMILIES:
+        raise QPDeployError(f"unknown tiny family {family!r}; expected one of {', '.join(TINY_FAMILIES)}")
+    config = dict(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=2,
+        norm_num_groups=8,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+    )
+    if family in ("sd2", "sdxl"):
+        config.update(attention_head_dim=(2, 4), use_linear_projection=True)
+    if family == "sdxl":
+        config.update(
+            cross_attention_dim=64,  # two text encoders of width 32, concatenated
+            addition_embed_type="text_time",
+            addition_time_embed_dim=8,
+            projection_class_embeddings_input_dim=32 + 6 * 8,  # pooled text + 6 size/crop ids
+            transformer_layers_per_block=(1, 2),
+        )
+    return config
+
+
+def tiny_pipeline(family: str = "sd1", seed: int = 0):
+    """A complete random pipeline of the given family (16x16 images, 8x8 latents).
+
+    The same seed always gives the same weights, so tests and hashes are reproducible.
+    """
+    import torch
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        StableDiffusionPipeline,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from .tokenizer import build_word_tokenizer
+
+    unet_config = tiny_unet_config(family)
+    words = sorted({w.strip(",.") for p in CALIBRATION_PROMPTS for w in p.split()} | {"sks", "photo"})
+    tokenizer = build_word_tokenizer(words, max_length=16)
+    text_config = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        max_position_embeddings=tokenizer.model_max_length,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        projection_dim=32,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(**unet_config)
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            block_out_channels=(16, 32),
+            down_block_types=("DownEncoderBlock2D",) * 2,
+            up_block_types=("UpDecoderBlock2D",) * 2,
+            latent_channels=4,
+            norm_num_groups=8,
+            sample_size=16,
+        )
+        text_encoder = CLIPTextModel(CLIPTextConfig(**text_config))
+        text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**text_config)) if family == "sdxl" else None
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    parts = dict(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler)
+    if family == "sdxl":
+        return StableDiffusionXLPipeline(**parts, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer)
+    return StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+
+def model_family(unet) -> str:
+    """'sdxl' for UNets with text_time added embeddings, 'sd2' for linear projections, else 'sd1'."""
+    if getattr(unet.config, "addition_embed_type", None) == "text_time":
+        return "sdxl"
+    return "sd2" if unet.config.use_linear_projection else "sd1"
+
+
+def describe_source(model: str | os.PathLike) -> dict:
+    """JSON-able description of where a model came from (recorded in quant_config.json)."""
+    name = str(model)
+    if name in BUNDLED and not Path(name).exists():
+        return {"kind": "bundled", "name": name}
+    path = Path(name).expanduser().resolve()
+    return {"kind": "directory" if path.is_dir() else "single-file", "path": str(path)}

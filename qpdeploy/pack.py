@@ -1,0 +1,209 @@
+"""The scale pack: the trained scale sets of a personalization, bound to one base.
+
+A pack directory holds ``scales.safetensors`` (per quantized layer ``<name>.s_out`` of shape
+(E, C_out) and, with input scales, ``<name>.s_in`` of shape (E, C_in)), ``pack.json``
+(format version, strategy, intervals, S1 intervals, base hash, prompt, settings) and the
+trainer's ``report.json``.
+
+Strategies and the interval -> scale-set map (row E is the post-training scales):
+
+- ``baseline``: E = 1, every interval uses set 0;
+- ``s1``: E = 1, the selected intervals use set 0, the others the post-training scales;
+- ``s2``: E = K, interval k uses set k.
+
+:func:`apply_pack` installs a pack on a loaded base; training, export and the runtime all
+go through it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .errors import QPDeployError
+from .intervals import Intervals
+from .io import atomic_dir, check_format_version, file_sha256, read_json, write_json
+from .layers import quant_layers
+from .quantize import get_router
+
+PACK_FORMAT_VERSION = 1
+PACK_KIND = "qpdeploy.scale-pack"
+PACK_FILE = "pack.json"
+SCALES_FILE = "scales.safetensors"
+STRATEGIES = ("baseline", "s1", "s2")
+
+
+def expert_map(strategy: str, k: int, s1_intervals=()) -> list[int]:
+    """Scale-set index used in each of K intervals (``num_sets`` means post-training)."""
+    if strategy == "baseline":
+        return [0] * k
+    if strategy == "s1":
+        bad = [i for i in s1_intervals if not 0 <= i < k]
+        if not s1_intervals or bad:
+            raise QPDeployError(f"S1 intervals must be a non-empty subset of 0..{k - 1}, got {list(s1_intervals)}")
+        return [0 if i in s1_intervals else 1 for i in range(k)]
+    if strategy == "s2":
+        return list(range(k))
+    raise QPDeployError(f"unknown strategy {strategy!r}; expected one of {', '.join(STRATEGIES)}")
+
+
+def num_sets_for(strategy: str, k: int) -> int:
+    """How many trainable scale sets a strategy has: K for S2, else 1."""
+    return k if strategy == "s2" else 1
+
+
+@dataclass
+class ScalePack:
+    """Trained scale sets plus what is needed to apply them correctly.
+
+    Attributes:
+        strategy: "baseline", "s1" or "s2".
+        intervals: the timestep partition the sets were trained on.
+        base_hash: the base the pack belongs to.
+        scales: ``{"<layer>.s_out": (E, C_out), "<layer>.s_in": (E, C_in)}`` float32.
+        s1_intervals: intervals where S1's tuned set applies.
+        meta: prompt, training settings and anything else recorded in pack.json.
+    """
+
+    strategy: str
+    intervals: Intervals
+    base_hash: str
+    scales: dict[str, torch.Tensor]
+    s1_intervals: tuple[int, ...] = ()
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.s1_intervals = tuple(int(i) for i in self.s1_intervals)
+        expert_map(self.strategy, self.intervals.k, self.s1_intervals)  # validates
+
+    @property
+    def num_sets(self) -> int:
+        return num_sets_for(self.strategy, self.intervals.k)
+
+    @property
+    def expert_of_interval(self) -> list[int]:
+        return expert_map(self.strategy, self.intervals.k, self.s1_intervals)
+
+    @property
+    def input_scales(self) -> bool:
+        """Whether the pack trains input-channel scales (s_in) too."""
+        return any(name.endswith(".s_in") for name in self.scales)
+
+    @property
+    def trainable_params(self) -> int:
+        return sum(t.numel() for t in self.scales.values())
+
+
+def save_pack(out, pack: ScalePack, report: dict | None = None, force: bool = False) -> Path:
+    """Write a pack directory atomically (``report`` becomes report.json)."""
+    from safetensors.torch import save_file
+
+    with atomic_dir(out, force) as tmp:
+        tensors = {k: v.detach().float().cpu().contiguous() for k, v in pack.scales.items()}
+        save_file(tensors, str(tmp / SCALES_FILE), metadata={"kind": PACK_KIND})
+        write_json(tmp / PACK_FILE, {
+            "format_version": PACK_FORMAT_VERSION,
+            "kind": PACK_KIND,
+            "strategy": pack.strategy,
+            "intervals": pack.intervals.to_json(),
+            "s1_intervals": list(pack.s1_intervals),
+            "num_sets": pack.num_sets,
+            "input_scales": pack.input_scales,
+            "base_hash": pack.base_hash,
+            "scales_sha256": file_sha256(tmp / SCALES_FILE),
+            **pack.meta,
+        })
+        if report is not None:
+            write_json(tmp / "report.json", report)
+    return Path(out)
+
+
+def load_pack(path) -> ScalePack:
+    """Read a pack directory (the scales are checked against their recorded SHA-256)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_dir():
+        raise QPDeployError(f"scale pack not found: {path} is not a directory")
+    meta = read_json(path / PACK_FILE)
+    if meta.get("kind") != PACK_KIND:
+        raise QPDeployError(f"{path} is not a qpdeploy scale pack (kind {meta.get('kind')!r})")
+    check_format_version("scale pack", meta.get("format_version"), PACK_FORMAT_VERSION, path / PACK_FILE)
+    scales_file = path / SCALES_FILE
+    if not scales_file.is_file():
+        raise QPDeployError(f"scale pack {path} has no {SCALES_FILE}")
+    if file_sha256(scales_file) != meta.get("scales_sha256"):
+        raise QPDeployError(f"{scales_file} does not match the hash in {PACK_FILE} (corrupted or replaced)")
+    try:
+        scales = load_file(str(scales_file))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise QPDeployError(f"cannot read {scales_file}: {exc}") from exc
+    core = {"format_version", "kind", "strategy", "intervals", "s1_intervals", "num_sets", "input_scales",
+            "base_hash", "scales_sha256"}
+    return ScalePack(meta["strategy"], Intervals.from_json(meta["intervals"]), meta["base_hash"], scales,
+                     tuple(meta.get("s1_intervals", ())), {k: v for k, v in meta.items() if k not in core})
+
+
+def apply_pack(base, pack: ScalePack) -> None:
+    """Install a pack's scale sets and interval map on a loaded base's UNet, in place.
+
+    Raises:
+        QPDeployError: the pack was made for another base, its layers or shapes do not
+            fit, or the base has per-interval activation scales on other intervals.
+    """
+    if pack.base_hash != base.base_hash:
+        raise QPDeployError(
+            f"scale pack belongs to base {pack.base_hash[:12]}, not to this base {base.base_hash[:12]}"
+        )
+    if base.config.act_scales == "per-interval" and pack.intervals != base.intervals:
+        raise QPDeployError(
+            f"base has per-interval activation scales on {base.intervals}; the pack uses {pack.intervals}"
+        )
+    layers = dict(quant_layers(base.unet))
+    names = {key.rsplit(".", 1)[0] for key in pack.scales}
+    if names != set(layers):
+        extra = sorted(names - set(layers)) or sorted(set(layers) - names)
+        raise QPDeployError(f"scale pack does not fit the base's layers (for example {extra[0]})")
+    for name, layer in layers.items():
+        try:
+            layer.set_scale_sets(pack.scales[f"{name}.s_out"], pack.scales.get(f"{name}.s_in"))
+        except ValueError as exc:
+            raise QPDeployError(f"scale pack layer {name}: {exc}") from exc
+    get_router(base.unet).configure(pack.intervals, pack.num_sets, pack.expert_of_interval)
+
+
+def reset_to_post_training(base) -> None:
+    """Remove any pack: every layer back to its post-training scales only."""
+    for _, layer in quant_layers(base.unet):
+        layer.set_scale_sets(torch.ones(0, layer.out_features))
+    get_router(base.unet).configure(base.intervals, 0, [0] * base.intervals.k)
+
+
+def init_scale_sets(base, strategy: str, intervals: Intervals, s1_intervals=(), input_scales: bool = False) -> None:
+    """Start a personalization: every trainable set equals the post-training scales.
+
+    ``s_out`` rows start at ``s_ptq`` and ``s_in`` rows at ones, so the model's output
+    is unchanged until training moves them.
+    """
+    if base.config.act_scales == "per-interval" and intervals != base.intervals:
+        raise QPDeployError(f"base has per-interval activation scales on {base.intervals}; train on those intervals")
+    num_sets = num_sets_for(strategy, intervals.k)
+    mapping = expert_map(strategy, intervals.k, s1_intervals)
+    for _, layer in quant_layers(base.unet):
+        s_out = layer.s_ptq.detach().expand(num_sets, -1)
+        s_in = torch.ones(num_sets, layer.in_features) if input_scales else None
+        layer.set_scale_sets(s_out, s_in)
+    get_router(base.unet).configure(intervals, num_sets, mapping)
+
+
+def scales_of(unet) -> dict[str, torch.Tensor]:
+    """The current trainable scale sets of a quantized UNet, as a pack's ``scales`` dict."""
+    scales = {}
+    for name, layer in quant_layers(unet):
+        scales[f"{name}.s_out"] = layer.s_out.detach().clone()
+        if layer.s_in is not None:
+            scales[f"{name}.s_in"] = layer.s_in.detach().clone()
+    return scales

@@ -1,0 +1,117 @@
+"""Post-training quantization of a pipeline's UNet into a quantized base (``qpdeploy quantize``)."""
+
+from __future__ import annotations
+
+import copy
+import time
+from pathlib import Path
+
+import torch
+
+from .base import REPORT_FILE, QuantizedBase, save_base, source_hash
+from .calibrate import (calibrate_activations, capture_trajectories, spread_over_schedule, sqnr_by_interval,
+                        unet_outputs)
+from .config import QuantizeConfig
+from .io import check_output, read_json
+from .models import describe_source, load_pipeline
+from .progress import stage
+from .prompts import CALIBRATION_PROMPTS
+from .quantize import convert_unet, float_weights_of, plan_layers, quantize_weights
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; anything else is passed to torch."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def quantize_pipeline(pipe, config: QuantizeConfig, device="cpu", show_progress: bool = False):
+    """Quantize ``pipe.unet`` after Q-Diffusion; the float pipeline is left unchanged.
+
+    Steps: (1) record full-precision DDIM trajectories on calibration and held-out
+    prompts, (2) convert the UNet and quantize its weights with a clipping search,
+    (3) calibrate activation ranges on calls spread over the schedule, (4) score the
+    quantized UNet against the float one on held-out calls.
+
+    Returns:
+        ``(qunet, intervals, plans, report)``; ``report`` holds the keys of report.json.
+    """
+    start = time.perf_counter()
+    torch.manual_seed(config.seed)
+    pipe.to(device)
+    fp_unet = pipe.unet.eval()
+    intervals = config.make_intervals(pipe.scheduler.config.num_train_timesteps)
+    prompts = list(config.calib_prompts or CALIBRATION_PROMPTS)
+    n_hold = max(1, round(len(prompts) * config.holdout))
+    calib_prompts, held_prompts = prompts[:-n_hold], prompts[-n_hold:]
+
+    # 1. full-precision trajectories (timestep-aware calibration data)
+    with stage("trajectories", len(prompts), show_progress) as advance:
+        calib = capture_trajectories(pipe, calib_prompts, config.calib_steps, config.guidance, config.resolution,
+                                     config.seed, advance)
+        held = capture_trajectories(pipe, held_prompts, config.calib_steps, config.guidance, config.resolution,
+                                    config.seed + 10_000, advance)
+    calib = spread_over_schedule(calib, config.calib_samples)
+    held = spread_over_schedule(held, config.calib_samples)
+
+    # 2. structure and weights
+    plans = plan_layers(fp_unet, config)
+    qunet = copy.deepcopy(fp_unet)
+    convert_unet(qunet, config, intervals, plans)
+    qunet.to(device)
+    with stage("weights", sum(p.quantized for p in plans), show_progress) as advance:
+        quantize_weights(qunet, float_weights_of(fp_unet, plans), config, advance)
+
+    # 3. activation ranges
+    if config.act_bits is not None:
+        with stage("activations", len(calib), show_progress) as advance:
+            calibrate_activations(qunet, calib, config, device, advance)
+
+    # 4. fidelity on held-out calls
+    with stage("evaluate", 2, show_progress) as advance:
+        reference = unet_outputs(fp_unet, held, device)
+        advance()
+        test = unet_outputs(qunet, held, device)
+        advance()
+    overall, per_interval = sqnr_by_interval(reference, test, held, intervals)
+    report = {
+        "sqnr_db": overall,
+        "sqnr_db_per_interval": per_interval,
+        "layers_quantized": sum(p.quantized for p in plans),
+        "layers_skipped": sum(not p.quantized for p in plans),
+        "weight_bytes_fp": _tensor_bytes(fp_unet.state_dict()),
+        "weight_bytes_quant": _tensor_bytes(qunet.state_dict()),
+        "seconds": time.perf_counter() - start,
+        "intervals": intervals.to_json()["boundaries"],
+        "calibration_calls": len(calib),
+        "heldout_calls": len(held),
+    }
+    return qunet, intervals, plans, report
+
+
+def _tensor_bytes(state: dict) -> int:
+    return sum(t.numel() * t.element_size() for t in state.values())
+
+
+def quantize_model(model, out, config: QuantizeConfig, config_dir=None, device="auto", force: bool = False,
+                   show_progress: bool = False) -> tuple[Path, dict]:
+    """Load MODEL, quantize it and write the base directory ``out`` (atomically).
+
+    Returns:
+        ``(path, report)``.
+    """
+    check_output(out, force)  # before any long work
+    pipe = load_pipeline(model, config_dir)
+    qunet, intervals, plans, report = quantize_pipeline(pipe, config, resolve_device(device), show_progress)
+    path = save_base(out, qunet.cpu(), config, intervals, plans, describe_source(model), source_hash(pipe),
+                     report, force=force)
+    return path, read_json(path / REPORT_FILE)
+
+
+def base_from_pipeline(pipe, config: QuantizeConfig, device="cpu") -> QuantizedBase:
+    """Quantize in memory (no files): the quantized base of ``pipe``, for tests and chaining."""
+    qunet, intervals, plans, report = quantize_pipeline(pipe, config, device)
+    meta = {"report": report, "source_hash": source_hash(pipe), "source": {"kind": "memory"}, "layers": [
+        {"name": p.name, "kind": p.kind, "split": p.split} for p in plans if p.quantized]}
+    return QuantizedBase(qunet, config, intervals, meta)

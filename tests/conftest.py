@@ -1,0 +1,76 @@
+"""Shared fixtures: tiny random pipelines and quantized bases, built once per session.
+
+Tests never download anything: every model is built from a config with a fixed seed
+(``qpdeploy.models.tiny_pipeline``). Tiny models run fastest on one thread, and a
+single thread keeps results reproducible across machines.
+"""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
+FAMILIES = ("sd1", "sd2", "sdxl")
+
+
+def quick_config(**changes):
+    """A QuantizeConfig small enough for tests (few trajectory steps and calibration calls)."""
+    from qpdeploy.config import QuantizeConfig
+
+    base = dict(calib_steps=6, calib_samples=16, calib_prompts=None, seed=0)
+    base.update(changes)
+    return QuantizeConfig(**base)
+
+
+@pytest.fixture(scope="session")
+def tiny_pipe():
+    """``tiny_pipe(family)``: a fresh tiny pipeline of that family (cheap to build)."""
+    from qpdeploy.models import tiny_pipeline
+
+    return tiny_pipeline
+
+
+@pytest.fixture(scope="session")
+def tiny_base():
+    """``tiny_base(family, **config)``: an in-memory quantized base, cached per arguments.
+
+    Callers must not mutate the returned base's scales; use ``fresh=True`` for a copy.
+    """
+    from qpdeploy.models import tiny_pipeline
+    from qpdeploy.ptq import base_from_pipeline
+
+    cache = {}
+
+    def make(family="sd1", fresh=False, **changes):
+        key = (family, tuple(sorted(changes.items())))
+        if fresh or key not in cache:
+            base = base_from_pipeline(tiny_pipeline(family), quick_config(**changes))
+            if fresh:
+                return base
+            cache[key] = base
+        return cache[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def saved_base(tmp_path_factory):
+    """``saved_base(family, **config)``: path of a base directory written by quantize_model, cached."""
+    from qpdeploy.ptq import quantize_model
+
+    cache = {}
+
+    def make(family="sd1", **changes):
+        key = (family, tuple(sorted(changes.items())))
+        if key not in cache:
+            out = tmp_path_factory.mktemp(f"base-{family}") / "base"
+            quantize_model(f"tiny-{family}", out, quick_config(**changes), device="cpu")
+            cache[key] = out
+        return cache[key]
+
+    return make
