@@ -243,7 +243,7 @@ def _layer_scales(name, layer, sampler: ActivationSampler, config) -> torch.Tens
 
 def sqnr_db(reference: torch.Tensor, test: torch.Tensor) -> float:
     """Signal-to-quantization-noise ratio ``10 log10(sum ref^2 / sum (ref - test)^2)`` in dB."""
-    reference, test = reference.double(), test.double()
+    reference, test = reference.detach().double(), test.detach().double()
     noise = (reference - test).pow(2).sum()
     if noise == 0:
         return float("inf")

@@ -15,9 +15,6 @@ import torch  # noqa: E402
 
 torch.set_num_threads(1)
 
-FAMILIES = ("sd1", "sd2", "sdxl")
-
-
 def quick_config(**changes):
     """A QuantizeConfig small enough for tests (few trajectory steps and calibration calls)."""
     from qpdeploy.config import QuantizeConfig
@@ -25,6 +22,12 @@ def quick_config(**changes):
     base = dict(calib_steps=6, calib_samples=16, calib_prompts=None, seed=0)
     base.update(changes)
     return QuantizeConfig(**base)
+
+
+@pytest.fixture(name="quick_config", scope="session")
+def quick_config_fixture():
+    """The :func:`quick_config` factory, for tests that build their own configs."""
+    return quick_config
 
 
 @pytest.fixture(scope="session")

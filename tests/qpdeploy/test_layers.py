@@ -1,0 +1,126 @@
+import pytest
+import torch
+from torch import nn
+
+from qpdeploy.calibrate import sqnr_db
+from qpdeploy.intervals import Intervals
+from qpdeploy.layers import (QuantConv2d, QuantLinear, ScaleRouter, fake_quant, pack_int4, unpack_int4,
+                             weight_qrange)
+from qpdeploy.quantize import integer_weight, search_weight_scale
+
+
+def make_linear(c_in=24, c_out=40, bits=8, act_bits=8, seed=0):
+    torch.manual_seed(seed)
+    fp = nn.Linear(c_in, c_out)
+    layer = QuantLinear.from_float(fp, bits, act_bits)
+    scale = search_weight_scale(fp.weight, bits)
+    layer.set_int_weight(integer_weight(fp.weight, scale, bits))
+    layer.s_ptq.copy_(scale)
+    layer.act_scale.fill_(4.0 / 127)
+    return fp, layer
+
+
+@pytest.mark.parametrize("shape", [(8, 3, 3, 3), (5, 7), (1, 1), (3, 5, 1, 1)])
+def test_int4_pack_round_trip_is_exact(shape):
+    lo, hi = weight_qrange(4)
+    w = torch.randint(lo, hi + 1, shape, dtype=torch.int8)
+    packed = pack_int4(w)
+    assert packed.dtype == torch.uint8
+    assert torch.equal(unpack_int4(packed, w.shape), w)
+
+
+def test_int4_layer_stores_half_the_bytes_of_int8():
+    conv = nn.Conv2d(64, 32, 3)
+    int8 = QuantConv2d.from_float(conv, weight_bits=8)
+    int4 = QuantConv2d.from_float(conv, weight_bits=4)
+    assert int8.w_int.nbytes == 64 * 32 * 9
+    assert int4.w_int.nbytes == int8.w_int.nbytes // 2
+
+
+def test_quantized_linear_matches_the_float_reference_math():
+    fp, layer = make_linear()
+    x = torch.randn(3, 5, 24)
+    w = layer.int_weight().float() * layer.s_ptq[:, None]
+    expected = fake_quant(x, layer.act_scale[0, 0]) @ w.T + fp.bias
+    assert torch.allclose(layer(x), expected, atol=1e-5)
+    # and W8A8 stays close to the float layer itself
+    assert sqnr_db(fp(x), layer(x)) > 30
+
+
+def test_each_sample_uses_the_scale_set_of_its_own_interval():
+    _, layer = make_linear()
+    sets = torch.stack([layer.s_ptq * 0.5, layer.s_ptq * 2.0])  # (E=2, C_out)
+    layer.set_scale_sets(sets)
+    router = ScaleRouter(Intervals.uniform(3), num_sets=2, expert_of_interval=[0, 1, 2])  # 2 = post-training
+    object.__setattr__(layer, "router", router)
+    x = torch.randn(1, 4, 24).expand(3, -1, -1)  # the same input three times
+    router.route(torch.tensor([100, 500, 900]), batch=3, device="cpu")
+    y = layer(x) - layer.bias
+    assert torch.allclose(y[0], 0.5 * y[2], atol=1e-5)
+    assert torch.allclose(y[1], 2.0 * y[2], atol=1e-5)
+
+
+def test_input_channel_scales_multiply_the_input_before_quantization():
+    _, layer = make_linear(act_bits=None)
+    s_in = torch.rand(1, 24) + 0.5
+    layer.set_scale_sets(layer.s_ptq[None].clone(), s_in)
+    router = ScaleRouter(Intervals.uniform(1), num_sets=1, expert_of_interval=[0])
+    object.__setattr__(layer, "router", router)
+    x = torch.randn(2, 24)
+    router.route(10, batch=2, device="cpu")
+    reference = nn.functional.linear(x * s_in, layer.int_weight().float() * layer.s_ptq[:, None], layer.bias)
+    assert torch.allclose(layer(x), reference, atol=1e-5)
+
+
+def test_fake_quant_straight_through_gradient_is_zero_where_clipped():
+    x = torch.tensor([-300.0, -1.0, 0.2, 1.0, 300.0], requires_grad=True)
+    fake_quant(x, torch.tensor(1.0)).sum().backward()
+    assert x.grad.tolist() == [0.0, 1.0, 1.0, 1.0, 0.0]
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_training_scales_saves_no_float_weight_for_backward(bits):
+    """The memory claim: backward keeps integer weights, never a float copy of one."""
+    torch.manual_seed(0)
+    widths = [96, 160, 224, 288]
+    router = ScaleRouter(Intervals.uniform(1), num_sets=1, expert_of_interval=[0])
+    layers = []
+    for c_in, c_out in zip(widths, widths[1:]):
+        _, layer = make_linear(c_in, c_out, bits=bits)
+        layer.set_scale_sets(layer.s_ptq[None].clone())
+        layer.s_out.requires_grad_(True)
+        object.__setattr__(layer, "router", router)
+        layers.append(layer)
+    router.route(0, batch=2, device="cpu")
+    stack = nn.Sequential(*layers)
+    float_weight_bytes = {l.out_features * l.in_features * 4 for l in layers}  # fp32 copies we must not see
+    float_weight_shapes = {(l.out_features, l.in_features) for l in layers}
+    saved = []
+
+    def pack(t):
+        saved.append((tuple(t.shape), t.dtype, t.numel() * t.element_size()))
+        return t
+
+    x = torch.randn(2, 3, widths[0])
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = stack(x).pow(2).mean()
+    loss.backward()
+    float_saved = [s for s in saved if s[1].is_floating_point]
+    assert not [s for s in float_saved if s[0] in float_weight_shapes or s[2] in float_weight_bytes]
+    # The first layer's input needs no gradient, so nothing of its weight is kept; every
+    # later layer keeps its integer weight once, as itself (int8, or packed uint8 for INT4).
+    weight_saved = sorted(s[0] for s in saved if s[1] in (torch.int8, torch.uint8))
+    assert weight_saved == sorted(tuple(l.w_int.shape) for l in layers[1:])
+    assert all(l.s_out.grad is not None and l.s_out.grad.abs().sum() > 0 for l in layers)
+
+
+def test_gradient_reaches_only_the_scale_sets_that_were_used():
+    _, layer = make_linear()
+    layer.set_scale_sets(torch.stack([layer.s_ptq] * 3))
+    layer.s_out.requires_grad_(True)
+    router = ScaleRouter(Intervals.uniform(3), num_sets=3, expert_of_interval=[0, 1, 2])
+    object.__setattr__(layer, "router", router)
+    router.route(torch.tensor([900, 900]), batch=2, device="cpu")  # interval 2 only
+    layer(torch.randn(2, 24)).sum().backward()
+    grad_norm = layer.s_out.grad.abs().sum(dim=1)
+    assert grad_norm[0] == 0 and grad_norm[1] == 0 and grad_norm[2] > 0
