@@ -81,7 +81,8 @@ def _load_directory(path: Path, components: dict):
 
 def _load_single_file(path: Path, config_dir, components: dict):
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-    from diffusers.loaders.single_file_utils import infer_diffusers_model_type
+    from diffusers.loaders.single_file_utils import DIFFUSERS_DEFAULT_PIPELINE_PATHS, infer_diffusers_model_type
+    from huggingface_hub import snapshot_download
     from safetensors.torch import load_file
 
     if path.suffix != ".safetensors":
@@ -97,19 +98,32 @@ def _load_single_file(path: Path, config_dir, components: dict):
         raise QPDeployError(
             f"not a Stable Diffusion checkpoint: {path} has no 'model.diffusion_model.*' UNet weights"
         )
-    is_xl = infer_diffusers_model_type(state).startswith("xl")
+    model_type = infer_diffusers_model_type(state)
     del state
-    cls = StableDiffusionXLPipeline if is_xl else StableDiffusionPipeline
-    kwargs = {"local_files_only": True, **components}
+    # from_single_file turns a config it cannot find locally into a download (whatever
+    # local_files_only says), so it is only ever given an existing local directory.
     if config_dir is not None:
-        kwargs["config"] = str(config_dir)
-    if not is_xl:
-        kwargs.update(safety_checker=None, requires_safety_checker=False)
+        config_dir = Path(config_dir).expanduser()
+        if not (config_dir / "model_index.json").is_file():
+            raise QPDeployError(f"config directory {config_dir} is not a diffusers model (no model_index.json)")
+    else:
+        repo = DIFFUSERS_DEFAULT_PIPELINE_PATHS.get(model_type, {}).get("pretrained_model_name_or_path", model_type)
+        try:
+            config_dir = Path(snapshot_download(repo, local_files_only=True))
+        except Exception as exc:
+            raise QPDeployError(
+                f"cannot load checkpoint {path}: the configs of {repo} are not in the local Hugging Face "
+                "cache; pass --config DIR (a local diffusers model of the same architecture)"
+            ) from exc
+    is_xl = model_type.startswith("xl")
+    kwargs = {"local_files_only": True, "config": str(config_dir)}
+    if not is_xl:  # qpdeploy never runs the safety checker, and skipping it needs no extra files
+        kwargs.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    cls = StableDiffusionXLPipeline if is_xl else StableDiffusionPipeline
     try:
-        return cls.from_single_file(str(path), **kwargs)
-    except Exception as exc:
-        hint = "" if config_dir else "; pass --config DIR (a local diffusers model of the same architecture)"
-        raise QPDeployError(f"cannot load checkpoint {path}: {_first_line(exc)}{hint}") from exc
+        return cls.from_single_file(str(path), **{**kwargs, **components})
+    except Exception as exc:  # diffusers raises many types; the user needs one line
+        raise QPDeployError(f"cannot load checkpoint {path} with configs {config_dir}: {_first_line(exc)}") from exc
 
 
 def _load_bundled(name: str, components: dict):
