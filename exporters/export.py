@@ -1,0 +1,282 @@
+"""``qpdeploy export``: a quantized base plus a scale pack -> a self-contained deploy dir.
+
+See :mod:`qpdeploy.exporters.manifest` for the deploy dir's format.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from qpdeploy.errors import QPDeployError
+from qpdeploy.io import atomic_dir, check_output, dir_bytes, tensors_hash, write_json
+
+from .config import ExportConfig
+from .engines import EngineJob, build_engines, require_tensorrt
+from .manifest import REPORT_FILE, write_manifest
+from .parts import export_parts, pipeline_record
+from .unet import UNetPlan, default_layout, export_unet, plan_unet
+from .verify import check_graph, compare_with_torch, expected_qdq_units, qdq_structure
+
+
+def export_from_paths(base_dir, pack_dir, out, config: ExportConfig, model=None, config_dir=None,
+                      force: bool = False, show_progress: bool = False) -> tuple[Path, dict]:
+    """Load a base directory (and a pack directory, or None) and export them to ``out``.
+
+    ``model`` / ``config_dir`` locate the base's source model if it moved (see
+    :func:`qpdeploy.base.load_base_pipeline`). Returns ``(path, report)``.
+    """
+    from qpdeploy.base import load_base, load_base_pipeline
+    from qpdeploy.pack import apply_pack, load_pack
+
+    check_output(out, force)  # before any long work
+    if config.build_engines:
+        require_tensorrt()
+    base = load_base(base_dir)
+    pack = None if pack_dir is None else load_pack(pack_dir)
+    if pack is not None:
+        apply_pack(base, pack)  # a pack of another base fails here, before the model loads
+    pipe = load_base_pipeline(base, model, config_dir)
+    return export_deploy(base, pipe, out, config, pack, force, show_progress)
+
+
+def export_deploy(base, pipe, out, config: ExportConfig, pack=None, force: bool = False,
+                  show_progress: bool = False) -> tuple[Path, dict]:
+    """Write the deploy dir of ``base`` with ``pack`` installed (None: post-training scales).
+
+    Steps: (1) install the pack and plan the layout, (2) export the UNet graphs sharing one
+    weights file, (3) export text encoder(s), VAE decoder, tokenizers and scheduler,
+    (4) verify every graph (checker, QDQ rules, ORT vs torch per interval), (5) build
+    engines if asked, (6) write manifest.json and report.json. Everything is written to a
+    temporary directory renamed to ``out`` at the end, so a failure leaves nothing.
+
+    Returns:
+        ``(path, report)``.
+    """
+    from qpdeploy.pack import apply_pack, reset_to_post_training
+    from qpdeploy.progress import stage
+
+    start = time.perf_counter()
+    check_output(out, force)
+    if config.build_engines:
+        require_tensorrt()
+    # 1. scales and plan (bad combinations fail here, before any export work)
+    if pack is None:
+        reset_to_post_training(base)
+    else:
+        apply_pack(base, pack)
+    layout = config.layout or default_layout(base, None if pack is None else pack.strategy)
+    plan = plan_unet(base, layout)
+    latent_hw = latent_size(pipe, config)
+    seq_len = pipe.tokenizer.model_max_length
+    embeds_dim = pipe.text_encoder_2.config.projection_dim if getattr(pipe, "text_encoder_2", None) else None
+    steps = 4 + int(config.verify) + int(config.build_engines)
+    with atomic_dir(out, force) as tmp, stage("export", steps, show_progress) as advance:
+        # 2. UNet graphs
+        unet_files = export_unet(base, layout, tmp, latent_hw, seq_len, config.opset, embeds_dim)
+        advance()
+        # 3. the float rest of the pipeline
+        parts = export_parts(pipe, tmp, latent_hw, config.opset)
+        advance()
+        # 4. verification: checker and QDQ rules on every graph, then ORT vs torch per interval
+        structure = check_unet_graphs(base, unet_files, tmp)
+        for part in parts:
+            check_graph(tmp / part.onnx)
+        advance()
+        sqnr = None
+        if config.verify:
+            sqnr = compare_unet(base, unet_files, tmp, config)
+            advance()
+        # 5. engines
+        engines = None
+        if config.build_engines:
+            engines = build_engines(tmp, engine_jobs(unet_files, parts, config, latent_hw),
+                                    config.strongly_typed)
+            advance()
+        # 6. manifest and report
+        manifest = write_manifest(tmp, manifest_record(base, pack, pipe, config, unet_files, parts, structure,
+                                                       engines, latent_hw))
+        report = export_report(base, plan, unet_files, manifest, tmp, structure, sqnr, start)
+        write_json(tmp / REPORT_FILE, report)
+        advance()
+    return Path(out), report
+
+
+def latent_size(pipe, config: ExportConfig) -> tuple[int, int]:
+    """Latent (h, w) for the configured image size (default: the model's resolution)."""
+    factor = pipe.vae_scale_factor
+    default = pipe.unet.config.sample_size * factor
+    height, width = config.height or default, config.width or default
+    # Every down block but the last halves the latent; sizes that do not divide make diffusers
+    # pick upsampling sizes at trace time, which would bake this size into the graph wrongly.
+    multiple = factor * 2 ** (len(pipe.unet.config.down_block_types) - 1)
+    if height % multiple or width % multiple:
+        raise QPDeployError(f"height and width must be multiples of {multiple} for this model, got {height}x{width}")
+    return height // factor, width // factor
+
+
+def check_unet_graphs(base, unet_files, out_dir):
+    """``onnx.checker`` and the QDQ rules on every UNet graph; returns the first graph's structure.
+
+    Raises:
+        QPDeployError: a graph breaks a QDQ rule or lacks a quantized layer of the base.
+    """
+    import onnx
+
+    expected = expected_qdq_units(base.unet)
+    structure = None
+    for name in unet_files.onnx_files:
+        check_graph(out_dir / name)
+        found = qdq_structure(onnx.load(str(out_dir / name), load_external_data=False))
+        if found.violations or found.layers != expected:
+            cause = found.violations[0] if found.violations else \
+                f"{len(found.layers)} of {len(expected)} quantized layers found"
+            raise QPDeployError(f"exported {name} breaks the QDQ rules: {cause}")
+        structure = structure or found
+    return structure
+
+
+def compare_unet(base, unet_files, out_dir, config: ExportConfig) -> list[float]:
+    """ORT-vs-torch SQNR per interval (see :func:`.verify.compare_with_torch`).
+
+    Raises:
+        QPDeployError: an interval is below ``config.min_sqnr_db``.
+    """
+    sqnr = compare_with_torch(base.unet, [out_dir / f for f in unet_files.onnx_files], unet_files.plan,
+                              unet_files.inputs, unet_files.outputs, _router_intervals(base), config.batch,
+                              config.seed, config.min_sqnr_db)
+    worst = min(sqnr)
+    if worst < config.min_sqnr_db:
+        raise QPDeployError(f"ONNX Runtime differs from the torch model in interval {sqnr.index(worst)}: "
+                            f"{worst:.1f} dB < {config.min_sqnr_db} dB")
+    return sqnr
+
+
+def _router_intervals(base):
+    from qpdeploy.quantize import get_router
+
+    return get_router(base.unet).intervals
+
+
+def engine_jobs(unet_files, parts, config: ExportConfig, latent_hw) -> list[EngineJob]:
+    """One engine per graph: UNet graphs fixed at the export shapes (INT8), the float parts
+    with batch 1..config.batch."""
+    jobs = []
+    for graph, onnx_file in zip(unet_files.plan.graphs, unet_files.onnx_files):
+        shapes = {s.name: _shape(s, config.batch) for s in unet_files.inputs}
+        jobs.append(EngineJob(onnx_file, f"{graph.name}.plan", True, {k: (v, v, v) for k, v in shapes.items()}))
+    for part in parts:
+        profile = {s.name: (_shape(s, 1), _shape(s, 1), _shape(s, config.batch)) for s in part.inputs}
+        jobs.append(EngineJob(part.onnx, f"{part.name}.plan", False, profile))
+    return jobs
+
+
+def _shape(spec, batch: int) -> tuple[int, ...]:
+    return tuple(batch if d == "batch" else d for d in spec.shape)
+
+
+def pack_hash(pack) -> str:
+    """Content hash of a pack: its scale tensors plus strategy, intervals, S1 intervals and base."""
+    meta = {"strategy": pack.strategy, "intervals": pack.intervals.to_json(), "s1": list(pack.s1_intervals),
+            "base_hash": pack.base_hash}
+    return tensors_hash(pack.scales, json.dumps(meta, sort_keys=True).encode())
+
+
+def manifest_record(base, pack, pipe, config, unet_files, parts, structure, engines, latent_hw) -> dict:
+    """Everything the manifest holds but the files table (see :mod:`.manifest`)."""
+    from qpdeploy import __version__
+    from qpdeploy.models import model_family
+    from qpdeploy.quantize import get_router
+
+    plan: UNetPlan = unet_files.plan
+    router = get_router(base.unet)
+    built = engines is not None
+    graphs = [{"name": g.name, "onnx": f, "intervals": list(g.intervals), "engine": f"{g.name}.plan" if built else None}
+              for g, f in zip(plan.graphs, unet_files.onnx_files)]
+    selector = None if plan.selector is None else {"input": plan.selector, "values": list(plan.selector_values)}
+    spec = lambda specs: [s.to_json() for s in specs]  # noqa: E731
+    part_records = {p.name: {"name": p.name, "onnx": p.onnx, "engine": f"{p.name}.plan" if built else None,
+                             "inputs": spec(p.inputs), "outputs": spec(p.outputs), **p.extra} for p in parts}
+    return {
+        "qpdeploy_version": __version__,
+        "base_hash": base.base_hash,
+        "pack_hash": None if pack is None else pack_hash(pack),
+        "strategy": None if pack is None else pack.strategy,
+        "intervals": router.intervals.to_json(),
+        "s1_intervals": [] if pack is None else list(pack.s1_intervals),
+        "family": model_family(base.unet),
+        "pipeline": pipeline_record(pipe),
+        "height": latent_hw[0] * pipe.vae_scale_factor,
+        "width": latent_hw[1] * pipe.vae_scale_factor,
+        "batch": config.batch,
+        "vae_scale_factor": pipe.vae_scale_factor,
+        "opset": config.opset,
+        "export": config.to_json(),
+        "unet": {
+            "layout": plan.layout, "graphs": graphs, "graph_of_interval": list(plan.graph_of_interval),
+            "selector": selector, "weights_file": unet_files.weights_file,
+            "inputs": spec(unet_files.inputs), "outputs": spec(unet_files.outputs),
+            "config": _jsonable(dict(base.unet.config)), "qdq_layers": len(structure.layers),
+            "weight_bits": base.config.weight_bits, "act_bits": base.config.act_bits,
+            "act_scales": base.config.act_scales,
+        },
+        "text_encoders": [r for name, r in part_records.items() if name.startswith("text_encoder")],
+        "vae_decoder": part_records["vae_decoder"],
+        "scheduler": "scheduler",
+        "engines": None if not built else {**engines, "batch": config.batch,
+                                           "height": latent_hw[0] * pipe.vae_scale_factor,
+                                           "width": latent_hw[1] * pipe.vae_scale_factor},
+    }
+
+
+def _jsonable(config: dict) -> dict:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in config.items() if not k.startswith("_")}
+
+
+def export_report(base, plan, unet_files, manifest, out_dir, structure, sqnr, start) -> dict:
+    """report.json: the issue's keys plus per-interval SQNR and the byte breakdown.
+
+    ``deploy_bytes_if_unshared``: the deploy dir's size if each of the distinct per-interval
+    graphs this pack needs were an independent graph with its own copy of the weights
+    (K independent graphs); for a table layout, K graphs of its graph's size replace it.
+    """
+    total = dir_bytes(out_dir)  # manifest.json included; report.json is written after
+    independent = len(plan_unet(base, "per-interval").graphs)
+    graph_bytes = sum(manifest["files"][f]["bytes"] for f in unet_files.onnx_files) / len(unet_files.onnx_files)
+    unshared = total + (independent - 1) * unet_files.weights_bytes \
+        + round((independent - len(unet_files.onnx_files)) * graph_bytes)
+    return {
+        "layout": plan.layout,
+        "graphs": len(plan.graphs),
+        "qdq_layers": len(structure.layers),
+        "min_sqnr_db_vs_torch": None if sqnr is None else min(sqnr),
+        "deploy_bytes": total,
+        "deploy_bytes_if_unshared": unshared,
+        "seconds": time.perf_counter() - start,
+        "sqnr_db_per_interval": sqnr,
+        "graph_of_interval": list(plan.graph_of_interval),
+        "unet_weights_bytes": unet_files.weights_bytes,
+        "independent_graphs": independent,
+        "engines_built": manifest["engines"] is not None,
+    }
+
+
+def print_export_summary(report: dict) -> None:
+    """A short table: layout, graphs, Q/DQ layers, SQNR vs torch per interval, bytes, time."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="deploy dir", show_header=False)
+    table.add_row("layout / UNet graphs", f"{report['layout']} / {report['graphs']}")
+    table.add_row("layers with Q/DQ", str(report["qdq_layers"]))
+    if report["sqnr_db_per_interval"] is not None:
+        table.add_row("min SQNR ORT vs torch", f"{report['min_sqnr_db_vs_torch']:.1f} dB")
+        for k, value in enumerate(report["sqnr_db_per_interval"]):
+            table.add_row(f"  interval {k} (graph {report['graph_of_interval'][k]})", f"{value:.1f} dB")
+    table.add_row("deploy bytes (shared weights)", f"{report['deploy_bytes'] / 2**20:.2f} MiB")
+    table.add_row(f"if {report['independent_graphs']} independent graphs",
+                  f"{report['deploy_bytes_if_unshared'] / 2**20:.2f} MiB")
+    table.add_row("engines", "built" if report["engines_built"] else "not built (--build-engines)")
+    table.add_row("seconds", f"{report['seconds']:.1f}")
+    Console().print(table)

@@ -1,0 +1,183 @@
+"""The deploy directory and its ``manifest.json``: written by ``qpdeploy export``, read by the runtime.
+
+A deploy dir holds everything ``qpdeploy generate`` needs and nothing else::
+
+    manifest.json          this format (below)
+    report.json            export figures (layout, graphs, SQNR vs torch, bytes, seconds)
+    unet.onnx | unet_0.onnx, unet_1.onnx, ...   UNet graph(s) with Q/DQ (opset in the manifest)
+    unet.weights           external data shared by every UNet graph (INT8 weights, float params)
+    text_encoder.onnx      float text encoder (text_encoder_2.onnx for SDXL)
+    vae_decoder.onnx       float VAE decoder
+    tokenizer/             tokenizer files (tokenizer_2/ for SDXL), saved with save_pretrained
+    scheduler/             scheduler_config.json
+    *.plan, trt_timing.cache   TensorRT engines and their timing cache, when built
+
+``manifest.json`` (format version 1)::
+
+    format_version, kind ("qpdeploy.deploy"), qpdeploy_version
+    base_hash, pack_hash (null: post-training export), strategy (null without a pack)
+    intervals: {"boundaries": [0, ..., T]}   -> qpdeploy.intervals.Intervals (Intervals.index(t))
+    s1_intervals: [...]
+    family ("sd1" | "sd2" | "sdxl"), pipeline: {"class", "config"}
+    height, width, batch, vae_scale_factor, opset, export: the ExportConfig
+    unet: {
+      layout: "per-interval" | "masked" | "multi-expert",
+      graphs: [{"name", "onnx", "intervals": [k, ...], "engine": file or null}],
+      graph_of_interval: [g_0, ..., g_{K-1}]     index into graphs for each interval
+      selector: null (per-interval) or {"input": "tuned" | "expert",
+                 "values": [v_0, ..., v_{K-1}]}  int32 value to feed (one per sample) in interval k
+      weights_file, inputs, outputs: [{"name", "dtype", "shape"}] ("batch" = dynamic dim)
+      config: the diffusers UNet config, qdq_layers, weight_bits, act_bits, act_scales
+    }
+    text_encoders: [{"name", "onnx", "tokenizer", "engine", "inputs", "outputs"}]
+    vae_decoder: {"name", "onnx", "engine", "inputs", "outputs", "scaling_factor", "shift_factor"}
+    scheduler: "scheduler"
+    engines: null or {"tensorrt_version", "device", "compute_capability", "precision",
+                      "timing_cache", "batch", "height", "width"}
+    files: {relative path: {"bytes", "sha256"}} for every file but manifest.json and report.json
+
+UNet inputs: ``sample`` float32 (batch, 4, h, w); ``timestep`` float32 (batch,);
+``encoder_hidden_states`` float32 (batch, L, D); SDXL adds ``text_embeds`` float32 (batch, P)
+and ``time_ids`` float32 (batch, 6); table layouts add the selector int32 (batch,). Output
+``noise_pred`` float32 (batch, 4, h, w). Per step the runtime computes
+``k = intervals.index(t)`` and runs ``graphs[graph_of_interval[k]]``, feeding
+``selector.values[k]`` to the selector input when there is one (:meth:`DeployManifest.unet_call`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from qpdeploy.errors import QPDeployError
+from qpdeploy.intervals import Intervals
+from qpdeploy.io import check_format_version, file_sha256, read_json, write_json
+
+MANIFEST_FILE = "manifest.json"
+REPORT_FILE = "report.json"
+DEPLOY_KIND = "qpdeploy.deploy"
+DEPLOY_FORMAT_VERSION = 1
+REQUIRED = ("base_hash", "intervals", "unet", "text_encoders", "vae_decoder", "scheduler", "files", "height",
+            "width", "batch")
+UNET_REQUIRED = ("layout", "graphs", "graph_of_interval", "selector", "inputs", "outputs")
+
+
+def write_manifest(out_dir, manifest: dict) -> dict:
+    """Add the ``files`` table (size and SHA-256 of every file) and write manifest.json.
+
+    Returns:
+        The manifest as written.
+    """
+    out_dir = Path(out_dir)
+    files = {}
+    for path in sorted(p for p in out_dir.rglob("*") if p.is_file()):
+        rel = path.relative_to(out_dir).as_posix()
+        if rel not in (MANIFEST_FILE, REPORT_FILE):
+            files[rel] = {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
+    manifest = {"format_version": DEPLOY_FORMAT_VERSION, "kind": DEPLOY_KIND, **manifest, "files": files}
+    write_json(out_dir / MANIFEST_FILE, manifest)
+    return manifest
+
+
+@dataclass(frozen=True)
+class DeployManifest:
+    """A validated manifest of a deploy dir; ``data`` is the parsed JSON."""
+
+    path: Path
+    data: dict
+
+    @property
+    def intervals(self) -> Intervals:
+        return Intervals.from_json(self.data["intervals"])
+
+    @property
+    def unet(self) -> dict:
+        return self.data["unet"]
+
+    @property
+    def layout(self) -> str:
+        return self.unet["layout"]
+
+    def file(self, name: str) -> Path:
+        """Absolute path of a file named in the manifest."""
+        return self.path / name
+
+    def unet_call(self, timestep) -> tuple[dict, dict]:
+        """``(graph entry, extra int32 feeds)`` for a step at ``timestep`` (scalar).
+
+        The extra feeds map the selector input (if any) to its value for this interval;
+        the caller broadcasts the value to the batch.
+        """
+        k = self.intervals.index(timestep)
+        graph = self.unet["graphs"][self.unet["graph_of_interval"][k]]
+        selector = self.unet["selector"]
+        return graph, ({} if selector is None else {selector["input"]: selector["values"][k]})
+
+    def verify_files(self) -> None:
+        """Check every listed file's size and SHA-256 (slow for big models).
+
+        Raises:
+            QPDeployError: naming the first missing, resized or altered file.
+        """
+        for name, record in self.data["files"].items():
+            path = self._existing(name, record)
+            if file_sha256(path) != record["sha256"]:
+                raise QPDeployError(f"{path} does not match its hash in {MANIFEST_FILE} (corrupted or replaced)")
+
+    def _existing(self, name: str, record: dict) -> Path:
+        path = self.file(name)
+        if not path.is_file():
+            raise QPDeployError(f"deploy dir {self.path} is missing {name} (listed in {MANIFEST_FILE})")
+        if path.stat().st_size != record["bytes"]:
+            raise QPDeployError(f"{path} has {path.stat().st_size} bytes, {MANIFEST_FILE} says {record['bytes']}")
+        return path
+
+
+def read_manifest(path, verify_hashes: bool = False) -> DeployManifest:
+    """Read and validate ``<deploy dir>/manifest.json``.
+
+    Always checks the kind, format version, required keys, that the interval maps fit the
+    intervals and that every listed file exists with its recorded size; with
+    ``verify_hashes`` also each file's SHA-256.
+
+    Raises:
+        QPDeployError: one line naming the problem (the file, the key, the value).
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise QPDeployError(f"deploy dir not found: {path} is not a directory")
+    data = read_json(path / MANIFEST_FILE)
+    if data.get("kind") != DEPLOY_KIND:
+        raise QPDeployError(f"{path} is not a qpdeploy deploy dir (kind {data.get('kind')!r})")
+    check_format_version("deploy dir", data.get("format_version"), DEPLOY_FORMAT_VERSION, path / MANIFEST_FILE)
+    _require(data, REQUIRED, path)
+    _require(data["unet"], UNET_REQUIRED, path, "unet.")
+    manifest = DeployManifest(path, data)
+    _check_unet_maps(manifest)
+    for name, record in data["files"].items():
+        manifest._existing(name, record)
+    if verify_hashes:
+        manifest.verify_files()
+    return manifest
+
+
+def _require(data: dict, keys, path: Path, prefix: str = "") -> None:
+    missing = [k for k in keys if k not in data]
+    if missing:
+        raise QPDeployError(f"{path / MANIFEST_FILE} lacks {prefix}{missing[0]}")
+
+
+def _check_unet_maps(manifest: DeployManifest) -> None:
+    unet, k = manifest.unet, manifest.intervals.k
+    where = manifest.path / MANIFEST_FILE
+    graphs, graph_of = unet["graphs"], unet["graph_of_interval"]
+    if len(graph_of) != k or any(not 0 <= g < len(graphs) for g in graph_of):
+        raise QPDeployError(f"{where}: unet.graph_of_interval {graph_of} does not map {k} intervals to {len(graphs)} graphs")
+    for graph in graphs:
+        if graph.get("onnx") not in manifest.data["files"]:
+            raise QPDeployError(f"{where}: UNet graph {graph.get('name')} names a file not in the files table")
+    selector = unet["selector"]
+    if selector is not None and len(selector.get("values", ())) != k:
+        raise QPDeployError(f"{where}: unet.selector.values must have one value per interval ({k})")
+    if (selector is None) != (unet["layout"] == "per-interval"):
+        raise QPDeployError(f"{where}: layout {unet['layout']} and selector {selector} disagree")

@@ -1,0 +1,47 @@
+"""TensorRT engines through Polygraphy. These tests need TensorRT and a GPU; they skip with
+"tensorrt not installed" elsewhere and run unchanged where it is."""
+
+import pytest
+import torch
+
+from qpdeploy.calibrate import sqnr_db
+from qpdeploy.exporters.config import ExportConfig
+from qpdeploy.exporters.engines import TIMING_CACHE, tensorrt_available
+from qpdeploy.exporters.export import export_deploy
+from qpdeploy.exporters.manifest import read_manifest
+from qpdeploy.exporters.unet import example_inputs, unet_io
+
+pytestmark = [pytest.mark.trt, pytest.mark.skipif(not tensorrt_available(), reason="tensorrt not installed")]
+
+
+@pytest.mark.parametrize("layout", ["per-interval", "multi-expert"])
+def test_engines_are_built_recorded_and_match_torch(packed_base, export_pipe, tmp_path, layout):
+    from polygraphy.backend.trt import EngineFromPath, TrtRunner
+
+    base, pack = packed_base("sd1", "s2")
+    path, report = export_deploy(base, export_pipe("sd1"), tmp_path / "deploy",
+                                 ExportConfig(layout=layout, build_engines=True), pack)
+    manifest = read_manifest(path, verify_hashes=True)
+    engines = manifest.data["engines"]
+    assert report["engines_built"] and engines["tensorrt_version"] and engines["timing_cache"] == TIMING_CACHE
+    assert (path / TIMING_CACHE).is_file()
+    graphs = manifest.unet["graphs"]
+    assert all((path / g["engine"]).is_file() for g in graphs)
+    assert all((path / p["engine"]).is_file() for p in manifest.data["text_encoders"] + [manifest.data["vae_decoder"]])
+    specs = unet_io(base.unet, _plan(base, layout), (8, 8), 16)[0]
+    for k in range(base.intervals.k):
+        lo, hi = base.intervals.bounds(k)
+        graph, extra = manifest.unet_call((lo + hi) / 2)
+        feed = example_inputs(specs, 2, seed=k, timestep=(lo + hi) / 2, selector_value=next(iter(extra.values()), 0))
+        with TrtRunner(EngineFromPath(str(path / graph["engine"]))) as runner:
+            out = runner.infer({name: value.numpy() for name, value in feed.items()})["noise_pred"]
+        with torch.no_grad():
+            ref = base.unet(feed["sample"], feed["timestep"], feed["encoder_hidden_states"]).sample
+        # INT8 kernels with FP16 elsewhere: looser than ONNX Runtime's float emulation
+        assert sqnr_db(ref, torch.as_tensor(out).cpu()) > 15
+
+
+def _plan(base, layout):
+    from qpdeploy.exporters.unet import plan_unet
+
+    return plan_unet(base, layout)
