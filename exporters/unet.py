@@ -242,11 +242,10 @@ def export_twins(unet):
     router = get_router(unet)
     for name, twin in twins.items():
         _set_submodule(unet, name, twin)
-    router.route = lambda *args, **kwargs: None  # instance attribute shadows the method
     try:
-        yield twins
+        with router.manual():
+            yield twins
     finally:
-        del router.route
         for name, layer in originals.items():
             _set_submodule(unet, name, layer)
 

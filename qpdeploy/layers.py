@@ -23,6 +23,8 @@ between forward and backward.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -142,6 +144,7 @@ class ScaleRouter(nn.Module):
         self.num_sets = num_sets
         self.interval: torch.Tensor | None = None  # (B,) long
         self.expert: torch.Tensor | None = None  # (B,) long
+        self.automatic = True  # route() follows each call's timestep; off inside manual()
 
     def configure(self, intervals, num_sets: int, expert_of_interval) -> None:
         """Install a new partition and interval -> scale-set map (used when a pack loads)."""
@@ -151,8 +154,22 @@ class ScaleRouter(nn.Module):
             expert_of_interval, dtype=torch.long, device=self.expert_of_interval.device
         )
 
+    @contextlib.contextmanager
+    def manual(self):
+        """Within the block the UNet's timestep argument does not route; callers use :meth:`set`.
+
+        The exporter traces with this, so the graph holds no timestep -> interval lookup.
+        """
+        self.automatic = False
+        try:
+            yield self
+        finally:
+            self.automatic = True
+
     def route(self, timestep, batch: int, device) -> None:
         """Set (interval, expert) per sample from ``timestep`` (scalar or (B,) tensor)."""
+        if not self.automatic:
+            return
         t = torch.as_tensor(timestep, device=device)
         if t.ndim == 0:
             t = t.expand(batch)
