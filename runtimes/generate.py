@@ -1,0 +1,215 @@
+"""``qpdeploy generate``: images from a deploy dir alone, each with a JSON record beside it.
+
+The record (``<image>.json``) holds the prompt, negative prompt, seed, steps, scheduler,
+guidance, backend, the manifest's SHA-256, the interval and engine of every UNet call
+(``interval_per_step``, ``engine_per_step``), ``engine_calls`` (interval -> calls),
+``seconds_per_step`` (denoising seconds per UNet call, scheduler and guidance included),
+``switch_seconds_total`` and the other timings, resident memory, and both configs.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+from qpdeploy.errors import QPDeployError
+from qpdeploy.io import file_sha256, write_json
+
+from .config import GenerateConfig, RuntimeConfig
+
+
+@dataclass(frozen=True)
+class ImageJob:
+    """One image to make: its prompt, seed and output path."""
+
+    prompt: str
+    seed: int
+    path: Path
+
+
+def plan_images(prompts: list[str], config: GenerateConfig, out=None, out_dir=None,
+                force: bool = False) -> list[ImageJob]:
+    """Output paths and seeds: image i of the run (prompt-major) gets ``config.seed + i``.
+
+    ``out`` names the single image of a one-image run; ``out_dir`` holds
+    ``NNNN_<prompt words>.png`` files.
+
+    Raises:
+        QPDeployError: neither or both outputs, ``out`` for several images, a non-PNG
+            name, or an existing image without ``force``.
+    """
+    if (out is None) == (out_dir is None):
+        raise QPDeployError("give either --out IMAGE.png (one image) or --out-dir DIR")
+    pairs = [(p, i) for p in prompts for i in range(config.images_per_prompt)]
+    if out is not None:
+        if len(pairs) != 1:
+            raise QPDeployError(f"--out names one image but this run makes {len(pairs)}; use --out-dir")
+        paths = [Path(out)]
+    else:
+        paths = [Path(out_dir) / f"{n:04d}_{_slug(p)}.png" for n, (p, _) in enumerate(pairs)]
+    jobs = [ImageJob(p, config.seed + n, path) for n, ((p, _), path) in enumerate(zip(pairs, paths))]
+    for job in jobs:
+        if job.path.suffix.lower() != ".png":
+            raise QPDeployError(f"images are written as PNG; name the output *.png, not {job.path.name}")
+        if job.path.exists() and not force:
+            raise QPDeployError(f"output {job.path} already exists (use --force to replace it)")
+    return jobs
+
+
+def _slug(prompt: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:48] or "prompt"
+
+
+def check_prompt_length(tokenizer, prompt: str | None, what: str = "prompt") -> None:
+    """Warn (as diffusers does, but as a Python warning naming the prompt) when a prompt has
+    more tokens than the tokenizer's limit; the pipeline then truncates it."""
+    if not prompt:
+        return
+    limit = tokenizer.model_max_length
+    ids = tokenizer(prompt, truncation=False, add_special_tokens=True, verbose=False)["input_ids"]
+    if len(ids) > limit:
+        kept = tokenizer.decode(ids[: limit - 1], skip_special_tokens=True)
+        warnings.warn(f"{what} {prompt!r} has {len(ids)} tokens but the text encoder takes {limit}: truncated to "
+                      f"{kept!r}", UserWarning, stacklevel=2)
+
+
+def check_size(manifest, config: GenerateConfig) -> tuple[int, int]:
+    """The image size to sample: the exported one, which is also the only one accepted."""
+    exported = (manifest.data["height"], manifest.data["width"])
+    asked = (config.height or exported[0], config.width or exported[1])
+    if asked != exported:
+        raise QPDeployError(f"size {asked[0]}x{asked[1]} is not the size deploy dir {manifest.path} was exported "
+                            f"for ({exported[0]}x{exported[1]}); its graphs have fixed spatial shapes: re-export with "
+                            f"--height {asked[0]} --width {asked[1]}")
+    return asked
+
+
+def generate(deploy, prompts: list[str], config: GenerateConfig, runtime: RuntimeConfig, out=None, out_dir=None,
+             force: bool = False, progress=None) -> list[dict]:
+    """Generate every image of ``prompts`` (see :func:`plan_images`) and write its record.
+
+    Steps: (1) plan outputs and check the size, (2) read and verify the deploy dir and load
+    the pipeline (runners active), (3) per image: announce the schedule, sample, write the
+    PNG and its JSON record, (4) free the runners.
+
+    Returns:
+        The records written, in order.
+    """
+    from qpdeploy.exporters.manifest import MANIFEST_FILE, read_manifest
+
+    from .pipeline import close_pipeline, load_pipeline
+
+    jobs = plan_images(prompts, config, out, out_dir, force)
+    start = time.perf_counter()
+    manifest = read_manifest(deploy, verify_hashes=runtime.verify_hashes)
+    height, width = check_size(manifest, config)
+    pipe = load_pipeline(manifest, runtime, config.scheduler)
+    load_seconds = time.perf_counter() - start
+    context = {"deploy_dir": str(manifest.path), "manifest_sha256": file_sha256(manifest.path / MANIFEST_FILE),
+               "load_seconds": load_seconds, "size": (height, width)}
+    try:
+        records = []
+        for job in jobs:
+            records.append(generate_one(pipe, job, config, runtime, manifest, context))
+            if progress is not None:
+                progress()
+        return records
+    finally:
+        close_pipeline(pipe)
+
+
+def generate_one(pipe, job: ImageJob, config: GenerateConfig, runtime: RuntimeConfig, manifest, context) -> dict:
+    """Sample one image with ``pipe`` and write it and its record; returns the record."""
+    import torch
+
+    tokenizer = pipe.tokenizer or getattr(pipe, "tokenizer_2", None)  # SDXL's two share one limit: warn once
+    check_prompt_length(tokenizer, job.prompt)
+    check_prompt_length(tokenizer, config.negative_prompt, "negative prompt")
+    schedule = copy.deepcopy(pipe.scheduler)
+    schedule.set_timesteps(config.steps)
+    pipe.unet.expect(schedule.timesteps)
+    parts = [m for m in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None), pipe.vae) if m is not None]
+    for module in parts:
+        module.seconds = 0.0
+    pipe.unet.reset_history()
+    start = time.perf_counter()
+    image = pipe(prompt=job.prompt, negative_prompt=config.negative_prompt, num_inference_steps=config.steps,
+                 guidance_scale=config.guidance, height=context["size"][0], width=context["size"][1],
+                 generator=torch.Generator("cpu").manual_seed(job.seed)).images[0]
+    total = time.perf_counter() - start
+    record = image_record(pipe, job, config, runtime, manifest, context, total)
+    _write_atomic(job.path, lambda tmp: image.save(tmp, format="PNG"))
+    _write_atomic(job.path.with_suffix(".json"), lambda tmp: write_json(tmp, record))
+    return record
+
+
+def image_record(pipe, job: ImageJob, config: GenerateConfig, runtime: RuntimeConfig, manifest, context,
+                 total: float) -> dict:
+    """The JSON record of one image (see module doc)."""
+    import psutil
+
+    calls = pipe.unet.summary()
+    text = sum(m.seconds for m in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if m is not None)
+    vae = pipe.vae.seconds
+    denoise = total - text - vae
+    steps = max(len(calls["interval_per_step"]), 1)
+    return {
+        "image": job.path.name,
+        "prompt": job.prompt,
+        "negative_prompt": config.negative_prompt,
+        "seed": job.seed,
+        "steps": config.steps,
+        "scheduler": type(pipe.scheduler).__name__,
+        "guidance": config.guidance,
+        "height": context["size"][0],
+        "width": context["size"][1],
+        "backend": runtime.backend,
+        "low_memory": runtime.low_memory,
+        "deploy_dir": context["deploy_dir"],
+        "manifest_sha256": context["manifest_sha256"],
+        "base_hash": manifest.data["base_hash"],
+        "pack_hash": manifest.data["pack_hash"],
+        "layout": manifest.layout,
+        **{k: calls[k] for k in ("interval_per_step", "timesteps", "engine_per_step", "engine_calls")},
+        "seconds_per_step": denoise / steps,
+        "unet_seconds_per_step": calls["unet_seconds_per_step"],
+        "switches": calls["switches"],
+        "switch_seconds_total": calls["switch_seconds_total"],
+        "switch_share_of_denoising": calls["switch_seconds_total"] / denoise if denoise > 0 else 0.0,
+        "timings": {"load_seconds": context["load_seconds"], "text_encoder_seconds": text,
+                    "denoise_seconds": denoise, "vae_decode_seconds": vae, "total_seconds": total},
+        "resident_bytes": psutil.Process().memory_info().rss,
+        "generate": config.to_json(),
+        "runtime": runtime.to_json(),
+    }
+
+
+def _write_atomic(path: Path, write) -> None:
+    """Write through a temporary sibling renamed into place (never a half-written file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def print_generate_summary(records: list[dict]) -> None:
+    """One table row per image: file, seed, intervals visited, seconds per step, switch time."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="generate")
+    for column in ("image", "seed", "backend", "intervals per step", "s / step", "switch s"):
+        table.add_column(column)
+    for r in records:
+        intervals = "".join(str(k) if isinstance(k, int) else "*" for k in r["interval_per_step"])
+        table.add_row(r["image"], str(r["seed"]), r["backend"], intervals, f"{r['seconds_per_step']:.3f}",
+                      f"{r['switch_seconds_total']:.4f}")
+    Console().print(table)

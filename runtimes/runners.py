@@ -1,0 +1,292 @@
+"""Runners: one interface for every backend, and the loaders that build them from a deploy dir.
+
+The interface is Polygraphy's ``BaseRunner``: a context manager (``activate`` loads the model,
+``deactivate`` frees it, both may repeat) whose ``infer(feeds)`` maps input names to tensors
+and returns output names to tensors. Feeds here are torch tensors; outputs come back as torch
+tensors on the runner's device.
+
+- ONNX Runtime: Polygraphy's own ``OnnxrtRunner`` over :class:`SessionFromOnnxPath`, a loader
+  in Polygraphy's style that adds what its ``SessionFromOnnx`` lacks: thread count, the CUDA
+  execution provider's device, no memory arena (activations are freed after each call, so K
+  resident sessions do not each keep a peak-sized arena), and :class:`SharedWeights`.
+- TensorRT: :class:`qpdeploy.runtimes.trt.TrtRunner` (tensorrt imported lazily).
+- torch: :class:`TorchUNetRunner`, the quantized PyTorch UNet with the pack applied.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import torch
+from polygraphy.backend.base import BaseLoader, BaseRunner
+
+from qpdeploy.errors import QPDeployError
+
+from .config import RuntimeConfig
+
+OPTIMIZATION_LEVELS = {"none": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
+                       "all": "ORT_ENABLE_ALL"}
+
+
+def first_line(exc: BaseException) -> str:
+    """``Type: first line of the message`` (library errors are often many lines long)."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}"
+
+
+# ------------------------------------------------------------------------------------
+# ONNX Runtime
+# ------------------------------------------------------------------------------------
+
+class SharedWeights:
+    """The UNet graphs' shared external-data file, memory-mapped once for every session.
+
+    Each initializer stored in the file becomes an ``OrtValue`` over its slice of the map and
+    is handed to every session with ``SessionOptions.add_initializer``, which ONNX Runtime
+    uses instead of reading (and copying) the bytes itself: K per-interval sessions then hold
+    one copy of the weights, not K.
+    """
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self._map = None
+        self._values = {}  # name -> (array, OrtValue); the arrays keep the map's pages alive
+        self._lock = threading.Lock()  # sessions may load on a prefetch thread
+
+    def initializers(self, model_path) -> dict:
+        """``{name: OrtValue}`` for the initializers of ``model_path`` stored in this file."""
+        import onnx
+
+        model = onnx.load(str(model_path), load_external_data=False)
+        with self._lock:
+            for tensor in model.graph.initializer:
+                record = {e.key: e.value for e in tensor.external_data}
+                if tensor.data_location == onnx.TensorProto.EXTERNAL and record.get("location") == self.path.name:
+                    if tensor.name not in self._values:
+                        self._values[tensor.name] = self._value(tensor, record)
+            names = [t.name for t in model.graph.initializer if t.name in self._values]
+        return {name: self._values[name][1] for name in names}
+
+    def _value(self, tensor, record):
+        import numpy as np
+        import onnxruntime as ort
+        from onnx import helper
+
+        if self._map is None:
+            self._map = np.memmap(self.path, dtype=np.uint8, mode="r")
+        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type))
+        offset, length = int(record.get("offset", 0)), int(record["length"])
+        array = np.frombuffer(self._map, dtype=dtype, count=length // dtype.itemsize, offset=offset)
+        array = array.reshape(tuple(tensor.dims))
+        return array, ort.OrtValue.ortvalue_from_numpy(array)
+
+
+class SessionFromOnnxPath(BaseLoader):
+    """Loader: an ONNX Runtime ``InferenceSession`` for an ONNX file (external data beside it).
+
+    Args:
+        path: the .onnx file.
+        providers: execution providers in priority order (names or (name, options) pairs).
+        threads: intra-op threads (0: ONNX Runtime's default).
+        optimization: "none", "basic", "extended" or "all" (see RuntimeConfig).
+        shared: :class:`SharedWeights` whose initializers replace the file's own, or None.
+    """
+
+    def __init__(self, path, providers=("CPUExecutionProvider",), threads: int = 0, optimization: str = "basic",
+                 shared: SharedWeights | None = None):
+        self.path = Path(path)
+        self.providers = list(providers)
+        self.threads, self.optimization, self.shared = threads, optimization, shared
+
+    def call_impl(self):
+        """Returns: the session. Raises: QPDeployError naming the file when it cannot load."""
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, OPTIMIZATION_LEVELS[self.optimization])
+        options.intra_op_num_threads = self.threads
+        options.inter_op_num_threads = 1
+        options.enable_cpu_mem_arena = False  # see the module docstring
+        options.log_severity_level = 3
+        try:
+            for name, value in (self.shared.initializers(self.path) if self.shared else {}).items():
+                options.add_initializer(name, value)
+            return ort.InferenceSession(str(self.path), options, providers=self.providers)
+        except Exception as exc:  # onnx / onnxruntime raise many types; the user needs one line
+            raise QPDeployError(f"cannot load {self.path}: {first_line(exc)}") from None
+
+
+def ort_providers(device: str) -> tuple[list, torch.device]:
+    """Execution providers for ``device`` and the device ONNX Runtime's outputs live on.
+
+    "auto" picks the CUDA execution provider when onnxruntime-gpu sees a GPU, else the CPU.
+
+    Raises:
+        QPDeployError: "cuda" was asked for but onnxruntime has no CUDA execution provider.
+    """
+    import onnxruntime as ort
+
+    has_cuda = "CUDAExecutionProvider" in ort.get_available_providers() and torch.cuda.is_available()
+    if device == "cpu" or (device == "auto" and not has_cuda):
+        return ["CPUExecutionProvider"], torch.device("cpu")
+    if not has_cuda:
+        raise QPDeployError(f"device {device} needs onnxruntime-gpu and a CUDA GPU "
+                            f"(onnxruntime has {', '.join(ort.get_available_providers())}); "
+                            "install it with pip install 'qpdeploy[gpu]' or use --device cpu")
+    index = torch.device(device if device != "auto" else "cuda").index or 0
+    return [("CUDAExecutionProvider", {"device_id": index}), "CPUExecutionProvider"], torch.device("cpu")
+
+
+def ort_runner(path, config: RuntimeConfig, shared: SharedWeights | None = None, name: str | None = None):
+    """Polygraphy's ``OnnxrtRunner`` over :class:`SessionFromOnnxPath` (not yet activated)."""
+    from polygraphy.backend.onnxrt import OnnxrtRunner
+
+    providers, _ = ort_providers(config.device)
+    loader = SessionFromOnnxPath(path, providers, config.threads, config.ort_optimization, shared)
+    return OnnxrtRunner(loader, name=name or Path(path).stem)
+
+
+# ------------------------------------------------------------------------------------
+# torch: the reference
+# ------------------------------------------------------------------------------------
+
+class TorchUNetRunner(BaseRunner):
+    """The quantized PyTorch UNet with its pack applied, behind the runner interface.
+
+    One runner serves every interval: the quantized model routes each call to its scale set
+    by the timestep itself (the same :class:`~qpdeploy.intervals.Intervals`), so selector
+    feeds are ignored. Activation loads the base and pack and checks both hashes against
+    the manifest.
+    """
+
+    def __init__(self, manifest, base_dir, pack_dir=None, device="cpu", name="torch"):
+        super().__init__(name=name)
+        self.manifest, self.base_dir, self.pack_dir = manifest, base_dir, pack_dir
+        self.device = torch.device(device)
+
+    def activate_impl(self):
+        self.unet = load_reference_unet(self.manifest, self.base_dir, self.pack_dir, self.device)
+
+    def get_input_metadata_impl(self):
+        import numpy as np
+        from polygraphy.common import TensorMetadata
+
+        meta = TensorMetadata()
+        for spec in self.manifest.unet["inputs"]:
+            meta.add(spec["name"], np.dtype(spec["dtype"]), [None if d == "batch" else d for d in spec["shape"]])
+        return meta
+
+    def infer_impl(self, feed_dict):
+        feed = {k: v.to(self.device) for k, v in feed_dict.items()}
+        added = {"text_embeds": feed["text_embeds"], "time_ids": feed["time_ids"]} if "time_ids" in feed else None
+        start = time.perf_counter()
+        with torch.no_grad():
+            out = self.unet(feed["sample"], feed["timestep"], feed["encoder_hidden_states"], added_cond_kwargs=added,
+                            return_dict=False)[0]
+        self.inference_time = time.perf_counter() - start
+        return {self.manifest.unet["outputs"][0]["name"]: out}
+
+    def deactivate_impl(self):
+        del self.unet
+
+
+def load_reference_unet(manifest, base_dir, pack_dir=None, device="cpu"):
+    """The quantized UNet of ``base_dir`` with ``pack_dir`` applied, checked against the manifest.
+
+    Raises:
+        QPDeployError: the base or pack is not the one the deploy dir was exported from.
+    """
+    from qpdeploy.base import load_base
+    from qpdeploy.exporters.export import pack_hash
+    from qpdeploy.pack import apply_pack, load_pack, reset_to_post_training
+
+    base = load_base(base_dir)
+    want_base, want_pack = manifest.data["base_hash"], manifest.data["pack_hash"]
+    if base.base_hash != want_base:
+        raise QPDeployError(f"base {base_dir} (hash {base.base_hash[:12]}) is not the base deploy dir "
+                            f"{manifest.path} was exported from ({want_base[:12]})")
+    if want_pack is None:
+        if pack_dir is not None:
+            raise QPDeployError(f"deploy dir {manifest.path} was exported without a scale pack; drop --pack {pack_dir}")
+        reset_to_post_training(base)
+    else:
+        if pack_dir is None:
+            raise QPDeployError(f"deploy dir {manifest.path} holds scale pack {want_pack[:12]}; "
+                                "give it with --pack PACK")
+        pack = load_pack(pack_dir)
+        if pack_hash(pack) != want_pack:
+            raise QPDeployError(f"scale pack {pack_dir} (hash {pack_hash(pack)[:12]}) is not the pack deploy dir "
+                                f"{manifest.path} was exported with ({want_pack[:12]})")
+        apply_pack(base, pack)
+    return base.unet.to(device).eval()
+
+
+# ------------------------------------------------------------------------------------
+# Choosing runners for a deploy dir
+# ------------------------------------------------------------------------------------
+
+def unet_runners(manifest, config: RuntimeConfig) -> tuple[list[BaseRunner], list[int]]:
+    """The UNet runners of a deploy dir for ``config.backend`` (none activated yet).
+
+    Returns:
+        ``(runners, runner_of_interval)``: ort and trt have one runner per UNet graph (the
+        manifest's ``graph_of_interval``); torch has one runner for every interval.
+
+    Raises:
+        QPDeployError: the backend is unavailable here or the deploy dir lacks what it needs.
+    """
+    unet = manifest.unet
+    if config.backend == "torch":
+        from qpdeploy.ptq import resolve_device
+
+        runner = TorchUNetRunner(manifest, config.base, config.pack, resolve_device(config.device))
+        return [runner], [0] * manifest.intervals.k
+    if config.backend == "trt":
+        from .trt import check_engines, trt_runner
+
+        check_engines(manifest)
+        runners = [trt_runner(manifest.file(g["engine"]), config, g["name"]) for g in unet["graphs"]]
+        return runners, list(unet["graph_of_interval"])
+    shared = None
+    if config.share_weights and len(unet["graphs"]) > 1 and unet.get("weights_file"):
+        shared = SharedWeights(manifest.file(unet["weights_file"]))
+    runners = [ort_runner(manifest.file(g["onnx"]), config, shared, g["name"]) for g in unet["graphs"]]
+    return runners, list(unet["graph_of_interval"])
+
+
+def check_backend(manifest, config: RuntimeConfig) -> None:
+    """Fail at once, in one line, if ``config.backend`` cannot run here or this deploy dir
+    (tensorrt missing, no GPU, engines for another machine, no CUDA execution provider)."""
+    if config.backend == "trt":
+        from .trt import check_engines
+
+        check_engines(manifest)
+    elif config.backend == "ort":
+        ort_providers(config.device)
+
+
+def part_runner(manifest, record: dict, config: RuntimeConfig) -> BaseRunner:
+    """The runner of a float part (text encoder, VAE decoder): its TensorRT engine with the trt
+    backend, else ONNX Runtime (the torch backend's reference is the UNet only)."""
+    if config.backend == "trt":
+        from .trt import trt_runner
+
+        if not record.get("engine"):
+            raise QPDeployError(f"deploy dir {manifest.path} has no TensorRT engine for {record['name']}")
+        return trt_runner(manifest.file(record["engine"]), config, record["name"])
+    return ort_runner(manifest.file(record["onnx"]), config.replace(backend="ort", base=None, pack=None),
+                      name=record["name"])
+
+
+def feed_device(config: RuntimeConfig) -> torch.device:
+    """Where a backend's runners take their feeds: host memory for ONNX Runtime (its CUDA
+    execution provider copies them over), the GPU for TensorRT, the model's device for torch."""
+    if config.backend == "trt":
+        return torch.device("cuda" if config.device == "auto" else config.device)
+    if config.backend == "torch":
+        from qpdeploy.ptq import resolve_device
+
+        return resolve_device(config.device)
+    return torch.device("cpu")

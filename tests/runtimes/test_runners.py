@@ -1,0 +1,65 @@
+"""Runners: one interface for ONNX Runtime and the torch reference, the memory-mapped weights
+shared by per-interval sessions, and clear errors for unavailable or mismatched backends."""
+
+import pytest
+import torch
+
+from qpdeploy.calibrate import sqnr_db
+from qpdeploy.errors import QPDeployError
+from qpdeploy.exporters.manifest import read_manifest
+from qpdeploy.runtimes import RuntimeConfig
+from qpdeploy.runtimes.runners import (SessionFromOnnxPath, SharedWeights, load_reference_unet, ort_providers,
+                                       unet_runners)
+
+
+def feeds(manifest, t, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return {"sample": torch.randn(2, 4, 8, 8, generator=gen), "timestep": torch.full((2,), float(t)),
+            "encoder_hidden_states": torch.randn(2, 16, 32, generator=gen)}
+
+
+def test_ort_and_torch_runners_share_one_interface_and_agree_per_interval(deploy, rt_base_dir, rt_pack_dir):
+    manifest = read_manifest(deploy("sd1_s2"))
+    ort, ort_of = unet_runners(manifest, RuntimeConfig(threads=1))
+    ref, ref_of = unet_runners(manifest, RuntimeConfig(backend="torch", base=str(rt_base_dir("sd1")),
+                                                       pack=str(rt_pack_dir("sd1", "s2"))))
+    assert (len(ort), ort_of, len(ref), ref_of) == (4, [0, 1, 2, 3], 1, [0, 0, 0, 0])
+    with ref[0] as torch_runner:
+        for k, t in enumerate((100, 400, 600, 900)):
+            with ort[ort_of[k]] as runner:  # Polygraphy's interface: context manager, checked infer
+                out = runner.infer(feeds(manifest, t))["noise_pred"]
+            assert sqnr_db(torch_runner.infer(feeds(manifest, t))["noise_pred"], out) > 20
+    assert not any(r.is_active for r in [*ort, *ref])
+
+
+def test_per_interval_sessions_read_one_memory_map_of_the_weights(deploy):
+    manifest = read_manifest(deploy("sd1_s2"))
+    shared = SharedWeights(manifest.file(manifest.unet["weights_file"]))
+    graphs = [manifest.file(g["onnx"]) for g in manifest.unet["graphs"]]
+    first, second = shared.initializers(graphs[0]), shared.initializers(graphs[1])
+    assert first and first.keys() == second.keys()
+    assert all(first[name] is second[name] for name in first)  # the same OrtValues, not copies
+    mapped = sum(v.numpy().nbytes for v in first.values())
+    assert mapped > 0.9 * manifest.data["files"]["unet.weights"]["bytes"]
+    feed = {k: v.numpy() for k, v in feeds(manifest, 600).items()}
+    own = SessionFromOnnxPath(graphs[2], threads=1)().run(None, feed)[0]
+    mine = SessionFromOnnxPath(graphs[2], threads=1, shared=shared)().run(None, feed)[0]
+    assert (own == mine).all()  # bit-identical outputs
+
+
+def test_reference_refuses_a_base_or_pack_the_deploy_dir_was_not_made_from(deploy, rt_base_dir, rt_pack_dir):
+    manifest = read_manifest(deploy("sd1_s2"))
+    with pytest.raises(QPDeployError, match="is not the base deploy dir .* was exported from"):
+        load_reference_unet(manifest, rt_base_dir("sdxl"), rt_pack_dir("sd1", "s2"))
+    with pytest.raises(QPDeployError, match="is not the pack deploy dir"):
+        load_reference_unet(manifest, rt_base_dir("sd1"), rt_pack_dir("sd1", "s1"))
+
+
+def test_cuda_without_onnxruntime_gpu_is_one_line():
+    import onnxruntime
+
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers() and torch.cuda.is_available():
+        pytest.skip("onnxruntime-gpu and a GPU are present")
+    assert ort_providers("auto")[0] == ["CPUExecutionProvider"]
+    with pytest.raises(QPDeployError, match="device cuda needs onnxruntime-gpu and a CUDA GPU"):
+        ort_providers("cuda")
