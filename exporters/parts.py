@@ -81,8 +81,12 @@ def export_vae_decoder(vae, latent_hw: tuple[int, int], scale_factor: int, out_d
     outputs = [TensorSpec("image", "float32", ("batch", vae.config.out_channels, h * scale_factor, w * scale_factor))]
     latent = torch.zeros(2, channels, h, w)
     part = _export(VAEDecoderForExport(vae), (latent,), "vae_decoder", inputs, outputs, out_dir, opset)
+    config = {k: list(v) if isinstance(v, tuple) else v for k, v in dict(vae.config).items()
+              if not k.startswith("_")}
+    # The whole diffusers config travels: pipelines read latents_mean / latents_std (SDXL-style
+    # VAEs), scaling and shift factors and block_out_channels from it.
     part.extra = {"scaling_factor": vae.config.scaling_factor,
-                  "shift_factor": getattr(vae.config, "shift_factor", None)}
+                  "shift_factor": getattr(vae.config, "shift_factor", None), "config": config}
     return part
 
 

@@ -15,7 +15,6 @@ AutoencoderKL: ``config``, ``dtype``, ``device``, and outputs indexable like the
 from __future__ import annotations
 
 import inspect
-import math
 import time
 import weakref
 
@@ -104,20 +103,10 @@ class OnnxVAEDecoder(_PartModule):
     """The VAE decoder graph answering like ``AutoencoderKL.decode`` (input already divided by
     the scaling factor, output in [-1, 1])."""
 
-    def __init__(self, runner, record: dict, vae_scale_factor: int):
-        self.vae_scale_factor = vae_scale_factor
-        super().__init__(runner, record)
-
     def make_config(self) -> dict:
-        latent = self.record["inputs"][0]["shape"]
-        return {
-            "scaling_factor": self.record["scaling_factor"],
-            "shift_factor": self.record.get("shift_factor"),
-            "latent_channels": latent[1],
-            "force_upcast": False,
-            # Pipelines read only this list's length (vae_scale_factor = 2 ** (len - 1)).
-            "block_out_channels": [0] * (int(math.log2(self.vae_scale_factor)) + 1),
-        }
+        # The exported VAE's own diffusers config: pipelines read scaling / shift factors,
+        # latents_mean / latents_std (SDXL-style VAEs) and block_out_channels from it.
+        return {**self.record["config"], "force_upcast": False}
 
     def decode(self, z, return_dict: bool = True, generator=None):
         from diffusers.models.autoencoders.vae import DecoderOutput
@@ -182,7 +171,7 @@ def load_pipeline(manifest, config: RuntimeConfig, scheduler: str | None = None)
             parts[f"tokenizer{suffix}"] = load_tokenizer(manifest.file(entry["tokenizer"]))
             parts[entry["name"]] = OnnxTextEncoder(part_runner(manifest, entry, config), entry)
         vae = manifest.data["vae_decoder"]
-        parts["vae"] = OnnxVAEDecoder(part_runner(manifest, vae, config), vae, manifest.data["vae_scale_factor"])
+        parts["vae"] = OnnxVAEDecoder(part_runner(manifest, vae, config), vae)
         parts["unet"] = EngineUNet.from_manifest(manifest, config)
     except BaseException:
         _close_parts(parts)
