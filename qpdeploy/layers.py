@@ -57,14 +57,18 @@ def pack_int4(w: torch.Tensor) -> torch.Tensor:
 
 
 def unpack_int4(packed: torch.Tensor, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
-    """Inverse of :func:`pack_int4`: an int8 tensor of ``shape``."""
-    p = packed.to(torch.int16)
-    nibbles = torch.stack([p & 0xF, (p >> 4) & 0xF], dim=-1).reshape(p.shape[0], -1)
-    values = nibbles - ((nibbles & 0x8) << 1)  # sign-extend 4 -> 16 bits
+    """Inverse of :func:`pack_int4`: an int8 tensor of ``shape``.
+
+    Works in int8 throughout (the bytes reinterpreted as int8; arithmetic shifts sign-extend
+    each nibble), so its temporaries stay at about twice the unpacked size in bytes: this
+    runs for every layer in every training forward and backward.
+    """
+    x = packed.view(torch.int8)
+    nibbles = torch.stack([(x << 4) >> 4, x >> 4], dim=-1).reshape(x.shape[0], -1)  # low nibble first
     n = 1
     for d in shape[1:]:
         n *= d
-    return values[:, :n].to(torch.int8).reshape(shape)
+    return nibbles[:, :n].contiguous().reshape(shape)
 
 
 # ------------------------------------------------------------------------------------

@@ -12,7 +12,9 @@ Strategies and the interval -> scale-set map (row E is the post-training scales)
 - ``s2``: E = K, interval k uses set k.
 
 :func:`apply_pack` installs a pack on a loaded base; training, export and the runtime all
-go through it.
+go through it. :func:`init_scale_sets` starts a personalization (every set equal to the
+post-training scales, so the output is bit-exact unchanged); :mod:`qpdeploy.train` trains
+the sets and writes the pack with :func:`save_pack`.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import torch
 
 from .errors import QPDeployError
 from .intervals import Intervals
-from .io import atomic_dir, check_format_version, file_sha256, read_json, write_json
+from .io import atomic_dir, check_format_version, dir_bytes, file_sha256, read_json, write_json
 from .layers import quant_layers
 from .quantize import get_router
 
@@ -32,6 +34,7 @@ PACK_FORMAT_VERSION = 1
 PACK_KIND = "qpdeploy.scale-pack"
 PACK_FILE = "pack.json"
 SCALES_FILE = "scales.safetensors"
+REPORT_FILE = "report.json"
 STRATEGIES = ("baseline", "s1", "s2")
 
 
@@ -97,7 +100,11 @@ class ScalePack:
 
 
 def save_pack(out, pack: ScalePack, report: dict | None = None, force: bool = False) -> Path:
-    """Write a pack directory atomically (``report`` becomes report.json)."""
+    """Write a pack directory atomically (``report`` becomes report.json).
+
+    A ``pack_bytes`` entry of the report that is missing or None is filled with the size
+    of the pack itself (scales.safetensors + pack.json, the report excluded).
+    """
     from safetensors.torch import save_file
 
     with atomic_dir(out, force) as tmp:
@@ -116,7 +123,9 @@ def save_pack(out, pack: ScalePack, report: dict | None = None, force: bool = Fa
             **pack.meta,
         })
         if report is not None:
-            write_json(tmp / "report.json", report)
+            if report.get("pack_bytes") is None:
+                report = {**report, "pack_bytes": dir_bytes(tmp)}
+            write_json(tmp / REPORT_FILE, report)
     return Path(out)
 
 
@@ -167,6 +176,10 @@ def apply_pack(base, pack: ScalePack) -> None:
     if names != set(layers):
         extra = sorted(names - set(layers)) or sorted(set(layers) - names)
         raise QPDeployError(f"scale pack does not fit the base's layers (for example {extra[0]})")
+    wrong = [k for k, v in pack.scales.items() if v.ndim != 2 or v.shape[0] != pack.num_sets]
+    if wrong:
+        raise QPDeployError(f"scale pack {wrong[0]} does not hold {pack.num_sets} scale set(s) as its strategy "
+                            f"{pack.strategy} on {pack.intervals.k} intervals needs")
     for name, layer in layers.items():
         try:
             layer.set_scale_sets(pack.scales[f"{name}.s_out"], pack.scales.get(f"{name}.s_in"))

@@ -1,0 +1,413 @@
+"""Personalization by training quantization scales (``qpdeploy train``).
+
+PEQA DreamBooth on a quantized base: the noise-prediction loss on a few instance images
+(plus, optionally, the prior-preservation loss on class images the base generates itself)
+trains only the layers' scale sets; integer weights, biases, text encoders and VAE stay
+frozen. Strategies (DESIGN.md): ``baseline`` one set over all timesteps, ``s1`` one set
+trained and applied in chosen intervals, ``s2`` one set per interval, all trained in the
+same mixed-interval batches with an exactly equal share of samples per interval.
+
+:func:`train` reads as its steps:
+
+1. load the base (or take one in memory) and check the output, the config and any checkpoint;
+2. read and encode the data once (:mod:`qpdeploy.data`); the text encoders and VAE are
+   then released, so the loop holds only the quantized UNet (and the VAE if validating);
+3. install fresh scale sets (equal to the post-training scales) and an optimizer with one
+   parameter per set (:mod:`qpdeploy.optim`), restoring a checkpoint if resuming
+   (:mod:`qpdeploy.checkpoint`);
+4. run the steps, with checkpoints and validation grids (:mod:`qpdeploy.validate`) in the
+   run directory;
+5. write the scale pack and its report atomically.
+
+Every random draw is a pure function of the seed and the sample's position in the run
+(:func:`derived_generator`), so a run resumed from a checkpoint is bit-identical to an
+uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .base import QuantizedBase, load_base, load_base_pipeline, source_hash
+from .checkpoint import (check_resumable, checkpoint_path, find_checkpoint, load_checkpoint, read_checkpoint_state,
+                         save_checkpoint)
+from .config import TrainConfig
+from .data import (Examples, check_prompt, class_images, default_resolution, encode_examples,
+                   load_instance_images)
+from .errors import QPDeployError
+from .intervals import Intervals
+from .io import check_output, read_json
+from .memory import PeakMemory, release_free_heap
+from .optim import ScaleSetOptimizer
+from .pack import ScalePack, init_scale_sets, reset_to_post_training, save_pack, scales_of
+from .progress import stage
+from .ptq import resolve_device
+from .quantize import get_router
+from .validate import Validator, quantized_pipeline
+
+RUN_SUFFIX = ".run"
+FINAL_LOSS_STEPS = 10  # final_loss / initial_loss: mean over this many steps at each end
+
+# Independent random streams of a run, keyed with the seed (see derived_generator).
+_IMAGES, _PRIOR, _INTERVALS, _DRAWS = 1, 2, 3, 4
+
+
+def derived_generator(seed: int, *keys: int) -> torch.Generator:
+    """A CPU generator seeded by hashing ``(seed, *keys)`` (numpy SeedSequence).
+
+    Draws made through it depend only on the seed and on where they happen in the run
+    (step, epoch, round), never on how many draws came before, which makes resuming exact.
+    """
+    state = np.random.SeedSequence([seed, *keys]).generate_state(1, np.uint64)[0]
+    return torch.Generator().manual_seed(int(state))
+
+
+def _cycle(count: int, seed: int, stream: int, first: int, n: int) -> torch.Tensor:
+    """Positions ``first .. first+n-1`` of an endless sequence of seeded permutations of ``count``."""
+    out = []
+    for g in range(first, first + n):
+        epoch, pos = divmod(g, count)
+        out.append(int(torch.randperm(count, generator=derived_generator(seed, stream, epoch))[pos]))
+    return torch.tensor(out, dtype=torch.long)
+
+
+class TimestepSampler:
+    """Training timesteps for a strategy.
+
+    - baseline: uniform over [0, T);
+    - s1: uniform over the union of the chosen intervals;
+    - s2: the run's samples are cut into rounds of K consecutive samples and each round
+      holds every interval exactly once, in a seeded random order; the timestep is uniform
+      inside its interval. Every interval gets an equal share of training, and a batch of
+      B samples mixes min(B, K) intervals.
+    """
+
+    def __init__(self, intervals: Intervals, strategy: str, s1_intervals=(), seed: int = 0):
+        self.intervals, self.strategy, self.seed = intervals, strategy, seed
+        if strategy == "s1":
+            self.segments = [intervals.bounds(i) for i in sorted(set(s1_intervals))]
+        else:
+            self.segments = [(0, intervals.num_train_timesteps)]
+
+    def interval_order(self, first: int, n: int) -> torch.Tensor:
+        """S2: the interval of each sample ``first .. first+n-1`` of the run (rounds of K)."""
+        return _cycle(self.intervals.k, self.seed, _INTERVALS, first, n)
+
+    def draw(self, first: int, n: int, generator: torch.Generator) -> torch.Tensor:
+        """Timesteps (n,) long for samples ``first .. first+n-1`` of the run."""
+        if self.strategy == "s2":
+            chosen = self.interval_order(first, n)
+            lo = torch.tensor([self.intervals.bounds(int(i))[0] for i in chosen], dtype=torch.float64)
+            hi = torch.tensor([self.intervals.bounds(int(i))[1] for i in chosen], dtype=torch.float64)
+            u = torch.rand(n, generator=generator, dtype=torch.float64)
+            return (lo + torch.floor(u * (hi - lo))).long()
+        lengths = torch.tensor([hi - lo for lo, hi in self.segments])
+        offset = torch.randint(0, int(lengths.sum()), (n,), generator=generator)
+        ends = torch.cumsum(lengths, 0)
+        seg = torch.bucketize(offset, ends, right=True)
+        starts = torch.tensor([lo for lo, _ in self.segments])
+        return starts[seg] + offset - (ends[seg] - lengths[seg])
+
+
+@dataclass
+class Batch:
+    """One micro-batch: which examples, their clean latents, noise and timesteps."""
+
+    example: torch.Tensor  # (n,) indices into Examples
+    latents: torch.Tensor  # (n, 4, h, w)
+    noise: torch.Tensor  # (n, 4, h, w)
+    timesteps: torch.Tensor  # (n,) long
+
+
+class ScaleTrainer:
+    """The training state of one personalization: scale sets, optimizer, step, losses.
+
+    Installs fresh scale sets on ``base.unet`` (every set equal to the post-training
+    scales) and freezes everything else.
+
+    Args:
+        base: the quantized base (its UNet is trained in place).
+        examples: encoded data (:func:`qpdeploy.data.encode_examples`).
+        config: the run's settings.
+        scheduler_config: the model's noise scheduler config (betas, prediction type).
+        device: where to train.
+    """
+
+    def __init__(self, base: QuantizedBase, examples: Examples, config: TrainConfig, scheduler_config: dict,
+                 device="cpu"):
+        from diffusers import DDPMScheduler
+
+        self.base, self.config, self.device = base, config, torch.device(device)
+        self.intervals = config.make_intervals(base.intervals)
+        self.schedule = DDPMScheduler.from_config(scheduler_config)
+        if self.schedule.config.num_train_timesteps != self.intervals.num_train_timesteps:
+            raise QPDeployError(f"the scheduler has {self.schedule.config.num_train_timesteps} timesteps but the "
+                                f"intervals cover {self.intervals.num_train_timesteps}")
+        if not len(examples.instance):
+            raise QPDeployError("no instance image to train on")
+        self.examples = examples.to(self.device)
+        self.batch = config.batch_for(self.intervals.k)
+        self.amp_dtype = autocast_dtype(config.precision, self.device)
+        self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
+        self.sampler = TimestepSampler(self.intervals, config.strategy, config.s1_intervals, config.seed)
+
+        unet = base.unet.to(self.device)
+        unet.requires_grad_(False)
+        init_scale_sets(base, config.strategy, self.intervals, config.s1_intervals, config.train_input_scales)
+        self.optimizer = ScaleSetOptimizer(unet, config.lr, config.weight_decay)
+        if config.gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+        unet.train()
+        self.unet = unet
+        self.step = 0
+        self.losses: list[float] = []
+        self.samples_per_interval = [0] * self.intervals.k
+
+    # -- one step ----------------------------------------------------------------------
+    def make_batch(self, micro: int) -> Batch:
+        """Micro-batch number ``micro`` of the run (B instance samples, + B class samples)."""
+        ex, cfg = self.examples, self.config
+        inst = ex.instance.cpu()
+        idx = inst[_cycle(len(inst), cfg.seed, _IMAGES, micro * self.batch, self.batch)]
+        prior = ex.prior.cpu()
+        if len(prior):
+            idx = torch.cat([idx, prior[_cycle(len(prior), cfg.seed, _PRIOR, micro * self.batch, self.batch)]])
+        n = len(idx)
+        generator = derived_generator(cfg.seed, _DRAWS, micro)
+        timesteps = self.sampler.draw(micro * n, n, generator)
+        shape = (n, *ex.latent_mean.shape[1:])
+        eps = torch.randn(shape, generator=generator)
+        noise = torch.randn(shape, generator=generator)
+        idx_d = idx.to(self.device)
+        latents = ex.latent_mean[idx_d] + ex.latent_std[idx_d] * eps.to(self.device)
+        return Batch(idx_d, latents, noise.to(self.device), timesteps.to(self.device))
+
+    def loss(self, batch: Batch) -> torch.Tensor:
+        """DreamBooth loss: instance MSE + prior_weight * class MSE (noise or v target)."""
+        ex = self.examples
+        prompt = ex.prompt_index[batch.example]
+        added = None
+        if ex.pooled_embeds is not None:
+            added = {"text_embeds": ex.pooled_embeds[prompt], "time_ids": ex.time_ids[batch.example]}
+        noisy = self.schedule.add_noise(batch.latents, batch.noise, batch.timesteps)
+        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
+                            enabled=self.amp_dtype is not None):
+            pred = self.unet(noisy, batch.timesteps, encoder_hidden_states=ex.prompt_embeds[prompt],
+                             added_cond_kwargs=added, return_dict=False)[0]
+        per_sample = F.mse_loss(pred.float(), self._target(batch).float(), reduction="none").mean(dim=(1, 2, 3))
+        is_prior = ex.is_prior[batch.example]
+        loss = per_sample[~is_prior].mean()
+        if is_prior.any():
+            loss = loss + self.config.prior_weight * per_sample[is_prior].mean()
+        return loss
+
+    def _target(self, batch: Batch) -> torch.Tensor:
+        kind = self.schedule.config.prediction_type
+        if kind == "epsilon":
+            return batch.noise
+        if kind == "v_prediction":
+            return self.schedule.get_velocity(batch.latents, batch.noise, batch.timesteps)
+        if kind == "sample":
+            return batch.latents
+        raise QPDeployError(f"unsupported prediction type {kind!r}")
+
+    def sets_routed(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """The scale set each timestep is routed to (values >= E mean post-training)."""
+        return get_router(self.unet).expert_of_interval[self.intervals.index(timesteps.to(self.device))]
+
+    def train_step(self) -> float:
+        """One optimizer step over ``grad_accum`` micro-batches; returns the step's loss."""
+        trained = torch.zeros(self.optimizer.num_sets + 1, dtype=torch.bool)
+        total = 0.0
+        for m in range(self.config.grad_accum):
+            batch = self.make_batch(self.step * self.config.grad_accum + m)
+            loss = self.loss(batch) / self.config.grad_accum
+            self._trim_heap()
+            (loss if self.scaler is None else self.scaler.scale(loss)).backward()
+            total += float(loss.detach())
+            trained[self.sets_routed(batch.timesteps).cpu()] = True
+            for k in self.intervals.index(batch.timesteps.cpu()).tolist():
+                self.samples_per_interval[k] += 1
+        self.optimizer.step(trained[:-1].tolist(), self.scaler)
+        if self.scaler is not None:
+            self.scaler.update()
+        self._trim_heap()
+        self.step += 1
+        self.losses.append(total)
+        return total
+
+    def _trim_heap(self) -> None:
+        """On CPU, return the heap holes left by the layers' transient float weights (see
+        :func:`qpdeploy.memory.release_free_heap`); numbers are unaffected."""
+        if self.device.type == "cpu":
+            release_free_heap()
+
+    def finish(self) -> None:
+        """End training: scales frozen again, checkpointing off, UNet in eval mode."""
+        self.optimizer.release()
+        if self.config.gradient_checkpointing:
+            self.unet.disable_gradient_checkpointing()
+        self.unet.eval()
+
+    def pack(self, meta: dict | None = None) -> ScalePack:
+        """The trained scale sets as a :class:`ScalePack` bound to the base."""
+        cfg = self.config
+        info = {"prompt": cfg.prompt, "class_prompt": cfg.class_prompt, "identifier": cfg.identifier,
+                "steps": self.step, "train": cfg.to_json(), **(meta or {})}
+        return ScalePack(cfg.strategy, self.intervals, self.base.base_hash, scales_of(self.unet),
+                         cfg.s1_intervals, info)
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of a precision setting on a device (None: plain fp32)."""
+    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
+        return None
+    if device.type != "cuda":
+        raise QPDeployError(f"precision {precision} needs a CUDA device; on {device.type} training runs in fp32")
+    if precision == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if precision == "bf16" else torch.float16
+
+
+# --------------------------------------------------------------------------------------
+# Data preparation (the only stage that uses the full pipeline)
+# --------------------------------------------------------------------------------------
+
+def prepare_data(base: QuantizedBase, images, config: TrainConfig, pipe=None, class_dir=None, device="cpu",
+                 show_progress: bool = False, source=None, config_dir=None):
+    """Read and encode everything the loop needs, then let the encoders go.
+
+    Args:
+        base: the quantized base; class images are sampled with its post-training scales.
+        images: folder of instance images.
+        pipe: the base's source pipeline (None: :func:`qpdeploy.base.load_base_pipeline`
+            with ``source`` and ``config_dir``); its content must match the base's source hash.
+
+    Returns:
+        ``(examples, scheduler_config, validator or None, resolution)``.
+    """
+    if pipe is None:
+        pipe = load_base_pipeline(base, source, config_dir)
+    elif "source_hash" in base.meta and source_hash(pipe) != base.meta["source_hash"]:
+        raise QPDeployError("the pipeline given differs from the one this base was quantized from")
+    reset_to_post_training(base)
+    pipe = quantized_pipeline(pipe, base.unet)
+    pipe.to(device)
+    resolution = config.resolution or default_resolution(pipe)
+    check_prompt(config.prompt, config.identifier, pipe.tokenizer)
+    instance = load_instance_images(images, resolution, config.crop, config.crops_per_image, config.seed)
+    prior = []
+    if config.prior_images:
+        with stage("class images", config.prior_images, show_progress) as advance:
+            prior = class_images(pipe, base.base_hash, config.class_prompt, config.prior_images, resolution,
+                                 class_dir, config.sample_steps, config.guidance, config.seed, advance)
+    examples = encode_examples(pipe, instance, config.prompt, prior, config.class_prompt, device)
+    examples.meta["resolution"] = resolution
+    validator = Validator(pipe, base.unet, config, resolution, device) if config.validate_every else None
+    return examples, dict(pipe.scheduler.config), validator, resolution
+
+
+# --------------------------------------------------------------------------------------
+# The whole run
+# --------------------------------------------------------------------------------------
+
+def train(base, images, out, config: TrainConfig, *, pipe=None, source=None, config_dir=None, run_dir=None,
+          class_dir=None, resume=None, device="auto", force: bool = False,
+          show_progress: bool = False) -> tuple[Path, dict]:
+    """Personalize a quantized base on a folder of images and write a scale pack.
+
+    Args:
+        base: a base directory or a loaded :class:`QuantizedBase` (whose UNet ends up
+            holding the trained scales).
+        images: folder of 3-10 instance images.
+        out: the pack directory to write (atomically; an existing one needs ``force``).
+        config: the run's settings.
+        pipe: the base's source pipeline, if already loaded.
+        source, config_dir: where the base's source model is now (it moved) and the configs
+            of a single-file source (see :func:`qpdeploy.base.load_base_pipeline`).
+        run_dir: where checkpoints and validation grids go (default ``<out>.run``).
+        class_dir: root of the class-image cache (default ``~/.cache/qpdeploy/class-images``).
+        resume: a checkpoint folder or run directory to continue from.
+
+    Returns:
+        ``(pack path, report)``; the report is also the pack's report.json.
+    """
+    start = time.perf_counter()
+    # 1. inputs: fail on bad ones before any long work
+    check_output(out, force)
+    base = base if isinstance(base, QuantizedBase) else load_base(base)
+    device = resolve_device(device)
+    autocast_dtype(config.precision, device)
+    config.make_intervals(base.intervals)
+    run_dir = Path(run_dir) if run_dir is not None else Path(f"{out}{RUN_SUFFIX}")
+    checkpoint = None
+    if resume is not None:
+        checkpoint = find_checkpoint(resume)
+        check_resumable(read_checkpoint_state(checkpoint), base.base_hash, config, checkpoint)
+
+    # 2. data, encoded once; the encoders are released with the pipeline
+    examples, scheduler_config, validator, resolution = prepare_data(base, images, config, pipe, class_dir,
+                                                                    device, show_progress, source, config_dir)
+    pipe = None
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+    # 3. scale sets, optimizer, checkpoint
+    trainer = ScaleTrainer(base, examples, config, scheduler_config, device)
+    resumed = load_checkpoint(trainer, checkpoint) if checkpoint is not None else None
+
+    # 4. the loop
+    memory = PeakMemory(device).reset()
+    run_training(trainer, run_dir, validator, show_progress)
+    peak = memory.peak()
+    trainer.finish()
+
+    # 5. the pack
+    n = max(1, min(FINAL_LOSS_STEPS, len(trainer.losses) // 2))
+    report = {
+        "strategy": config.strategy,
+        "trainable_params": trainer.optimizer.size * trainer.optimizer.num_sets,
+        "pack_bytes": None,  # filled in by save_pack
+        "steps": trainer.step,
+        "final_loss": float(np.mean(trainer.losses[-n:])),
+        "seconds": time.perf_counter() - start,
+        "peak_memory_bytes": peak,
+        "peak_memory_kind": memory.kind,
+        "initial_loss": float(np.mean(trainer.losses[:n])),
+        "num_sets": trainer.optimizer.num_sets,
+        "intervals": list(trainer.intervals.boundaries),
+        "s1_intervals": list(config.s1_intervals),
+        "samples_per_interval": trainer.samples_per_interval,
+        "batch_size": trainer.batch,
+        "instance_images": len(examples.meta["instance_images"]),
+        "class_images": examples.meta["class_images"],
+        "resolution": resolution,
+        "device": str(device),
+        "resumed_from_step": resumed,
+        "base_hash": base.base_hash,
+    }
+    path = save_pack(out, trainer.pack({"instance_images": examples.meta["instance_images"]}), report, force)
+    return path, read_json(path / "report.json")
+
+
+def run_training(trainer: ScaleTrainer, run_dir: Path, validator=None, show_progress: bool = False) -> None:
+    """Step until ``config.steps``, writing checkpoints and validation grids on schedule."""
+    cfg = trainer.config
+    with stage("train", cfg.steps, show_progress) as advance:
+        advance(trainer.step)
+        while trainer.step < cfg.steps:
+            tick = time.perf_counter()
+            loss = trainer.train_step()
+            advance(loss=loss, it_s=1.0 / max(time.perf_counter() - tick, 1e-9))
+            if cfg.checkpoint_every and trainer.step % cfg.checkpoint_every == 0:
+                save_checkpoint(trainer, checkpoint_path(run_dir, trainer.step))
+            if validator is not None and trainer.step % cfg.validate_every == 0:
+                validator(trainer.unet, run_dir / "validation" / f"step-{trainer.step:06d}.png")

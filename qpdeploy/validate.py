@@ -1,0 +1,86 @@
+"""Validation grids during training: the validation prompt sampled with the current scales.
+
+The prompt's embeddings (and their unconditional pair) are computed before the text
+encoders are released, so the validation pipeline holds the quantized UNet, the VAE and the
+scheduler only.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import os
+from pathlib import Path
+
+import torch
+
+
+def quantized_pipeline(pipe, unet, **changes):
+    """A pipeline of ``pipe``'s class sharing its components, with ``unet`` (and ``changes``)."""
+    params = inspect.signature(type(pipe).__init__).parameters
+    kwargs = {k: v for k, v in pipe.components.items() if k in params}
+    kwargs.update({k: pipe.config[k] for k in params if k not in kwargs and k in pipe.config})
+    if "requires_safety_checker" in params:
+        kwargs["requires_safety_checker"] = False
+    kwargs.update(unet=unet, **changes)
+    new = type(pipe)(**kwargs)
+    new.set_progress_bar_config(disable=True)
+    return new
+
+
+class Validator:
+    """Sample ``config.validation_prompt`` and save a grid PNG.
+
+    Args:
+        pipe: the source pipeline with its text encoders (used here once, then dropped).
+        unet: the quantized UNet being trained.
+        config: the run's :class:`~qpdeploy.config.TrainConfig` (prompt, image count,
+            sampling steps, guidance, seed).
+        resolution: image size.
+    """
+
+    def __init__(self, pipe, unet, config, resolution: int, device):
+        if getattr(pipe, "text_encoder_2", None) is not None:
+            names = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds")
+            values = pipe.encode_prompt(config.validation_prompt, device=device, num_images_per_prompt=1,
+                                        do_classifier_free_guidance=True)
+        else:
+            names = ("prompt_embeds", "negative_prompt_embeds")
+            values = pipe.encode_prompt(config.validation_prompt, device, 1, True)
+        self.embeds = {k: v.detach() for k, v in zip(names, values)}
+        drop = {k: None for k in ("text_encoder", "text_encoder_2") if k in pipe.components}
+        self.pipe = quantized_pipeline(pipe, unet, **drop)
+        self.config, self.resolution = config, resolution
+
+    @torch.no_grad()
+    def __call__(self, unet, path: Path) -> Path:
+        """Write a grid of ``validation_images`` images to ``path`` (atomically); same noise every time."""
+        was_training = unet.training
+        unet.eval()
+        try:
+            n = self.config.validation_images
+            generators = [torch.Generator("cpu").manual_seed(self.config.seed + i) for i in range(n)]
+            images = self.pipe(**self.embeds, num_images_per_prompt=n, num_inference_steps=self.config.sample_steps,
+                               guidance_scale=self.config.guidance, height=self.resolution, width=self.resolution,
+                               generator=generators).images
+        finally:
+            unet.train(was_training)
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
+        image_grid(images).save(tmp)
+        os.replace(tmp, path)
+        return path
+
+
+def image_grid(images, columns: int | None = None):
+    """Paste equally sized PIL images into a grid (one row up to 4 images, then square-ish)."""
+    from PIL import Image
+
+    columns = columns or (len(images) if len(images) <= 4 else math.ceil(math.sqrt(len(images))))
+    rows = math.ceil(len(images) / columns)
+    w, h = images[0].size
+    grid = Image.new("RGB", (columns * w, rows * h), (255, 255, 255))
+    for i, image in enumerate(images):
+        grid.paste(image, ((i % columns) * w, (i // columns) * h))
+    return grid

@@ -1,0 +1,350 @@
+"""Scale training: strategies touch exactly what they should, the optimizer never moves an
+untrained set, the loss falls, resuming is bit-identical, checkpointing changes nothing."""
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from qpdeploy.config import TrainConfig
+from qpdeploy.errors import QPDeployError
+from qpdeploy.intervals import Intervals
+from qpdeploy.layers import quant_layers
+from qpdeploy.optim import ScaleSetOptimizer
+from qpdeploy.train import ScaleTrainer, TimestepSampler, prepare_data, train
+
+from .conftest import write_images
+
+PROMPT = "a photo of sks dog"
+pytestmark = pytest.mark.filterwarnings("ignore:.*instance image.*:UserWarning")
+
+
+@pytest.fixture
+def make_trainer(cheap_base, tiny_pipe, instance_dir):
+    """``make_trainer(family="sd1", **train_config)`` -> ScaleTrainer on a fresh cheap base."""
+
+    def make(family="sd1", **changes):
+        base = cheap_base(family)
+        config = TrainConfig(PROMPT, **changes)
+        examples, scheduler, _, _ = prepare_data(base, instance_dir, config, pipe=tiny_pipe(family))
+        return ScaleTrainer(base, examples, config, scheduler)
+
+    return make
+
+
+def snapshot(unet):
+    return {k: v.detach().clone() for k, v in unet.state_dict().items()}
+
+
+def force_intervals(trainer, chosen):
+    """Make the trainer draw its timesteps only from the intervals ``chosen``."""
+    trainer.sampler = TimestepSampler(trainer.intervals, "s1", chosen, seed=1)
+
+
+# ------------------------------------------------------------------------------------
+# Config
+# ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(strategy="s3"), "strategy must be one of"),
+    (dict(strategy="s1"), "needs the intervals it trains"),
+    (dict(strategy="s2", s1_intervals=(0,)), "only used by strategy s1"),
+    (dict(strategy="s1", s1_intervals=(4,), intervals=4), r"must be in 0\.\.3"),
+    (dict(intervals=4, boundaries=(0, 500, 1000)), "not both"),
+    (dict(steps=0), "steps must be >= 1"),
+    (dict(lr=0.0), "learning rate must be positive"),
+    (dict(resolution=30), "multiple of 8"),
+    (dict(prior_images=10), "needs a class prompt"),
+    (dict(class_prompt="a dog"), "needs a number of class images"),
+    (dict(validate_every=5), "validation needs a prompt"),
+    (dict(precision="fp8"), "precision must be one of"),
+    (dict(crop="left"), "crop must be center or random"),
+])
+def test_config_refuses_bad_settings(changes, message):
+    with pytest.raises(QPDeployError, match=message):
+        TrainConfig(PROMPT, **changes)
+
+
+def test_config_round_trips_through_json():
+    config = TrainConfig(PROMPT, strategy="s1", s1_intervals=(0, 2), boundaries=(0, 200, 600, 1000), lr=3e-3)
+    assert TrainConfig.from_json(config.to_json()) == config
+    assert config.make_intervals(Intervals.uniform(4)).boundaries == (0, 200, 600, 1000)
+    assert config.batch_for(3) == 1 and TrainConfig(PROMPT).batch_for(3) == 3
+
+
+# ------------------------------------------------------------------------------------
+# Timestep sampling
+# ------------------------------------------------------------------------------------
+
+def test_s2_gives_every_interval_an_equal_share_in_mixed_batches():
+    iv = Intervals.parse("0,100,400,900,1000")  # unequal lengths: the share is still equal
+    sampler = TimestepSampler(iv, "s2", seed=0)
+    g = torch.Generator().manual_seed(0)
+    batches = [sampler.draw(step * 4, 4, g) for step in range(25)]
+    for t in batches:  # B = K: every batch holds every interval once
+        assert sorted(iv.index(t).tolist()) == [0, 1, 2, 3]
+    odd = torch.cat([sampler.draw(step * 3, 3, g) for step in range(20)])  # B = 3: balanced over the run
+    assert torch.bincount(iv.index(odd), minlength=4).tolist() == [15, 15, 15, 15]
+    assert torch.equal(sampler.draw(8, 4, torch.Generator().manual_seed(5)),
+                       sampler.draw(8, 4, torch.Generator().manual_seed(5)))
+
+
+def test_s1_draws_only_its_intervals_and_baseline_draws_all():
+    iv = Intervals.uniform(4)
+    g = torch.Generator().manual_seed(0)
+    s1 = TimestepSampler(iv, "s1", (0, 2)).draw(0, 2000, g)
+    counts = torch.bincount(iv.index(s1), minlength=4).tolist()
+    assert counts[1] == counts[3] == 0 and min(counts[0], counts[2]) > 900
+    base = TimestepSampler(iv, "baseline").draw(0, 4000, g)
+    assert base.min() >= 0 and base.max() < 1000 and min(torch.bincount(iv.index(base)).tolist()) > 900
+
+
+# ------------------------------------------------------------------------------------
+# Which parameters each strategy changes
+# ------------------------------------------------------------------------------------
+
+def test_s2_batch_from_interval_2_changes_only_expert_2_and_nothing_else(make_trainer):
+    trainer = make_trainer(strategy="s2", intervals=4, batch_size=2, train_input_scales=True, lr=0.01)
+    before = snapshot(trainer.unet)
+    force_intervals(trainer, (2,))
+    trainer.train_step()
+    after = snapshot(trainer.unet)
+    assert before.keys() == after.keys()
+    changed_rows = set()
+    for key in before:
+        if key.endswith((".s_out", ".s_in")):
+            for e in range(4):
+                if not torch.equal(before[key][e], after[key][e]):
+                    changed_rows.add(e)
+            assert not torch.equal(before[key][2], after[key][2]), key  # every layer's expert 2 moved
+        else:
+            assert torch.equal(before[key], after[key]), key  # weights, biases, act scales: bit for bit
+    assert changed_rows == {2}
+
+
+def test_an_expert_whose_interval_is_never_sampled_stays_exactly_at_its_start(make_trainer):
+    # momentum and weight decay are both on: neither may touch expert 2
+    trainer = make_trainer(strategy="s2", intervals=4, batch_size=2, lr=0.05, weight_decay=0.5,
+                           train_input_scales=True)
+    start = snapshot(trainer.unet)
+    force_intervals(trainer, (0, 1, 3))
+    for _ in range(6):
+        trainer.train_step()
+    for name, layer in quant_layers(trainer.unet):
+        assert torch.equal(layer.s_out[2], start[f"{name}.s_out"][2])
+        assert torch.equal(layer.s_out[2], layer.s_ptq)
+        assert torch.equal(layer.s_in[2], torch.ones_like(layer.s_in[2]))
+        assert not torch.equal(layer.s_out[0], start[f"{name}.s_out"][0])
+    state = trainer.optimizer.optimizer.state
+    assert trainer.optimizer.delta[2] not in state and trainer.optimizer.delta[0] in state
+
+
+def test_adamw_on_a_shared_scale_table_would_move_an_untrained_row():
+    # The flaw the per-set layout avoids: a row with zero gradient still moves.
+    table = torch.nn.Parameter(torch.ones(3, 8))
+    opt = torch.optim.AdamW([table], lr=0.1, weight_decay=0.5)
+    table.grad = torch.zeros(3, 8)
+    table.grad[0] = 1.0
+    opt.step()
+    assert not torch.equal(table[2].detach(), torch.ones(8))  # weight decay on an untrained row
+    table.grad = torch.zeros(3, 8)
+    table.grad[1] = 1.0
+    row0 = table[0].detach().clone()
+    opt.step()
+    assert not torch.equal(table[0].detach(), row0)  # momentum on a row without gradient this step
+
+
+def test_s1_gets_zero_gradient_outside_its_intervals(make_trainer):
+    trainer = make_trainer(strategy="s1", s1_intervals=(0, 1), intervals=4, batch_size=2, train_input_scales=True)
+    batch = trainer.make_batch(0)
+    batch.timesteps = torch.tensor([600, 900])  # intervals 2 and 3: post-training scales
+    trainer.loss(batch).backward()
+    layers = [layer for _, layer in quant_layers(trainer.unet)]
+    assert all(not layer.s_out.grad.any() and not layer.s_in.grad.any() for layer in layers)
+    trainer.optimizer.zero_grad()
+    batch.timesteps = torch.tensor([10, 400])  # intervals 0 and 1: the trained set
+    trainer.loss(batch).backward()
+    assert sum(bool(layer.s_out.grad.any()) for layer in layers) == len(layers)
+    trainer.optimizer.zero_grad()
+    before = snapshot(trainer.unet)
+    force_intervals(trainer, (2, 3))
+    trainer.train_step()
+    after = snapshot(trainer.unet)
+    assert all(torch.equal(v, after[k]) for k, v in before.items())
+
+
+def test_baseline_trains_its_single_set_at_every_timestep(make_trainer):
+    trainer = make_trainer(strategy="baseline", intervals=4, lr=0.01)
+    start = snapshot(trainer.unet)
+    force_intervals(trainer, (3,))
+    trainer.train_step()
+    moved = [not torch.equal(layer.s_out[0], start[f"{name}.s_out"][0]) for name, layer in quant_layers(trainer.unet)]
+    assert all(moved) and trainer.optimizer.num_sets == 1
+
+
+def test_loss_goes_down_when_overfitting_two_images(cheap_base, tiny_pipe, tmp_path):
+    base = cheap_base("sd1")
+    config = TrainConfig(PROMPT, strategy="baseline", batch_size=2, lr=0.05, steps=20)
+    examples, scheduler, _, _ = prepare_data(base, write_images(tmp_path / "two", count=2, size=(16, 16)), config,
+                                             pipe=tiny_pipe("sd1"))
+    trainer = ScaleTrainer(base, examples, config, scheduler)
+    held = [trainer.make_batch(10_000 + u) for u in range(6)]  # fixed latents, noise and timesteps
+
+    def loss():
+        with torch.no_grad():
+            return float(sum(trainer.loss(b) for b in held) / len(held))
+
+    before = loss()
+    for _ in range(20):
+        trainer.train_step()
+    assert loss() < 0.9 * before
+
+
+def test_gradient_checkpointing_gives_bit_identical_gradients(make_trainer):
+    grads = []
+    for checkpointing in (False, True):
+        trainer = make_trainer(strategy="s2", batch_size=4, train_input_scales=True,
+                               gradient_checkpointing=checkpointing)
+        trainer.loss(trainer.make_batch(0)).backward()
+        layers = trainer.optimizer.layers
+        grads.append(torch.cat([l.s_out.grad.flatten() for l in layers] + [l.s_in.grad.flatten() for l in layers]))
+        assert trainer.unet.is_gradient_checkpointing == checkpointing
+    assert grads[0].abs().sum() > 0 and torch.equal(grads[0], grads[1])
+
+
+def test_optimizer_state_round_trips_exactly(make_trainer):
+    trainer = make_trainer(strategy="s2", batch_size=3, lr=0.02)
+    for _ in range(2):
+        trainer.train_step()
+    tensors, hyper = trainer.optimizer.state_tensors(), trainer.optimizer.hyperparameters()
+    other = ScaleSetOptimizer(trainer.unet, lr=1.0)
+    other.load_state(tensors, hyper)
+    assert other.optimizer.state_dict()["param_groups"] == trainer.optimizer.optimizer.state_dict()["param_groups"]
+    again = other.state_tensors()
+    assert tensors.keys() == again.keys() and all(torch.equal(tensors[k], again[k]) for k in tensors)
+
+
+# ------------------------------------------------------------------------------------
+# Whole runs: artifacts, resume, prior preservation, validation, SDXL
+# ------------------------------------------------------------------------------------
+
+def run(cheap_base, tiny_pipe, images, out, family="sd1", base=None, **kwargs):
+    config_keys = {k: kwargs.pop(k) for k in list(kwargs) if k in TrainConfig.__dataclass_fields__}
+    config = TrainConfig(PROMPT, **config_keys)
+    return train(base or cheap_base(family), images, out, config, pipe=tiny_pipe(family), device="cpu", **kwargs)
+
+
+def test_a_run_stopped_and_resumed_ends_bit_identical(cheap_base, tiny_pipe, instance_dir, tmp_path):
+    # S2 with B < K (experts skip steps), accumulation, input scales, decay, random crops
+    settings = dict(strategy="s2", intervals=4, batch_size=1, grad_accum=2, train_input_scales=True, lr=0.02,
+                    weight_decay=0.1, crop="random", crops_per_image=2, checkpoint_every=2)
+    whole, whole_report = run(cheap_base, tiny_pipe, instance_dir, tmp_path / "whole", steps=4, **settings)
+    first, _ = run(cheap_base, tiny_pipe, instance_dir, tmp_path / "first", steps=2, **settings)
+    assert (tmp_path / "first.run" / "checkpoints" / "step-000002" / "state.safetensors").is_file()
+    resumed, resumed_report = run(cheap_base, tiny_pipe, instance_dir, tmp_path / "resumed", steps=4,
+                                  resume=tmp_path / "first.run", **settings)
+    a, b = load_file(str(whole / "scales.safetensors")), load_file(str(resumed / "scales.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed_report["resumed_from_step"] == 2 and resumed_report["steps"] == 4
+    for key in ("final_loss", "initial_loss", "samples_per_interval"):
+        assert resumed_report[key] == whole_report[key]
+    # and the scales did train: not all sets equal to the first run's three steps
+    c = load_file(str(first / "scales.safetensors"))
+    assert any(not torch.equal(a[k], c[k]) for k in a)
+
+
+def test_resume_refuses_other_settings_and_other_bases(cheap_base, tiny_pipe, instance_dir, tmp_path):
+    run(cheap_base, tiny_pipe, instance_dir, tmp_path / "p", steps=2, checkpoint_every=2, strategy="baseline")
+    with pytest.raises(QPDeployError, match="trained with lr=0.001, this run has 0.5"):
+        run(cheap_base, tiny_pipe, instance_dir, tmp_path / "q", steps=4, lr=0.5, strategy="baseline",
+            resume=tmp_path / "p.run")
+    other = cheap_base("sd1", weight_bits=4)
+    with pytest.raises(QPDeployError, match="was trained on base"):
+        run(cheap_base, tiny_pipe, instance_dir, tmp_path / "q", base=other, steps=4, strategy="baseline",
+            resume=tmp_path / "p.run")
+    with pytest.raises(QPDeployError, match="no training checkpoint"):
+        run(cheap_base, tiny_pipe, instance_dir, tmp_path / "q", steps=4, resume=tmp_path)
+
+
+def test_report_holds_the_issue_keys_with_true_numbers(cheap_base, tiny_pipe, instance_dir, tmp_path):
+    path, report = run(cheap_base, tiny_pipe, instance_dir, tmp_path / "pack", strategy="s2", intervals=2,
+                       steps=3, train_input_scales=True)
+    for key in ("strategy", "trainable_params", "pack_bytes", "steps", "final_loss", "seconds", "peak_memory_bytes"):
+        assert key in report
+    base = cheap_base("sd1")
+    per_set = sum(layer.out_features + layer.in_features for _, layer in quant_layers(base.unet))
+    assert report["trainable_params"] == 2 * per_set
+    assert report["pack_bytes"] == sum(p.stat().st_size for p in path.iterdir() if p.name != "report.json")
+    assert report["steps"] == 3 and report["samples_per_interval"] == [3, 3]  # B = K = 2, 3 steps
+    assert report["peak_memory_bytes"] > 0 and report["final_loss"] > 0
+    assert sorted(p.name for p in path.iterdir()) == ["pack.json", "report.json", "scales.safetensors"]
+
+
+def test_an_existing_output_is_refused_before_any_work(cheap_base, tiny_pipe, instance_dir, tmp_path):
+    (tmp_path / "pack").mkdir()
+    with pytest.raises(QPDeployError, match="already exists"):
+        run(cheap_base, tiny_pipe, instance_dir, tmp_path / "pack", steps=1)
+
+
+def test_prompt_without_identifier_warns_and_trains(cheap_base, tiny_pipe, instance_dir, tmp_path):
+    config = TrainConfig("a photo of a dog", strategy="baseline", steps=1)
+    with pytest.warns(UserWarning, match="identifier"):
+        path, report = train(cheap_base("sd1"), instance_dir, tmp_path / "p", config, pipe=tiny_pipe("sd1"))
+    assert report["steps"] == 1 and (path / "scales.safetensors").is_file()
+
+
+def test_sdxl_trains_with_precomputed_added_conditions(cheap_base, tiny_pipe, tmp_path):
+    images = write_images(tmp_path / "xl", count=3, size=(24, 16))
+    base = cheap_base("sdxl")
+    config = TrainConfig(PROMPT, strategy="s2", intervals=2, steps=2, lr=0.01, validate_every=2,
+                         validation_prompt="a sks dog on the beach", validation_images=1, sample_steps=2)
+    examples, scheduler, validator, _ = prepare_data(base, images, config, pipe=tiny_pipe("sdxl"))
+    # (original H, W, crop top, left, target H, W): 24x16 -> 24x16 resized to 24 x 16, cropped at left 4
+    assert examples.time_ids.tolist() == [[16.0, 24.0, 0.0, 4.0, 16.0, 16.0]] * 3
+    assert examples.pooled_embeds.shape == (1, 32) and examples.prompt_embeds.shape[-1] == 64
+    trainer = ScaleTrainer(base, examples, config, scheduler)
+    start = snapshot(trainer.unet)
+    losses = [trainer.train_step() for _ in range(2)]
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert any(not torch.equal(start[k], v) for k, v in snapshot(trainer.unet).items() if k.endswith(".s_out"))
+    from PIL import Image
+
+    assert Image.open(validator(trainer.unet, tmp_path / "v.png")).size == (16, 16)  # SDXL validation, no encoders
+    assert trainer.unet.training
+
+
+def test_prior_preservation_and_validation_grid(cheap_base, tiny_pipe, instance_dir, tmp_path):
+    path, report = run(cheap_base, tiny_pipe, instance_dir, tmp_path / "pack", strategy="baseline", steps=2,
+                       class_prompt="a photo of a dog", prior_images=3, prior_weight=0.5, sample_steps=2,
+                       validate_every=2, validation_prompt="a sks dog on the beach", validation_images=2,
+                       class_dir=tmp_path / "classes")
+    assert report["class_images"] == 3 and report["instance_images"] == 3
+    from PIL import Image
+
+    grid = Image.open(tmp_path / "pack.run" / "validation" / "step-000002.png")
+    assert grid.size == (2 * 16, 16)
+    cached = sorted(p.name for p in (tmp_path / "classes").rglob("*.png"))
+    assert cached == ["00000.png", "00001.png", "00002.png"]
+
+
+def test_encoders_are_released_before_the_loop(cheap_saved_base, instance_dir):
+    import gc
+
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextModel
+
+    from qpdeploy.base import load_base
+
+    def alive():
+        gc.collect()
+        objects = gc.get_objects()
+        return (sum(isinstance(o, CLIPTextModel) for o in objects), sum(isinstance(o, AutoencoderKL) for o in objects))
+
+    base = load_base(cheap_saved_base("sd1"))
+    before = alive()
+    examples, _, validator, _ = prepare_data(base, instance_dir, TrainConfig(PROMPT, steps=1))  # loads the source
+    assert validator is None and examples.latent_mean.shape == (3, 4, 8, 8)
+    assert alive() == before  # text encoder and VAE gone
+    config = TrainConfig(PROMPT, validate_every=1, validation_prompt="a sks dog")
+    _, _, validator, _ = prepare_data(base, instance_dir, config)
+    assert alive() == (before[0], before[1] + 1)  # validating keeps the VAE only
+    assert validator.pipe.text_encoder is None
