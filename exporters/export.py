@@ -5,12 +5,12 @@ See :mod:`qpdeploy.exporters.manifest` for the deploy dir's format.
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 from qpdeploy.errors import QPDeployError
-from qpdeploy.io import atomic_dir, check_output, dir_bytes, tensors_hash, write_json
+from qpdeploy.io import atomic_dir, check_output, dir_bytes, write_json
+from qpdeploy.pack import pack_hash
 
 from .config import ExportConfig
 from .engines import EngineJob, build_engines, require_tensorrt
@@ -174,13 +174,6 @@ def engine_jobs(unet_files, parts, config: ExportConfig, latent_hw) -> list[Engi
 
 def _shape(spec, batch: int) -> tuple[int, ...]:
     return tuple(batch if d == "batch" else d for d in spec.shape)
-
-
-def pack_hash(pack) -> str:
-    """Content hash of a pack: its scale tensors plus strategy, intervals, S1 intervals and base."""
-    meta = {"strategy": pack.strategy, "intervals": pack.intervals.to_json(), "s1": list(pack.s1_intervals),
-            "base_hash": pack.base_hash}
-    return tensors_hash(pack.scales, json.dumps(meta, sort_keys=True).encode())
 
 
 def manifest_record(base, pack, pipe, config, unet_files, parts, structure, engines, latent_hw) -> dict:

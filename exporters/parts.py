@@ -125,5 +125,6 @@ def export_parts(pipe, out_dir, latent_hw: tuple[int, int], opset: int, progress
 def pipeline_record(pipe) -> dict:
     """The pipeline class and its non-component config (for example SDXL's
     ``force_zeros_for_empty_prompt``), so a runtime can rebuild the same pipeline."""
-    config = {k: v for k, v in dict(pipe.config).items() if not (isinstance(v, (list, tuple)) and len(v) == 2)}
+    config = {k: v for k, v in dict(pipe.config).items()
+              if not k.startswith("_") and not (isinstance(v, (list, tuple)) and len(v) == 2)}  # "_": private
     return {"class": type(pipe).__name__, "config": config}

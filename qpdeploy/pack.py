@@ -99,6 +99,18 @@ class ScalePack:
         return sum(t.numel() for t in self.scales.values())
 
 
+def pack_hash(pack: ScalePack) -> str:
+    """Content hash of a pack: its scale tensors plus strategy, intervals, S1 intervals and
+    base hash (what a deploy dir's manifest records, and the runtime checks)."""
+    import json
+
+    from .io import tensors_hash
+
+    meta = {"strategy": pack.strategy, "intervals": pack.intervals.to_json(), "s1": list(pack.s1_intervals),
+            "base_hash": pack.base_hash}
+    return tensors_hash(pack.scales, json.dumps(meta, sort_keys=True).encode())
+
+
 def save_pack(out, pack: ScalePack, report: dict | None = None, force: bool = False) -> Path:
     """Write a pack directory atomically (``report`` becomes report.json).
 

@@ -199,7 +199,7 @@ def load_reference_unet(manifest, base_dir, pack_dir=None, device="cpu"):
         QPDeployError: the base or pack is not the one the deploy dir was exported from.
     """
     from qpdeploy.base import load_base
-    from qpdeploy.exporters.export import pack_hash
+    from qpdeploy.pack import pack_hash
     from qpdeploy.pack import apply_pack, load_pack, reset_to_post_training
 
     base = load_base(base_dir)
