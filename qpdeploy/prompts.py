@@ -1,6 +1,8 @@
 """Built-in calibration prompts: varied subjects, scenes and styles, as Q-Diffusion's
 text-guided calibration uses captions rather than one repeated prompt."""
 
+CALIBRATION_FILE = "calibration_prompts.txt"  # a model folder's own prompts (see ptq.model_calibration_prompts)
+
 CALIBRATION_PROMPTS = (
     "a photo of a dog on the beach",
     "a red car parked in a quiet street at night",

@@ -15,7 +15,7 @@ from .config import QuantizeConfig
 from .io import check_output, read_json
 from .models import describe_source, load_pipeline
 from .progress import stage
-from .prompts import CALIBRATION_PROMPTS
+from .prompts import CALIBRATION_FILE, CALIBRATION_PROMPTS, read_prompt_file
 from .quantize import convert_unet, float_weights_of, plan_layers, quantize_weights
 
 
@@ -42,7 +42,7 @@ def quantize_pipeline(pipe, config: QuantizeConfig, device="cpu", show_progress:
     pipe.to(device)
     fp_unet = pipe.unet.eval()
     intervals = config.make_intervals(pipe.scheduler.config.num_train_timesteps)
-    prompts = list(config.calib_prompts or CALIBRATION_PROMPTS)
+    prompts = list(config.calib_prompts or model_calibration_prompts(pipe) or CALIBRATION_PROMPTS)
     n_hold = max(1, round(len(prompts) * config.holdout))
     calib_prompts, held_prompts = prompts[:-n_hold], prompts[-n_hold:]
 
@@ -88,6 +88,18 @@ def quantize_pipeline(pipe, config: QuantizeConfig, device="cpu", show_progress:
         "heldout_calls": len(held),
     }
     return qunet, intervals, plans, report
+
+
+def model_calibration_prompts(pipe) -> list[str] | None:
+    """The model's own calibration prompts: ``calibration_prompts.txt`` (one per line) in the
+    folder the pipeline was loaded from, if it has one.
+
+    A model whose vocabulary is not English (the bundled miniworld's word-level tokenizer
+    knows only its world's words) ships the prompts it can read; others use the built-in list.
+    """
+    root = getattr(pipe, "name_or_path", None) or pipe.config.get("_name_or_path")
+    path = Path(root) / CALIBRATION_FILE if root else None
+    return read_prompt_file(path) if path is not None and path.is_file() else None
 
 
 def _tensor_bytes(state: dict) -> int:

@@ -1,0 +1,115 @@
+"""Fidelity metrics of the miniworld, all read off the evaluator.
+
+- ``subject_fidelity``: mean probability that images show the target subject (CLIP-I/DINO
+  analog) and mean cosine similarity of their embeddings to the subject's instance images.
+- ``prompt_fidelity``: share of images whose prompted attributes (background, shape, colour
+  where the prompt names them) all match (CLIP-T analog); ``attribute_accuracy`` splits it.
+- ``preservation``: attribute accuracy on class prompts (no identifier), plus how often the
+  subject leaks into them; compare before and after personalization for language drift.
+- ``frechet_distance``: Frechet distance between evaluator embeddings of images and of real
+  renders (FID analog).
+
+Images are anything ``Evaluator.predict`` takes: PIL images, uint8 (N, H, W, 3) arrays, or
+float (N, 3, H, W) tensors in [0, 1]. ``prompts`` are ``Prompt`` specs, one per image.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from .evaluator import NO_SUBJECT, Evaluator, Predictions
+from .prompts import Prompt
+from .subjects import get_subject, mixed_scenes
+from .world import render_batch
+
+ATTRIBUTES = ("background", "shape", "colour")
+
+
+def attribute_matches(predictions: Predictions, prompts: Sequence[Prompt]) -> dict[str, np.ndarray]:
+    """Per attribute, an (N,) float array: 1 match, 0 mismatch, NaN where the prompt is silent."""
+    if len(prompts) != len(predictions.embedding):
+        raise ValueError(f"{len(prompts)} prompts for {len(predictions.embedding)} images")
+    result = {}
+    for attribute in ATTRIBUTES:
+        predicted = predictions.names(attribute)
+        wanted = [getattr(p, attribute) for p in prompts]
+        result[attribute] = np.array([np.nan if w is None else float(w == g) for w, g in zip(wanted, predicted)])
+    return result
+
+
+def attribute_accuracy(evaluator: Evaluator, images, prompts: Sequence[Prompt]) -> dict[str, float]:
+    """Accuracy of each attribute over the images whose prompt names it (attributes no prompt
+    names are left out), and ``all``: the share of images matching every attribute their
+    prompt names (= ``prompt_fidelity``)."""
+    matches = attribute_matches(evaluator.predict(images), prompts)
+    result = {a: float(np.nanmean(m)) for a, m in matches.items() if np.isfinite(m).any()}
+    stacked = np.stack(list(matches.values()))  # (A, N)
+    result["all"] = float(np.all(np.nan_to_num(stacked, nan=1.0) == 1.0, axis=0).mean())
+    return result
+
+
+def prompt_fidelity(evaluator: Evaluator, images, prompts: Sequence[Prompt]) -> float:
+    """Share of images whose background, shape and colour match their prompt (where named)."""
+    return attribute_accuracy(evaluator, images, prompts)["all"]
+
+
+def subject_fidelity(evaluator: Evaluator, images, identifier: str, instance_images=None) -> dict[str, float]:
+    """How much images look like subject ``identifier``.
+
+    Returns:
+        ``probability``: mean evaluator probability of the subject; ``recognised``: share of
+        images whose most probable subject is it; ``cosine``: mean cosine similarity of image
+        embeddings to instance-image embeddings (default instances: the subject's own 5).
+    """
+    subject = get_subject(identifier)
+    if instance_images is None:
+        instance_images = render_batch(subject.instance_scenes())
+    predictions = evaluator.predict(images)
+    reference = evaluator.predict(instance_images).embedding
+    return {
+        "probability": float(predictions.probability("subject", identifier).mean()),
+        "recognised": float(np.mean([n == identifier for n in predictions.names("subject")])),
+        "cosine": float(_cosine(predictions.embedding, reference).mean()),
+    }
+
+
+def preservation(evaluator: Evaluator, images, prompts: Sequence[Prompt]) -> dict[str, float]:
+    """Class-prompt behaviour: attribute accuracy (as ``attribute_accuracy``) and
+    ``subject_leak``, the mean probability that an image shows any subject at all."""
+    if any(p.identifier for p in prompts):
+        raise ValueError("preservation is measured on class prompts (without an identifier)")
+    result = attribute_accuracy(evaluator, images, prompts)
+    result["subject_leak"] = float(1.0 - evaluator.predict(images).probability("subject", NO_SUBJECT).mean())
+    return result
+
+
+def frechet_distance(evaluator: Evaluator, images, reference=None, n_reference: int = 1000, seed: int = 0) -> float:
+    """Frechet distance between Gaussians fitted to evaluator embeddings of ``images`` and of
+    ``reference`` images (default: ``n_reference`` fresh renders of world objects, subjects
+    and decoys). Comparable only between image sets of equal size."""
+    if reference is None:
+        reference = render_batch(mixed_scenes(np.random.default_rng(seed), n_reference))
+    a = evaluator.predict(images).embedding.astype(np.float64)
+    b = evaluator.predict(reference).embedding.astype(np.float64)
+    return _frechet(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False))
+
+
+def _frechet(mu1, sigma1, mu2, sigma2) -> float:
+    # tr(sqrt(S1 S2)) = sum sqrt(eig(sqrt(S1) S2 sqrt(S1))), all symmetric: eigh is exact enough
+    root1 = _psd_sqrt(sigma1)
+    eig = np.linalg.eigvalsh(root1 @ sigma2 @ root1)
+    trace_sqrt = np.sqrt(np.clip(eig, 0, None)).sum()
+    return float(np.sum((mu1 - mu2) ** 2) + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_sqrt)
+
+
+def _psd_sqrt(matrix: np.ndarray) -> np.ndarray:
+    values, vectors = np.linalg.eigh((matrix + matrix.T) / 2)
+    return (vectors * np.sqrt(np.clip(values, 0, None))) @ vectors.T
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a = a / np.linalg.norm(a, axis=1, keepdims=True).clip(1e-12)
+    b = b / np.linalg.norm(b, axis=1, keepdims=True).clip(1e-12)
+    return a @ b.T  # (N, M)
