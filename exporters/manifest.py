@@ -51,7 +51,7 @@ from pathlib import Path
 
 from qpdeploy.errors import QPDeployError
 from qpdeploy.intervals import Intervals
-from qpdeploy.io import check_format_version, file_sha256, read_json, write_json
+from qpdeploy.io import file_sha256, read_artifact_header, write_json
 
 MANIFEST_FILE = "manifest.json"
 REPORT_FILE = "report.json"
@@ -144,12 +144,7 @@ def read_manifest(path, verify_hashes: bool = False) -> DeployManifest:
         QPDeployError: one line naming the problem (the file, the key, the value).
     """
     path = Path(path)
-    if not path.is_dir():
-        raise QPDeployError(f"deploy dir not found: {path} is not a directory")
-    data = read_json(path / MANIFEST_FILE)
-    if data.get("kind") != DEPLOY_KIND:
-        raise QPDeployError(f"{path} is not a qpdeploy deploy dir (kind {data.get('kind')!r})")
-    check_format_version("deploy dir", data.get("format_version"), DEPLOY_FORMAT_VERSION, path / MANIFEST_FILE)
+    data = read_artifact_header(path, MANIFEST_FILE, DEPLOY_KIND, "deploy dir", DEPLOY_FORMAT_VERSION)
     _require(data, REQUIRED, path)
     _require(data["unet"], UNET_REQUIRED, path, "unet.")
     manifest = DeployManifest(path, data)

@@ -28,7 +28,7 @@ from torch import nn
 from .config import QuantizeConfig
 from .errors import QPDeployError
 from .intervals import Intervals
-from .io import atomic_dir, check_format_version, file_sha256, read_json, tensors_hash, write_json
+from .io import atomic_dir, file_sha256, read_artifact_header, tensors_hash, write_json
 from .quantize import ROUTER_NAME, LayerPlan, convert_unet
 
 BASE_FORMAT_VERSION = 1
@@ -103,14 +103,7 @@ def save_base(out, unet: nn.Module, config: QuantizeConfig, intervals: Intervals
 
 def read_base_meta(path) -> dict:
     """Read and validate ``quant_config.json`` of a base directory."""
-    path = Path(path)
-    if not path.is_dir():
-        raise QPDeployError(f"quantized base not found: {path} is not a directory")
-    meta = read_json(path / CONFIG_FILE)
-    if meta.get("kind") != BASE_KIND:
-        raise QPDeployError(f"{path} is not a qpdeploy quantized base (kind {meta.get('kind')!r})")
-    check_format_version("quantized base", meta.get("format_version"), BASE_FORMAT_VERSION, path / CONFIG_FILE)
-    return meta
+    return read_artifact_header(path, CONFIG_FILE, BASE_KIND, "quantized base", BASE_FORMAT_VERSION)
 
 
 def load_base(path, device="cpu", verify_hash: bool = True) -> QuantizedBase:

@@ -7,6 +7,7 @@ commands, so ``qpdeploy --help`` stays instant.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import sys
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import Optional
 import typer
 
 from .errors import QPDeployError
+from .models import DEFAULT_MODEL  # no torch: models imports torch only inside its functions
 
 app = typer.Typer(
     help="Personalize quantized diffusion UNets by training only their quantization scales; deploy as INT8 engines.",
@@ -57,8 +59,8 @@ def _parse_bits(value: str) -> int | None:
 @app.command()
 @cli_errors
 def quantize(
-    model: str = typer.Argument("tiny-sd1", help="Local diffusers directory, single-file .safetensors checkpoint, "
-                                                 "or a bundled model name (tiny-sd1, tiny-sd2, tiny-sdxl, miniworld)."),
+    model: str = typer.Argument(DEFAULT_MODEL, help="Local diffusers directory, single-file .safetensors checkpoint, "
+                                                    "or a bundled model name (miniworld, tiny-sd1, tiny-sd2, tiny-sdxl)."),
     out: Path = typer.Option(..., "--out", "-o", help="Directory of the quantized base to write."),
     weight_bits: int = typer.Option(8, help="Weight bits: 8 or 4 (INT4 is stored packed two per byte)."),
     act_bits: str = typer.Option("8", help="Activation bits: 8, or 'none' for weight-only quantization."),
@@ -131,6 +133,282 @@ def print_quantize_summary(report: dict) -> None:
         table.add_row(f"  interval {k} [{bounds[k]},{bounds[k + 1]})", shown)
     table.add_row("seconds", f"{report['seconds']:.1f}")
     Console().print(table)
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@cli_errors
+def train(
+    ctx: typer.Context,
+    images: Path = typer.Option(..., "--images", help="Folder of 3-10 instance images (png, jpg, webp, ...)."),
+    prompt: str = typer.Option(..., "--prompt", help="Instance prompt holding the identifier, e.g. 'a photo of sks dog'."),
+    out: Path = typer.Option(..., "--out", "-o", help="Directory of the scale pack to write."),
+    base: Optional[Path] = typer.Option(None, "--base", help="Quantized base directory. With --model: created from "
+                                                             "MODEL when missing; if it exists, MODEL is where its "
+                                                             "source model moved to."),
+    model: Optional[str] = typer.Option(None, "--model", help="Quantize MODEL first into --base (default <out>-base); "
+                                                              "any 'qpdeploy quantize' option may be added, e.g. "
+                                                              "--weight-bits 4."),
+    strategy: str = typer.Option("s2", help="baseline (one scale set), s1 (one set in chosen intervals) or s2 "
+                                            "(one set per interval)."),
+    intervals: Optional[int] = typer.Option(None, help="Number of uniform timestep intervals (default: the base's)."),
+    boundaries: Optional[str] = typer.Option(None, help="Explicit interval boundaries, e.g. 0,300,600,1000."),
+    s1_intervals: Optional[str] = typer.Option(None, help="S1: the intervals it trains and applies in, e.g. 0,1."),
+    train_input_scales: bool = typer.Option(False, "--train-input-scales", help="Train input-channel scales s_in too."),
+    steps: int = typer.Option(400, help="Optimizer steps."),
+    batch_size: Optional[int] = typer.Option(None, help="Instance samples per batch (default: K for s2, else 1)."),
+    grad_accum: int = typer.Option(1, help="Batches accumulated per optimizer step."),
+    lr: float = typer.Option(1e-3, help="AdamW learning rate, relative to the post-training scales."),
+    weight_decay: float = typer.Option(0.0, help="AdamW weight decay (towards the post-training scales)."),
+    resolution: Optional[int] = typer.Option(None, help="Training image size (default: the model's)."),
+    crop: str = typer.Option("center", help="center or random (random crops are drawn once per image, up front)."),
+    identifier: str = typer.Option("sks", help="The subject's identifier word (warns if the prompt lacks it)."),
+    class_prompt: Optional[str] = typer.Option(None, help="Prior preservation: class prompt, e.g. 'a photo of a dog'."),
+    prior_images: int = typer.Option(0, help="Prior preservation: number of class images (generated once, cached)."),
+    prior_weight: float = typer.Option(1.0, help="Weight of the prior-preservation loss."),
+    class_dir: Optional[Path] = typer.Option(None, help="Class-image cache root (default ~/.cache/qpdeploy/class-images)."),
+    sample_steps: int = typer.Option(25, help="Sampling steps of class and validation images."),
+    gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing",
+                                                help="Recompute UNet blocks in backward: less memory, more time."),
+    precision: str = typer.Option("auto", help="auto (bf16/fp16 autocast on GPU, fp32 on CPU), fp32, fp16 or bf16."),
+    seed: int = typer.Option(0, help="Seed of every random draw (also passed to quantize with --model)."),
+    checkpoint_every: int = typer.Option(0, help="Write a checkpoint every N steps into <out>.run/checkpoints."),
+    resume: Optional[Path] = typer.Option(None, help="Continue from a checkpoint folder or a run directory (<out>.run)."),
+    validate_every: int = typer.Option(0, help="Save a validation grid every N steps into <out>.run/validation."),
+    validation_prompt: Optional[str] = typer.Option(None, help="Prompt of the validation grid."),
+    config: Optional[Path] = typer.Option(None, "--config", help="Local diffusers directory giving the configs of a "
+                                                                 "single-file MODEL."),
+    device: str = typer.Option("auto", help="'auto', 'cpu', 'cuda' or 'cuda:N'."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing --out (and the base --model writes)."),
+):
+    """Personalize a quantized base on a few images by training only its quantization scales."""
+    from .config import TrainConfig
+
+    cfg = TrainConfig(
+        prompt=prompt, strategy=strategy, intervals=intervals,
+        boundaries=None if boundaries is None else tuple(_split_ints(boundaries)),
+        s1_intervals=() if s1_intervals is None else tuple(_split_ints(s1_intervals)),
+        train_input_scales=train_input_scales, steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
+        weight_decay=weight_decay, resolution=resolution, crop=crop, identifier=identifier,
+        class_prompt=class_prompt, prior_images=prior_images, prior_weight=prior_weight, sample_steps=sample_steps,
+        gradient_checkpointing=gradient_checkpointing, precision=precision, seed=seed,
+        checkpoint_every=checkpoint_every, validate_every=validate_every, validation_prompt=validation_prompt,
+    )
+    forwarded = [*(["--intervals", str(intervals)] if intervals is not None else []),
+                 *(["--boundaries", boundaries] if boundaries is not None else []),
+                 *(["--resolution", str(resolution)] if resolution is not None else []),
+                 *(["--config", str(config)] if config is not None else []),
+                 "--seed", str(seed), "--device", device, *(["--force"] if force else [])]
+    base_dir, source = _base_for_training(ctx, model, base, out, forwarded, force)
+    from .train import train as train_pack
+
+    with _warnings_as_lines():
+        path, report = train_pack(base_dir, images, out, cfg, source=source, config_dir=config, class_dir=class_dir,
+                                  resume=resume, device=device, force=force, show_progress=sys.stderr.isatty())
+    print_train_summary(report)
+    typer.echo(f"scale pack: {path}\nreport: {path / 'report.json'}")
+
+
+def _base_for_training(ctx: typer.Context, model, base, out: Path, forwarded: list[str], force: bool):
+    """``(base dir, moved source or None)``; with --model and no existing base, quantize first
+    by running the ``quantize`` command itself, so it takes exactly quantize's options."""
+    extra = list(ctx.args)
+    if model is None or (base is not None and base.exists()):
+        if extra:
+            why = "they apply when --model quantizes" + (f", and {base} already exists" if model else "")
+            raise QPDeployError(f"unknown option(s) {' '.join(extra)} ({why})")
+        if base is None:
+            raise QPDeployError("give --base BASE (a quantized base) or --model MODEL (quantized first)")
+        return base, model
+    base = base if base is not None else Path(f"{out}-base")
+    from typer.main import get_command
+
+    command = get_command(app).commands["quantize"]
+    try:
+        code = command.main(args=[model, "--out", str(base), *forwarded, *extra], prog_name="qpdeploy quantize",
+                            standalone_mode=False)
+    except Exception as exc:  # the command-line parser's usage errors
+        if not hasattr(exc, "format_message"):
+            raise
+        raise QPDeployError(f"{exc.format_message()} (while quantizing {model})") from None
+    if code:
+        raise typer.Exit(code)
+    return base, None
+
+
+def _quiet_libraries() -> None:
+    """Only errors from diffusers and transformers, and no per-component loading bars: the
+    command's own progress display and summary say what happens."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.set_verbosity_error()
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+
+
+@contextlib.contextmanager
+def _warnings_as_lines():
+    """Show library warnings (bad images, a prompt without identifier) as ``warning: ...`` lines."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", UserWarning)
+        warnings.showwarning = lambda message, *args, **kwargs: typer.echo(f"warning: {message}", err=True)
+        yield
+
+
+def print_train_summary(report: dict) -> None:
+    """A short table: strategy, trainable values, pack size, loss, samples per interval, time, memory."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="scale pack", show_header=False)
+    table.add_row("strategy / scale sets", f"{report['strategy']} / {report['num_sets']}")
+    table.add_row("trainable values", f"{report['trainable_params']:,}")
+    table.add_row("pack bytes", f"{report['pack_bytes'] / 2**10:.1f} KiB")
+    table.add_row("steps", str(report["steps"]))
+    table.add_row("loss first -> last steps", f"{report['initial_loss']:.4f} -> {report['final_loss']:.4f}")
+    bounds = report["intervals"]
+    for k, count in enumerate(report["samples_per_interval"]):
+        table.add_row(f"  samples in [{bounds[k]},{bounds[k + 1]})", str(count))
+    table.add_row("seconds", f"{report['seconds']:.1f}")
+    table.add_row("peak memory (training loop)", f"{report['peak_memory_bytes'] / 2**20:.0f} MiB")
+    Console().print(table)
+
+
+@app.command()
+@cli_errors
+def export(
+    base: Path = typer.Option(..., "--base", help="Quantized base directory (from qpdeploy quantize)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Deploy directory to write."),
+    pack: Optional[Path] = typer.Option(None, "--pack", help="Scale pack directory (from qpdeploy train); "
+                                                             "without it: the plain INT8 model."),
+    layout: Optional[str] = typer.Option(None, help="per-interval, masked or multi-expert (default: masked for an "
+                                                    "S1 pack, else per-interval)."),
+    height: Optional[int] = typer.Option(None, help="Image height in pixels (default: the model's resolution)."),
+    width: Optional[int] = typer.Option(None, help="Image width in pixels (default: the model's resolution)."),
+    batch: int = typer.Option(2, help="UNet batch of the engines (2 = one classifier-free-guidance pair); "
+                                      "the ONNX graphs keep the batch dynamic."),
+    build_engines: bool = typer.Option(False, "--build-engines", help="Build TensorRT engines with Polygraphy "
+                                                                     "(needs the trt extra and a GPU)."),
+    strongly_typed: bool = typer.Option(False, "--strongly-typed", help="Build strongly typed TensorRT networks "
+                                                                       "instead of INT8+FP16 builder flags."),
+    verify: bool = typer.Option(True, help="Run every interval on ONNX Runtime against the torch model (SQNR)."),
+    opset: int = typer.Option(18, help="ONNX opset (17-20)."),
+    model: Optional[str] = typer.Option(None, "--model", help="Where the base's source model is now, if it moved."),
+    config: Optional[Path] = typer.Option(None, "--config", help="Local diffusers directory giving the configs of "
+                                                                 "a single-file source model."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing --out."),
+):
+    """Export a quantized base (+ scale pack) to a deploy dir: ONNX with Q/DQ, TensorRT engines, manifest."""
+    from .exporters.config import ExportConfig
+    from .exporters.export import export_from_paths, print_export_summary
+
+    cfg = ExportConfig(layout=layout, height=height, width=width, batch=batch, opset=opset, verify=verify,
+                       build_engines=build_engines, strongly_typed=strongly_typed)
+    path, report = export_from_paths(base, pack, out, cfg, model=model, config_dir=config, force=force,
+                                     show_progress=sys.stderr.isatty())
+    print_export_summary(report)
+    typer.echo(f"deploy dir: {path}\nreport: {path / 'report.json'}")
+
+
+@app.command()
+@cli_errors
+def generate(
+    deploy: Path = typer.Argument(..., help="Deploy directory (from qpdeploy export)."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Prompt of the image(s)."),
+    prompts_file: Optional[Path] = typer.Option(None, "--prompts-file", help="File with one prompt per line."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="PNG to write (a run of exactly one image)."),
+    out_dir: Optional[Path] = typer.Option(None, "--out-dir", help="Folder for the images of a run."),
+    images_per_prompt: int = typer.Option(1, help="Images per prompt (image i of the run uses seed + i)."),
+    negative_prompt: Optional[str] = typer.Option(None, help="Negative prompt."),
+    steps: int = typer.Option(25, help="Denoising steps."),
+    guidance: float = typer.Option(7.5, help="Classifier-free guidance scale (<= 1: none)."),
+    seed: int = typer.Option(0, help="Seed of the first image."),
+    scheduler: Optional[str] = typer.Option(None, help="ddim, pndm, dpm (DPM-Solver++) or euler "
+                                                       "(default: the deploy dir's own)."),
+    backend: str = typer.Option("ort", help="ort (ONNX Runtime), trt (TensorRT engines) or torch (the quantized "
+                                            "PyTorch reference; needs --base and --pack)."),
+    low_memory: bool = typer.Option(False, "--low-memory", help="Keep only the current interval's UNet engine "
+                                                                "loaded; the next one loads ahead in the background."),
+    height: Optional[int] = typer.Option(None, help="Image height (default and only choice: the exported size)."),
+    width: Optional[int] = typer.Option(None, help="Image width (default and only choice: the exported size)."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda[:N]."),
+    threads: int = typer.Option(0, help="ONNX Runtime threads (0: all cores)."),
+    ort_optimization: str = typer.Option("basic", help="ONNX Runtime graph optimization: none, basic (keeps the "
+                                                       "exported Q/DQ arithmetic), extended or all (faster fusions)."),
+    cuda_graph: bool = typer.Option(False, "--cuda-graph", help="TensorRT: replay each engine from a CUDA graph."),
+    verify_hashes: bool = typer.Option(True, help="Check every deploy file against the manifest's SHA-256 first."),
+    base: Optional[Path] = typer.Option(None, "--base", help="torch backend: the quantized base exported."),
+    pack: Optional[Path] = typer.Option(None, "--pack", help="torch backend: the scale pack exported."),
+    force: bool = typer.Option(False, "--force", help="Replace existing images."),
+):
+    """Generate images from a deploy dir; each step runs the UNet engine of its timestep interval."""
+    from .progress import stage
+    from .prompts import read_prompt_file
+    from .runtimes.config import GenerateConfig, RuntimeConfig
+
+    if (prompt is None) == (prompts_file is None):
+        raise QPDeployError("give either --prompt TEXT or --prompts-file FILE")
+    prompts = [prompt] if prompt is not None else read_prompt_file(prompts_file)
+    gen = GenerateConfig(steps=steps, guidance=guidance, scheduler=scheduler, seed=seed,
+                         images_per_prompt=images_per_prompt, negative_prompt=negative_prompt, height=height,
+                         width=width)
+    runtime = RuntimeConfig(backend=backend, device=device, low_memory=low_memory, threads=threads,
+                            ort_optimization=ort_optimization, cuda_graph=cuda_graph, verify_hashes=verify_hashes,
+                            base=None if base is None else str(base), pack=None if pack is None else str(pack))
+    _quiet_libraries()  # their notices of a truncated prompt are repeated as one "warning:" line by generate
+    from .runtimes.generate import generate as generate_images
+    from .runtimes.generate import print_generate_summary
+
+    with _warnings_as_lines(), stage("generate", len(prompts) * images_per_prompt, sys.stderr.isatty()) as advance:
+        records = generate_images(deploy, prompts, gen, runtime, out, out_dir, force, advance)
+    print_generate_summary(records)
+    where = out if out is not None else out_dir
+    typer.echo(f"images: {where}\nrecords: <image>.json beside each image")
+
+
+@app.command()
+@cli_errors
+def demo(
+    out: Path = typer.Option(Path("qpdeploy-demo"), "--out", "-o", help="Directory to write."),
+    subject: str = typer.Option("sks", help="Bundled subject: sks (two-tone circle), zwx (striped square) or qlv "
+                                            "(checkered diamond)."),
+    intervals: int = typer.Option(4, help="Timestep intervals K (S2: one scale set each)."),
+    steps: int = typer.Option(400, help="Training steps."),
+    lr: float = typer.Option(1e-2, help="Learning rate of the scales."),
+    seeds: int = typer.Option(2, help="Images per prompt and model."),
+    threads: int = typer.Option(0, help="ONNX Runtime threads (0: all cores)."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing --out."),
+):
+    """Whole flow on the bundled miniworld model: quantize, train S2, export, generate, compare."""
+    _quiet_libraries()
+    from .demo import DemoConfig, run_demo
+
+    config = DemoConfig(subject=subject, intervals=intervals, steps=steps, lr=lr, seeds=seeds, threads=threads)
+    path, report = run_demo(out, config, force=force, show_progress=sys.stderr.isatty())
+    print_demo_summary(report)
+    typer.echo(f"grid: {path / 'grid.png'}\nreport: {path / 'report.json'}")
+
+
+def print_demo_summary(report: dict) -> None:
+    """Subject and prompt fidelity of both models, and where the time went."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"demo: subject {report['subject']['identifier']} ({report['subject']['description']})")
+    columns = ("model", "subject p / cosine, training prompt", "subject p / cosine, new backgrounds",
+               "background right", "shape right")
+    for column in columns:
+        table.add_column(column)
+    for name, m in report["models"].items():
+        own, new = m["subject_fidelity_training_prompt"], m["subject_fidelity"]
+        table.add_row(name, f"{own['probability']:.2f} / {own['cosine']:.2f}", f"{new['probability']:.2f} / "
+                      f"{new['cosine']:.2f}", f"{m['prompt_fidelity']['background']:.0%}",
+                      f"{m['prompt_fidelity']['shape']:.0%}")
+    Console().print(table)
+    typer.echo("seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in report["seconds"].items()))
 
 
 if __name__ == "__main__":  # pragma: no cover

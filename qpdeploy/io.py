@@ -92,6 +92,27 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def read_artifact_header(path, file_name: str, kind: str, what: str, supported: int) -> dict:
+    """Read the JSON header ``file_name`` of the artifact directory ``path`` and check it is a
+    ``kind`` artifact of a format version this qpdeploy reads.
+
+    Args:
+        what: the artifact's name in messages ("quantized base", "scale pack", ...).
+
+    Raises:
+        QPDeployError: one line: not a directory, not that kind, or an unknown version.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise QPDeployError(f"{what} not found: {path} is not a directory")
+    data = read_json(path / file_name)
+    if data.get("kind") != kind:
+        article = "an" if what[0] in "aeiou" else "a"
+        raise QPDeployError(f"{path} is not {article} qpdeploy {what} (kind {data.get('kind')!r})")
+    check_format_version(what, data.get("format_version"), supported, path / file_name)
+    return data
+
+
 def check_format_version(kind: str, found, supported: int, path) -> None:
     """Refuse artifacts of an unknown or newer format version."""
     if not isinstance(found, int):

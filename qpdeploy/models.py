@@ -7,8 +7,8 @@ MODEL may be:
   converted by diffusers' ``from_single_file``; its configuration comes from ``config_dir``
   (a local diffusers directory of the same architecture) or from the local Hugging Face cache;
 - a bundled name: ``tiny-sd1``, ``tiny-sd2``, ``tiny-sdxl`` (random weights built from a
-  config with a fixed seed: for tests and smoke runs) or ``miniworld`` (the trained small
-  model shipped in ``qpdeploy/assets`` once it exists).
+  config with a fixed seed: for tests and smoke runs) or ``miniworld`` (the small model
+  trained here and shipped in ``qpdeploy/assets``; the default MODEL).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from .prompts import CALIBRATION_PROMPTS
 TINY_FAMILIES = ("sd1", "sd2", "sdxl")
 ASSETS = Path(__file__).parent / "assets"
 MINIWORLD_DIR = ASSETS / "miniworld" / "pipeline"
-DEFAULT_MODEL = "tiny-sd1"
+DEFAULT_MODEL = "miniworld"  # the trained small model shipped in qpdeploy/assets
 BUNDLED = tuple(f"tiny-{f}" for f in TINY_FAMILIES) + ("miniworld",)
 
 

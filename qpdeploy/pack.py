@@ -26,7 +26,7 @@ import torch
 
 from .errors import QPDeployError
 from .intervals import Intervals
-from .io import atomic_dir, check_format_version, dir_bytes, file_sha256, read_json, write_json
+from .io import atomic_dir, dir_bytes, file_sha256, read_artifact_header, write_json
 from .layers import quant_layers
 from .quantize import get_router
 
@@ -147,12 +147,7 @@ def load_pack(path) -> ScalePack:
     from safetensors.torch import load_file
 
     path = Path(path)
-    if not path.is_dir():
-        raise QPDeployError(f"scale pack not found: {path} is not a directory")
-    meta = read_json(path / PACK_FILE)
-    if meta.get("kind") != PACK_KIND:
-        raise QPDeployError(f"{path} is not a qpdeploy scale pack (kind {meta.get('kind')!r})")
-    check_format_version("scale pack", meta.get("format_version"), PACK_FORMAT_VERSION, path / PACK_FILE)
+    meta = read_artifact_header(path, PACK_FILE, PACK_KIND, "scale pack", PACK_FORMAT_VERSION)
     scales_file = path / SCALES_FILE
     if not scales_file.is_file():
         raise QPDeployError(f"scale pack {path} has no {SCALES_FILE}")

@@ -45,8 +45,8 @@ def build_text_encoder(tokenizer, width: int = 64, layers: int = 3):
 
 
 def build_unet(channels: tuple[int, ...] = (32, 64, 128), layers_per_block: int = 1, context: int = 64,
-               sample_size: int = 16):
-    """An SD-shaped UNet2DConditionModel on 16x16x4 latents: a plain ResNet level at full
+               sample_size: int = 8):
+    """An SD-shaped UNet2DConditionModel on 8x8x4 latents: a plain ResNet level at full
     latent resolution, cross-attention in the two lower levels and the mid block (the SDXL
     layout: attention where the grid is small enough for it to be cheap)."""
     from diffusers import UNet2DConditionModel

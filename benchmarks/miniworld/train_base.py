@@ -2,9 +2,10 @@
 
     python -m benchmarks.miniworld.train_base [--threads 2] [--unet-steps 8000] [--out DIR]
 
-1. AutoencoderKL for reconstruction (32x32 RGB <-> 16x16x4 latents).
+1. AutoencoderKL for reconstruction (32x32 RGB <-> 8x8x4 latents).
 2. Render the pretraining scenes (held-out combinations excluded), encode them once.
-3. Text encoder and UNet jointly, DDPM on latents with 10% empty captions (for CFG).
+3. Text encoder and UNet jointly, DDPM on latents with 10% empty captions (for CFG), then a
+   warm restart on fresh scenes.
 4. Assemble a StableDiffusionPipeline (DDIM scheduler, no safety checker) and save it with
    ``save_pretrained`` (safetensors) to ``DIR/pipeline``.
 5. Measure the quality gate with the evaluator (when one is installed) into ``DIR/report.json``.
@@ -24,7 +25,7 @@ import torch
 
 from qpdeploy.miniworld.prompts import build_tokenizer, calibration_prompts
 from qpdeploy.prompts import CALIBRATION_FILE
-from qpdeploy.miniworld.world import random_scene, render_batch, train_combos
+from qpdeploy.miniworld.world import IMAGE_SIZE, random_scene, render_batch, train_combos
 
 from . import diffusion, vae as vae_stage
 from .common import ASSETS_DIR, Clock, folder_megabytes, setup, update_report
@@ -36,19 +37,20 @@ class BaseRecipe:
 
     seed: int = 0
     threads: int = 2
-    vae_steps: int = 4000
-    vae_batch: int = 16
-    vae_lr: float = 2e-3
-    kl_weight: float = 1e-6
-    vae_channels: tuple[int, ...] = (16, 32)
-    scenes: int = 50_000
+    vae_steps: int = 1200
+    vae_batch: int = 32
+    vae_lr: float = 1e-3
+    kl_weight: float = 1e-4
+    vae_channels: tuple[int, ...] = (16, 32, 64)  # 32x32 images <-> 8x8x4 latents
+    scenes: int = 20_000
     unet_channels: tuple[int, ...] = (32, 64, 128)
     unet_layers_per_block: int = 1
     text_width: int = 64
     text_layers: int = 3
-    unet_steps: int = 8000
+    unet_steps: int = 3000
     unet_batch: int = 64
-    unet_lr: float = 1e-3
+    unet_lr: float = 5e-4
+    restart_steps: int = 3500  # a warm restart: fresh optimizer, schedule and scenes (0: none)
     caption_dropout: float = 0.1
     ema_decay: float = 0.999
     min_snr_gamma: float = 5.0
@@ -132,11 +134,22 @@ def train(recipe: BaseRecipe, reuse_vae: Path | None = None, init_from: Path | N
         unet = UNet2DConditionModel.from_pretrained(init_from / "unet", local_files_only=True)
     else:
         text_encoder = diffusion.build_text_encoder(tokenizer, recipe.text_width, recipe.text_layers)
-        unet = diffusion.build_unet(recipe.unet_channels, recipe.unet_layers_per_block, context=recipe.text_width)
+        latent_size = IMAGE_SIZE // 2 ** (len(recipe.vae_channels) - 1)
+        unet = diffusion.build_unet(recipe.unet_channels, recipe.unet_layers_per_block, context=recipe.text_width,
+                                    sample_size=latent_size)
     text_encoder, unet = diffusion.train_diffusion(
         data, tokenizer, text_encoder, unet, scaling, recipe.unet_steps, recipe.unet_batch, recipe.unet_lr,
         recipe.caption_dropout, recipe.ema_decay, recipe.min_snr_gamma, recipe.seed,
     )
+    if recipe.restart_steps and init_from is None:
+        # Shapes sharpen slowly: continue the averaged weights with a new warm-up and cosine
+        # schedule on freshly drawn scenes (the shipped model's second phase).
+        data = pretraining_latents(vae, recipe.scenes, recipe.seed + 2)
+        text_encoder, unet = diffusion.train_diffusion(
+            data, tokenizer, text_encoder.requires_grad_(True), unet.requires_grad_(True), scaling,
+            recipe.restart_steps, recipe.unet_batch, recipe.unet_lr, recipe.caption_dropout, recipe.ema_decay,
+            recipe.min_snr_gamma, recipe.seed + 1,
+        )
     figures["diffusion"] = {"elapsed_wall_seconds": round(clock.seconds(), 1), "elapsed_cpu_seconds": round(clock.cpu_seconds(), 1)}
     # 4. Pipeline
     parts = {"unet": unet, "text_encoder": text_encoder, "vae": vae}
@@ -147,7 +160,7 @@ def train(recipe: BaseRecipe, reuse_vae: Path | None = None, init_from: Path | N
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     defaults = BaseRecipe()
-    for name in ("seed", "threads", "vae_steps", "scenes", "unet_steps", "unet_batch"):
+    for name in ("seed", "threads", "vae_steps", "scenes", "unet_steps", "unet_batch", "restart_steps"):
         parser.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(defaults, name))
     parser.add_argument("--unet-lr", type=float, default=defaults.unet_lr)
     parser.add_argument("--out", type=Path, default=ASSETS_DIR, help="miniworld assets folder (pipeline/ goes inside)")

@@ -46,14 +46,16 @@ def test_demo_runs_every_stage_and_writes_grid_and_report(pipeline, evaluator, t
     report = json.loads((out / "report.json").read_text())
     assert set(report["seconds"]) == {"quantize", "train", "export", "generate", "evaluate", "total"}
     prompts = report["prompts"]
-    assert len(prompts) == 4 and all("sks circle" in p for p in prompts)
+    assert len(prompts) == 5 and all("sks circle" in p for p in prompts)
+    assert prompts[0] == get_subject("sks").instance_prompt().text
     for name in ("post-training", "personalized"):
         model = report["models"][name]
         assert 0 <= model["subject_fidelity"]["probability"] <= 1
+        assert 0 <= model["subject_fidelity_training_prompt"]["probability"] <= 1
         assert model["prompt_fidelity"]["background"] >= 0.5
     assert report["train"]["steps"] == 4 and report["train"]["strategy"] == "s2"
     grid = Image.open(out / "grid.png")
-    assert grid.size == (2 * 96 + 12, 18 + 4 * (96 + 16))  # 4 prompts x (1 + 1) images
+    assert grid.size == (2 * 96 + 12, 18 + 5 * (96 + 16))  # 5 prompts x (1 + 1) images
     pixels = np.asarray(grid.convert("RGB"))
     assert pixels[18:114, :96].std() > 5  # a drawn image, not the blank canvas
     manifest = json.loads((out / "deploy" / "manifest.json").read_text())

@@ -18,9 +18,9 @@ def test_loads_as_stable_diffusion(pipeline):
 
     assert type(pipeline) is StableDiffusionPipeline and pipeline.safety_checker is None
     unet = pipeline.unet
-    assert isinstance(unet, UNet2DConditionModel) and unet.config.sample_size == 16
+    assert isinstance(unet, UNet2DConditionModel) and unet.config.sample_size == 8
     assert len(unet.attn_processors) >= 8  # self- and cross-attention, as in SD
-    assert pipeline.vae_scale_factor == 2 and 0.1 < pipeline.vae.config.scaling_factor < 10
+    assert pipeline.vae_scale_factor == 4 and 0.1 < pipeline.vae.config.scaling_factor < 10
     assert len(pipeline.tokenizer) == 4 + len(vocabulary()) and pipeline.tokenizer.model_max_length == MAX_LENGTH
     assert type(pipeline.scheduler).__name__ == "DDIMScheduler"
 
