@@ -1,0 +1,429 @@
+"""Training memory of DreamBooth personalization: full fine-tuning, LoRA, and scale training.
+
+On the Stable Diffusion 1.5 UNet architecture (built from its config, random weights, no
+download), fp32, batch 1, one full training step (noise-prediction loss, backward, AdamW
+step) per method, each method in its own process, one after the other:
+
+- ``full_finetune``: every UNet weight trains with AdamW (what diffusers' DreamBooth does);
+- ``lora_r4``: LoRA rank 4 on the attention projections to_q/to_k/to_v/to_out.0 (peft,
+  as in diffusers' train_dreambooth_lora.py);
+- ``ours_baseline_int8``, ``ours_s2_int8``, ``ours_s2_int4``: qpdeploy's own training step
+  (:class:`qpdeploy.train.ScaleTrainer`) on a quantized base loaded from disk.
+
+The quantized bases are built once in a helper process (``--prepare-base``) with min/max
+weight scales and a minimal activation calibration on 4 random UNet calls: this benchmark
+measures memory and time, not quality.
+
+Peak memory is the CUDA max allocated on a GPU and, on a CPU, the process's peak resident
+memory over the training steps (high-water mark reset after model loading, so loading a
+file does not count; the setup figures are reported separately). Each method also reports
+where its memory goes: weights and buffers, trainable state (parameters, gradients, AdamW
+moments) and the tensors autograd saves for backward (counted with saved-tensor hooks).
+
+    python benchmarks/train_memory.py --out benchmarks/results/train_memory.json
+
+With a GPU the same script measures 32x32 and 64x64 latents.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from itertools import chain
+from pathlib import Path
+
+import torch
+
+# Stable Diffusion 1.5's UNet (runwayml/stable-diffusion-v1-5, unet/config.json), 859.5M parameters.
+SD15_UNET = dict(
+    sample_size=64, in_channels=4, out_channels=4, center_input_sample=False, flip_sin_to_cos=True, freq_shift=0,
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, downsample_padding=1, mid_block_scale_factor=1,
+    act_fn="silu", norm_num_groups=32, norm_eps=1e-5, cross_attention_dim=768, attention_head_dim=8,
+)
+SD15_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                      prediction_type="epsilon", clip_sample=False)
+TEXT_TOKENS, TEXT_WIDTH = 77, 768
+
+METHODS = {
+    "full_finetune": None,
+    "lora_r4": None,
+    "ours_baseline_int8": ("baseline", 8),
+    "ours_s2_int8": ("s2", 8),
+    "ours_s2_int4": ("s2", 4),
+}
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+LR = {"full_finetune": 5e-6, "lora_r4": 1e-4}
+
+
+# --------------------------------------------------------------------------------------
+# Measurements shared by the workers
+# --------------------------------------------------------------------------------------
+
+def module_bytes(module) -> int:
+    """Bytes of a module's parameters and buffers."""
+    return sum(t.numel() * t.element_size() for t in chain(module.parameters(), module.buffers()))
+
+
+def saved_for_backward(forward, module) -> dict:
+    """Bytes autograd saves for backward in ``forward()``, by dtype, excluding the module's
+    own parameters and buffers (saving those costs nothing)."""
+    own = {t.untyped_storage().data_ptr() for t in chain(module.parameters(), module.buffers())}
+    seen: dict[int, tuple[int, str]] = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in own:
+            seen[storage.data_ptr()] = (storage.nbytes(), str(t.dtype).removeprefix("torch."))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = forward()
+    del loss
+    by_dtype: dict[str, int] = {}
+    for nbytes, dtype in seen.values():
+        by_dtype[dtype] = by_dtype.get(dtype, 0) + nbytes
+    return {"total": sum(by_dtype.values()), "by_dtype": by_dtype}
+
+
+def allocator_free_bytes() -> int | None:
+    """Bytes glibc's heap holds free but has not returned to the OS (fragmentation), or None."""
+    import ctypes
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                         "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallinfo2.restype = MallInfo2
+        return int(libc.mallinfo2().fordblks)
+    except (OSError, AttributeError):
+        return None
+
+
+def synthetic_batch(latent: int, device):
+    g = torch.Generator().manual_seed(0)
+    latents = torch.randn(1, 4, latent, latent, generator=g)
+    noise = torch.randn(1, 4, latent, latent, generator=g)
+    context = torch.randn(1, TEXT_TOKENS, TEXT_WIDTH, generator=g)
+    return latents.to(device), noise.to(device), context.to(device)
+
+
+def float_step_fn(unet, optimizer, latent: int, device):
+    """A diffusers-DreamBooth training step (noise loss, backward, AdamW) on a float UNet."""
+    import torch.nn.functional as F
+    from diffusers import DDPMScheduler
+
+    schedule = DDPMScheduler.from_config(SD15_SCHEDULER)
+    latents, noise, context = synthetic_batch(latent, device)
+    counter = iter(range(10**9))
+
+    def forward():
+        t = torch.tensor([(137 * next(counter)) % 1000], device=device)
+        noisy = schedule.add_noise(latents, noise, t)
+        pred = unet(noisy, t, encoder_hidden_states=context, return_dict=False)[0]
+        return F.mse_loss(pred.float(), noise.float())
+
+    def step():
+        forward().backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return forward, step
+
+
+# --------------------------------------------------------------------------------------
+# Workers (one process per method)
+# --------------------------------------------------------------------------------------
+
+def build_float(method: str, device):
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**SD15_UNET).to(device)
+    unet.train()
+    if method == "lora_r4":
+        from peft import LoraConfig
+
+        unet.requires_grad_(False)
+        unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=LORA_TARGETS))
+    params = [p for p in unet.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=LR[method])
+    return unet, params, optimizer
+
+
+def float_artifact(method: str, unet, folder: Path) -> int:
+    from safetensors.torch import save_file
+
+    if method == "lora_r4":
+        from peft.utils import get_peft_model_state_dict
+
+        state = get_peft_model_state_dict(unet)
+    else:
+        state = unet.state_dict()
+    path = folder / f"{method}.safetensors"
+    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(path))
+    size = path.stat().st_size
+    path.unlink()
+    return size
+
+
+def build_ours(method: str, base_dir: Path, latent: int, steps: int, device):
+    from qpdeploy.base import load_base
+    from qpdeploy.config import TrainConfig
+    from qpdeploy.data import Examples
+    from qpdeploy.train import ScaleTrainer
+
+    strategy, _ = METHODS[method]
+    base = load_base(base_dir)
+    latents, _, context = synthetic_batch(latent, "cpu")
+    examples = Examples(latent_mean=latents, latent_std=torch.zeros_like(latents), prompt_index=torch.tensor([0]),
+                        is_prior=torch.tensor([False]), prompt_embeds=context)
+    config = TrainConfig("a photo of sks dog", strategy=strategy, intervals=4 if strategy == "s2" else None,
+                         batch_size=1, steps=steps, lr=1e-3)
+    trainer = ScaleTrainer(base, examples, config, SD15_SCHEDULER, device)
+    return base, trainer
+
+
+def worker(args) -> dict:
+    from qpdeploy.memory import PeakMemory, rss_bytes
+
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    import diffusers  # noqa: F401  (import cost belongs to the runtime, for every method alike)
+
+    runtime_rss = rss_bytes()
+    if METHODS[args.worker] is None:
+        unet, params, optimizer = build_float(args.worker, device)
+        forward, step = float_step_fn(unet, optimizer, args.latent, device)
+        model, trainable = unet, sum(p.numel() for p in params)
+    else:
+        base, trainer = build_ours(args.worker, args.base, args.latent, args.steps, device)
+        model = trainer.unet
+
+        def forward():
+            return trainer.loss(trainer.make_batch(10_000))
+
+        step = trainer.train_step
+        trainable = trainer.optimizer.size * trainer.optimizer.num_sets
+    gc.collect()
+    setup_rss = rss_bytes()
+    weights = module_bytes(model)
+
+    memory = PeakMemory(device).reset()
+    times = []
+    for _ in range(args.steps):
+        tick = time.perf_counter()
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - tick)
+    peak = memory.peak()
+    heap_free = allocator_free_bytes() if device.type == "cpu" else None
+
+    # after the measurement: where the memory goes, and the artifact
+    saved = saved_for_backward(forward, model)
+    if METHODS[args.worker] is None:
+        state = optimizer.state_dict()["state"].values()
+        trainable_state = sum(p.numel() * p.element_size() * 2 for p in params)  # parameters + gradients
+        trainable_state += sum(v.numel() * v.element_size() for s in state for v in s.values() if torch.is_tensor(v))
+        artifact = float_artifact(args.worker, model, Path(args.workdir))
+    else:
+        from qpdeploy.pack import save_pack
+
+        opt = trainer.optimizer
+        tables = sum(layer.s_out.numel() for layer in opt.layers)
+        trainable_state = 4 * (2 * tables + opt.size * opt.num_sets * 3)  # tables + grads, deltas + 2 moments
+        trainer.finish()
+        with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
+            path = save_pack(Path(tmp) / "pack", trainer.pack(), {"benchmark": True})
+            artifact = json.loads((path / "report.json").read_text())["pack_bytes"]
+    return {
+        "peak_memory_bytes": peak,
+        "trainable_params": trainable,
+        "artifact_bytes": artifact,
+        "seconds_per_step": sum(times[1:]) / max(1, len(times) - 1),
+        "first_step_seconds": times[0],
+        "peak_memory_kind": memory.kind,
+        "breakdown": {
+            "runtime_rss_bytes": runtime_rss if device.type == "cpu" else None,
+            "setup_rss_bytes": setup_rss if device.type == "cpu" else None,
+            "weights_and_buffers_bytes": weights,
+            "trainable_state_bytes": trainable_state,
+            "saved_for_backward_bytes": saved["total"],
+            "saved_for_backward_by_dtype": saved["by_dtype"],
+            "allocator_free_bytes_after_steps": heap_free,
+        },
+    }
+
+
+# --------------------------------------------------------------------------------------
+# The quantized bases (built once, in their own process: the float UNet is 3.4 GB)
+# --------------------------------------------------------------------------------------
+
+def prepare_base(bits: int, out: Path, threads: int) -> None:
+    from diffusers import UNet2DConditionModel
+
+    from qpdeploy.base import save_base
+    from qpdeploy.calibrate import UNetCall, calibrate_activations
+    from qpdeploy.config import QuantizeConfig
+    from qpdeploy.quantize import convert_unet, float_weights_of, plan_layers, quantize_weights
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**SD15_UNET).eval()
+    config = QuantizeConfig(weight_bits=bits, weight_search="minmax", act_search="minmax", calib_samples=4)
+    intervals = config.make_intervals(1000)
+    plans = plan_layers(unet, config)
+    weights = float_weights_of(unet, plans)
+    convert_unet(unet, config, intervals, plans)
+    quantize_weights(unet, weights, config)
+    del weights
+    gc.collect()
+    g = torch.Generator().manual_seed(1)
+    calls = [UNetCall((torch.randn(1, 4, 32, 32, generator=g), torch.tensor([t])),
+                      {"encoder_hidden_states": torch.randn(1, TEXT_TOKENS, TEXT_WIDTH, generator=g)}, t, i, 0)
+             for i, t in enumerate((100, 350, 600, 850))]
+    calibrate_activations(unet, calls, config, "cpu")
+    report = {"note": "random SD 1.5 UNet; min/max weight scales; activations calibrated on 4 random calls"}
+    save_base(out, unet, config, intervals, plans, {"kind": "benchmark", "name": "sd15-random"}, "none", report,
+              force=True)
+
+
+# --------------------------------------------------------------------------------------
+# The driver
+# --------------------------------------------------------------------------------------
+
+def run_method(method: str, latent: int, args, base_dirs: dict) -> dict:
+    result = Path(args.workdir) / f"{method}-{latent}.json"
+    command = [sys.executable, __file__, "--worker", method, "--latent", str(latent), "--steps", str(args.steps),
+               "--device", args.device, "--threads", str(args.threads), "--workdir", str(args.workdir),
+               "--result", str(result)]
+    if METHODS[method] is not None:
+        command += ["--base", str(base_dirs[METHODS[method][1]])]
+    print(f"[{time.strftime('%H:%M:%S')}] {method} at {latent}x{latent} latents ...", flush=True)
+    env = dict(os.environ)
+    if args.malloc_mmap_threshold:
+        env["MALLOC_MMAP_THRESHOLD_"] = str(args.malloc_mmap_threshold)
+    subprocess.run(command, check=True, env=env)
+    data = json.loads(result.read_text())
+    print(f"    peak {data['peak_memory_bytes'] / 2**30:.2f} GiB, {data['seconds_per_step']:.1f} s/step", flush=True)
+    return data
+
+
+def ratios(methods: dict) -> dict:
+    def r(a, b):
+        if a in methods and b in methods:
+            return round(methods[a]["peak_memory_bytes"] / methods[b]["peak_memory_bytes"], 4)
+        return None
+
+    return {
+        "ours_s2_int8 / full_finetune": r("ours_s2_int8", "full_finetune"),
+        "ours_s2_int8 / lora_r4": r("ours_s2_int8", "lora_r4"),
+        "ours_s2_int4 / ours_s2_int8": r("ours_s2_int4", "ours_s2_int8"),
+        "ours_baseline_int8 / full_finetune": r("ours_baseline_int8", "full_finetune"),
+        "ours_baseline_int8 / lora_r4": r("ours_baseline_int8", "lora_r4"),
+        "ours_s2_int4 / full_finetune": r("ours_s2_int4", "full_finetune"),
+        "ours_s2_int4 / lora_r4": r("ours_s2_int4", "lora_r4"),
+        "lora_r4 / full_finetune": r("lora_r4", "full_finetune"),
+    }
+
+
+def targets(rat: dict) -> dict:
+    def check(value, limit, strict=False):
+        return None if value is None else (value < limit if strict else value <= limit)
+
+    return {
+        "ours_s2_int8 <= 0.2 x full_finetune": check(rat["ours_s2_int8 / full_finetune"], 0.2),
+        "ours_s2_int8 <= 0.6 x lora_r4": check(rat["ours_s2_int8 / lora_r4"], 0.6),
+        "ours_s2_int4 < ours_s2_int8": check(rat["ours_s2_int4 / ours_s2_int8"], 1.0, strict=True),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, help="JSON report to write")
+    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS))
+    parser.add_argument("--steps", type=int, default=3, help="training steps per method (the first is not timed)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=min(4, os.cpu_count() or 1))
+    parser.add_argument("--workdir", type=Path, default=None, help="where bases and artifacts go (default: a temp dir)")
+    parser.add_argument("--malloc-mmap-threshold", type=int, default=None,
+                        help="run every method with glibc's MALLOC_MMAP_THRESHOLD_ set to this many bytes (a control "
+                             "for allocator retention: large blocks are returned to the OS as soon as they are freed)")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--latent", type=int, default=32, help=argparse.SUPPRESS)
+    parser.add_argument("--base", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--prepare-base", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.worker:
+        args.result.write_text(json.dumps(worker(args)))
+        return
+    if args.prepare_base:
+        prepare_base(args.prepare_base, args.base, args.threads)
+        return
+    if args.out is None:
+        parser.error("--out is required")
+    methods = [m for m in args.methods.split(",") if m]
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        parser.error(f"unknown method(s) {', '.join(unknown)}")
+    own_tmp = args.workdir is None
+    args.workdir = Path(args.workdir or tempfile.mkdtemp(prefix="train-memory-"))
+    args.workdir.mkdir(parents=True, exist_ok=True)
+
+    start = time.perf_counter()
+    base_dirs = {}
+    for bits in sorted({METHODS[m][1] for m in methods if METHODS[m] is not None}):
+        base_dirs[bits] = args.workdir / f"base-int{bits}"
+        if not (base_dirs[bits] / "quant_config.json").is_file():
+            print(f"[{time.strftime('%H:%M:%S')}] quantizing the random SD 1.5 UNet to INT{bits} ...", flush=True)
+            subprocess.run([sys.executable, __file__, "--prepare-base", str(bits), "--base", str(base_dirs[bits]),
+                            "--threads", str(args.threads)], check=True)
+    latents = [32, 64] if args.device.startswith("cuda") else [32]
+    measured = {latent: {m: run_method(m, latent, args, base_dirs) for m in methods} for latent in latents}
+
+    report = {"ratios": ratios(measured[32]), "targets": targets(ratios(measured[32])), "methods": measured[32]}
+    if 64 in measured:
+        report.update({"ratios_64": ratios(measured[64]), "methods_64": measured[64]})
+    report["setup"] = {
+        "model": "Stable Diffusion 1.5 UNet architecture, random weights (config in this script)",
+        "unet_parameters": 859_520_964,
+        "latent": "32x32 (and 64x64 on CUDA)",
+        "batch": 1,
+        "dtype": "fp32",
+        "device": args.device,
+        "threads": args.threads,
+        "steps_per_method": args.steps,
+        "peak_memory": "CUDA max allocated" if args.device.startswith("cuda") else
+                       "process peak RSS during the training steps (high-water mark reset after setup)",
+        "quantized_bases": "min/max weight scales, activation scales from 4 random UNet calls (memory/time only, "
+                           "not quality)",
+        "lora": f"peft LoRA r=4 alpha=4 on {', '.join(LORA_TARGETS)}",
+        "ours": "qpdeploy ScaleTrainer: s_out only, AdamW per scale set; S2 uses K=4 sets",
+        "allocator": ("glibc default" if not args.malloc_mmap_threshold else
+                      f"MALLOC_MMAP_THRESHOLD_={args.malloc_mmap_threshold} for every method"),
+        "torch": torch.__version__,
+        "seconds_total": round(time.perf_counter() - start, 1),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps({"ratios": report["ratios"], "targets": report["targets"]}, indent=2))
+    if own_tmp:
+        import shutil
+
+        shutil.rmtree(args.workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
