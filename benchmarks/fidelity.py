@@ -1,0 +1,270 @@
+"""Fidelity of personalization on the bundled miniworld model: the paper's table, measured.
+
+For each subject and seed, every row personalizes (or not) and is evaluated with the bundled
+evaluator on the subject's ``test`` prompts (choices such as S1's intervals are made on
+``dev``):
+
+- ``fp``: the full-precision model, not personalized;
+- ``fp_dreambooth``: full-precision DreamBooth (every UNet weight trains, AdamW);
+- ``fp_lora``: full-precision LoRA DreamBooth (rank 4 on the attention projections, peft);
+- ``w8a8_ptq``: the W8A8 post-training model, not personalized;
+- ``baseline``, ``s1``, ``s2_k2``, ``s2_k4``: scale training (PEQA) with one scale set, S1
+  (intervals picked on dev among ``S1_CANDIDATES``) and S2 with K = 2 and 4, each also
+  with input-channel scales (``+in``);
+- ``w4a8_baseline``, ``w4a8_s2_k4``: the same on a W4A8 base.
+
+Columns (mean and std over subjects x seeds): ``subject_fidelity`` (evaluator probability of
+the subject), ``subject_cosine``, ``prompt_fidelity`` (background and shape as prompted),
+``preservation`` (attribute accuracy on the class prompts), ``subject_leak`` (subject drawn
+for a class prompt), ``frechet``, ``trainable_params``, ``pack_bytes``, ``train_seconds``,
+``peak_memory_bytes``.
+
+    python benchmarks/fidelity.py --out benchmarks/results/fidelity.json
+    python benchmarks/fidelity.py --subjects sks --seeds 0 --rows fp,w8a8_ptq,baseline,s2_k4 --out FILE
+    python benchmarks/fidelity.py --merge a.json b.json --out FILE   # runs split over processes
+
+Runs on the CPU (torch threads ``--threads``); ``--device cuda`` where a GPU is present.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from qpdeploy.base import load_base
+from qpdeploy.config import QuantizeConfig, TrainConfig
+from qpdeploy.data import encode_examples, load_instance_images
+from qpdeploy.memory import PeakMemory
+from qpdeploy.miniworld.evaluate import evaluate_prompts
+from qpdeploy.miniworld.evaluator import load_evaluator
+from qpdeploy.miniworld.subjects import SUBJECTS, get_subject, write_instance_images
+from qpdeploy.models import load_pipeline
+from qpdeploy.ptq import quantize_model
+from qpdeploy.train import train
+from qpdeploy.validate import quantized_pipeline
+
+S1_CANDIDATES = ((0, 1), (2, 3))  # of K = 4 intervals: the low-noise half or the high-noise half
+SCALE_ROWS = {
+    # row: (weight bits, strategy, K, S1 intervals, input scales)
+    "baseline": (8, "baseline", 4, (), False),
+    "baseline+in": (8, "baseline", 4, (), True),
+    "s1": (8, "s1", 4, None, False),
+    "s1+in": (8, "s1", 4, None, True),
+    "s2_k2": (8, "s2", 2, (), False),
+    "s2_k2+in": (8, "s2", 2, (), True),
+    "s2_k4": (8, "s2", 4, (), False),
+    "s2_k4+in": (8, "s2", 4, (), True),
+    "w4a8_baseline": (4, "baseline", 4, (), False),
+    "w4a8_s2_k4": (4, "s2", 4, (), False),
+}
+ROWS = ("fp", "fp_dreambooth", "fp_lora", "w8a8_ptq", *SCALE_ROWS)
+COLUMNS = ("subject_fidelity", "subject_cosine", "prompt_fidelity", "preservation", "subject_leak", "frechet",
+           "trainable_params", "pack_bytes", "train_seconds", "peak_memory_bytes")
+
+
+class Bench:
+    """Shared state of one benchmark run: the float pipeline, the bases, the evaluator."""
+
+    def __init__(self, args, workdir: Path):
+        self.args, self.workdir = args, workdir
+        self.pipe = load_pipeline("miniworld")
+        self.pipe.set_progress_bar_config(disable=True)
+        self.evaluator = load_evaluator()
+        self.bases = {}
+
+    def base_dir(self, bits: int) -> Path:
+        if bits not in self.bases:
+            path = self.workdir / f"base-w{bits}a8"
+            quantize_model("miniworld", path, QuantizeConfig(weight_bits=bits, intervals=4), device=self.args.device)
+            self.bases[bits] = path
+        return self.bases[bits]
+
+    def evaluate(self, pipe, subject, split: str, seed: int) -> dict:
+        m = evaluate_prompts(pipe, subject.prompts(split), self.evaluator, subject.identifier,
+                             subject.class_prompts(split), self.args.images_per_prompt, seed=1000 + seed)
+        return {
+            "subject_fidelity": m["subject_fidelity"]["probability"],
+            "subject_cosine": m["subject_fidelity"]["cosine"],
+            "prompt_fidelity": m["prompt_fidelity"],
+            "preservation": m["preservation"]["all"],
+            "subject_leak": m["preservation"]["subject_leak"],
+            "frechet": m["frechet"],
+        }
+
+    # -- rows ------------------------------------------------------------------------
+    def run_row(self, row: str, subject, seed: int) -> dict:
+        images = self.workdir / f"instance-{subject.identifier}"
+        if not images.is_dir():
+            write_instance_images(subject.identifier, images)
+        if row == "fp":
+            return {**self.evaluate(self.pipe, subject, "test", seed), "trainable_params": 0, "pack_bytes": 0}
+        if row in ("fp_dreambooth", "fp_lora"):
+            return self.float_row(row, subject, images, seed)
+        if row == "w8a8_ptq":
+            base = load_base(self.base_dir(8))
+            pipe = quantized_pipeline(self.pipe, base.unet.eval())
+            return {**self.evaluate(pipe, subject, "test", seed), "trainable_params": 0, "pack_bytes": 0}
+        bits, strategy, k, s1, input_scales = SCALE_ROWS[row]
+        if s1 is None:  # S1: pick the intervals on dev
+            trials = {c: self.scale_row(bits, strategy, k, c, input_scales, subject, images, seed, "dev")
+                      for c in S1_CANDIDATES}
+            s1 = max(trials, key=lambda c: trials[c]["subject_fidelity"] + trials[c]["prompt_fidelity"])
+            result = self.scale_row(bits, strategy, k, s1, input_scales, subject, images, seed, "test")
+            result["s1_intervals"] = list(s1)
+            result["s1_dev"] = {",".join(map(str, c)): {k2: v[k2] for k2 in ("subject_fidelity", "prompt_fidelity")}
+                                for c, v in trials.items()}
+            return result
+        return self.scale_row(bits, strategy, k, s1, input_scales, subject, images, seed, "test")
+
+    def scale_row(self, bits, strategy, k, s1, input_scales, subject, images, seed, split) -> dict:
+        config = TrainConfig(prompt=subject.instance_prompt().text, identifier=subject.identifier, strategy=strategy,
+                             intervals=k, s1_intervals=tuple(s1), train_input_scales=input_scales,
+                             steps=self.args.steps, lr=self.args.lr, batch_size=self.args.batch_size, seed=seed)
+        base = load_base(self.base_dir(bits))
+        out = self.workdir / f"pack-{subject.identifier}-{seed}-{time.monotonic_ns()}"
+        _, report = train(base, images, out, config, pipe=self.pipe, run_dir=self.workdir / "run", device=self.args.device)
+        pipe = quantized_pipeline(self.pipe, base.unet.eval())
+        return {**self.evaluate(pipe, subject, split, seed), "trainable_params": report["trainable_params"],
+                "pack_bytes": report["pack_bytes"], "train_seconds": report["seconds"],
+                "peak_memory_bytes": report["peak_memory_bytes"], "final_loss": report["final_loss"]}
+
+    def float_row(self, row: str, subject, images: Path, seed: int) -> dict:
+        """DreamBooth on the float UNet: all weights (AdamW) or LoRA rank 4 (peft)."""
+        from diffusers import DDPMScheduler
+
+        pipe = self.pipe
+        unet = copy.deepcopy(pipe.unet)
+        unet.requires_grad_(False)
+        if row == "fp_lora":
+            from peft import LoraConfig
+
+            unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
+                                        target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+            lr = self.args.lora_lr
+        else:
+            unet.requires_grad_(True)
+            lr = self.args.dreambooth_lr
+        params = [p for p in unet.parameters() if p.requires_grad]
+        resolution = 32
+        instance = load_instance_images(images, resolution, "center", 4, seed)
+        examples = encode_examples(pipe, instance, subject.instance_prompt().text, device=self.args.device)
+        schedule = DDPMScheduler.from_config(pipe.scheduler.config)
+        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+        generator = torch.Generator().manual_seed(seed)
+        memory = PeakMemory(self.args.device).reset()
+        start = time.perf_counter()
+        unet.train()
+        batch = self.args.batch_size
+        for _ in range(self.args.steps):
+            idx = torch.randint(len(examples.latent_mean), (batch,), generator=generator)
+            latents = examples.latent_mean[idx] + examples.latent_std[idx] * torch.randn(
+                examples.latent_mean[idx].shape, generator=generator)
+            noise = torch.randn(latents.shape, generator=generator)
+            t = torch.randint(0, schedule.config.num_train_timesteps, (batch,), generator=generator)
+            pred = unet(schedule.add_noise(latents, noise, t), t, examples.prompt_embeds[examples.prompt_index[idx]]).sample
+            loss = torch.nn.functional.mse_loss(pred, noise)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        seconds, peak = time.perf_counter() - start, memory.peak()
+        unet.eval()
+        trained = sum(p.numel() for p in params)
+        result = self.evaluate(quantized_pipeline(pipe, unet), subject, "test", seed)
+        return {**result, "trainable_params": trained, "pack_bytes": 4 * trained, "train_seconds": seconds,
+                "peak_memory_bytes": peak}
+
+
+def summarize(runs: list[dict]) -> dict:
+    """Mean and std of every column over subjects x seeds, per row."""
+    table = {}
+    for row in dict.fromkeys(r["row"] for r in runs):
+        values = [r for r in runs if r["row"] == row]
+        table[row] = {}
+        for column in COLUMNS:
+            xs = [v[column] for v in values if v.get(column) is not None]
+            if xs:
+                table[row][column] = {"mean": float(np.mean(xs)), "std": float(np.std(xs)), "n": len(xs)}
+    return table
+
+
+def merge(paths: list[Path], out: Path) -> None:
+    """One report from several (say, one process per subject): all runs, one table."""
+    reports = [json.loads(Path(p).read_text(encoding="utf-8")) for p in paths]
+    runs = [run for r in reports for run in r["runs"]]
+    report = {
+        "commands": [r["command"] for r in reports],
+        "settings": reports[0]["settings"],
+        "table": summarize(runs),
+        "runs": runs,
+        "seconds": sum(r["seconds"] for r in reports),
+        "torch": reports[0]["torch"],
+    }
+    differ = {k for r in reports for k, v in r["settings"].items() if v != reports[0]["settings"].get(k)}
+    if differ - {"subjects", "seeds", "out", "rows"}:
+        raise SystemExit(f"cannot merge runs with different settings: {', '.join(sorted(differ))}")
+    out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    print(f"report -> {out}")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True, help="JSON report to write")
+    parser.add_argument("--merge", type=Path, nargs="+", help="merge these reports into --out instead of running")
+    parser.add_argument("--subjects", default=",".join(SUBJECTS))
+    parser.add_argument("--seeds", default="0,1")
+    parser.add_argument("--rows", default=",".join(ROWS), help="comma-separated subset of " + ",".join(ROWS))
+    parser.add_argument("--steps", type=int, default=400, help="training steps of every personalized row")
+    parser.add_argument("--batch-size", type=int, default=4, help="instance samples per step, every row alike")
+    parser.add_argument("--lr", type=float, default=1e-2, help="learning rate of the scales (relative units)")
+    parser.add_argument("--dreambooth-lr", type=float, default=1e-4)
+    parser.add_argument("--lora-lr", type=float, default=1e-3)
+    parser.add_argument("--images-per-prompt", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parser.parse_args(argv)
+    if args.merge:
+        return merge(args.merge, args.out)
+    rows = args.rows.split(",")
+    unknown = [r for r in rows if r not in ROWS]
+    if unknown:
+        parser.error(f"unknown row(s) {', '.join(unknown)}")
+    torch.set_num_threads(args.threads)
+    subjects = [get_subject(s) for s in args.subjects.split(",")]
+    seeds = [int(s) for s in args.seeds.split(",")]
+    runs, start = [], time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="qpdeploy-fidelity-") as tmp:
+        bench = Bench(args, Path(tmp))
+        for subject in subjects:
+            for seed in seeds:
+                for row in rows:
+                    tick = time.perf_counter()
+                    result = bench.run_row(row, subject, seed)
+                    runs.append({"row": row, "subject": subject.identifier, "seed": seed, **result})
+                    print(f"[{(time.perf_counter() - start) / 60:6.1f} min] {subject.identifier} seed {seed} {row:15s} "
+                          f"subject {result['subject_fidelity']:.3f} prompt {result['prompt_fidelity']:.3f} "
+                          f"preservation {result['preservation']:.3f} ({time.perf_counter() - tick:.0f} s)", flush=True)
+    report = {
+        "command": " ".join(["python benchmarks/fidelity.py", *argv]),
+        "settings": {k: v for k, v in vars(args).items() if k != "out"} | {"out": str(args.out)},
+        "table": summarize(runs),
+        "runs": runs,
+        "seconds": time.perf_counter() - start,
+        "torch": torch.__version__,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    print(f"report -> {args.out}")
+
+
+if __name__ == "__main__":
+    main()
