@@ -40,7 +40,7 @@ from pathlib import Path
 
 import torch
 
-# Stable Diffusion 1.5's UNet (runwayml/stable-diffusion-v1-5, unet/config.json), 859.5M parameters.
+# Stable Diffusion 1.5's UNet configuration (its published unet/config.json), 859.5M parameters.
 SD15_UNET = dict(
     sample_size=64, in_channels=4, out_channels=4, center_input_sample=False, flip_sin_to_cos=True, freq_shift=0,
     down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
