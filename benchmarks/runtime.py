@@ -175,12 +175,10 @@ def trt_status(deploy: Path) -> str | None:
 
 def memory_child(deploy: Path, runtime_json: str) -> dict:
     """Runs in a child process: RSS after imports, after loading, after a call per interval."""
-    import psutil
-
     from qpdeploy.exporters.manifest import read_manifest
+    from qpdeploy.memory import rss_bytes as rss
     from qpdeploy.runtimes import EngineUNet, RuntimeConfig
 
-    rss = lambda: psutil.Process().memory_info().rss  # noqa: E731
     manifest = read_manifest(deploy)
     specs = {s["name"]: [2 if d == "batch" else d for d in s["shape"]] for s in manifest.unet["inputs"]}
     baseline = rss()

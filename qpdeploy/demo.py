@@ -20,6 +20,7 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from statistics import fmean
 
 from .errors import QPDeployError
 from .io import atomic_dir, write_json
@@ -163,7 +164,7 @@ def _evaluate(tmp: Path, images: dict, config: DemoConfig, base_dir: Path, pack_
             "subject_fidelity_training_prompt": subject_fidelity(evaluator, pixels[:n], subject.identifier),
             "subject_fidelity": subject_fidelity(evaluator, pixels[n:], subject.identifier),
             "prompt_fidelity": attribute_accuracy(evaluator, pixels[n:], prompts[n:]),
-            "seconds_per_step": _mean(r["seconds_per_step"] for r in images[name]["records"]),
+            "seconds_per_step": fmean(r["seconds_per_step"] for r in images[name]["records"]),
         }
     write_grid(tmp / "grid.png", images, config.seeds)
     train_report = read_json(pack_dir / "report.json")
@@ -177,11 +178,6 @@ def _evaluate(tmp: Path, images: dict, config: DemoConfig, base_dir: Path, pack_
         "base_sqnr_db": read_json(base_dir / "report.json").get("sqnr_db"),
         "files": {"grid": "grid.png", "instance_images": "instance/", "deploy": "deploy/", "images": "images/"},
     }
-
-
-def _mean(values) -> float:
-    values = list(values)
-    return float(sum(values) / len(values))
 
 
 def write_grid(path: Path, images: dict, seeds: int) -> None:

@@ -97,12 +97,6 @@ def rss_peak_bytes() -> int:
 
 def rss_bytes() -> int:
     """The process's current resident memory in bytes."""
-    try:
-        match = re.search(r"VmRSS:\s+(\d+)\s+kB", _STATUS.read_text())
-        if match:
-            return int(match.group(1)) * 1024
-    except OSError:
-        pass
     import psutil
 
     return int(psutil.Process().memory_info().rss)

@@ -151,7 +151,7 @@ def generate_one(pipe, job: ImageJob, config: GenerateConfig, runtime: RuntimeCo
 def image_record(pipe, job: ImageJob, config: GenerateConfig, runtime: RuntimeConfig, manifest, context,
                  total: float) -> dict:
     """The JSON record of one image (see module doc)."""
-    import psutil
+    from qpdeploy.memory import rss_bytes
 
     calls = pipe.unet.summary()
     text = sum(m.seconds for m in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if m is not None)
@@ -183,7 +183,7 @@ def image_record(pipe, job: ImageJob, config: GenerateConfig, runtime: RuntimeCo
         "switch_share_of_denoising": calls["switch_seconds_total"] / denoise if denoise > 0 else 0.0,
         "timings": {"load_seconds": context["load_seconds"], "text_encoder_seconds": text,
                     "denoise_seconds": denoise, "vae_decode_seconds": vae, "total_seconds": total},
-        "resident_bytes": psutil.Process().memory_info().rss,
+        "resident_bytes": rss_bytes(),
         "generate": config.to_json(),
         "runtime": runtime.to_json(),
     }

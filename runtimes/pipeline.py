@@ -19,19 +19,18 @@ import time
 import weakref
 
 import torch
-from torch import nn
 
 from qpdeploy.errors import QPDeployError
 
 from .config import RuntimeConfig
-from .unet import EngineUNet
+from .unet import DiffusersFacade, EngineUNet
 
 SCHEDULER_CLASSES = {"ddim": "DDIMScheduler", "pndm": "PNDMScheduler", "dpm": "DPMSolverMultistepScheduler",
                      "euler": "EulerDiscreteScheduler"}
 PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
 
 
-class _PartModule(nn.Module):
+class _PartModule(DiffusersFacade):
     """An ONNX (or TensorRT) graph as a torch module: owns its active runner, times its calls."""
 
     def __init__(self, runner, record: dict):
@@ -47,18 +46,6 @@ class _PartModule(nn.Module):
 
     def make_config(self) -> dict:
         return {}
-
-    @property
-    def config(self):
-        return self._config
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return torch.float32
-
-    @property
-    def device(self) -> torch.device:
-        return torch.device("cpu")
 
     def run(self, feeds: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
         start = time.perf_counter()

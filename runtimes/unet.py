@@ -26,7 +26,27 @@ from .config import RuntimeConfig
 from .scheduler import EngineScheduler
 
 
-class EngineUNet(nn.Module):
+class DiffusersFacade(nn.Module):
+    """What diffusers pipelines read from the modules they call: a frozen ``config``, a
+    float32 ``dtype`` and the ``device`` their inputs come from (``feed_device``)."""
+
+    feed_device = torch.device("cpu")
+    _config: dict
+
+    @property
+    def config(self):
+        return self._config
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.float32
+
+    @property
+    def device(self) -> torch.device:
+        return self.feed_device
+
+
+class EngineUNet(DiffusersFacade):
     """The UNet of a deploy dir behind the interface diffusers pipelines call.
 
     Build it with :meth:`from_deploy`. ``history`` holds one record per call; ``summary()``
@@ -82,20 +102,6 @@ class EngineUNet(nn.Module):
                                   manifest.unet["outputs"][0]["name"], config.low_memory)
         engines.open()
         return cls(manifest, engines, feed_device(config), config)
-
-    # -- what pipelines read -----------------------------------------------------------
-
-    @property
-    def config(self):
-        return self._config
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return torch.float32
-
-    @property
-    def device(self) -> torch.device:
-        return self.feed_device
 
     # -- calls -------------------------------------------------------------------------
 

@@ -25,19 +25,11 @@ def cheap_base(tiny_base):
 
 
 @pytest.fixture(scope="session")
-def cheap_saved_base(tmp_path_factory):
+def cheap_saved_base(saved_base):
     """``cheap_saved_base(family)``: a base directory of the bundled tiny model, cached."""
-    from qpdeploy.config import QuantizeConfig
-    from qpdeploy.ptq import quantize_model
-
-    cache = {}
 
     def make(family="sd1"):
-        if family not in cache:
-            out = tmp_path_factory.mktemp(f"cheap-base-{family}") / "base"
-            quantize_model(f"tiny-{family}", out, QuantizeConfig(**CHEAP_QUANTIZE), device="cpu")
-            cache[family] = out
-        return cache[family]
+        return saved_base(family, **CHEAP_QUANTIZE)
 
     return make
 
