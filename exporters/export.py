@@ -9,12 +9,12 @@ import time
 from pathlib import Path
 
 from qpdeploy.errors import QPDeployError
-from qpdeploy.io import atomic_dir, check_output, dir_bytes, write_json
+from qpdeploy.io import atomic_dir, check_output, claim_output, dir_bytes, write_json
 from qpdeploy.pack import pack_hash
 
 from .config import ExportConfig
 from .engines import EngineJob, build_engines, require_tensorrt
-from .manifest import REPORT_FILE, write_manifest
+from .manifest import DEPLOY_ARTIFACT, REPORT_FILE, write_manifest
 from .parts import export_parts, pipeline_record
 from .unet import UNetPlan, default_layout, export_unet, plan_unet
 from .verify import check_graph, compare_with_torch, expected_qdq_units, qdq_structure
@@ -30,15 +30,15 @@ def export_from_paths(base_dir, pack_dir, out, config: ExportConfig, model=None,
     from qpdeploy.base import load_base, load_base_pipeline
     from qpdeploy.pack import apply_pack, load_pack
 
-    check_output(out, force)  # before any long work
-    if config.build_engines:
-        require_tensorrt()
-    base = load_base(base_dir)
-    pack = None if pack_dir is None else load_pack(pack_dir)
-    if pack is not None:
-        apply_pack(base, pack)  # a pack of another base fails here, before the model loads
-    pipe = load_base_pipeline(base, model, config_dir)
-    return export_deploy(base, pipe, out, config, pack, force, show_progress)
+    with claim_output(out, force, DEPLOY_ARTIFACT, inputs=[base_dir, pack_dir, model, config_dir]):
+        if config.build_engines:
+            require_tensorrt()
+        base = load_base(base_dir)
+        pack = None if pack_dir is None else load_pack(pack_dir)
+        if pack is not None:
+            apply_pack(base, pack)  # a pack of another base fails here, before the model loads
+        pipe = load_base_pipeline(base, model, config_dir)
+        return export_deploy(base, pipe, out, config, pack, force, show_progress)
 
 
 def export_deploy(base, pipe, out, config: ExportConfig, pack=None, force: bool = False,
@@ -58,7 +58,7 @@ def export_deploy(base, pipe, out, config: ExportConfig, pack=None, force: bool 
     from qpdeploy.progress import stage
 
     start = time.perf_counter()
-    check_output(out, force)
+    check_output(out, force, DEPLOY_ARTIFACT)
     if config.build_engines:
         require_tensorrt()
     # 1. scales and plan (bad combinations fail here, before any export work)
@@ -72,7 +72,7 @@ def export_deploy(base, pipe, out, config: ExportConfig, pack=None, force: bool 
     seq_len = pipe.tokenizer.model_max_length
     embeds_dim = pipe.text_encoder_2.config.projection_dim if getattr(pipe, "text_encoder_2", None) else None
     steps = 4 + int(config.verify) + int(config.build_engines)
-    with atomic_dir(out, force) as tmp, stage("export", steps, show_progress) as advance:
+    with atomic_dir(out, force, DEPLOY_ARTIFACT) as tmp, stage("export", steps, show_progress) as advance:
         # 2. UNet graphs
         unet_files = export_unet(base, layout, tmp, latent_hw, seq_len, config.opset, embeds_dim)
         advance()
@@ -105,15 +105,12 @@ def export_deploy(base, pipe, out, config: ExportConfig, pack=None, force: bool 
 
 def latent_size(pipe, config: ExportConfig) -> tuple[int, int]:
     """Latent (h, w) for the configured image size (default: the model's resolution)."""
-    factor = pipe.vae_scale_factor
-    default = pipe.unet.config.sample_size * factor
-    height, width = config.height or default, config.width or default
-    # Every down block but the last halves the latent; sizes that do not divide make diffusers
-    # pick upsampling sizes at trace time, which would bake this size into the graph wrongly.
-    multiple = factor * 2 ** (len(pipe.unet.config.down_block_types) - 1)
-    if height % multiple or width % multiple:
-        raise QPDeployError(f"height and width must be multiples of {multiple} for this model, got {height}x{width}")
-    return height // factor, width // factor
+    from qpdeploy.models import check_resolution, native_resolution, vae_factor
+
+    height, width = config.height or native_resolution(pipe), config.width or native_resolution(pipe)
+    check_resolution(pipe, height, "height")
+    check_resolution(pipe, width, "width")
+    return height // vae_factor(pipe), width // vae_factor(pipe)
 
 
 def check_unet_graphs(base, unet_files, out_dir):

@@ -51,15 +51,15 @@ from pathlib import Path
 
 from qpdeploy.errors import QPDeployError
 from qpdeploy.intervals import Intervals
-from qpdeploy.io import file_sha256, read_artifact_header, write_json
+from qpdeploy import schema
+from qpdeploy.io import INCOMPLETE_MARKER, file_sha256, read_artifact_header, write_json
+from qpdeploy.schema import relative_path, validate
 
 MANIFEST_FILE = "manifest.json"
 REPORT_FILE = "report.json"
 DEPLOY_KIND = "qpdeploy.deploy"
 DEPLOY_FORMAT_VERSION = 1
-REQUIRED = ("base_hash", "intervals", "unet", "text_encoders", "vae_decoder", "scheduler", "files", "height",
-            "width", "batch")
-UNET_REQUIRED = ("layout", "graphs", "graph_of_interval", "selector", "inputs", "outputs")
+DEPLOY_ARTIFACT = (MANIFEST_FILE, DEPLOY_KIND)  # header file and kind: what --force may replace
 
 
 def write_manifest(out_dir, manifest: dict) -> dict:
@@ -72,7 +72,7 @@ def write_manifest(out_dir, manifest: dict) -> dict:
     files = {}
     for path in sorted(p for p in out_dir.rglob("*") if p.is_file()):
         rel = path.relative_to(out_dir).as_posix()
-        if rel not in (MANIFEST_FILE, REPORT_FILE):
+        if rel not in (MANIFEST_FILE, REPORT_FILE, INCOMPLETE_MARKER):
             files[rel] = {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
     manifest = {"format_version": DEPLOY_FORMAT_VERSION, "kind": DEPLOY_KIND, **manifest, "files": files}
     write_json(out_dir / MANIFEST_FILE, manifest)
@@ -99,8 +99,19 @@ class DeployManifest:
         return self.unet["layout"]
 
     def file(self, name: str) -> Path:
-        """Absolute path of a file named in the manifest."""
-        return self.path / name
+        """Absolute path of a file or folder named in the manifest, confined to the deploy dir.
+
+        Raises:
+            QPDeployError: the name is absolute, climbs out with ``..``, or resolves (through
+                a symbolic link) to a place outside the deploy dir.
+        """
+        root = self.path.resolve()
+        if not relative_path(name):
+            raise QPDeployError(f"{self.path / MANIFEST_FILE} names {name!r}, which is not a path inside the deploy dir")
+        resolved = (root / name).resolve()
+        if root not in resolved.parents:
+            raise QPDeployError(f"{self.path / MANIFEST_FILE}: {name} leads outside the deploy dir (to {resolved})")
+        return resolved
 
     def unet_call(self, timestep) -> tuple[dict, dict]:
         """``(graph entry, extra int32 feeds)`` for a step at ``timestep`` (scalar).
@@ -112,6 +123,17 @@ class DeployManifest:
         graph = self.unet["graphs"][self.unet["graph_of_interval"][k]]
         selector = self.unet["selector"]
         return graph, ({} if selector is None else {selector["input"]: selector["values"][k]})
+
+    def referenced(self) -> tuple[list[str], list[str]]:
+        """``(files, folders)`` the runtime may open: graphs, engines, the shared weights,
+        tokenizer and scheduler folders."""
+        data, unet = self.data, self.unet
+        parts = [*unet["graphs"], *data["text_encoders"], data["vae_decoder"]]
+        files = [p[key] for p in parts for key in ("onnx", "engine") if p.get(key) is not None]
+        if unet.get("weights_file"):
+            files.append(unet["weights_file"])
+        folders = [data["scheduler"], *(t["tokenizer"] for t in data["text_encoders"])]
+        return files, folders
 
     def verify_files(self) -> None:
         """Check every listed file's size and SHA-256 (slow for big models).
@@ -145,21 +167,41 @@ def read_manifest(path, verify_hashes: bool = False) -> DeployManifest:
     """
     path = Path(path)
     data = read_artifact_header(path, MANIFEST_FILE, DEPLOY_KIND, "deploy dir", DEPLOY_FORMAT_VERSION)
-    _require(data, REQUIRED, path)
-    _require(data["unet"], UNET_REQUIRED, path, "unet.")
+    where = path / MANIFEST_FILE
+    validate(data, schema.MANIFEST, where)
+    for name, record in data["files"].items():
+        validate(record, schema.FILE_RECORD, where, f"files.{name}.")
     manifest = DeployManifest(path, data)
     _check_unet_maps(manifest)
     for name, record in data["files"].items():
         manifest._existing(name, record)
+    _check_coverage(manifest)
     if verify_hashes:
         manifest.verify_files()
     return manifest
 
 
-def _require(data: dict, keys, path: Path, prefix: str = "") -> None:
-    missing = [k for k in keys if k not in data]
-    if missing:
-        raise QPDeployError(f"{path / MANIFEST_FILE} lacks {prefix}{missing[0]}")
+def _check_coverage(manifest: DeployManifest) -> None:
+    """Every file the runtime may open is in the files table (so the hash check covers it):
+    each referenced file, and every file inside each referenced folder."""
+    where, listed = manifest.path / MANIFEST_FILE, manifest.data["files"]
+    files, folders = manifest.referenced()
+    for name in files:
+        manifest.file(name)
+        if name not in listed:
+            raise QPDeployError(f"{where}: {name} is used but not in the files table")
+    root = manifest.path.resolve()
+    for path in root.rglob("*"):  # a link inside that leads outside could be opened by a graph's external data
+        if path.is_symlink() and root not in path.resolve().parents:
+            raise QPDeployError(f"deploy dir {manifest.path}: {path.relative_to(root)} is a link leading outside it")
+    for name in folders:
+        folder = manifest.file(name)
+        if not folder.is_dir():
+            raise QPDeployError(f"deploy dir {manifest.path} is missing the folder {name}")
+        for path in folder.rglob("*"):
+            rel = path.relative_to(root).as_posix()
+            if path.is_symlink() or (path.is_file() and rel not in listed):
+                raise QPDeployError(f"{where}: {rel} is in the folder {name} but not in the files table")
 
 
 def _check_unet_maps(manifest: DeployManifest) -> None:

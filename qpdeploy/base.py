@@ -28,7 +28,9 @@ from torch import nn
 from .config import QuantizeConfig
 from .errors import QPDeployError
 from .intervals import Intervals
+from . import schema
 from .io import atomic_dir, file_sha256, read_artifact_header, tensors_hash, write_json
+from .schema import validate
 from .quantize import ROUTER_NAME, LayerPlan, convert_unet
 
 BASE_FORMAT_VERSION = 1
@@ -36,6 +38,7 @@ BASE_KIND = "qpdeploy.quantized-base"
 CONFIG_FILE = "quant_config.json"
 WEIGHTS_FILE = "unet.safetensors"
 REPORT_FILE = "report.json"
+BASE_ARTIFACT = (CONFIG_FILE, BASE_KIND)  # header file and kind: what --force may replace
 
 
 @dataclass
@@ -78,7 +81,7 @@ def save_base(out, unet: nn.Module, config: QuantizeConfig, intervals: Intervals
     """
     from safetensors.torch import save_file
 
-    with atomic_dir(out, force) as tmp:
+    with atomic_dir(out, force, BASE_ARTIFACT) as tmp:
         state = base_state_dict(unet)
         save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "kind": BASE_KIND})
         base_hash = tensors_hash(state)
@@ -102,12 +105,17 @@ def save_base(out, unet: nn.Module, config: QuantizeConfig, intervals: Intervals
 
 
 def read_base_meta(path) -> dict:
-    """Read and validate ``quant_config.json`` of a base directory."""
-    return read_artifact_header(path, CONFIG_FILE, BASE_KIND, "quantized base", BASE_FORMAT_VERSION)
+    """Read and validate ``quant_config.json`` of a base directory (see :data:`qpdeploy.schema.BASE`)."""
+    meta = read_artifact_header(path, CONFIG_FILE, BASE_KIND, "quantized base", BASE_FORMAT_VERSION)
+    validate(meta, schema.BASE, Path(path) / CONFIG_FILE)
+    return meta
 
 
 def load_base(path, device="cpu", verify_hash: bool = True) -> QuantizedBase:
     """Load a base directory into a quantized UNet (bit-identical to the one saved).
+
+    The base hash recorded in ``quant_config.json`` is recomputed from the tensors read
+    (``verify_hash``), so an edited header cannot bind a foreign scale pack to this base.
 
     Raises:
         QPDeployError: missing or corrupted files, a hash mismatch, an unknown version.
@@ -127,12 +135,19 @@ def load_base(path, device="cpu", verify_hash: bool = True) -> QuantizedBase:
         state = load_file(str(weights), device=str(device))
     except (SafetensorError, OSError, ValueError) as exc:
         raise QPDeployError(f"cannot read {weights}: {exc}") from exc
-    config = QuantizeConfig.from_json(meta["quantize"])
+    if verify_hash and tensors_hash(state) != meta["base_hash"]:
+        raise QPDeployError(f"{path / CONFIG_FILE}: base_hash does not match the tensors of {WEIGHTS_FILE} "
+                            "(edited or replaced)")
+    config = QuantizeConfig.from_json(meta["quantize"], str(path / CONFIG_FILE))
     intervals = Intervals.from_json(meta["intervals"])
     plans = [LayerPlan(layer["name"], layer["kind"], True, layer["split"]) for layer in meta["layers"]]
-    with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(meta["unet_config"])
-    convert_unet(unet, config, intervals, plans)
+    try:
+        with torch.device("meta"):
+            unet = UNet2DConditionModel.from_config(meta["unet_config"])
+        convert_unet(unet, config, intervals, plans)
+    except (AttributeError, KeyError, TypeError, ValueError, IndexError) as exc:
+        raise QPDeployError(f"{path / CONFIG_FILE}: unet_config and layers do not describe a quantized UNet "
+                            f"({exc.__class__.__name__}: {str(exc).splitlines()[0][:80] if str(exc) else ''})") from None
     _assign(unet, state, weights)
     return QuantizedBase(unet.eval(), config, intervals, meta, path)
 

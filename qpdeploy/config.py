@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import types
+import typing
 from dataclasses import dataclass
 
 from .errors import QPDeployError
@@ -35,14 +37,27 @@ class ConfigBase:
         return {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
 
     @classmethod
-    def from_json(cls, data: dict):
-        """Build the config from :meth:`to_json` output, refusing unknown keys."""
+    def from_json(cls, data: dict, where: str = ""):
+        """Build the config from :meth:`to_json` output, refusing unknown keys and values of
+        the wrong JSON type (``where``, e.g. the file read, starts the error message)."""
+        where = f"{where}: " if where else ""
+        if not isinstance(data, dict):
+            raise QPDeployError(f"{where}{cls.__name__} must be a JSON object, got {type(data).__name__}")
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:
-            raise QPDeployError(f"{cls.__name__} has no field(s) {', '.join(unknown)} (written by a newer qpdeploy?)")
+            raise QPDeployError(f"{where}{cls.__name__} has no field(s) {', '.join(unknown)} "
+                                "(written by a newer qpdeploy?)")
+        hints = typing.get_type_hints(cls)
         kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
-        return cls(**kwargs)
+        for name, value in kwargs.items():
+            if not _matches(value, hints[name]):
+                raise QPDeployError(f"{where}{cls.__name__}.{name} must be {_describe(hints[name])}, "
+                                    f"got {value!r:.40}")
+        try:
+            return cls(**kwargs)
+        except QPDeployError as exc:
+            raise QPDeployError(f"{where}{exc}") from None
 
     def replace(self, **changes):
         """A copy with some fields changed (validated again)."""
@@ -51,6 +66,32 @@ class ConfigBase:
 
 def _jsonable(value):
     return list(value) if isinstance(value, tuple) else value
+
+
+def _matches(value, hint) -> bool:
+    """Whether a JSON-parsed value (arrays already made tuples) fits a field's type hint."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, a) for a in args)
+    if origin is tuple:
+        return isinstance(value, tuple) and all(_matches(v, args[0]) for v in value)
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def _describe(hint) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args)
+    if origin is tuple:
+        return f"an array of {_describe(args[0])}"
+    return {type(None): "null", int: "an integer", float: "a number", str: "a string", bool: "a boolean"}.get(
+        hint, getattr(hint, "__name__", str(hint)))
 
 
 @dataclass(frozen=True)

@@ -152,40 +152,54 @@ def load_instance_images(folder, resolution: int, crop: str = "center", crops_pe
     Raises:
         QPDeployError: no image in the folder, or none of them readable.
     """
-    paths = list_images(folder)
     generator = torch.Generator().manual_seed(seed)
-    images, failures = [], []
-    for path in paths:
-        try:
-            rgb = read_rgb(path)
-        except QPDeployError as exc:
-            failures.append(str(exc))
-            continue
+    images = []
+    for path, rgb in readable_images(folder, warn=True):
         for _ in range(1 if crop == "center" else crops_per_image):
             pixels, top_left = prepare_image(rgb, resolution, crop, generator)
             images.append(InstanceImage(pixels, path.name, (rgb.size[1], rgb.size[0]), top_left))
-    if failures and not images:
+    return images
+
+
+def readable_images(folder, warn: bool = False) -> list[tuple[Path, object]]:
+    """``(path, RGB image)`` of every image of ``folder`` that decodes.
+
+    With ``warn``: a warning names each unreadable file, and one says when fewer than 3 or
+    more than 10 images are readable. Called early (before quantizing or loading a model)
+    to check the folder, and again to load it.
+
+    Raises:
+        QPDeployError: no image in the folder, or none of them readable.
+    """
+    paths = list_images(folder)
+    images, failures = [], []
+    for path in paths:
+        try:
+            images.append((path, read_rgb(path)))
+        except QPDeployError as exc:
+            failures.append(str(exc))
+    if not images:
         raise QPDeployError(f"no readable image in {folder}: {failures[0]}")
-    for failure in failures:
-        warnings.warn(f"skipping an instance image: {failure}", stacklevel=2)
-    readable = len(paths) - len(failures)
-    if not 3 <= readable <= 10:
-        warnings.warn(f"{readable} instance image(s) in {folder}; DreamBooth works best with 3-10", stacklevel=2)
+    if warn:
+        for failure in failures:
+            warnings.warn(f"skipping an instance image: {failure}", stacklevel=2)
+        if not 3 <= len(images) <= 10:
+            warnings.warn(f"{len(images)} instance image(s) in {folder}; DreamBooth works best with 3-10",
+                          stacklevel=2)
     return images
 
 
 def check_prompt(prompt: str, identifier: str, tokenizer=None) -> None:
-    """Warn (not fail) when the prompt lacks the identifier or holds words the tokenizer does not know."""
+    """Warn (not fail) when the prompt lacks the identifier or holds words the tokenizer does not
+    know (see :func:`qpdeploy.prompts.check_prompt_tokens`, which also refuses non-UTF-8 text)."""
+    from .prompts import check_prompt_tokens
+
     words = prompt.lower().replace(",", " ").split()
     if identifier.lower() not in words:
         warnings.warn(f"the instance prompt {prompt!r} does not contain the identifier {identifier!r}: "
                       "the subject will be learned under ordinary words (pass --identifier if you use another)",
                       stacklevel=2)
-    unk = getattr(tokenizer, "unk_token_id", None)
-    # CLIP's BPE never produces an unknown token and reuses its id for end-of-text: skip it
-    special = {getattr(tokenizer, f"{name}_token_id", None) for name in ("bos", "eos", "pad")}
-    if tokenizer is not None and unk is not None and unk not in special and unk in tokenizer(prompt)["input_ids"]:
-        warnings.warn(f"the prompt {prompt!r} has words this model's tokenizer does not know", stacklevel=2)
+    check_prompt_tokens(tokenizer, prompt, "the instance prompt")
 
 
 # --------------------------------------------------------------------------------------
@@ -284,9 +298,10 @@ def encode_prompts(pipe, prompts: list[str], device) -> tuple[torch.Tensor, torc
 
 
 def default_resolution(pipe) -> int:
-    """The model's native image size: UNet sample size times the VAE downscaling factor."""
-    factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
-    return int(pipe.unet.config.sample_size) * factor
+    """The model's native image size (see :func:`qpdeploy.models.native_resolution`)."""
+    from .models import native_resolution
+
+    return native_resolution(pipe)
 
 
 # --------------------------------------------------------------------------------------

@@ -25,6 +25,8 @@ from statistics import fmean
 from .errors import QPDeployError
 from .io import atomic_dir, write_json
 
+DEMO_KIND = "qpdeploy.demo"
+DEMO_ARTIFACT = ("report.json", DEMO_KIND)  # header file and kind: what --force may replace
 GRID_SCALE = 3  # 32x32 images are drawn 96x96 in the grid
 
 
@@ -70,7 +72,7 @@ def run_demo(out, config: DemoConfig = DemoConfig(), force: bool = False, show_p
         if not path.is_file():
             raise QPDeployError(f"the bundled miniworld {what} is not installed (expected {path.parent})")
     seconds = {}
-    with atomic_dir(out, force) as tmp:
+    with atomic_dir(out, force, DEMO_ARTIFACT) as tmp:
         clock = time.perf_counter()
 
         def lap(name):
@@ -169,6 +171,7 @@ def _evaluate(tmp: Path, images: dict, config: DemoConfig, base_dir: Path, pack_
     write_grid(tmp / "grid.png", images, config.seeds)
     train_report = read_json(pack_dir / "report.json")
     return {
+        "kind": DEMO_KIND,
         "config": asdict(config),
         "subject": {"identifier": subject.identifier, "class": subject.shape, "description": subject.description},
         "prompts": images["prompts"],

@@ -18,36 +18,44 @@ from pathlib import Path
 from .errors import QPDeployError
 
 
+INCOMPLETE_MARKER = ".qpdeploy-incomplete"  # in every temporary artifact until it is complete
+
+
 @contextlib.contextmanager
-def atomic_dir(out: str | os.PathLike, force: bool = False):
+def atomic_dir(out: str | os.PathLike, force: bool = False, kind: tuple[str, str] | None = None, inputs=()):
     """Yield a temporary directory that becomes ``out`` when the block exits cleanly.
 
     Args:
         out: final directory path.
         force: replace an existing ``out``; without it an existing path is an error
             raised before any work starts.
+        kind, inputs: see :func:`claim_output` (the claim is shared with an enclosing one).
 
-    On an exception the temporary directory is removed and ``out`` is untouched.
+    The temporary directory holds :data:`INCOMPLETE_MARKER` until the block ends, so no
+    reader takes it for an artifact. On an exception it is removed and ``out`` is
+    untouched; leftovers of killed writers of ``out`` are removed on the next run.
     """
-    out = Path(out)
-    check_output(out, force)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        yield tmp
-        _ordinary_permissions(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out.exists():
-        # Move the old artifact aside first so that a failure between the two renames
-        # still leaves one complete artifact on disk.
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
+    with claim_output(out, force, kind, inputs) as claim:
+        out = claim.out
+        _remove_leftovers(out)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
+        try:
+            (tmp / INCOMPLETE_MARKER).touch()
+            yield tmp
+            _ordinary_permissions(tmp)
+            (tmp / INCOMPLETE_MARKER).unlink()
+            claim.install(tmp)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+
+def _remove_leftovers(out: Path) -> None:
+    """Remove temporary and set-aside copies of ``out`` left by writers that died (the
+    caller holds the lock on ``out``, so no live writer owns them)."""
+    for pattern in (f".{out.name}.tmp-*", f".{out.name}.old-*"):
+        for path in out.parent.glob(pattern):
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
 
 
 def _ordinary_permissions(root: Path) -> None:
@@ -58,13 +66,146 @@ def _ordinary_permissions(root: Path) -> None:
         path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
-def check_output(out: str | os.PathLike, force: bool) -> None:
-    """Refuse an existing output path unless ``force`` (called before any long work)."""
-    out = Path(out)
-    if out.exists() and not force:
+class OutputClaim:
+    """The right to write one output path, held from the checks before the work to the
+    final rename: an exclusive lock (``flock`` on a sibling lock file, released by the
+    kernel if the process dies) and what the path was when the claim began."""
+
+    def __init__(self, out: Path, force: bool):
+        self.out, self.force = out, force
+        self.existed = out.exists() or out.is_symlink()
+        self.depth = 0
+        self._fd = None
+
+    def acquire(self) -> None:
+        """Take the lock or raise QPDeployError naming the other writer."""
+        import fcntl
+
+        lock = self.out.with_name(f".{self.out.name}.lock")
+        while True:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                owner = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+                os.close(fd)
+                raise QPDeployError(f"another qpdeploy process (pid {owner}) is writing {self.out}; "
+                                    "wait for it to finish") from None
+            # The lock file may have been removed by its previous owner between our open
+            # and our lock: then the lock is on an orphan inode; open the file again.
+            if os.path.exists(lock) and os.stat(lock).st_ino == os.fstat(fd).st_ino:
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        self._fd, self._lock = fd, lock
+
+    def release(self) -> None:
+        if self._fd is not None:
+            self._lock.unlink(missing_ok=True)  # while still locked: no one else can hold it now
+            os.close(self._fd)
+            self._fd = None
+
+    def install(self, tmp: Path) -> None:
+        """Rename ``tmp`` to the output. An output that exists now but did not when the claim
+        began was made by someone else meanwhile: it is never replaced."""
+        out = self.out
+        if out.exists() or out.is_symlink():
+            if not self.existed:
+                raise QPDeployError(f"output {out} appeared while this run was writing it; it was left as it is")
+            # Move the old artifact aside first so that a failure between the two renames
+            # still leaves one complete artifact on disk.
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
+        else:
+            os.replace(tmp, out)
+
+
+_CLAIMS: dict[Path, OutputClaim] = {}
+
+
+@contextlib.contextmanager
+def claim_output(out: str | os.PathLike, force: bool = False, kind: tuple[str, str] | None = None, inputs=()):
+    """Check an output path and hold the exclusive right to write it for the block.
+
+    Checks, before any work: ``out`` does not equal, contain or lie inside any of
+    ``inputs``; its location can be created and written; an existing ``out`` needs
+    ``force``, and with ``kind = (header file, kind string)`` it must be an artifact of
+    that kind (``--force`` never replaces anything else). Nested claims of the same path
+    in one process share the outer claim.
+
+    Raises:
+        QPDeployError: one line naming the output and the problem.
+    """
+    path = Path(os.path.abspath(out))
+    claim = _CLAIMS.get(path)
+    if claim is None:
+        check_output(path, force, kind, inputs)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        claim = OutputClaim(path, force)
+        claim.acquire()
+        _CLAIMS[path] = claim
+    claim.depth += 1
+    try:
+        yield claim
+    finally:
+        claim.depth -= 1
+        if claim.depth == 0:
+            del _CLAIMS[path]
+            claim.release()
+
+
+def check_output(out: str | os.PathLike, force: bool, kind: tuple[str, str] | None = None, inputs=(),
+                 directory: bool = True) -> None:
+    """The checks of :func:`claim_output`, without the lock (called before any long work);
+    ``directory=False`` for an output file."""
+    out = Path(os.path.abspath(out))
+    real_out = out.resolve()
+    for given in inputs:
+        if given is None or not os.path.exists(given):
+            continue
+        real = Path(given).resolve()
+        if real_out == real or real in real_out.parents or real_out in real.parents:
+            relation = "is" if real_out == real else "lies inside" if real in real_out.parents else "contains"
+            raise QPDeployError(f"output {out} {relation} the input {given}; choose another --out")
+    _check_writable(out)
+    if not (out.exists() or out.is_symlink()):
+        return
+    if not force:
         raise QPDeployError(f"output {out} already exists (use --force to replace it)")
-    if out.exists() and not out.is_dir():
+    if out.is_symlink():
+        raise QPDeployError(f"output {out} is a symbolic link; --force replaces only real artifacts")
+    if kind is not None:
+        header, name = kind
+        found = _kind_of(out / header) if out.is_dir() else None
+        if found != name:
+            raise QPDeployError(f"output {out} is not a {name} artifact; --force replaces only an artifact of "
+                                "the kind this command writes")
+    elif directory and not out.is_dir():
         raise QPDeployError(f"output {out} exists and is not a directory")
+
+
+def _kind_of(header: Path):
+    try:
+        data = json.loads(header.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    return data.get("kind") if isinstance(data, dict) else None
+
+
+def _check_writable(out: Path) -> None:
+    """The nearest existing ancestor of ``out`` must be a writable directory."""
+    parent = out.parent
+    while not parent.exists():
+        if parent.is_symlink():  # a dangling link
+            raise QPDeployError(f"cannot create output {out}: {parent} is a broken symbolic link")
+        parent = parent.parent
+    if not parent.is_dir():
+        raise QPDeployError(f"cannot create output {out}: {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise QPDeployError(f"cannot create output {out}: {parent} is not writable")
 
 
 def write_json(path: str | os.PathLike, data) -> None:
@@ -105,7 +246,11 @@ def read_artifact_header(path, file_name: str, kind: str, what: str, supported: 
     path = Path(path)
     if not path.is_dir():
         raise QPDeployError(f"{what} not found: {path} is not a directory")
+    if (path / INCOMPLETE_MARKER).exists():
+        raise QPDeployError(f"{path} is an unfinished {what} (its writer died or is still running)")
     data = read_json(path / file_name)
+    if not isinstance(data, dict):
+        raise QPDeployError(f"{path / file_name}: expected a JSON object, got {type(data).__name__}")
     if data.get("kind") != kind:
         article = "an" if what[0] in "aeiou" else "a"
         raise QPDeployError(f"{path} is not {article} qpdeploy {what} (kind {data.get('kind')!r})")

@@ -55,6 +55,40 @@ def load_pipeline(model: str | os.PathLike, config_dir: str | os.PathLike | None
     return pipe
 
 
+MAX_SIZE_FACTOR = 4  # image sides up to 4x the model's native resolution
+
+
+def native_resolution(pipe) -> int:
+    """The model's native image size: UNet sample size times the VAE downscaling factor."""
+    return int(pipe.unet.config.sample_size) * vae_factor(pipe)
+
+
+def vae_factor(pipe) -> int:
+    """How many pixels one latent cell spans per side."""
+    return 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+
+
+def size_multiple(pipe) -> int:
+    """Image sides must be multiples of this: every UNet down block but the last halves the
+    latent, and sizes that do not divide make diffusers pick upsampling sizes at trace time."""
+    return vae_factor(pipe) * 2 ** (len(pipe.unet.config.down_block_types) - 1)
+
+
+def check_resolution(pipe, value: int | None, what: str = "resolution") -> None:
+    """Refuse an image side the model cannot take, before anything is allocated.
+
+    Raises:
+        QPDeployError: ``value`` is not a positive multiple of :func:`size_multiple` or is
+            above :data:`MAX_SIZE_FACTOR` times the native resolution.
+    """
+    if value is None:
+        return
+    multiple, largest = size_multiple(pipe), MAX_SIZE_FACTOR * native_resolution(pipe)
+    if not multiple <= value <= largest or value % multiple:
+        raise QPDeployError(f"{what} must be a multiple of {multiple} between {multiple} and {largest} for this "
+                            f"model (native {native_resolution(pipe)}), got {value}")
+
+
 def check_unet(pipe, name: str) -> None:
     """Refuse pipelines whose denoiser is not a UNet2DConditionModel (DiT, video UNets...)."""
     from diffusers import UNet2DConditionModel

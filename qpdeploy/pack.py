@@ -26,7 +26,9 @@ import torch
 
 from .errors import QPDeployError
 from .intervals import Intervals
+from . import schema
 from .io import atomic_dir, dir_bytes, file_sha256, read_artifact_header, write_json
+from .schema import validate
 from .layers import quant_layers
 from .quantize import get_router
 
@@ -35,6 +37,7 @@ PACK_KIND = "qpdeploy.scale-pack"
 PACK_FILE = "pack.json"
 SCALES_FILE = "scales.safetensors"
 REPORT_FILE = "report.json"
+PACK_ARTIFACT = (PACK_FILE, PACK_KIND)  # header file and kind: what --force may replace
 STRATEGIES = ("baseline", "s1", "s2")
 
 
@@ -119,7 +122,7 @@ def save_pack(out, pack: ScalePack, report: dict | None = None, force: bool = Fa
     """
     from safetensors.torch import save_file
 
-    with atomic_dir(out, force) as tmp:
+    with atomic_dir(out, force, PACK_ARTIFACT) as tmp:
         tensors = {k: v.detach().float().cpu().contiguous() for k, v in pack.scales.items()}
         save_file(tensors, str(tmp / SCALES_FILE), metadata={"kind": PACK_KIND})
         write_json(tmp / PACK_FILE, {
@@ -148,6 +151,7 @@ def load_pack(path) -> ScalePack:
 
     path = Path(path)
     meta = read_artifact_header(path, PACK_FILE, PACK_KIND, "scale pack", PACK_FORMAT_VERSION)
+    validate(meta, schema.PACK, path / PACK_FILE)
     scales_file = path / SCALES_FILE
     if not scales_file.is_file():
         raise QPDeployError(f"scale pack {path} has no {SCALES_FILE}")
@@ -159,8 +163,11 @@ def load_pack(path) -> ScalePack:
         raise QPDeployError(f"cannot read {scales_file}: {exc}") from exc
     core = {"format_version", "kind", "strategy", "intervals", "s1_intervals", "num_sets", "input_scales",
             "base_hash", "scales_sha256"}
-    return ScalePack(meta["strategy"], Intervals.from_json(meta["intervals"]), meta["base_hash"], scales,
-                     tuple(meta.get("s1_intervals", ())), {k: v for k, v in meta.items() if k not in core})
+    try:
+        return ScalePack(meta["strategy"], Intervals.from_json(meta["intervals"]), meta["base_hash"], scales,
+                         tuple(meta["s1_intervals"]), {k: v for k, v in meta.items() if k not in core})
+    except QPDeployError as exc:
+        raise QPDeployError(f"{path / PACK_FILE}: {exc}") from None
 
 
 def apply_pack(base, pack: ScalePack) -> None:

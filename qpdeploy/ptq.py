@@ -8,12 +8,12 @@ from pathlib import Path
 
 import torch
 
-from .base import REPORT_FILE, QuantizedBase, save_base, source_hash
+from .base import BASE_ARTIFACT, REPORT_FILE, QuantizedBase, save_base, source_hash
 from .calibrate import (calibrate_activations, capture_trajectories, spread_over_schedule, sqnr_by_interval,
                         unet_outputs)
 from .config import QuantizeConfig
-from .io import check_output, read_json
-from .models import describe_source, load_pipeline
+from .io import claim_output, read_json
+from .models import check_resolution, describe_source, load_pipeline
 from .progress import stage
 from .prompts import CALIBRATION_FILE, CALIBRATION_PROMPTS, read_prompt_file
 from .quantize import convert_unet, float_weights_of, plan_layers, quantize_weights
@@ -113,11 +113,12 @@ def quantize_model(model, out, config: QuantizeConfig, config_dir=None, device="
     Returns:
         ``(path, report)``.
     """
-    check_output(out, force)  # before any long work
-    pipe = load_pipeline(model, config_dir)
-    qunet, intervals, plans, report = quantize_pipeline(pipe, config, resolve_device(device), show_progress)
-    path = save_base(out, qunet.cpu(), config, intervals, plans, describe_source(model), source_hash(pipe),
-                     report, force=force)
+    with claim_output(out, force, BASE_ARTIFACT, inputs=[model, config_dir]):  # before any long work
+        pipe = load_pipeline(model, config_dir)
+        check_resolution(pipe, config.resolution, "resolution")
+        qunet, intervals, plans, report = quantize_pipeline(pipe, config, resolve_device(device), show_progress)
+        path = save_base(out, qunet.cpu(), config, intervals, plans, describe_source(model), source_hash(pipe),
+                         report, force=force)
     return path, read_json(path / REPORT_FILE)
 
 

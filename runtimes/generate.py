@@ -13,12 +13,12 @@ import copy
 import os
 import re
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 from qpdeploy.errors import QPDeployError
-from qpdeploy.io import file_sha256, write_json
+from qpdeploy.io import check_output, file_sha256, write_json
+from qpdeploy.prompts import check_prompt_tokens, check_text
 
 from .config import GenerateConfig, RuntimeConfig
 
@@ -65,19 +65,6 @@ def _slug(prompt: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:48] or "prompt"
 
 
-def check_prompt_length(tokenizer, prompt: str | None, what: str = "prompt") -> None:
-    """Warn (as diffusers does, but as a Python warning naming the prompt) when a prompt has
-    more tokens than the tokenizer's limit; the pipeline then truncates it."""
-    if not prompt:
-        return
-    limit = tokenizer.model_max_length
-    ids = tokenizer(prompt, truncation=False, add_special_tokens=True, verbose=False)["input_ids"]
-    if len(ids) > limit:
-        kept = tokenizer.decode(ids[: limit - 1], skip_special_tokens=True)
-        warnings.warn(f"{what} {prompt!r} has {len(ids)} tokens but the text encoder takes {limit}: truncated to "
-                      f"{kept!r}", UserWarning, stacklevel=2)
-
-
 def check_size(manifest, config: GenerateConfig) -> tuple[int, int]:
     """The image size to sample: the exported one, which is also the only one accepted."""
     exported = (manifest.data["height"], manifest.data["width"])
@@ -104,7 +91,14 @@ def generate(deploy, prompts: list[str], config: GenerateConfig, runtime: Runtim
 
     from .pipeline import close_pipeline, load_pipeline
 
+    for n, prompt in enumerate(prompts):
+        check_text(prompt, "--prompt" if len(prompts) == 1 else f"prompt {n + 1}")
+    check_text(config.negative_prompt, "--negative-prompt")
     jobs = plan_images(prompts, config, out, out_dir, force)
+    for job in jobs:
+        check_output(job.path, force=True, inputs=[deploy, runtime.base, runtime.pack], directory=False)
+        if job.path.is_dir():
+            raise QPDeployError(f"output {job.path} is a directory; name an image file")
     start = time.perf_counter()
     manifest = read_manifest(deploy, verify_hashes=runtime.verify_hashes)
     height, width = check_size(manifest, config)
@@ -128,8 +122,8 @@ def generate_one(pipe, job: ImageJob, config: GenerateConfig, runtime: RuntimeCo
     import torch
 
     tokenizer = pipe.tokenizer or getattr(pipe, "tokenizer_2", None)  # SDXL's two share one limit: warn once
-    check_prompt_length(tokenizer, job.prompt)
-    check_prompt_length(tokenizer, config.negative_prompt, "negative prompt")
+    check_prompt_tokens(tokenizer, job.prompt)
+    check_prompt_tokens(tokenizer, config.negative_prompt, "negative prompt")
     schedule = copy.deepcopy(pipe.scheduler)
     schedule.set_timesteps(config.steps)
     pipe.unet.expect(schedule.timesteps)

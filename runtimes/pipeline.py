@@ -116,13 +116,19 @@ def load_scheduler(folder, name: str | None = None):
 
     from qpdeploy.io import read_json
 
-    config = read_json(folder / "scheduler_config.json")
+    path = folder / "scheduler_config.json"
+    config = read_json(path)
+    if not isinstance(config, dict):
+        raise QPDeployError(f"{path}: expected a JSON object")
     cls_name = config.get("_class_name") if name is None else SCHEDULER_CLASSES[name]
-    cls = getattr(diffusers, cls_name, None)
-    if cls is None:
-        raise QPDeployError(f"{folder}/scheduler_config.json names unknown scheduler {cls_name}")
+    cls = getattr(diffusers, cls_name, None) if isinstance(cls_name, str) else None
+    if not (isinstance(cls, type) and issubclass(cls, diffusers.SchedulerMixin)):
+        raise QPDeployError(f"{path} names {cls_name!r}, which is not a diffusers scheduler")
     extra = {"skip_prk_steps": True} if cls_name == "PNDMScheduler" else {}
-    return cls.from_config(config, **extra)
+    try:
+        return cls.from_config(config, **extra)
+    except (TypeError, ValueError, KeyError) as exc:
+        raise QPDeployError(f"{path}: cannot configure {cls_name} ({exc.__class__.__name__})") from None
 
 
 def load_tokenizer(folder):

@@ -177,8 +177,10 @@ def test_layout_that_does_not_fit_the_pack_fails_before_exporting(packed_base, e
 
 def test_bad_sizes_and_settings_are_refused(packed_base, export_pipe, tmp_path):
     base, pack = packed_base("sd1", "s2")
-    with pytest.raises(QPDeployError, match="multiples of 4"):
+    with pytest.raises(QPDeployError, match="height must be a multiple of 4 between 4 and 64 .* got 18"):
         export_deploy(base, export_pipe("sd1"), tmp_path / "deploy", ExportConfig(height=18), pack)
+    with pytest.raises(QPDeployError, match="width must be a multiple of 4 between 4 and 64 .* got 100000"):
+        export_deploy(base, export_pipe("sd1"), tmp_path / "deploy", ExportConfig(width=100_000), pack)
     for bad in (dict(layout="per-step"), dict(batch=0), dict(opset=12)):
         with pytest.raises(QPDeployError):
             ExportConfig(**bad)

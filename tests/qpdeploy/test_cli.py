@@ -35,14 +35,21 @@ def test_quantize_refuses_to_overwrite_without_force(tmp_path):
     assert (out / "keep.txt").read_text() == "mine"
 
 
-def test_force_replaces_an_existing_output(tmp_path):
+def test_force_replaces_an_existing_base_and_nothing_else(tmp_path):
     out = tmp_path / "base"
     out.mkdir()
     (out / "old.txt").write_text("old")
+    result = runner.invoke(app, ["quantize", "tiny-sd1", "--out", str(out), "--force", *QUICK])
+    assert result.exit_code == 2
+    assert "is not a qpdeploy.quantized-base artifact; --force replaces only" in result.output
+    assert (out / "old.txt").read_text() == "old"
+    (out / "old.txt").unlink()
+    out.rmdir()
+    assert runner.invoke(app, ["quantize", "tiny-sd1", "--out", str(out), *QUICK]).exit_code == 0
     result = runner.invoke(app, ["quantize", "tiny-sd1", "--out", str(out), "--force", "--weight-bits", "4", *QUICK])
     assert result.exit_code == 0, result.output
-    assert not (out / "old.txt").exists()
     assert read_json(out / "quant_config.json")["quantize"]["weight_bits"] == 4
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base"]  # no lock, temporary or set-aside copy left
 
 
 @pytest.mark.parametrize("args, message", [
