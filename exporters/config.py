@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from qpdeploy.config import ConfigBase
+from qpdeploy.config import MAX_BATCH, ConfigBase
 from qpdeploy.errors import QPDeployError
 
 LAYOUTS = ("per-interval", "masked", "multi-expert")
@@ -55,7 +55,7 @@ class ExportConfig(ConfigBase):
         checks = [
             (self.layout is None or self.layout in LAYOUTS,
              f"layout must be one of {', '.join(LAYOUTS)}, got {self.layout!r}"),
-            (self.batch >= 1, f"batch must be >= 1, got {self.batch}"),
+            (1 <= self.batch <= MAX_BATCH, f"batch must be in 1..{MAX_BATCH}, got {self.batch}"),
             (self.height is None or self.height > 0, f"height must be positive, got {self.height}"),
             (self.width is None or self.width > 0, f"width must be positive, got {self.width}"),
             (MIN_OPSET <= self.opset <= MAX_OPSET, f"opset must be in {MIN_OPSET}..{MAX_OPSET}, got {self.opset}"),

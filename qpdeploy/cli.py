@@ -198,8 +198,11 @@ def train(
                  *(["--resolution", str(resolution)] if resolution is not None else []),
                  *(["--config", str(config)] if config is not None else []),
                  "--seed", str(seed), "--device", device, *(["--force"] if force else [])]
-    base_dir, source = _base_for_training(ctx, model, base, out, forwarded, force)
+    from .train import check_train_inputs
     from .train import train as train_pack
+
+    check_train_inputs(images, cfg, out, force, [base, images, model, config, class_dir, resume])
+    base_dir, source = _base_for_training(ctx, model, base, out, images, forwarded, force)
 
     with _warnings_as_lines():
         path, report = train_pack(base_dir, images, out, cfg, source=source, config_dir=config, class_dir=class_dir,
@@ -208,7 +211,7 @@ def train(
     typer.echo(f"scale pack: {path}\nreport: {path / 'report.json'}")
 
 
-def _base_for_training(ctx: typer.Context, model, base, out: Path, forwarded: list[str], force: bool):
+def _base_for_training(ctx: typer.Context, model, base, out: Path, images: Path, forwarded: list[str], force: bool):
     """``(base dir, moved source or None)``; with --model and no existing base, quantize first
     by running the ``quantize`` command itself, so it takes exactly quantize's options."""
     extra = list(ctx.args)
@@ -220,6 +223,12 @@ def _base_for_training(ctx: typer.Context, model, base, out: Path, forwarded: li
             raise QPDeployError("give --base BASE (a quantized base) or --model MODEL (quantized first)")
         return base, model
     base = base if base is not None else Path(f"{out}-base")
+    from .base import BASE_ARTIFACT
+    from .io import check_output, overlap
+
+    check_output(base, force, BASE_ARTIFACT, [images, model])
+    if overlap(base, out):
+        raise QPDeployError(f"the base --model writes ({base}) {overlap(base, out)} --out {out}; choose another --base")
     from typer.main import get_command
 
     command = get_command(app).commands["quantize"]

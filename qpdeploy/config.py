@@ -19,6 +19,12 @@ from .errors import QPDeployError
 # and the time projections inside each resnet (tiny matmuls on a (B, C) vector whose
 # error reaches every channel of the block), plus the first and last convolutions, which
 # touch raw latents. NVIDIA's diffusion INT8 recipes leave the same groups unquantized.
+# Upper bounds checked before anything is allocated. Sizes are also checked against the model
+# (qpdeploy.models.check_resolution: up to 4x its native size); these catch typos at once.
+MAX_RESOLUTION = 8192
+MAX_BATCH = 64
+MAX_STEPS = 1000  # the diffusion schedules qpdeploy supports have at most 1000 timesteps
+
 DEFAULT_SKIP = (
     r"^time_embedding\.",
     r"^add_embedding\.",
@@ -146,9 +152,11 @@ class QuantizeConfig(ConfigBase):
             (self.weight_search in ("lp", "minmax"), f"weight search must be lp or minmax, got {self.weight_search!r}"),
             (self.act_search in ("lp", "minmax"), f"activation search must be lp or minmax, got {self.act_search!r}"),
             (self.lp_norm > 0, f"lp norm must be positive, got {self.lp_norm}"),
-            (self.intervals >= 1, f"intervals must be >= 1, got {self.intervals}"),
-            (self.calib_steps >= 2, f"calibration steps must be >= 2, got {self.calib_steps}"),
-            (self.calib_samples >= 1, f"calibration samples must be >= 1, got {self.calib_samples}"),
+            (1 <= self.intervals <= MAX_STEPS, f"intervals must be in 1..{MAX_STEPS}, got {self.intervals}"),
+            (2 <= self.calib_steps <= MAX_STEPS, f"calibration steps must be in 2..{MAX_STEPS}, got {self.calib_steps}"),
+            (1 <= self.calib_samples <= 100_000, f"calibration samples must be in 1..100000, got {self.calib_samples}"),
+            (self.resolution is None or 1 <= self.resolution <= MAX_RESOLUTION,
+             f"resolution must be in 1..{MAX_RESOLUTION}, got {self.resolution}"),
             (0 < self.holdout < 1, f"holdout fraction must be in (0, 1), got {self.holdout}"),
             (self.sample_values >= 16, f"sample values must be >= 16, got {self.sample_values}"),
             (self.calib_prompts is None or len(self.calib_prompts) >= 2, "give at least two calibration prompts"),
@@ -260,28 +268,30 @@ class TrainConfig(ConfigBase):
             (self.strategy in TRAIN_STRATEGIES,
              f"strategy must be one of {', '.join(TRAIN_STRATEGIES)}, got {self.strategy!r}"),
             (self.intervals is None or self.boundaries is None, "give either intervals or boundaries, not both"),
-            (self.intervals is None or self.intervals >= 1, f"intervals must be >= 1, got {self.intervals}"),
+            (self.intervals is None or 1 <= self.intervals <= MAX_STEPS,
+             f"intervals must be in 1..{MAX_STEPS}, got {self.intervals}"),
             (not s1 or bool(self.s1_intervals), "strategy s1 needs the intervals it trains (--s1-intervals 0,1)"),
             (s1 or not self.s1_intervals, f"s1 intervals are only used by strategy s1, not {self.strategy}"),
             (all(i >= 0 and (k is None or i < k) for i in self.s1_intervals),
              f"s1 intervals must be in 0..{'K-1' if k is None else k - 1}, got {list(self.s1_intervals)}"),
-            (self.steps >= 1, f"steps must be >= 1, got {self.steps}"),
-            (self.batch_size is None or self.batch_size >= 1, f"batch size must be >= 1, got {self.batch_size}"),
-            (self.grad_accum >= 1, f"gradient accumulation must be >= 1, got {self.grad_accum}"),
+            (1 <= self.steps <= 10_000_000, f"steps must be in 1..10000000, got {self.steps}"),
+            (self.batch_size is None or 1 <= self.batch_size <= MAX_BATCH,
+             f"batch size must be in 1..{MAX_BATCH}, got {self.batch_size}"),
+            (1 <= self.grad_accum <= 1024, f"gradient accumulation must be in 1..1024, got {self.grad_accum}"),
             (self.lr > 0, f"learning rate must be positive, got {self.lr}"),
             (self.weight_decay >= 0, f"weight decay must be >= 0, got {self.weight_decay}"),
-            (self.resolution is None or (self.resolution >= 8 and self.resolution % 8 == 0),
-             f"resolution must be a positive multiple of 8, got {self.resolution}"),
+            (self.resolution is None or (8 <= self.resolution <= MAX_RESOLUTION and self.resolution % 8 == 0),
+             f"resolution must be a multiple of 8 in 8..{MAX_RESOLUTION}, got {self.resolution}"),
             (self.crop in ("center", "random"), f"crop must be center or random, got {self.crop!r}"),
-            (self.crops_per_image >= 1, f"crops per image must be >= 1, got {self.crops_per_image}"),
+            (1 <= self.crops_per_image <= MAX_BATCH, f"crops per image must be in 1..{MAX_BATCH}, got {self.crops_per_image}"),
             (bool(self.identifier.strip()), "the identifier word is empty"),
-            (self.prior_images >= 0, f"prior images must be >= 0, got {self.prior_images}"),
+            (0 <= self.prior_images <= 100_000, f"prior images must be in 0..100000, got {self.prior_images}"),
             (self.prior_images == 0 or bool(self.class_prompt),
              "prior preservation needs a class prompt (--class-prompt 'a photo of a dog')"),
             (not self.class_prompt or self.prior_images > 0,
              "a class prompt needs a number of class images (--prior-images N)"),
             (self.prior_weight >= 0, f"prior weight must be >= 0, got {self.prior_weight}"),
-            (self.sample_steps >= 1, f"sample steps must be >= 1, got {self.sample_steps}"),
+            (1 <= self.sample_steps <= MAX_STEPS, f"sample steps must be in 1..{MAX_STEPS}, got {self.sample_steps}"),
             (self.guidance >= 0, f"guidance must be >= 0, got {self.guidance}"),
             (self.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}"),
             (self.seed >= 0, f"seed must be >= 0, got {self.seed}"),
@@ -289,7 +299,8 @@ class TrainConfig(ConfigBase):
             (self.validate_every >= 0, f"validation interval must be >= 0, got {self.validate_every}"),
             (self.validate_every == 0 or bool(self.validation_prompt),
              "validation needs a prompt (--validation-prompt 'a sks dog on the beach')"),
-            (self.validation_images >= 1, f"validation images must be >= 1, got {self.validation_images}"),
+            (1 <= self.validation_images <= MAX_BATCH,
+             f"validation images must be in 1..{MAX_BATCH}, got {self.validation_images}"),
         ]
         for ok, message in checks:
             if not ok:

@@ -162,14 +162,9 @@ def check_output(out: str | os.PathLike, force: bool, kind: tuple[str, str] | No
     """The checks of :func:`claim_output`, without the lock (called before any long work);
     ``directory=False`` for an output file."""
     out = Path(os.path.abspath(out))
-    real_out = out.resolve()
     for given in inputs:
-        if given is None or not os.path.exists(given):
-            continue
-        real = Path(given).resolve()
-        if real_out == real or real in real_out.parents or real_out in real.parents:
-            relation = "is" if real_out == real else "lies inside" if real in real_out.parents else "contains"
-            raise QPDeployError(f"output {out} {relation} the input {given}; choose another --out")
+        if given is not None and os.path.exists(given) and overlap(out, given):
+            raise QPDeployError(f"output {out} {overlap(out, given)} the input {given}; choose another --out")
     _check_writable(out)
     if not (out.exists() or out.is_symlink()):
         return
@@ -185,6 +180,15 @@ def check_output(out: str | os.PathLike, force: bool, kind: tuple[str, str] | No
                                 "the kind this command writes")
     elif directory and not out.is_dir():
         raise QPDeployError(f"output {out} exists and is not a directory")
+
+
+def overlap(out, other) -> str | None:
+    """How ``out`` overlaps ``other`` once links are resolved: "is", "lies inside",
+    "contains", or None."""
+    a, b = Path(out).resolve(), Path(other).resolve()
+    if a == b:
+        return "is"
+    return "lies inside" if b in a.parents else "contains" if a in b.parents else None
 
 
 def _kind_of(header: Path):

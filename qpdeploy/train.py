@@ -39,15 +39,17 @@ from .base import QuantizedBase, load_base, load_base_pipeline, source_hash
 from .checkpoint import (check_resumable, checkpoint_path, find_checkpoint, load_checkpoint, read_checkpoint_state,
                          save_checkpoint)
 from .config import TrainConfig
-from .data import (Examples, check_prompt, class_images, default_resolution, encode_examples,
-                   load_instance_images)
+from .data import (Examples, check_prompt, class_images, default_resolution, encode_examples, load_instance_images,
+                   readable_images)
 from .errors import QPDeployError
 from .intervals import Intervals
-from .io import check_output, read_json
+from .io import check_output, claim_output, read_json
 from .memory import PeakMemory, release_free_heap
 from .optim import ScaleSetOptimizer
-from .pack import ScalePack, init_scale_sets, reset_to_post_training, save_pack, scales_of
+from .pack import PACK_ARTIFACT, ScalePack, init_scale_sets, reset_to_post_training, save_pack, scales_of
 from .progress import stage
+from .prompts import check_text
+from .models import check_resolution
 from .ptq import resolve_device
 from .quantize import get_router
 from .validate import Validator, quantized_pipeline
@@ -300,6 +302,7 @@ def prepare_data(base: QuantizedBase, images, config: TrainConfig, pipe=None, cl
     reset_to_post_training(base)
     pipe = quantized_pipeline(pipe, base.unet)
     pipe.to(device)
+    check_resolution(pipe, config.resolution, "resolution")
     resolution = config.resolution or default_resolution(pipe)
     check_prompt(config.prompt, config.identifier, pipe.tokenizer)
     instance = load_instance_images(images, resolution, config.crop, config.crops_per_image, config.seed)
@@ -340,13 +343,41 @@ def train(base, images, out, config: TrainConfig, *, pipe=None, source=None, con
         ``(pack path, report)``; the report is also the pack's report.json.
     """
     start = time.perf_counter()
+    run_dir = Path(run_dir) if run_dir is not None else Path(f"{out}{RUN_SUFFIX}")
+    base_dir = base.path if isinstance(base, QuantizedBase) else base
+    inputs = [base_dir, images, source, config_dir, class_dir, resume]
     # 1. inputs: fail on bad ones before any long work
-    check_output(out, force)
+    check_train_inputs(images, config, out, force, inputs, run_dir)
+    with claim_output(out, force, PACK_ARTIFACT, inputs):
+        return _train(base, images, out, config, pipe, source, config_dir, run_dir, class_dir, resume, device,
+                      force, show_progress, start)
+
+
+def check_train_inputs(images, config: TrainConfig, out, force: bool, inputs, run_dir=None) -> None:
+    """Everything about a run that can be checked without a model: the text options, the
+    instance images (each is decoded once), the pack output and the run directory.
+    ``qpdeploy train --model`` calls it before quantizing.
+
+    Raises:
+        QPDeployError: one line naming the problem.
+    """
+    for name in ("prompt", "class_prompt", "identifier", "validation_prompt"):
+        check_text(getattr(config, name), f"--{name.replace('_', '-')}")
+    readable_images(images)
+    check_output(out, force, PACK_ARTIFACT, inputs)
+    run_dir = Path(run_dir) if run_dir is not None else Path(f"{out}{RUN_SUFFIX}")
+    resume = inputs[-1] if inputs else None  # a resumed run reads its checkpoint from inside the run dir
+    check_output(run_dir, True, None, [i for i in inputs if i is not None and i is not resume])
+
+
+def _train(base, images, out, config, pipe, source, config_dir, run_dir, class_dir, resume, device, force,
+           show_progress, start):
+    """The body of :func:`train`, run while the output is claimed."""
+    # 1. inputs
     base = base if isinstance(base, QuantizedBase) else load_base(base)
     device = resolve_device(device)
     autocast_dtype(config.precision, device)
     config.make_intervals(base.intervals)
-    run_dir = Path(run_dir) if run_dir is not None else Path(f"{out}{RUN_SUFFIX}")
     checkpoint = None
     if resume is not None:
         checkpoint = find_checkpoint(resume)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from qpdeploy.config import ConfigBase
+from qpdeploy.config import MAX_STEPS, ConfigBase
 from qpdeploy.errors import QPDeployError
 
 BACKENDS = ("ort", "trt", "torch")
@@ -100,12 +100,12 @@ class GenerateConfig(ConfigBase):
 
     def __post_init__(self):
         _check([
-            (self.steps >= 1, f"steps must be >= 1, got {self.steps}"),
+            (1 <= self.steps <= MAX_STEPS, f"steps must be in 1..{MAX_STEPS}, got {self.steps}"),
             (self.guidance >= 0, f"guidance must be >= 0, got {self.guidance}"),
             (self.scheduler is None or self.scheduler in SCHEDULERS,
              f"scheduler must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}"),
             (self.seed >= 0, f"seed must be >= 0, got {self.seed}"),
-            (self.images_per_prompt >= 1, f"images per prompt must be >= 1, got {self.images_per_prompt}"),
+            (1 <= self.images_per_prompt <= 10_000, f"images per prompt must be in 1..10000, got {self.images_per_prompt}"),
             (self.height is None or self.height > 0, f"height must be positive, got {self.height}"),
             (self.width is None or self.width > 0, f"width must be positive, got {self.width}"),
         ])

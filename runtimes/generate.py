@@ -102,6 +102,9 @@ def generate(deploy, prompts: list[str], config: GenerateConfig, runtime: Runtim
     start = time.perf_counter()
     manifest = read_manifest(deploy, verify_hashes=runtime.verify_hashes)
     height, width = check_size(manifest, config)
+    if config.steps > manifest.intervals.num_train_timesteps:
+        raise QPDeployError(f"steps must be at most the model's {manifest.intervals.num_train_timesteps} training "
+                            f"timesteps, got {config.steps}")
     pipe = load_pipeline(manifest, runtime, config.scheduler)
     load_seconds = time.perf_counter() - start
     context = {"deploy_dir": str(manifest.path), "manifest_sha256": file_sha256(manifest.path / MANIFEST_FILE),

@@ -50,7 +50,9 @@ def force_intervals(trainer, chosen):
     (dict(strategy="s2", s1_intervals=(0,)), "only used by strategy s1"),
     (dict(strategy="s1", s1_intervals=(4,), intervals=4), r"must be in 0\.\.3"),
     (dict(intervals=4, boundaries=(0, 500, 1000)), "not both"),
-    (dict(steps=0), "steps must be >= 1"),
+    (dict(steps=0), "steps must be in 1..10000000, got 0"),
+    (dict(batch_size=65), "batch size must be in 1..64, got 65"),
+    (dict(resolution=100_000), "resolution must be a multiple of 8 in 8..8192"),
     (dict(lr=0.0), "learning rate must be positive"),
     (dict(resolution=30), "multiple of 8"),
     (dict(prior_images=10), "needs a class prompt"),
@@ -261,7 +263,10 @@ def test_resume_refuses_other_settings_and_other_bases(cheap_base, tiny_pipe, in
     with pytest.raises(QPDeployError, match="was trained on base"):
         run(cheap_base, tiny_pipe, instance_dir, tmp_path / "q", base=other, steps=4, strategy="baseline",
             resume=tmp_path / "p.run")
+    (tmp_path / "empty").mkdir()
     with pytest.raises(QPDeployError, match="no training checkpoint"):
+        run(cheap_base, tiny_pipe, instance_dir, tmp_path / "q", steps=4, resume=tmp_path / "empty")
+    with pytest.raises(QPDeployError, match="lies inside the input"):  # the output inside a folder read
         run(cheap_base, tiny_pipe, instance_dir, tmp_path / "q", steps=4, resume=tmp_path)
 
 

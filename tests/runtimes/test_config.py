@@ -20,9 +20,10 @@ def test_configs_round_trip_through_json():
     (RuntimeConfig, dict(base="b"), "only used by the torch backend"),
     (RuntimeConfig, dict(ort_optimization="max"), "ort optimization must be one of"),
     (RuntimeConfig, dict(device="tpu"), "device must be auto, cpu or cuda"),
-    (GenerateConfig, dict(steps=0), "steps must be >= 1"),
+    (GenerateConfig, dict(steps=0), "steps must be in 1..1000, got 0"),
+    (GenerateConfig, dict(steps=100_000), "steps must be in 1..1000, got 100000"),
     (GenerateConfig, dict(scheduler="lms"), "scheduler must be one of ddim, pndm, dpm, euler"),
-    (GenerateConfig, dict(images_per_prompt=0), "images per prompt must be >= 1"),
+    (GenerateConfig, dict(images_per_prompt=0), "images per prompt must be in 1..10000, got 0"),
 ])
 def test_bad_values_are_refused_in_one_line(cls, bad, match):
     with pytest.raises(QPDeployError, match=match) as error:
