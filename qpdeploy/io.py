@@ -252,11 +252,13 @@ def read_artifact_header(path, file_name: str, kind: str, what: str, supported: 
         raise QPDeployError(f"{what} not found: {path} is not a directory")
     if (path / INCOMPLETE_MARKER).exists():
         raise QPDeployError(f"{path} is an unfinished {what} (its writer died or is still running)")
+    article = "an" if what[0] in "aeiou" else "a"
+    if not (path / file_name).is_file():
+        raise QPDeployError(f"{path} is not {article} qpdeploy {what} (it has no {file_name})")
     data = read_json(path / file_name)
     if not isinstance(data, dict):
         raise QPDeployError(f"{path / file_name}: expected a JSON object, got {type(data).__name__}")
     if data.get("kind") != kind:
-        article = "an" if what[0] in "aeiou" else "a"
         raise QPDeployError(f"{path} is not {article} qpdeploy {what} (kind {data.get('kind')!r})")
     check_format_version(what, data.get("format_version"), supported, path / file_name)
     return data
