@@ -212,6 +212,36 @@ def _check_writable(out: Path) -> None:
         raise QPDeployError(f"cannot create output {out}: {parent} is not writable")
 
 
+def write_file_atomic(path: str | os.PathLike, write) -> None:
+    """Write a file through a temporary sibling renamed into place (never a half-written file).
+
+    ``write(tmp_path)`` writes the content. Temporary siblings of ``path`` left by processes
+    that died are removed first.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}.tmp-*"):
+        pid = stale.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _alive(int(pid)):
+            stale.unlink(missing_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
 def write_json(path: str | os.PathLike, data) -> None:
     """Write pretty JSON with a trailing newline."""
     Path(path).write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")

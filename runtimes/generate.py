@@ -10,14 +10,13 @@ guidance, backend, the manifest's SHA-256, the interval and engine of every UNet
 from __future__ import annotations
 
 import copy
-import os
 import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from qpdeploy.errors import QPDeployError
-from qpdeploy.io import check_output, file_sha256, write_json
+from qpdeploy.io import check_output, file_sha256, write_file_atomic, write_json
 from qpdeploy.prompts import check_prompt_tokens, check_text
 
 from .config import GenerateConfig, RuntimeConfig
@@ -140,8 +139,8 @@ def generate_one(pipe, job: ImageJob, config: GenerateConfig, runtime: RuntimeCo
                  generator=torch.Generator("cpu").manual_seed(job.seed)).images[0]
     total = time.perf_counter() - start
     record = image_record(pipe, job, config, runtime, manifest, context, total)
-    _write_atomic(job.path, lambda tmp: image.save(tmp, format="PNG"))
-    _write_atomic(job.path.with_suffix(".json"), lambda tmp: write_json(tmp, record))
+    write_file_atomic(job.path, lambda tmp: image.save(tmp, format="PNG"))
+    write_file_atomic(job.path.with_suffix(".json"), lambda tmp: write_json(tmp, record))
     return record
 
 
@@ -184,17 +183,6 @@ def image_record(pipe, job: ImageJob, config: GenerateConfig, runtime: RuntimeCo
         "generate": config.to_json(),
         "runtime": runtime.to_json(),
     }
-
-
-def _write_atomic(path: Path, write) -> None:
-    """Write through a temporary sibling renamed into place (never a half-written file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def print_generate_summary(records: list[dict]) -> None:

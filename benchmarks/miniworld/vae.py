@@ -54,13 +54,14 @@ def vae_scenes(rng: np.random.Generator, n: int):
     return mixed_scenes(rng, n, plain=0.7, subjects=0.0, combos=train_combos())
 
 
-def train_vae(steps: int, batch_size: int, lr: float, kl_weight: float, seed: int, channels: tuple[int, ...] = (16, 32, 64)):
+def train_vae(steps: int, batch_size: int, lr: float, kl_weight: float, seed: int,
+              channels: tuple[int, ...] = (16, 32, 64), latent_channels: int = 4):
     """L1 + MSE reconstruction plus a small KL term, on fresh renders every step.
 
     Returns:
         The trained AutoencoderKL in eval mode.
     """
-    vae = build_vae(channels)
+    vae = build_vae(channels, latent_channels)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
     warmup = 100
     schedule = torch.optim.lr_scheduler.LambdaLR(
