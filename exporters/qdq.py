@@ -1,7 +1,7 @@
 """The QDQ placement rule: how one quantized layer becomes ONNX QuantizeLinear/DequantizeLinear.
 
 This module is the only place that decides what a quantized layer looks like in ONNX. It
-follows TensorRT's explicit-quantization rules (DESIGN.md, "Export layouts"):
+follows TensorRT's explicit-quantization rules (docs/design.md, "Export layouts"):
 
 - the integer weight is an INT8 initializer feeding ``DequantizeLinear(axis=0, zero point 0)``,
   which feeds the Conv (input 1) or, for a Linear, ``Transpose -> MatMul`` (``Gemm`` for 2-D
@@ -24,7 +24,7 @@ graph. Two forms exist:
   equals ``s_out * W_int`` the scale set costs nothing at run time;
 - table (masked and multi-expert layouts): ``w_scale = s_ptq`` and the conv/matmul output is
   multiplied per channel by ``Gather(out_ratio_table, selector)``, exactly the order of
-  operations of :meth:`QuantLayer.forward` (DESIGN.md: the rescale after the integer
+  operations of :meth:`QuantLayer.forward` (docs/design.md: the rescale after the integer
   conv is what makes one engine with K scale tables exact).
 """
 

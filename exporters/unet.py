@@ -1,6 +1,6 @@
 """Export the quantized UNet (with its pack installed) to ONNX graphs in one of three layouts.
 
-Layouts (DESIGN.md, "Export layouts"):
+Layouts (docs/design.md, "Export layouts"):
 
 - ``per-interval``: one graph per distinct (scale set, activation-scale row) among the K
   intervals, scales baked into the weight DequantizeLinear. Intervals that use identical

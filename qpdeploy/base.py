@@ -1,4 +1,4 @@
-"""The quantized-base artifact (DESIGN.md, "Artifacts").
+"""The quantized-base artifact (docs/design.md, "Stages and artifacts").
 
 A base directory holds:
 

@@ -11,24 +11,53 @@ import contextlib
 import functools
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 import typer
+from typer.core import TyperGroup
 
+from .config import PRECISIONS, TRAIN_STRATEGIES
 from .errors import QPDeployError
+from .exporters.config import LAYOUTS
+from .quiet import quiet_third_party
+from .runtimes.config import BACKENDS, ORT_OPTIMIZATIONS, SCHEDULERS
 from .models import DEFAULT_MODEL  # no torch: models imports torch only inside its functions
 
+class _OneLineErrors(TyperGroup):
+    """Command-line usage errors (an unknown option, a value not among the choices) as one
+    ``error:`` line and exit code 2, like every other bad input."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except Exception as exc:  # the parser's own exception types live in typer's private click
+            if not hasattr(exc, "format_message"):
+                raise
+            if type(exc).__name__ == "NoArgsIsHelpError":  # plain `qpdeploy`: the help is the answer
+                typer.echo(exc.format_message())
+                sys.exit(0)
+            message = exc.format_message().replace("Value error, ", "")  # the validator's own prefix
+            typer.echo(f"error: {message} (see --help)", err=True)
+            sys.exit(2)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
 app = typer.Typer(
+    cls=_OneLineErrors,
     help="Personalize quantized diffusion UNets by training only their quantization scales; deploy as INT8 engines.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # plain help: flags without a value, choices listed
 )
 
 
 @app.callback()
 def _root() -> None:
     """qpdeploy: quantize -> train -> export -> generate (see README.md)."""
+    quiet_third_party()
 
 
 def cli_errors(fn):
@@ -37,6 +66,7 @@ def cli_errors(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
+            _quiet_libraries()
             return fn(*args, **kwargs)
         except QPDeployError as exc:
             typer.echo(f"error: {exc}", err=True)
@@ -64,14 +94,14 @@ def quantize(
     out: Path = typer.Option(..., "--out", "-o", help="Directory of the quantized base to write."),
     weight_bits: int = typer.Option(8, help="Weight bits: 8 or 4 (INT4 is stored packed two per byte)."),
     act_bits: str = typer.Option("8", help="Activation bits: 8, or 'none' for weight-only quantization."),
-    act_scales: str = typer.Option("global", help="Activation scales: 'global' or 'per-interval'."),
+    act_scales: Literal["global", "per-interval"] = typer.Option("global", help="Activation scales: 'global' or 'per-interval'."),
     intervals: int = typer.Option(4, help="Number of uniform timestep intervals (per-interval scales and report)."),
     boundaries: Optional[str] = typer.Option(None, help="Explicit interval boundaries, e.g. 0,300,600,1000."),
     skip: Optional[list[str]] = typer.Option(None, help="Regex of module names kept in floating point "
                                                         "(repeatable; replaces the default skip list)."),
     no_skip: bool = typer.Option(False, "--no-skip", help="Quantize every Conv2d/Linear (empty skip list)."),
     shortcut_split: bool = typer.Option(True, help="Quantize the two halves of skip-connection inputs separately."),
-    calib_method: str = typer.Option("lp", help="Clipping search for weights and activations: 'lp' or 'minmax'."),
+    calib_method: Literal["lp", "minmax"] = typer.Option("lp", help="Clipping search for weights and activations: 'lp' or 'minmax'."),
     calib_prompts: Optional[Path] = typer.Option(None, help="File with one calibration prompt per line."),
     calib_steps: int = typer.Option(20, help="DDIM steps of each full-precision calibration trajectory."),
     calib_samples: int = typer.Option(64, help="UNet calls used for calibration, spread over the schedule."),
@@ -146,9 +176,12 @@ def train(
                                                              "MODEL when missing; if it exists, MODEL is where its "
                                                              "source model moved to."),
     model: Optional[str] = typer.Option(None, "--model", help="Quantize MODEL first into --base (default <out>-base); "
-                                                              "any 'qpdeploy quantize' option may be added, e.g. "
-                                                              "--weight-bits 4."),
-    strategy: str = typer.Option("s2", help="baseline (one scale set), s1 (one set in chosen intervals) or s2 "
+                                                              f"without --base and --model: {DEFAULT_MODEL}. Any "
+                                                              "'qpdeploy quantize' option may be added: --weight-bits, "
+                                                              "--act-bits, --act-scales, --skip, --no-skip, "
+                                                              "--shortcut-split, --calib-method, --calib-prompts, "
+                                                              "--calib-steps, --calib-samples."),
+    strategy: Literal[TRAIN_STRATEGIES] = typer.Option("s2", help="baseline (one scale set), s1 (one set in chosen intervals) or s2 "
                                             "(one set per interval)."),
     intervals: Optional[int] = typer.Option(None, help="Number of uniform timestep intervals (default: the base's)."),
     boundaries: Optional[str] = typer.Option(None, help="Explicit interval boundaries, e.g. 0,300,600,1000."),
@@ -160,7 +193,7 @@ def train(
     lr: float = typer.Option(1e-3, help="AdamW learning rate, relative to the post-training scales."),
     weight_decay: float = typer.Option(0.0, help="AdamW weight decay (towards the post-training scales)."),
     resolution: Optional[int] = typer.Option(None, help="Training image size (default: the model's)."),
-    crop: str = typer.Option("center", help="center or random (random crops are drawn once per image, up front)."),
+    crop: Literal["center", "random"] = typer.Option("center", help="center or random (random crops are drawn once per image, up front)."),
     identifier: str = typer.Option("sks", help="The subject's identifier word (warns if the prompt lacks it)."),
     class_prompt: Optional[str] = typer.Option(None, help="Prior preservation: class prompt, e.g. 'a photo of a dog'."),
     prior_images: int = typer.Option(0, help="Prior preservation: number of class images (generated once, cached)."),
@@ -169,7 +202,7 @@ def train(
     sample_steps: int = typer.Option(25, help="Sampling steps of class and validation images."),
     gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing",
                                                 help="Recompute UNet blocks in backward: less memory, more time."),
-    precision: str = typer.Option("auto", help="auto (bf16/fp16 autocast on GPU, fp32 on CPU), fp32, fp16 or bf16."),
+    precision: Literal[PRECISIONS] = typer.Option("auto", help="auto (bf16/fp16 autocast on GPU, fp32 on CPU), fp32, fp16 or bf16."),
     seed: int = typer.Option(0, help="Seed of every random draw (also passed to quantize with --model)."),
     checkpoint_every: int = typer.Option(0, help="Write a checkpoint every N steps into <out>.run/checkpoints."),
     resume: Optional[Path] = typer.Option(None, help="Continue from a checkpoint folder or a run directory (<out>.run)."),
@@ -215,12 +248,12 @@ def _base_for_training(ctx: typer.Context, model, base, out: Path, images: Path,
     """``(base dir, moved source or None)``; with --model and no existing base, quantize first
     by running the ``quantize`` command itself, so it takes exactly quantize's options."""
     extra = list(ctx.args)
+    if model is None and base is None:
+        model = DEFAULT_MODEL  # like every other command: the bundled model
     if model is None or (base is not None and base.exists()):
         if extra:
             why = "they apply when --model quantizes" + (f", and {base} already exists" if model else "")
             raise QPDeployError(f"unknown option(s) {' '.join(extra)} ({why})")
-        if base is None:
-            raise QPDeployError("give --base BASE (a quantized base) or --model MODEL (quantized first)")
         return base, model
     base = base if base is not None else Path(f"{out}-base")
     from .base import BASE_ARTIFACT
@@ -245,14 +278,12 @@ def _base_for_training(ctx: typer.Context, model, base, out: Path, images: Path,
 
 
 def _quiet_libraries() -> None:
-    """Only errors from diffusers and transformers, and no per-component loading bars: the
-    command's own progress display and summary say what happens."""
+    """No per-component loading bars: the command's own progress display and summary say what
+    happens (known notices are dropped by :func:`qpdeploy.quiet.quiet_third_party`)."""
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
-    diffusers_logging.set_verbosity_error()
     diffusers_logging.disable_progress_bar()
-    transformers_logging.set_verbosity_error()
     transformers_logging.disable_progress_bar()
 
 
@@ -293,7 +324,7 @@ def export(
     out: Path = typer.Option(..., "--out", "-o", help="Deploy directory to write."),
     pack: Optional[Path] = typer.Option(None, "--pack", help="Scale pack directory (from qpdeploy train); "
                                                              "without it: the plain INT8 model."),
-    layout: Optional[str] = typer.Option(None, help="per-interval, masked or multi-expert (default: masked for an "
+    layout: Optional[Literal[LAYOUTS]] = typer.Option(None, help="per-interval, masked or multi-expert (default: masked for an "
                                                     "S1 pack, else per-interval)."),
     height: Optional[int] = typer.Option(None, help="Image height in pixels (default: the model's resolution)."),
     width: Optional[int] = typer.Option(None, help="Image width in pixels (default: the model's resolution)."),
@@ -335,9 +366,9 @@ def generate(
     steps: int = typer.Option(25, help="Denoising steps."),
     guidance: float = typer.Option(7.5, help="Classifier-free guidance scale (<= 1: none)."),
     seed: int = typer.Option(0, help="Seed of the first image."),
-    scheduler: Optional[str] = typer.Option(None, help="ddim, pndm, dpm (DPM-Solver++) or euler "
+    scheduler: Optional[Literal[SCHEDULERS]] = typer.Option(None, help="ddim, pndm, dpm (DPM-Solver++) or euler "
                                                        "(default: the deploy dir's own)."),
-    backend: str = typer.Option("ort", help="ort (ONNX Runtime), trt (TensorRT engines) or torch (the quantized "
+    backend: Literal[BACKENDS] = typer.Option("ort", help="ort (ONNX Runtime), trt (TensorRT engines) or torch (the quantized "
                                             "PyTorch reference; needs --base and --pack)."),
     low_memory: bool = typer.Option(False, "--low-memory", help="Keep only the current interval's UNet engine "
                                                                 "loaded; the next one loads ahead in the background."),
@@ -345,7 +376,7 @@ def generate(
     width: Optional[int] = typer.Option(None, help="Image width (default and only choice: the exported size)."),
     device: str = typer.Option("auto", help="auto, cpu or cuda[:N]."),
     threads: int = typer.Option(0, help="ONNX Runtime threads (0: all cores)."),
-    ort_optimization: str = typer.Option("basic", help="ONNX Runtime graph optimization: none, basic (keeps the "
+    ort_optimization: Literal[ORT_OPTIMIZATIONS] = typer.Option("basic", help="ONNX Runtime graph optimization: none, basic (keeps the "
                                                        "exported Q/DQ arithmetic), extended or all (faster fusions)."),
     cuda_graph: bool = typer.Option(False, "--cuda-graph", help="TensorRT: replay each engine from a CUDA graph."),
     verify_hashes: bool = typer.Option(True, help="Check every deploy file against the manifest's SHA-256 first."),
@@ -367,7 +398,6 @@ def generate(
     runtime = RuntimeConfig(backend=backend, device=device, low_memory=low_memory, threads=threads,
                             ort_optimization=ort_optimization, cuda_graph=cuda_graph, verify_hashes=verify_hashes,
                             base=None if base is None else str(base), pack=None if pack is None else str(pack))
-    _quiet_libraries()  # their notices of a truncated prompt are repeated as one "warning:" line by generate
     from .runtimes.generate import generate as generate_images
     from .runtimes.generate import print_generate_summary
 
@@ -382,7 +412,7 @@ def generate(
 @cli_errors
 def demo(
     out: Path = typer.Option(Path("qpdeploy-demo"), "--out", "-o", help="Directory to write."),
-    subject: str = typer.Option("sks", help="Bundled subject: sks (two-tone circle), zwx (striped square) or qlv "
+    subject: Literal["sks", "zwx", "qlv"] = typer.Option("sks", help="Bundled subject: sks (two-tone circle), zwx (striped square) or qlv "
                                             "(checkered diamond)."),
     intervals: int = typer.Option(4, help="Timestep intervals K (S2: one scale set each)."),
     steps: int = typer.Option(400, help="Training steps."),
@@ -392,7 +422,6 @@ def demo(
     force: bool = typer.Option(False, "--force", help="Replace an existing --out."),
 ):
     """Whole flow on the bundled miniworld model: quantize, train S2, export, generate, compare."""
-    _quiet_libraries()
     from .demo import DemoConfig, run_demo
 
     config = DemoConfig(subject=subject, intervals=intervals, steps=steps, lr=lr, seeds=seeds, threads=threads)

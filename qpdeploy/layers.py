@@ -1,5 +1,5 @@
 """Quantized Conv2d / Linear with timestep-aware scale sets (the method's "Weights" and
-"Activations" in DESIGN.md).
+"The quantized layer" in docs/design.md).
 
 A quantized layer computes, for sample b whose timestep falls in interval i(b) and whose
 scale set ("expert") is e(b):
@@ -12,7 +12,7 @@ scale set ("expert") is e(b):
 so the effective weight is ``s_out[e] * W_int * s_in[e]``. Row ``E`` of the scale tables is
 the post-training set (``s_out = s_ptq``, ``s_in = 1``) and never trains; rows ``0..E-1`` are
 the trainable sets of a scale pack. Writing the rescale after the convolution is what makes
-a single engine with K scale tables exact (DESIGN.md, "multi-expert"), and keeping z in
+a single engine with K scale tables exact (docs/design.md, "Export layouts"), and keeping z in
 ``s_ptq`` units keeps fp16 sums in range.
 
 Training touches only ``s_out`` (and ``s_in``). The integer weight goes into backward as

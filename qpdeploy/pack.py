@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from .config import TRAIN_STRATEGIES
 from .errors import QPDeployError
 from .intervals import Intervals
 from . import schema
@@ -38,7 +39,7 @@ PACK_FILE = "pack.json"
 SCALES_FILE = "scales.safetensors"
 REPORT_FILE = "report.json"
 PACK_ARTIFACT = (PACK_FILE, PACK_KIND)  # header file and kind: what --force may replace
-STRATEGIES = ("baseline", "s1", "s2")
+STRATEGIES = TRAIN_STRATEGIES  # one list, in qpdeploy.config
 
 
 def expert_map(strategy: str, k: int, s1_intervals=()) -> list[int]:

@@ -3,7 +3,7 @@
 PEQA DreamBooth on a quantized base: the noise-prediction loss on a few instance images
 (plus, optionally, the prior-preservation loss on class images the base generates itself)
 trains only the layers' scale sets; integer weights, biases, text encoders and VAE stay
-frozen. Strategies (DESIGN.md): ``baseline`` one set over all timesteps, ``s1`` one set
+frozen. Strategies (docs/design.md): ``baseline`` one set over all timesteps, ``s1`` one set
 trained and applied in chosen intervals, ``s2`` one set per interval, all trained in the
 same mixed-interval batches with an exactly equal share of samples per interval.
 

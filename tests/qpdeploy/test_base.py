@@ -98,7 +98,7 @@ def test_unknown_format_versions_are_refused(saved_base, tmp_path, version, mess
 
 
 def test_a_directory_that_is_not_a_base_is_refused(tmp_path):
-    with pytest.raises(QPDeployError, match="missing file"):
+    with pytest.raises(QPDeployError, match="is not a qpdeploy quantized base \(it has no quant_config.json\)"):
         load_base(tmp_path)
     (tmp_path / CONFIG_FILE).write_text("{not json")
     with pytest.raises(QPDeployError, match="cannot read"):

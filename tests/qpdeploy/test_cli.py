@@ -56,7 +56,7 @@ def test_force_replaces_an_existing_base_and_nothing_else(tmp_path):
     (["/no/such/model"], "model not found: /no/such/model"),
     (["tiny-sd1", "--weight-bits", "3"], "weight bits must be 4 or 8, got 3"),
     (["tiny-sd1", "--act-bits", "4"], "--act-bits must be 8 or none"),
-    (["tiny-sd1", "--act-scales", "per-step"], "act scales must be global or per-interval"),
+    (["tiny-sd1", "--act-scales", "per-step"], "Invalid value for '--act-scales': 'per-step' is not one of 'global', 'per-interval'"),
     (["tiny-sd1", "--boundaries", "0,500,900"], "boundaries end at 900 but the model has 1000 timesteps"),
     (["tiny-sd1", "--skip", "(unclosed"], "is not a valid regular expression"),
 ])

@@ -273,7 +273,7 @@ CASES = [
      "resolution must be a multiple of 8 in 8..8192", None),
     ("train-resolution-over-model", [*TRAIN, "--out", "{tmp}/p", "--resolution", "1024"], "between 4 and 64", None),
     ("train-batch-huge", [*TRAIN, "--out", "{tmp}/p", "--batch-size", "1000"], "batch size must be in 1..64", None),
-    ("train-strategy", [*TRAIN, "--out", "{tmp}/p", "--strategy", "s3"], "strategy must be one of", None),
+    ("train-strategy", [*TRAIN, "--out", "{tmp}/p", "--strategy", "s3"], "Invalid value for '--strategy': 's3' is not one of", None),
     ("train-s1-interval", [*TRAIN, "--out", "{tmp}/p", "--strategy", "s1", "--s1-intervals", "9"],
      "s1 intervals must be in", None),
     ("train-base-is-pack", ["train", "--base", "{pack}", "--images", "{images}", "--prompt", "a sks dog",
@@ -292,7 +292,7 @@ CASES = [
     ("export-force-onto-images", [*EXPORT, "--out", "{images}", "--force"], "is not a qpdeploy.deploy", None),
     ("export-height-huge", [*EXPORT, "--out", "{tmp}/d", "--height", "100000"], "height must be a multiple of 4", None),
     ("export-batch-huge", [*EXPORT, "--out", "{tmp}/d", "--batch", "1000"], "batch must be in 1..64", None),
-    ("export-layout", [*EXPORT, "--out", "{tmp}/d", "--layout", "per-step"], "layout must be one of", None),
+    ("export-layout", [*EXPORT, "--out", "{tmp}/d", "--layout", "per-step"], "'per-step' is not one of 'per-interval', 'masked', 'multi-expert'", None),
     ("export-opset", [*EXPORT, "--out", "{tmp}/d", "--opset", "5"], "opset must be in", None),
     ("export-pack-is-base", ["export", "--base", "{base}", "--pack", "{base}", "--out", "{tmp}/d"],
      "is not a qpdeploy scale pack", None),
@@ -342,12 +342,14 @@ CASES = [
     ("generate-size", [*GENERATE, "--out", "{tmp}/a.png", "--height", "64"], "is not the size", None),
     ("generate-deploy-is-pack", ["generate", "{pack}", "--prompt", "a sks dog", "--out", "{tmp}/a.png"],
      "is not a qpdeploy deploy dir", None),
-    ("generate-backend", [*GENERATE, "--out", "{tmp}/a.png", "--backend", "cuda"], "backend must be one of", None),
-    ("generate-scheduler", [*GENERATE, "--out", "{tmp}/a.png", "--scheduler", "heun"], "scheduler must be one of", None),
+    ("generate-backend", [*GENERATE, "--out", "{tmp}/a.png", "--backend", "cuda"], "'cuda' is not one of 'ort', 'trt', 'torch'", None),
+    ("generate-scheduler", [*GENERATE, "--out", "{tmp}/a.png", "--scheduler", "heun"], "'heun' is not one of", None),
     # demo
     ("demo-force-onto-base", ["demo", "--out", "{base}", "--force"], "is not a qpdeploy.demo artifact", None),
-    ("demo-subject", ["demo", "--out", "{tmp}/demo", "--subject", "xyz"], "unknown subject 'xyz'", None),
+    ("demo-subject", ["demo", "--out", "{tmp}/demo", "--subject", "xyz"], "'xyz' is not one of 'sks', 'zwx', 'qlv'", None),
     ("demo-steps", ["demo", "--out", "{tmp}/demo", "--steps", "0"], "steps must be >= 1", None),
+    ("unknown-option", ["export", "--base", "{base}", "--out", "{tmp}/d", "--bogus"], "No such option: --bogus", None),
+    ("not-a-number", [*TRAIN, "--out", "{tmp}/p", "--steps", "many"], "Invalid value for '--steps': Input should be a valid integer", None),
 ]
 
 

@@ -51,10 +51,10 @@ def test_model_is_quantized_first_with_quantize_options(instance_dir, tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--images", "{images}", "--prompt", "p", "--out", "{out}"], "give --base BASE"),
+    (["--images", "{empty}", "--prompt", "p", "--out", "{out}"], "no images in"),  # default model: checked first
     (["--base", "{base}", "--images", "{empty}", "--prompt", "p", "--out", "{out}"], "no images in"),
     (["--base", "{base}", "--images", "{images}", "--prompt", "p", "--out", "{out}", "--strategy", "s9"],
-     "strategy must be one of"),
+     "is not one of 'baseline', 's1', 's2'"),
     (["--base", "{base}", "--images", "{images}", "--prompt", "p", "--out", "{out}", "--weight-bits", "4"],
      "unknown option"),
     (["--base", "{missing}", "--images", "{images}", "--prompt", "p", "--out", "{out}"], "quantized base not found"),

@@ -148,7 +148,7 @@ def test_missing_and_corrupted_graphs_are_named(broken, tmp_path):
 def test_backend_size_output_and_reference_errors(deploy, rt_base_dir, rt_pack_dir, tmp_path):
     path, out = deploy("sd1_s2"), tmp_path / "x.png"
     refused(path, "--prompt", "a dog", "--out", out, "--backend", "trt", match="needs the Python package 'tensorrt'")
-    refused(path, "--prompt", "a dog", "--out", out, "--backend", "tvm", match="backend must be one of ort, trt, torch")
+    refused(path, "--prompt", "a dog", "--out", out, "--backend", "tvm", match="Invalid value for '--backend': 'tvm' is not one of 'ort', 'trt', 'torch'")
     refused(path, "--prompt", "a dog", "--out", out, "--height", 32,
             match="size 32x16 is not the size deploy dir")
     refused(path, "--prompt", "a dog", "--out", out, "--images-per-prompt", 2, match="this run makes 2; use --out-dir")
