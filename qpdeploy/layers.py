@@ -185,9 +185,15 @@ class ScaleRouter(nn.Module):
         self.expert = self.expert_of_interval[interval] if expert is None else expert
 
     def selection(self, batch: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """The (interval, expert) tensors of the current call; post-training if never routed."""
+        """The (interval, expert) tensors of the current call.
+
+        Raises:
+            RuntimeError: the layer runs outside a routed UNet call (nothing set the call's
+                intervals), which would otherwise silently use the post-training scales.
+        """
         if self.interval is None:
-            return unrouted_selection(batch, device, self.num_sets)
+            raise RuntimeError("a quantized layer ran before its UNet call was routed: call the UNet (its "
+                               "timestep routes every layer) or set the routing with router.set(...)")
         if self.interval.shape[0] != batch:
             raise RuntimeError(
                 f"quantized layer got batch {batch} but the UNet call was routed for "

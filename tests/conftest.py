@@ -15,6 +15,12 @@ import torch  # noqa: E402
 
 torch.set_num_threads(1)
 
+def family_params(*families):
+    """Parameters for tests run on several model families: sd1 in the fast subset, the others
+    (sd2 and sdxl: more layers, two text encoders) only in the full suite (``slow``)."""
+    return [f if f == "sd1" else pytest.param(f, marks=pytest.mark.slow) for f in families]
+
+
 def quick_config(**changes):
     """A QuantizeConfig small enough for tests (few trajectory steps and calibration calls)."""
     from qpdeploy.config import QuantizeConfig

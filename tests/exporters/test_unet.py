@@ -6,6 +6,8 @@ import onnx
 import pytest
 import torch
 
+from ..conftest import family_params
+
 from qpdeploy.calibrate import sqnr_db
 from qpdeploy.errors import QPDeployError
 from qpdeploy.exporters.manifest import read_manifest
@@ -64,7 +66,7 @@ def files_in_deploy_dir(base, deploy_dir) -> UNetFiles:
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", family_params(*FAMILIES))
 def test_graphs_follow_the_qdq_rules(exported, family, layout):
     base, files, out = exported(family, layout)
     graphs = {"per-interval": 1 if family == "sd2" else base.intervals.k}.get(layout, 1)
@@ -83,7 +85,7 @@ def test_graphs_follow_the_qdq_rules(exported, family, layout):
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", family_params(*FAMILIES))
 def test_onnx_runtime_matches_torch_in_every_interval(exported, family, layout):
     base, files, out = exported(family, layout)
     graphs = [out / f for f in files.onnx_files]
@@ -111,7 +113,7 @@ def sqnr_in_interval(base, files, graphs, interval, use):
     return sqnr_db(ref, torch.from_numpy(out))
 
 
-@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+@pytest.mark.parametrize("family", family_params("sd1", "sdxl"))
 def test_per_interval_graphs_share_one_weights_file(exported, family):
     _, files, out = exported(family, "per-interval")
     refs = []

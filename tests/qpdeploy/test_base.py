@@ -21,7 +21,8 @@ def unet_output(unet, family="sd1", seed=0):
         return unet(sample, torch.tensor([10, 900]), **kwargs).sample
 
 
-@pytest.mark.parametrize("family, changes", [("sd1", {}), ("sdxl", {"weight_bits": 4, "act_scales": "per-interval"})])
+@pytest.mark.parametrize("family, changes", [
+    ("sd1", {}), pytest.param("sdxl", {"weight_bits": 4, "act_scales": "per-interval"}, marks=pytest.mark.slow)])
 def test_saved_base_reloads_bit_identical(tmp_path, saved_base, tiny_pipe, quick_config, family, changes):
     from qpdeploy.ptq import base_from_pipeline
 

@@ -10,6 +10,8 @@ stays below W8A8.
 
 import pytest
 import torch
+
+from ..conftest import family_params
 from torch import nn
 
 from qpdeploy.calibrate import (calibrate_activations, capture_trajectories, search_act_scale, sqnr_db,
@@ -19,14 +21,14 @@ from qpdeploy.models import TINY_FAMILIES as FAMILIES
 from qpdeploy.quantize import shortcut_splits
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", family_params(*FAMILIES))
 def test_w8a8_sqnr_is_high_on_every_family(tiny_base, family):
     report = tiny_base(family).meta["report"]
     assert report["sqnr_db"] > 22, report
     assert all(v is not None and v > 15 for v in report["sqnr_db_per_interval"]), report
 
 
-@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+@pytest.mark.parametrize("family", family_params("sd1", "sdxl"))
 def test_w4a8_is_lower_than_w8a8_but_sane(tiny_base, family):
     w8 = tiny_base(family).meta["report"]["sqnr_db"]
     w4 = tiny_base(family, weight_bits=4).meta["report"]["sqnr_db"]
@@ -41,6 +43,7 @@ def test_searched_ranges_beat_min_max(tiny_base):
     assert searched > minmax + 0.5
 
 
+@pytest.mark.slow
 def test_per_interval_activation_scales_give_one_row_per_interval(tiny_base):
     base = tiny_base("sd1", act_scales="per-interval")
     k = base.intervals.k
@@ -115,6 +118,7 @@ def test_split_points_match_the_skip_connection_layout(tiny_pipe):
         assert 0 < split < unet.get_submodule(name).in_channels
 
 
+@pytest.mark.slow
 def test_calibration_is_deterministic(tiny_pipe, quick_config):
     from qpdeploy.ptq import base_from_pipeline
 

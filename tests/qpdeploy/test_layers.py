@@ -124,3 +124,15 @@ def test_gradient_reaches_only_the_scale_sets_that_were_used():
     layer(torch.randn(2, 24)).sum().backward()
     grad_norm = layer.s_out.grad.abs().sum(dim=1)
     assert grad_norm[0] == 0 and grad_norm[1] == 0 and grad_norm[2] > 0
+
+
+def test_a_layer_of_a_routed_unet_called_before_routing_is_an_error():
+    from qpdeploy.intervals import Intervals
+    from qpdeploy.layers import ScaleRouter
+
+    router = ScaleRouter(Intervals.uniform(4), num_sets=4, expert_of_interval=[0, 1, 2, 3])
+    with pytest.raises(RuntimeError, match="ran before its UNet call was routed"):
+        router.selection(2, "cpu")
+    router.route(torch.tensor([100, 900]), 2, "cpu")
+    interval, expert = router.selection(2, "cpu")
+    assert interval.tolist() == [0, 3] and expert.tolist() == [0, 3]

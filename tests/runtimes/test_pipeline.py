@@ -11,7 +11,7 @@ from qpdeploy.runtimes import RuntimeConfig, close_pipeline, load_pipeline
 from qpdeploy.runtimes.pipeline import load_scheduler
 
 
-@pytest.mark.parametrize("family, name", [("sd1", "sd1_s2"), ("sdxl", "sdxl_multi")])
+@pytest.mark.parametrize("family, name", [("sd1", "sd1_s2"), pytest.param("sdxl", "sdxl_multi", marks=pytest.mark.slow)])
 def test_onnx_parts_answer_like_the_torch_modules(family, name, deploy):
     reference = tiny_pipeline(family)
     pipe = load_pipeline(read_manifest(deploy(name)), RuntimeConfig(threads=1))

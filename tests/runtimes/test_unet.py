@@ -37,7 +37,7 @@ def deploy_embeddings(path, family, prompt, negative):
         close_pipeline(pipe)
 
 
-@pytest.mark.parametrize("family, name", [("sd1", "sd1_s2"), ("sdxl", "sdxl_multi")])
+@pytest.mark.parametrize("family, name", [("sd1", "sd1_s2"), pytest.param("sdxl", "sdxl_multi", marks=pytest.mark.slow)])
 def test_engine_unet_in_a_diffusers_pipeline_gives_the_generate_image(family, name, deploy, tmp_path, psnr):
     prompt, negative, settings = "a photo of sks dog", "a cat", dict(num_inference_steps=6, guidance_scale=7.5)
     run_generate(deploy(name), "--prompt", prompt, "--out", tmp_path / "cli.png", "--steps", 6, "--seed", 3,

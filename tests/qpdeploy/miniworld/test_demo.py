@@ -4,6 +4,7 @@ model's own calibration prompts."""
 import json
 
 import numpy as np
+import pytest
 from typer.testing import CliRunner
 
 from qpdeploy.cli import app
@@ -37,6 +38,7 @@ def test_unpersonalized_model_does_not_draw_the_subject(pipeline, evaluator):
     assert result["frechet"] > 0
 
 
+@pytest.mark.slow
 def test_demo_runs_every_stage_and_writes_grid_and_report(pipeline, evaluator, tmp_path):
     from PIL import Image
 
@@ -70,5 +72,5 @@ def test_demo_runs_every_stage_and_writes_grid_and_report(pipeline, evaluator, t
 
 def test_demo_refuses_an_unknown_subject(tmp_path):
     result = CliRunner().invoke(app, ["demo", "--out", str(tmp_path / "d"), "--subject", "nope"])
-    assert result.exit_code != 0 and "unknown subject 'nope'" in result.output
+    assert result.exit_code == 2 and "'nope' is not one of 'sks', 'zwx', 'qlv'" in result.output
     assert not (tmp_path / "d").exists()
