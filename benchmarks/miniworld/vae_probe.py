@@ -35,11 +35,22 @@ def subject_psnr(vae) -> dict:
             for name, s in SUBJECTS.items()}
 
 
+def reach_with_shipped_evaluator(vae) -> dict:
+    """Gate 1's reachability with the shipped (v1) evaluator: how much of the loss is the VAE's."""
+    from qpdeploy.miniworld.evaluator import load_evaluator
+    from qpdeploy.miniworld.reachability import reachability
+    from qpdeploy.miniworld.subjects import SUBJECTS
+
+    return {k: round(v, 3) for k, v in reachability(vae, load_evaluator(), SUBJECTS).items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/miniworld_v2_vae_probe.json"))
     parser.add_argument("--steps", type=int, default=1200)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--save-dir", type=Path, default=Path("/work/mw2/vae-probe"),
+                        help="each candidate's VAE is saved here (save_pretrained), outside the repository")
     args = parser.parse_args()
 
     from .common import Clock, setup
@@ -53,9 +64,11 @@ def main() -> None:
         setup(args.threads, 0)
         clock = Clock()
         vae = train_vae(steps or args.steps, 32, 1e-3, 1e-4, seed=0, channels=channels, latent_channels=latent)
+        vae.save_pretrained(args.save_dir / name)
         report["candidates"][name] = {
             "channels": list(channels), "latent_channels": latent, "steps": steps or args.steps, **vae_report(vae, 0),
-            "psnr_db_per_subject": subject_psnr(vae), "wall_seconds": round(clock.seconds(), 1),
+            "psnr_db_per_subject": subject_psnr(vae), "reachability_v1_evaluator": reach_with_shipped_evaluator(vae),
+            "wall_seconds": round(clock.seconds(), 1),
             "cpu_seconds": round(clock.cpu_seconds(), 1), "threads": args.threads,
         }
         tmp = args.out.with_suffix(".tmp")

@@ -1,4 +1,8 @@
-"""Shared fixtures: the shipped evaluator and pipeline, skipped only while not yet shipped."""
+"""Shared fixtures: the shipped evaluator and pipeline.
+
+They are part of the package: when either is missing (a packaging loss), every test that
+needs it fails with the path it expected, instead of silently skipping.
+"""
 
 import pytest
 
@@ -9,7 +13,7 @@ from qpdeploy.models import MINIWORLD_DIR
 @pytest.fixture(scope="session")
 def evaluator():
     if not (EVALUATOR_DIR / "model.safetensors").is_file():
-        pytest.skip(f"the miniworld evaluator is not shipped yet ({EVALUATOR_DIR}); run python -m benchmarks.miniworld.train_evaluator")
+        pytest.fail(f"the miniworld evaluator is missing from the package ({EVALUATOR_DIR})")
     from qpdeploy.miniworld.evaluator import load_evaluator
 
     return load_evaluator()
@@ -18,7 +22,7 @@ def evaluator():
 @pytest.fixture(scope="session")
 def pipeline():
     if not (MINIWORLD_DIR / "model_index.json").is_file():
-        pytest.skip(f"the miniworld pipeline is not shipped yet ({MINIWORLD_DIR}); run python -m benchmarks.miniworld.train_base")
+        pytest.fail(f"the miniworld pipeline is missing from the package ({MINIWORLD_DIR})")
     import torch
 
     torch.set_num_threads(1)
