@@ -21,7 +21,7 @@ from torch.nn import functional as F
 
 from qpdeploy.miniworld.evaluator import HEADS, Evaluator, EvaluatorConfig, save_evaluator, scene_labels
 from qpdeploy.miniworld.subjects import mixed_scenes
-from qpdeploy.miniworld.world import render_batch
+from qpdeploy.miniworld.world import BACKGROUNDS, Scene, contrasts, random_thing, render_batch
 
 from .common import ASSETS_DIR, Clock, folder_megabytes, setup, update_report
 
@@ -56,27 +56,80 @@ def gaussian_blur(images: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     return x.reshape(b, c, h, w)
 
 
-def batch(rng: np.random.Generator, n: int, config: EvaluatorConfig):
-    """n fresh labelled renders: (images (n, 3, H, W) in [0, 1], labels per head, scenes)."""
+def batch(rng: np.random.Generator, n: int, config: EvaluatorConfig, second_view: bool = False):
+    """n fresh labelled renders: (images (n, 3, H, W) in [0, 1], labels per head, scenes).
+
+    With ``second_view`` the batch holds 2n images: the n scenes, then each one's object
+    again (same shape and look) at another place, size and background."""
     scenes = mixed_scenes(rng, n)
+    if second_view:
+        scenes = scenes + [other_view(rng, s) for s in scenes]
     images = torch.from_numpy(render_batch(scenes)).permute(0, 3, 1, 2).float() / 255.0
     return images, scene_labels(scenes, config), scenes
+
+
+def other_view(rng: np.random.Generator, scene: Scene) -> Scene:
+    """The same object (shape and look) at a random place and size on another background it
+    stays visible on."""
+    colour = scene.colour
+    options = [b for b in BACKGROUNDS if colour is None or contrasts(colour, b)]
+    background = options[int(rng.integers(len(options)))]
+    return Scene(background, random_thing(rng, scene.thing.shape, scene.thing.look), scene.subject)
+
+
+def identity_keys(scenes: list[Scene]) -> torch.Tensor:
+    """(N,) index of each scene's object identity (shape and look) within the batch."""
+    ids: dict = {}
+    return torch.tensor([ids.setdefault((s.thing.shape, s.thing.look), len(ids)) for s in scenes])
+
+
+def supervised_contrastive(z: torch.Tensor, keys: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
+    """SupCon loss (Khosla et al. 2020) on unit embeddings z (N, D): images of one identity
+    attract, all others repel."""
+    logits = z @ z.T / temperature
+    self_mask = torch.eye(len(z), dtype=torch.bool)
+    logits = logits.masked_fill(self_mask, -1e9)
+    positives = (keys[:, None] == keys[None, :]) & ~self_mask
+    log_prob = logits - logits.logsumexp(dim=1, keepdim=True)
+    has = positives.any(dim=1)
+    return -((log_prob * positives).sum(1)[has] / positives.sum(1)[has]).mean()
+
+
+@torch.no_grad()
+def round_trip(vae, images: torch.Tensor) -> torch.Tensor:
+    """Images in [0, 1] encoded (posterior mean) and decoded by ``vae``."""
+    y = vae.decode(vae.encode(images * 2 - 1).latent_dist.mean).sample
+    return ((y.clamp(-1, 1) + 1) / 2).round_(decimals=3)
 
 
 def loss_fn(out: dict[str, torch.Tensor], labels: dict[str, torch.Tensor]) -> torch.Tensor:
     return sum(F.cross_entropy(out[h], labels[h], ignore_index=-100) for h in HEADS)
 
 
-def train(steps: int, batch_size: int, lr: float, seed: int) -> Evaluator:
-    """AdamW with warmup and cosine decay on a stream of fresh augmented renders."""
-    config = EvaluatorConfig()
+def train(steps: int, batch_size: int, lr: float, seed: int, vae=None, trip: float = 0.5, instance_dim: int = 0,
+          contrastive: float = 1.0) -> Evaluator:
+    """AdamW with warmup and cosine decay on a stream of fresh augmented renders.
+
+    Args:
+        vae: when given, a random ``trip`` fraction of the images is replaced by its round
+            trip through this VAE, so the evaluator reads decoded images as well as crisp ones.
+        instance_dim: > 0 adds the instance embedding, trained with a supervised contrastive
+            loss (weight ``contrastive``) on two views of every object.
+    """
+    config = EvaluatorConfig(instance_dim=instance_dim)
     model = Evaluator(config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 100) * 0.5 * (1 + math.cos(math.pi * s / steps)))
     rng, generator, clock = np.random.default_rng(seed), torch.Generator().manual_seed(seed), Clock()
     for step in range(1, steps + 1):
-        images, labels, _ = batch(rng, batch_size, config)
-        loss = loss_fn(model(augment(images, generator)), labels)
+        images, labels, scenes = batch(rng, batch_size, config, second_view=bool(instance_dim))
+        if vae is not None:
+            pick = torch.rand(len(images), generator=generator) < trip
+            images[pick] = round_trip(vae, images[pick])
+        out = model(augment(images, generator))
+        loss = loss_fn(out, labels)
+        if instance_dim:
+            loss = loss + contrastive * supervised_contrastive(out["instance"], identity_keys(scenes))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -87,10 +140,13 @@ def train(steps: int, batch_size: int, lr: float, seed: int) -> Evaluator:
 
 
 @torch.no_grad()
-def held_out_accuracy(model: Evaluator, n: int = 2000, augmented: bool = False) -> dict[str, float]:
+def held_out_accuracy(model: Evaluator, n: int = 2000, augmented: bool = False, vae=None) -> dict[str, float]:
     """Accuracy of each head on ``n`` renders from ``TEST_SEED`` (colour: plain objects only),
-    plus the subject head's recall on subjects and false-positive rate on everything else."""
+    plus the subject head's recall on subjects and false-positive rate on everything else;
+    with ``vae``, on the renders' round trips through it."""
     images, labels, _ = batch(np.random.default_rng(TEST_SEED), n, model.config)
+    if vae is not None:
+        images = round_trip(vae, images)
     if augmented:
         images = augment(images, torch.Generator().manual_seed(TEST_SEED))
     out = model(images)
@@ -114,18 +170,29 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=ASSETS_DIR, help="miniworld assets folder (evaluator/ goes inside)")
+    parser.add_argument("--vae", type=Path, default=None, help="a VAE folder whose round trips are trained on (v2)")
+    parser.add_argument("--trip", type=float, default=0.5, help="fraction of images replaced by their round trip")
+    parser.add_argument("--instance-dim", type=int, default=0, help="> 0: train an instance embedding (v2)")
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     setup(args.threads, args.seed)
     clock = Clock()
-    model = train(args.steps, args.batch_size, args.lr, args.seed)
+    vae = None
+    if args.vae is not None:
+        from diffusers import AutoencoderKL
+
+        vae = AutoencoderKL.from_pretrained(args.vae, local_files_only=True).eval().requires_grad_(False)
+    model = train(args.steps, args.batch_size, args.lr, args.seed, vae, args.trip, args.instance_dim)
     folder = save_evaluator(model, args.out / "evaluator")
     report = {
         "held_out_accuracy": held_out_accuracy(model),
         "held_out_accuracy_augmented": held_out_accuracy(model, augmented=True),
+        **({"held_out_accuracy_round_trip": held_out_accuracy(model, vae=vae)} if vae is not None else {}),
         "parameters": sum(p.numel() for p in model.parameters()),
         "megabytes": round(folder_megabytes(folder), 3),
         "train": {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
+                  "vae": None if args.vae is None else str(args.vae), "trip": args.trip,
+                  "instance_dim": args.instance_dim,
                   "threads": args.threads, "wall_seconds": round(clock.seconds(), 1),
                   "cpu_seconds": round(clock.cpu_seconds(), 1)},
         "command": " ".join(["python -m benchmarks.miniworld.train_evaluator", *argv]),

@@ -33,6 +33,7 @@ class EvaluatorConfig:
 
     widths: tuple[int, ...] = (16, 32, 64, 128)  # stem, then one stride-2 block per entry
     embed_dim: int = 64
+    instance_dim: int = 0  # > 0: an instance-level embedding (trained contrastively), the world's DINO
     image_size: int = IMAGE_SIZE
     labels: dict[str, tuple[str, ...]] = field(
         default_factory=lambda: {
@@ -80,6 +81,7 @@ class Evaluator(nn.Module):
         self.features = nn.Sequential(*blocks)
         self.embed = nn.Linear(widths[-1], config.embed_dim)
         self.heads = nn.ModuleDict({h: nn.Linear(config.embed_dim, len(config.labels[h])) for h in HEADS})
+        self.instance = nn.Linear(widths[-1], config.instance_dim) if config.instance_dim else None
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """images: (B, 3, H, W) in [0, 1]. Returns logits per head and ``embedding`` (B, D)."""
@@ -90,6 +92,8 @@ class Evaluator(nn.Module):
         embedding = self.embed(h)  # (B, D)
         out = {name: head(F.silu(embedding)) for name, head in self.heads.items()}
         out["embedding"] = embedding
+        if self.instance is not None:
+            out["instance"] = F.normalize(self.instance(h), dim=-1)  # (B, D_i), unit length
         return out
 
     @torch.no_grad()
@@ -105,7 +109,8 @@ class Evaluator(nn.Module):
         joined = {k: torch.cat([o[k] for o in outs]) for k in outs[0]} if outs else {}
         probs = {h: joined[h].softmax(-1).numpy() for h in HEADS} if outs else {}
         embedding = joined["embedding"].numpy() if outs else np.zeros((0, self.config.embed_dim))
-        return Predictions(self.config.labels, probs, embedding)
+        instance = joined["instance"].numpy() if outs and "instance" in joined else None
+        return Predictions(self.config.labels, probs, embedding, instance)
 
 
 @dataclass
@@ -115,6 +120,12 @@ class Predictions:
     labels: dict[str, tuple[str, ...]]
     probs: dict[str, np.ndarray]
     embedding: np.ndarray
+    instance: np.ndarray | None = None  # (N, D_i) instance-level embedding, when the evaluator has one
+
+    @property
+    def identity(self) -> np.ndarray:
+        """The embedding that tells instances apart: the instance embedding when there is one."""
+        return self.instance if self.instance is not None else self.embedding
 
     def names(self, head: str) -> list[str]:
         """The most probable label of ``head`` for each image."""

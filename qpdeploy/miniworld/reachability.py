@@ -71,9 +71,9 @@ def instance_identification(vae, evaluator: Evaluator, subjects: Sequence[Subjec
     gallery, queries, owners = [], [], []
     for n, subject in enumerate(subjects):
         crisp = render_batch(subject_renders(subject, gallery_bg, per_background, seed))
-        gallery.append(_unit(evaluator.predict(crisp).embedding).mean(axis=0))
+        gallery.append(_unit(evaluator.predict(crisp).identity).mean(axis=0))
         trip = vae_round_trip(vae, render_batch(subject_renders(subject, query_bg, per_background, seed + 1)))
-        queries.append(_unit(evaluator.predict(trip).embedding))
+        queries.append(_unit(evaluator.predict(trip).identity))
         owners += [n] * len(trip)
     nearest = (np.concatenate(queries) @ _unit(np.stack(gallery)).T).argmax(axis=1)
     right = nearest == np.asarray(owners)
