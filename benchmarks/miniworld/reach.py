@@ -16,32 +16,18 @@ import os
 import sys
 from pathlib import Path
 
-from qpdeploy.miniworld.subjects import SUBJECTS, Subject
-from qpdeploy.miniworld.world import Bullseye, Halves, Quadrants, Stripes
+from qpdeploy.miniworld.subjects import SUBJECTS, UNSEEN_SUBJECTS
 
 from .common import ASSETS_DIR, Clock, setup
 
 THRESHOLDS = {"reachability_min": 0.95, "instance_identification_min": 0.95, "decoy_rate_max": 0.02}
-
-# Subjects the evaluator never saw: the world's shapes with two-tone looks no bundled subject has.
-PROBE_SUBJECTS = (
-    Subject("p01", "circle", Stripes("blue", "orange", bands=3), "sky"),
-    Subject("p02", "square", Halves("green", "black"), "sky"),
-    Subject("p03", "triangle", Quadrants("red", "blue"), "sky"),
-    Subject("p04", "diamond", Bullseye("white", "red"), "sky"),
-    Subject("p05", "cross", Halves("orange", "blue"), "sky"),
-    Subject("p06", "circle", Quadrants("green", "white"), "sky"),
-    Subject("p07", "square", Bullseye("purple", "yellow"), "sky"),
-    Subject("p08", "triangle", Stripes("black", "white", bands=4), "sky"),
-)
-
 
 def measure(vae, evaluator, per_background: int = 8, seed: int = 0) -> dict:
     """The three figures of gate 1 and the verdict."""
     from qpdeploy.miniworld.reachability import decoy_rate, instance_identification, reachability
 
     reach = reachability(vae, evaluator, SUBJECTS, per_background, seed)
-    ident = instance_identification(vae, evaluator, PROBE_SUBJECTS, per_background=per_background // 2, seed=seed)
+    ident = instance_identification(vae, evaluator, UNSEEN_SUBJECTS, per_background=per_background // 2, seed=seed)
     decoys = decoy_rate(vae, evaluator, n=32 * per_background, seed=seed)
     passed = (min(reach.values()) >= THRESHOLDS["reachability_min"]
               and ident["accuracy"] >= THRESHOLDS["instance_identification_min"]

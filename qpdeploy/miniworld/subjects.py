@@ -19,6 +19,7 @@ import numpy as np
 from .prompts import Prompt
 from .world import (
     BACKGROUNDS,
+    Bullseye,
     COLOURS,
     SHAPES,
     TEXTURES,
@@ -100,6 +101,20 @@ SUBJECTS: dict[str, Subject] = {
 }
 
 
+# Subjects no model or evaluator is ever trained on (decoys exclude their looks too): the
+# evaluator's instance embedding is judged on them (gate 1: nearest-neighbour identification).
+UNSEEN_SUBJECTS: tuple[Subject, ...] = (
+    Subject("u01", "circle", Stripes("blue", "orange", bands=3), "sky"),
+    Subject("u02", "square", Halves("green", "black"), "sky"),
+    Subject("u03", "triangle", Quadrants("red", "blue"), "sky"),
+    Subject("u04", "diamond", Bullseye("white", "red"), "sky"),
+    Subject("u05", "cross", Halves("orange", "blue"), "sky"),
+    Subject("u06", "circle", Quadrants("green", "white"), "sky"),
+    Subject("u07", "square", Bullseye("purple", "yellow"), "sky"),
+    Subject("u08", "triangle", Stripes("black", "white", bands=4), "sky"),
+)
+
+
 def get_subject(identifier: str) -> Subject:
     """The bundled subject named by its identifier token ("sks", "zwx", "qlv")."""
     if identifier not in SUBJECTS:
@@ -179,5 +194,5 @@ def _decoy(rng: np.random.Generator) -> Scene:
         first, second = rng.choice(list(COLOURS), size=2, replace=False)
         look = _choice(rng, TEXTURES)(str(first), str(second))
         shape = _choice(rng, SHAPES)
-        if all((shape, look) != (s.shape, s.look) for s in SUBJECTS.values()):
+        if all((shape, look) != (s.shape, s.look) for s in (*SUBJECTS.values(), *UNSEEN_SUBJECTS)):
             return Scene(_choice(rng, BACKGROUNDS), random_thing(rng, shape, look))

@@ -81,131 +81,68 @@ def tree_digest(folder: Path) -> str:
 # Preparations of edited copies: each returns the path the case uses as {x}
 # --------------------------------------------------------------------------------------
 
-def base_layers_not_a_list(art, tmp):
-    base = copy_of(art, tmp, "base")
-    edit_json(base / "quant_config.json", lambda d: d.update(layers="x"))
-    return base
-
-
-def base_bits_as_string(art, tmp):
-    base = copy_of(art, tmp, "base")
-    edit_json(base / "quant_config.json", lambda d: d["quantize"].update(weight_bits="8"))
-    return base
-
-
-def base_hash_edited(art, tmp):
-    base = copy_of(art, tmp, "base")
-    edit_json(base / "quant_config.json", lambda d: d.update(base_hash=OTHER_HASH))
-    return base
-
-
-def base_unfinished(art, tmp):
-    base = copy_of(art, tmp, "base")
-    (base / INCOMPLETE_MARKER).touch()
-    return base
-
-
-def pack_s1_as_string(art, tmp):
-    pack = copy_of(art, tmp, "pack")
-    edit_json(pack / "pack.json", lambda d: d.update(s1_intervals="01"))
-    return pack
-
-
-def pack_unknown_strategy(art, tmp):
-    pack = copy_of(art, tmp, "pack")
-    edit_json(pack / "pack.json", lambda d: d.update(strategy="s9"))
-    return pack
-
-
-def pack_scales_replaced(art, tmp):
-    pack = copy_of(art, tmp, "pack")
-    data = bytearray((pack / "scales.safetensors").read_bytes())
-    data[-1] ^= 1
-    (pack / "scales.safetensors").write_bytes(bytes(data))
-    return pack
-
-
-def pack_of_other_base(art, tmp):
-    pack = copy_of(art, tmp, "pack")
-    edit_json(pack / "pack.json", lambda d: d.update(base_hash=OTHER_HASH))
-    return pack
-
-
-def graph_path(value):
+def edited(name: str, edit):
+    """A preparation: a private copy of the shared artifact ``name`` changed by ``edit(path)``."""
     def prepare(art, tmp):
-        deploy = copy_of(art, tmp, "deploy")
-        edit_manifest(deploy, lambda d: d["unet"]["graphs"][0].update(onnx=value))
-        return deploy
+        path = copy_of(art, tmp, name)
+        edit(path)
+        return path
     return prepare
 
 
-def files_entry_outside(art, tmp):
-    deploy = copy_of(art, tmp, "deploy")
-    record = {"bytes": Path("/etc/passwd").stat().st_size, "sha256": file_sha256("/etc/passwd")}
-    edit_manifest(deploy, lambda d: d["files"].update({"../../etc/passwd": record}))
-    return deploy
+def header(file: str, change):
+    """An edit of the JSON file ``file`` of an artifact (the manifest: see :func:`edit_manifest`)."""
+    if file == "manifest.json":
+        return lambda path: edit_manifest(path, change)
+    return lambda path: edit_json(path / file, change)
 
 
-def weights_path(value):
-    def prepare(art, tmp):
-        deploy = copy_of(art, tmp, "deploy")
-        edit_manifest(deploy, lambda d: d["unet"].update(weights_file=value))
-        return deploy
-    return prepare
+def flip_byte(file: str, offset: int):
+    def edit(path):
+        data = bytearray((path / file).read_bytes())
+        data[offset] ^= 1
+        (path / file).write_bytes(bytes(data))
+    return edit
 
 
-def scheduler_outside(art, tmp):
-    deploy = copy_of(art, tmp, "deploy")
-    edit_manifest(deploy, lambda d: d.update(scheduler="../../scheduler"))
-    return deploy
-
-
-def weights_link_outside(art, tmp):
-    deploy = copy_of(art, tmp, "deploy")
-    outside = tmp / "outside.weights"
+def link_weights_outside(deploy: Path) -> None:
+    outside = deploy.parent / "outside.weights"
     shutil.copy(deploy / "unet.weights", outside)
     (deploy / "unet.weights").unlink()
     (deploy / "unet.weights").symlink_to(outside)
-    return deploy
 
 
-def weights_not_listed(art, tmp):
-    deploy = copy_of(art, tmp, "deploy")
-    edit_manifest(deploy, lambda d: d["files"].pop("unet.weights"))
-    return deploy
-
-
-def tokenizer_file_not_listed(art, tmp):
-    deploy = copy_of(art, tmp, "deploy")
-    (deploy / "tokenizer" / "added_tokens.json").write_text("{}")
-    return deploy
-
-
-def height_as_string(art, tmp):
-    deploy = copy_of(art, tmp, "deploy")
-    edit_manifest(deploy, lambda d: d.update(height="16"))
-    return deploy
-
-
-def scheduler_not_a_scheduler(art, tmp):
-    deploy = copy_of(art, tmp, "deploy")
+def not_a_scheduler(deploy: Path) -> None:
     edit_json(deploy / "scheduler" / "scheduler_config.json", lambda d: d.update(_class_name="UNet2DConditionModel"))
-    edit_manifest(deploy, lambda d: None, rehash=("scheduler/scheduler_config.json",))
-    return deploy
+    edit_manifest(deploy, lambda d: None, rehash=("scheduler/scheduler_config.json",))  # only the class is wrong
 
 
-def deploy_file_altered(art, tmp):
-    deploy = copy_of(art, tmp, "deploy")
-    data = bytearray((deploy / "unet.weights").read_bytes())
-    data[100] ^= 1
-    (deploy / "unet.weights").write_bytes(bytes(data))
-    return deploy
+PASSWD = {"bytes": Path("/etc/passwd").stat().st_size, "sha256": file_sha256("/etc/passwd")}
+base_layers_not_a_list = edited("base", header("quant_config.json", lambda d: d.update(layers="x")))
+base_bits_as_string = edited("base", header("quant_config.json", lambda d: d["quantize"].update(weight_bits="8")))
+base_hash_edited = edited("base", header("quant_config.json", lambda d: d.update(base_hash=OTHER_HASH)))
+base_unfinished = edited("base", lambda path: (path / INCOMPLETE_MARKER).touch())
+pack_s1_as_string = edited("pack", header("pack.json", lambda d: d.update(s1_intervals="01")))
+pack_unknown_strategy = edited("pack", header("pack.json", lambda d: d.update(strategy="s9")))
+pack_scales_replaced = edited("pack", flip_byte("scales.safetensors", -1))
+pack_of_other_base = edited("pack", header("pack.json", lambda d: d.update(base_hash=OTHER_HASH)))
+files_entry_outside = edited("deploy", header("manifest.json", lambda d: d["files"].update({"../../etc/passwd": PASSWD})))
+scheduler_outside = edited("deploy", header("manifest.json", lambda d: d.update(scheduler="../../scheduler")))
+weights_link_outside = edited("deploy", link_weights_outside)
+weights_not_listed = edited("deploy", header("manifest.json", lambda d: d["files"].pop("unet.weights")))
+tokenizer_file_not_listed = edited("deploy", lambda path: (path / "tokenizer" / "added_tokens.json").write_text("{}"))
+height_as_string = edited("deploy", header("manifest.json", lambda d: d.update(height="16")))
+scheduler_not_a_scheduler = edited("deploy", not_a_scheduler)
+deploy_file_altered = edited("deploy", flip_byte("unet.weights", 100))
+deploy_unfinished = edited("deploy", lambda path: (path / INCOMPLETE_MARKER).touch())
 
 
-def deploy_unfinished(art, tmp):
-    deploy = copy_of(art, tmp, "deploy")
-    (deploy / INCOMPLETE_MARKER).touch()
-    return deploy
+def graph_path(value):
+    return edited("deploy", header("manifest.json", lambda d: d["unet"]["graphs"][0].update(onnx=value)))
+
+
+def weights_path(value):
+    return edited("deploy", header("manifest.json", lambda d: d["unet"].update(weights_file=value)))
 
 
 def image_file_not_image(art, tmp):

@@ -8,22 +8,12 @@ import pytest
 import torch
 
 from qpdeploy.miniworld.reachability import decoy_rate, instance_identification, reachability, vae_round_trip
-from qpdeploy.miniworld.subjects import SUBJECTS, Subject
-from qpdeploy.miniworld.world import Bullseye, Halves, Quadrants, Stripes, render_batch
+from qpdeploy.miniworld.subjects import SUBJECTS, UNSEEN_SUBJECTS, mixed_scenes
+from qpdeploy.miniworld.world import render_batch
 
 RESULTS = Path(__file__).resolve().parents[3] / "benchmarks" / "results" / "miniworld_reachability.json"
 
-# Eight subjects the evaluator never saw: the world's shapes, two-tone looks no bundled subject has.
-UNSEEN = (
-    Subject("t01", "circle", Stripes("blue", "orange", bands=3), "sky"),
-    Subject("t02", "square", Halves("green", "black"), "sky"),
-    Subject("t03", "triangle", Quadrants("red", "blue"), "sky"),
-    Subject("t04", "diamond", Bullseye("white", "red"), "sky"),
-    Subject("t05", "cross", Halves("orange", "blue"), "sky"),
-    Subject("t06", "circle", Quadrants("green", "white"), "sky"),
-    Subject("t07", "square", Bullseye("purple", "yellow"), "sky"),
-    Subject("t08", "triangle", Stripes("black", "white", bands=4), "sky"),
-)
+UNSEEN = UNSEEN_SUBJECTS
 
 
 class IdentityVAE:
@@ -39,6 +29,15 @@ class IdentityVAE:
 
     def decode(self, z):
         return self._Out(z)
+
+
+def test_eight_unseen_subjects_share_the_shapes_but_no_look_and_are_never_decoys():
+    assert len(UNSEEN) >= 8 and {s.shape for s in UNSEEN} <= {s.shape for s in SUBJECTS.values()} | {"triangle", "cross"}
+    bundled = {(s.shape, s.look) for s in SUBJECTS.values()}
+    unseen = {(s.shape, s.look) for s in UNSEEN}
+    assert len(unseen) == len(UNSEEN) and not unseen & bundled
+    decoys = mixed_scenes(np.random.default_rng(0), 4000, plain=0.0, subjects=0.0)
+    assert not {(d.thing.shape, d.thing.look) for d in decoys} & unseen
 
 
 def test_an_identity_round_trip_returns_the_renders_bit_exact():
