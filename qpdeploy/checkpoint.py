@@ -96,7 +96,9 @@ def check_resumable(state: dict, base_hash: str, config: TrainConfig, folder) ->
     if state["base_hash"] != base_hash:
         raise QPDeployError(f"checkpoint {folder} was trained on base {state['base_hash'][:12]}, "
                             f"not on this base {base_hash[:12]}")
-    saved, now = state["train"], config.to_json()
+    # Read back through the config class: a field added after the checkpoint was written takes
+    # its default, so a newer qpdeploy resumes an older run whose settings it can express.
+    saved, now = TrainConfig.from_json(state["train"], str(folder)).to_json(), config.to_json()
     for key in now:
         if key not in TrainConfig.RUN_CONTROL and saved.get(key) != now[key]:
             raise QPDeployError(f"checkpoint {folder} was trained with {key}={saved.get(key)!r}, this run has "

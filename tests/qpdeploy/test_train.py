@@ -353,3 +353,19 @@ def test_encoders_are_released_before_the_loop(cheap_saved_base, instance_dir):
     _, _, validator, _ = prepare_data(base, instance_dir, config)
     assert alive() == (before[0], before[1] + 1)  # validating keeps the VAE only
     assert validator.pipe.text_encoder is None
+
+
+def test_a_checkpoint_written_before_a_config_field_existed_still_resumes(cheap_base, tiny_pipe, instance_dir,
+                                                                          tmp_path):
+    import json
+
+    from qpdeploy.checkpoint import STATE_FILE
+
+    run(cheap_base, tiny_pipe, instance_dir, tmp_path / "old", steps=2, checkpoint_every=2, strategy="baseline")
+    state_file = tmp_path / "old.run" / "checkpoints" / "step-000002" / STATE_FILE
+    state = json.loads(state_file.read_text())
+    del state["train"]["validation_images"]  # as an older qpdeploy, which had no such field, wrote it
+    state_file.write_text(json.dumps(state))
+    _, report = run(cheap_base, tiny_pipe, instance_dir, tmp_path / "new", steps=3, strategy="baseline",
+                    resume=tmp_path / "old.run")
+    assert report["resumed_from_step"] == 2 and report["steps"] == 3
