@@ -120,7 +120,10 @@ def plan_unet(base, layout: str) -> UNetPlan:
 def default_layout(base, strategy: str | None) -> str:
     """The layout a pack exports to by default: masked for S1, else per-interval (also for
     S1 on a base with per-interval activation scales, which the masked layout cannot carry)."""
-    return "masked" if strategy == "s1" and not _per_interval_act(base) else "per-interval"
+    from qpdeploy.strategies import get_strategy
+
+    layout = "per-interval" if strategy is None else get_strategy(strategy).layout
+    return "per-interval" if layout == "masked" and _per_interval_act(base) else layout
 
 
 def _per_interval_act(base) -> bool:

@@ -14,6 +14,7 @@ import typing
 from dataclasses import dataclass
 
 from .errors import QPDeployError
+from .strategies import STRATEGIES, get_strategy
 
 # Layers kept in floating point by default: the timestep / added-condition embeddings
 # and the time projections inside each resnet (tiny matmuls on a (B, C) vector whose
@@ -192,7 +193,7 @@ class QuantizeConfig(ConfigBase):
 # Training (``qpdeploy train``)
 # --------------------------------------------------------------------------------------
 
-TRAIN_STRATEGIES = ("baseline", "s1", "s2")
+TRAIN_STRATEGIES = tuple(STRATEGIES)  # the registered strategies (qpdeploy.strategies)
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 
 
@@ -261,16 +262,17 @@ class TrainConfig(ConfigBase):
     RUN_CONTROL = ("steps", "checkpoint_every", "validate_every", "validation_prompt", "validation_images")
 
     def __post_init__(self):
-        s1 = self.strategy == "s1"
+        s1 = self.strategy in STRATEGIES and STRATEGIES[self.strategy].needs_chosen
         k = self.intervals if self.boundaries is None else len(self.boundaries) - 1
         checks = [
             (bool(self.prompt and self.prompt.strip()), "the instance prompt is empty"),
-            (self.strategy in TRAIN_STRATEGIES,
-             f"strategy must be one of {', '.join(TRAIN_STRATEGIES)}, got {self.strategy!r}"),
+            (self.strategy in STRATEGIES,
+             f"strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}"),
             (self.intervals is None or self.boundaries is None, "give either intervals or boundaries, not both"),
             (self.intervals is None or 1 <= self.intervals <= MAX_STEPS,
              f"intervals must be in 1..{MAX_STEPS}, got {self.intervals}"),
-            (not s1 or bool(self.s1_intervals), "strategy s1 needs the intervals it trains (--s1-intervals 0,1)"),
+            (not s1 or bool(self.s1_intervals),
+             f"strategy {self.strategy} needs the intervals it trains (--s1-intervals 0,1)"),
             (s1 or not self.s1_intervals, f"s1 intervals are only used by strategy s1, not {self.strategy}"),
             (all(i >= 0 and (k is None or i < k) for i in self.s1_intervals),
              f"s1 intervals must be in 0..{'K-1' if k is None else k - 1}, got {list(self.s1_intervals)}"),
@@ -328,4 +330,4 @@ class TrainConfig(ConfigBase):
         """Instance samples per micro-batch: ``batch_size``, or K for S2 and 1 otherwise."""
         if self.batch_size is not None:
             return self.batch_size
-        return k if self.strategy == "s2" else 1
+        return get_strategy(self.strategy).default_batch(k)

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import torch
 
-from .config import TRAIN_STRATEGIES
 from .errors import QPDeployError
+from .strategies import get_strategy
 from .intervals import Intervals
 from . import schema
 from .io import atomic_dir, dir_bytes, file_sha256, read_artifact_header, write_json
@@ -39,26 +39,16 @@ PACK_FILE = "pack.json"
 SCALES_FILE = "scales.safetensors"
 REPORT_FILE = "report.json"
 PACK_ARTIFACT = (PACK_FILE, PACK_KIND)  # header file and kind: what --force may replace
-STRATEGIES = TRAIN_STRATEGIES  # one list, in qpdeploy.config
 
 
 def expert_map(strategy: str, k: int, s1_intervals=()) -> list[int]:
     """Scale-set index used in each of K intervals (``num_sets`` means post-training)."""
-    if strategy == "baseline":
-        return [0] * k
-    if strategy == "s1":
-        bad = [i for i in s1_intervals if not 0 <= i < k]
-        if not s1_intervals or bad:
-            raise QPDeployError(f"S1 intervals must be a non-empty subset of 0..{k - 1}, got {list(s1_intervals)}")
-        return [0 if i in s1_intervals else 1 for i in range(k)]
-    if strategy == "s2":
-        return list(range(k))
-    raise QPDeployError(f"unknown strategy {strategy!r}; expected one of {', '.join(STRATEGIES)}")
+    return get_strategy(strategy).expert_map(k, tuple(s1_intervals))
 
 
 def num_sets_for(strategy: str, k: int) -> int:
-    """How many trainable scale sets a strategy has: K for S2, else 1."""
-    return k if strategy == "s2" else 1
+    """How many trainable scale sets a strategy has (K for S2, else 1)."""
+    return get_strategy(strategy).num_sets(k)
 
 
 @dataclass

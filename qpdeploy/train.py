@@ -52,6 +52,7 @@ from .prompts import check_text
 from .models import check_resolution
 from .ptq import resolve_device
 from .quantize import get_router
+from .strategies import get_strategy
 from .validate import Validator, quantized_pipeline
 
 RUN_SUFFIX = ".run"
@@ -92,11 +93,9 @@ class TimestepSampler:
     """
 
     def __init__(self, intervals: Intervals, strategy: str, s1_intervals=(), seed: int = 0):
-        self.intervals, self.strategy, self.seed = intervals, strategy, seed
-        if strategy == "s1":
-            self.segments = [intervals.bounds(i) for i in sorted(set(s1_intervals))]
-        else:
-            self.segments = [(0, intervals.num_train_timesteps)]
+        self.intervals, self.strategy, self.seed = intervals, get_strategy(strategy), seed
+        trained = self.strategy.trained_intervals(intervals.k, tuple(s1_intervals))
+        self.segments = _merge([intervals.bounds(i) for i in trained])
 
     def interval_order(self, first: int, n: int) -> torch.Tensor:
         """S2: the interval of each sample ``first .. first+n-1`` of the run (rounds of K)."""
@@ -104,7 +103,7 @@ class TimestepSampler:
 
     def draw(self, first: int, n: int, generator: torch.Generator) -> torch.Tensor:
         """Timesteps (n,) long for samples ``first .. first+n-1`` of the run."""
-        if self.strategy == "s2":
+        if self.strategy.balanced_intervals:
             chosen = self.interval_order(first, n)
             lo = torch.tensor([self.intervals.bounds(int(i))[0] for i in chosen], dtype=torch.float64)
             hi = torch.tensor([self.intervals.bounds(int(i))[1] for i in chosen], dtype=torch.float64)
@@ -116,6 +115,17 @@ class TimestepSampler:
         seg = torch.bucketize(offset, ends, right=True)
         starts = torch.tensor([lo for lo, _ in self.segments])
         return starts[seg] + offset - (ends[seg] - lengths[seg])
+
+
+def _merge(segments: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Adjacent [lo, hi) segments joined (all intervals: one segment [0, T))."""
+    merged: list[tuple[int, int]] = []
+    for lo, hi in sorted(segments):
+        if merged and merged[-1][1] == lo:
+            merged[-1] = (merged[-1][0], hi)
+        else:
+            merged.append((lo, hi))
+    return merged
 
 
 @dataclass

@@ -1,0 +1,114 @@
+"""Timestep strategies of scale training, one registry for every stage.
+
+A strategy says how many trainable scale sets a pack has, which set each timestep interval
+uses at inference (or the post-training scales), which timesteps training draws, how many
+samples a micro-batch holds by default and which export layout suits it. Training, packs,
+configs, the exporter and the CLI ask the registry, so a new strategy is one new class that
+registers itself with :func:`register` (torchao's handler registry is the model).
+
+The paper's three (see docs/design.md):
+
+- ``baseline``: one set over all timesteps (PEQA + DreamBooth);
+- ``s1``: one set, trained and applied only in the chosen intervals;
+- ``s2``: one set per interval, set k trained and used only in interval k.
+
+No torch here: the CLI lists the registered names without importing it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from .errors import QPDeployError
+
+STRATEGIES: dict[str, "Strategy"] = {}
+
+
+def register(cls: type["Strategy"]) -> type["Strategy"]:
+    """Class decorator: add a strategy to :data:`STRATEGIES` under its ``name``."""
+    STRATEGIES[cls.name] = cls()
+    return cls
+
+
+def get_strategy(name: str) -> "Strategy":
+    """The registered strategy ``name``.
+
+    Raises:
+        QPDeployError: no strategy has that name.
+    """
+    if name not in STRATEGIES:
+        raise QPDeployError(f"unknown strategy {name!r}; expected one of {', '.join(STRATEGIES)}")
+    return STRATEGIES[name]
+
+
+class Strategy:
+    """The behaviour of one strategy on K intervals (``chosen``: the intervals a strategy that
+    selects some, S1, trains and applies in; empty for the others)."""
+
+    name: str = ""
+    needs_chosen: bool = False  # the user must choose intervals (--s1-intervals)
+    layout: str = "per-interval"  # default export layout
+    balanced_intervals: bool = False  # training cycles through intervals instead of uniform timesteps
+
+    def num_sets(self, k: int) -> int:
+        """Trainable scale sets of a pack."""
+        return 1
+
+    def expert_map(self, k: int, chosen: Sequence[int] = ()) -> list[int]:
+        """Scale-set row used in each interval; ``num_sets(k)`` means the post-training scales."""
+        raise NotImplementedError
+
+    def trained_intervals(self, k: int, chosen: Sequence[int] = ()) -> list[int]:
+        """Intervals whose timesteps training draws."""
+        return list(range(k))
+
+    def default_batch(self, k: int) -> int:
+        """Instance samples per micro-batch when the user gives none."""
+        return 1
+
+    def check(self, k: int, chosen: Sequence[int]) -> None:
+        """Raise QPDeployError when ``chosen`` does not suit this strategy on K intervals."""
+        if not self.needs_chosen and chosen:
+            raise QPDeployError(f"s1 intervals are only used by strategy s1, not {self.name}")
+
+
+@register
+class Baseline(Strategy):
+    name = "baseline"
+
+    def expert_map(self, k, chosen=()):
+        return [0] * k
+
+
+@register
+class S1(Strategy):
+    name = "s1"
+    needs_chosen = True
+    layout = "masked"
+
+    def check(self, k, chosen):
+        bad = [i for i in chosen if not 0 <= i < k]
+        if not chosen or bad:
+            raise QPDeployError(f"S1 intervals must be a non-empty subset of 0..{k - 1}, got {list(chosen)}")
+
+    def expert_map(self, k, chosen=()):
+        self.check(k, chosen)
+        return [0 if i in chosen else 1 for i in range(k)]
+
+    def trained_intervals(self, k, chosen=()):
+        return sorted(set(chosen))
+
+
+@register
+class S2(Strategy):
+    name = "s2"
+    balanced_intervals = True
+
+    def num_sets(self, k):
+        return k
+
+    def expert_map(self, k, chosen=()):
+        return list(range(k))
+
+    def default_batch(self, k):
+        return k  # every step trains every set once
