@@ -80,6 +80,38 @@ def write_manifest(out_dir, manifest: dict) -> dict:
 
 
 @dataclass(frozen=True)
+class Dispatch:
+    """The one rule for which UNet graph serves interval k and what its selector input gets.
+
+    The exporter's plan, the manifest, export verification and the runtime's scheduler all
+    use it. ``graph_of_interval[k]`` indexes the graphs; a one-graph layout has a selector
+    input (``tuned`` / ``expert``) fed ``selector_values[k]`` for every sample in interval k.
+    """
+
+    graph_of_interval: tuple[int, ...]
+    selector: str | None = None
+    selector_values: tuple[int, ...] | None = None
+
+    def graph(self, k: int) -> int:
+        """Index of the graph that serves interval ``k``."""
+        return self.graph_of_interval[k]
+
+    def selector_feed(self, intervals) -> dict:
+        """``{selector input: int32 (B,)}`` for samples in ``intervals`` (B,); empty without a selector."""
+        import torch
+
+        if self.selector is None:
+            return {}
+        return {self.selector: torch.tensor([self.selector_values[int(k)] for k in intervals], dtype=torch.int32)}
+
+    @classmethod
+    def from_manifest(cls, unet: dict) -> "Dispatch":
+        selector = unet["selector"]
+        return cls(tuple(unet["graph_of_interval"]), None if selector is None else selector["input"],
+                   None if selector is None else tuple(selector["values"]))
+
+
+@dataclass(frozen=True)
 class DeployManifest:
     """A validated manifest of a deploy dir; ``data`` is the parsed JSON."""
 
@@ -113,6 +145,10 @@ class DeployManifest:
             raise QPDeployError(f"{self.path / MANIFEST_FILE}: {name} leads outside the deploy dir (to {resolved})")
         return resolved
 
+    @property
+    def dispatch(self) -> Dispatch:
+        return Dispatch.from_manifest(self.unet)
+
     def unet_call(self, timestep) -> tuple[dict, dict]:
         """``(graph entry, extra int32 feeds)`` for a step at ``timestep`` (scalar).
 
@@ -120,9 +156,9 @@ class DeployManifest:
         the caller broadcasts the value to the batch.
         """
         k = self.intervals.index(timestep)
-        graph = self.unet["graphs"][self.unet["graph_of_interval"][k]]
-        selector = self.unet["selector"]
-        return graph, ({} if selector is None else {selector["input"]: selector["values"][k]})
+        dispatch = self.dispatch
+        feed = {name: int(values[0]) for name, values in dispatch.selector_feed([k]).items()}
+        return self.unet["graphs"][dispatch.graph(k)], feed
 
     def referenced(self) -> tuple[list[str], list[str]]:
         """``(files, folders)`` the runtime may open: graphs, engines, the shared weights,

@@ -76,6 +76,13 @@ class UNetPlan:
     selector_values: tuple[int, ...] | None = None
     table_rows: tuple[int, ...] | None = None
 
+    @property
+    def dispatch(self):
+        """The interval -> graph / selector rule of this plan (:class:`.manifest.Dispatch`)."""
+        from .manifest import Dispatch
+
+        return Dispatch(self.graph_of_interval, self.selector, self.selector_values)
+
 
 def plan_unet(base, layout: str) -> UNetPlan:
     """The graphs of ``layout`` for the base's UNet with its current pack (or none).

@@ -296,13 +296,14 @@ def compare_with_torch(unet, graph_files: list[Path], plan, inputs, outputs, int
     torch_runner = _torch_runner_class()(lambda feed: {outputs[0].name: _unet_call(unet, feed)}, inputs)
     sessions = {}
     result = []
+    dispatch = plan.dispatch
     for k in range(intervals.k):
-        g = plan.graph_of_interval[k]
+        g = dispatch.graph(k)
         if g not in sessions:
             sessions[g] = ort_session(graph_files[g])
         lo, hi = intervals.bounds(k)
-        selector = plan.selector_values[k] if plan.selector else 0
-        feed = example_inputs(inputs, batch, seed=seed + k, timestep=(lo + hi) / 2, selector_value=selector)
+        feed = example_inputs(inputs, batch, seed=seed + k, timestep=(lo + hi) / 2)
+        feed.update(dispatch.selector_feed([k] * batch))
         feed = {name: value.numpy() for name, value in feed.items()}
         ort_runner = OnnxrtRunner(sessions[g], name=f"onnxrt-{plan.graphs[g].name}")
         with G_LOGGER.verbosity(G_LOGGER.CRITICAL):

@@ -248,7 +248,7 @@ def unet_runners(manifest, config: RuntimeConfig) -> tuple[list[BaseRunner], lis
 
         check_engines(manifest)
         runners = [trt_runner(manifest.file(g["engine"]), config, g["name"]) for g in unet["graphs"]]
-        return runners, list(unet["graph_of_interval"])
+        return runners, list(manifest.dispatch.graph_of_interval)
     shared = None
     if config.share_weights and len(unet["graphs"]) > 1 and unet.get("weights_file"):
         shared = SharedWeights(manifest.file(unet["weights_file"]))

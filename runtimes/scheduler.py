@@ -46,16 +46,17 @@ class EngineScheduler:
         intervals: the deploy dir's :class:`~qpdeploy.intervals.Intervals`.
         runners: Polygraphy-style runners (not yet active), one per engine.
         runner_of_interval: index into ``runners`` for each interval.
-        selector: the manifest's ``{"input", "values"}`` of a single-graph layout, or None.
+        dispatch: the deploy dir's :class:`~qpdeploy.exporters.manifest.Dispatch` (feeds the
+            selector input of a one-graph layout), or None.
         output: name of the noise-prediction output.
         low_memory: keep only the current runner (and the next, being prepared) active.
     """
 
-    def __init__(self, intervals, runners, runner_of_interval, selector=None, output="noise_pred",
+    def __init__(self, intervals, runners, runner_of_interval, dispatch=None, output="noise_pred",
                  low_memory: bool = False):
         self.intervals, self.runners = intervals, list(runners)
         self.runner_of_interval = list(runner_of_interval)
-        self.selector, self.output, self.low_memory = selector, output, low_memory
+        self.dispatch, self.output, self.low_memory = dispatch, output, low_memory
         self.history: list[UNetCall] = []
         self.load_seconds = 0.0
         self.loads = 0  # runner activations, prefetches included
@@ -173,9 +174,8 @@ class EngineScheduler:
         cast of it). Returns the noise prediction (B, C, h, w)."""
         intervals = self.intervals.index(timestep).tolist()  # (B,)
         units = [self.runner_of_interval[k] for k in intervals]
-        if self.selector is not None:
-            values = [self.selector["values"][k] for k in intervals]
-            feeds = {**feeds, self.selector["input"]: torch.tensor(values, dtype=torch.int32)}
+        if self.dispatch is not None:
+            feeds = {**feeds, **self.dispatch.selector_feed(intervals)}
         batch, out = len(units), None
         for unit in dict.fromkeys(units):
             rows = [i for i, u in enumerate(units) if u == unit]

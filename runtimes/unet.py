@@ -98,7 +98,7 @@ class EngineUNet(DiffusersFacade):
         from .runners import feed_device, unet_runners
 
         runners, runner_of_interval = unet_runners(manifest, config)
-        engines = EngineScheduler(manifest.intervals, runners, runner_of_interval, manifest.unet["selector"],
+        engines = EngineScheduler(manifest.intervals, runners, runner_of_interval, manifest.dispatch,
                                   manifest.unet["outputs"][0]["name"], config.low_memory)
         engines.open()
         return cls(manifest, engines, feed_device(config), config)
