@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections import Counter, defaultdict
+from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -334,6 +334,3 @@ def _unet_call(unet, feed: dict[str, torch.Tensor]) -> torch.Tensor:
                 return_dict=False)[0]
 
 
-def op_counts(model) -> Counter:
-    """Number of nodes of each op type (for reports and tests)."""
-    return Counter(n.op_type for n in model.graph.node)

@@ -19,6 +19,7 @@ from typer.core import TyperGroup
 from .config import PRECISIONS, TRAIN_STRATEGIES
 from .errors import QPDeployError
 from .exporters.config import LAYOUTS
+from .intervals import Intervals
 from .quiet import quiet_third_party
 from .runtimes.config import BACKENDS, ORT_OPTIMIZATIONS, SCHEDULERS
 from .models import DEFAULT_MODEL  # no torch: models imports torch only inside its functions
@@ -121,7 +122,7 @@ def quantize(
         act_bits=_parse_bits(act_bits),
         act_scales=act_scales,
         intervals=intervals,
-        boundaries=None if boundaries is None else tuple(int(b) for b in _split_ints(boundaries)),
+        boundaries=None if boundaries is None else Intervals.parse(boundaries).boundaries,
         skip=() if no_skip else tuple(skip) if skip else DEFAULT_SKIP,
         shortcut_split=shortcut_split,
         weight_search=calib_method,
@@ -218,7 +219,7 @@ def train(
 
     cfg = TrainConfig(
         prompt=prompt, strategy=strategy, intervals=intervals,
-        boundaries=None if boundaries is None else tuple(_split_ints(boundaries)),
+        boundaries=None if boundaries is None else Intervals.parse(boundaries).boundaries,
         s1_intervals=() if s1_intervals is None else tuple(_split_ints(s1_intervals)),
         train_input_scales=train_input_scales, steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
         weight_decay=weight_decay, resolution=resolution, crop=crop, identifier=identifier,

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .config import QuantizeConfig
-from .layers import QuantConv2d, QuantLayer, QuantLinear, ScaleRouter, quant_layers, weight_qrange
+from .layers import QuantConv2d, QuantLinear, ScaleRouter, quant_layers, weight_qrange
 
 ROUTER_NAME = "qp_router"
 
@@ -187,11 +187,3 @@ def float_weights_of(unet: nn.Module, plans: list[LayerPlan]) -> dict[str, torch
     return {p.name: unet.get_submodule(p.name).weight.detach() for p in plans if p.quantized}
 
 
-def quantized_layer_names(unet: nn.Module) -> list[str]:
-    """Names of the quantized layers of a converted UNet, in module order."""
-    return [name for name, _ in quant_layers(unet)]
-
-
-def is_quantized(module: nn.Module) -> bool:
-    """Whether the module is one of qpdeploy's quantized layers."""
-    return isinstance(module, QuantLayer)

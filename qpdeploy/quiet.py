@@ -18,6 +18,8 @@ NOTICES = (
      "loading without accelerate: tiny and local models load fast either way"),
     ("diffusers.models.modeling_utils", "low cpu memory usage",
      "the same notice in other diffusers versions"),
+    ("diffusers.models.modeling_utils", "should be kept in float32",
+     "from_pipe casts to the dtype the modules already have (a no-op here)"),
     ("diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion", "following part of your input was truncated",
      "qpdeploy warns once, in one short line, before the prompt is used"),
     ("diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl",

@@ -12,7 +12,7 @@ missing, and for objects and arrays the spec of what they hold.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import QPDeployError

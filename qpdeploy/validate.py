@@ -7,23 +7,18 @@ scheduler only.
 
 from __future__ import annotations
 
-import inspect
 import math
-import os
 from pathlib import Path
 
 import torch
 
+from .io import write_file_atomic
+
 
 def quantized_pipeline(pipe, unet, **changes):
-    """A pipeline of ``pipe``'s class sharing its components, with ``unet`` (and ``changes``)."""
-    params = inspect.signature(type(pipe).__init__).parameters
-    kwargs = {k: v for k, v in pipe.components.items() if k in params}
-    kwargs.update({k: pipe.config[k] for k in params if k not in kwargs and k in pipe.config})
-    if "requires_safety_checker" in params:
-        kwargs["requires_safety_checker"] = False
-    kwargs.update(unet=unet, **changes)
-    new = type(pipe)(**kwargs)
+    """A pipeline of ``pipe``'s class sharing its components, with ``unet`` (and ``changes``),
+    made by diffusers' ``from_pipe``."""
+    new = type(pipe).from_pipe(pipe, unet=unet, **changes)
     new.set_progress_bar_config(disable=True)
     return new
 
@@ -65,22 +60,17 @@ class Validator:
                                generator=generators).images
         finally:
             unet.train(was_training)
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
-        image_grid(images).save(tmp)
-        os.replace(tmp, path)
-        return path
+        write_file_atomic(path, lambda tmp: image_grid(images).save(tmp, format="PNG"))
+        return Path(path)
 
 
-def image_grid(images, columns: int | None = None):
-    """Paste equally sized PIL images into a grid (one row up to 4 images, then square-ish)."""
+def image_grid(images):
+    """Equally sized PIL images in a grid (one row up to 4 images, then square-ish; the last
+    row padded with white), by diffusers' ``make_image_grid``."""
+    from diffusers.utils import make_image_grid
     from PIL import Image
 
-    columns = columns or (len(images) if len(images) <= 4 else math.ceil(math.sqrt(len(images))))
+    columns = len(images) if len(images) <= 4 else math.ceil(math.sqrt(len(images)))
     rows = math.ceil(len(images) / columns)
-    w, h = images[0].size
-    grid = Image.new("RGB", (columns * w, rows * h), (255, 255, 255))
-    for i, image in enumerate(images):
-        grid.paste(image, ((i % columns) * w, (i // columns) * h))
-    return grid
+    blank = Image.new("RGB", images[0].size, (255, 255, 255))
+    return make_image_grid([*images, *[blank] * (rows * columns - len(images))], rows, columns)

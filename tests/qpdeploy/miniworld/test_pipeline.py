@@ -3,7 +3,6 @@
 import json
 
 import numpy as np
-import pytest
 
 from qpdeploy.miniworld.prompts import MAX_LENGTH, Prompt, vocabulary
 from qpdeploy.miniworld.sampling import generate
