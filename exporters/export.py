@@ -21,7 +21,7 @@ from .verify import check_graph, compare_with_torch, expected_qdq_units, qdq_str
 
 
 def export_from_paths(base_dir, pack_dir, out, config: ExportConfig, model=None, config_dir=None,
-                      force: bool = False, show_progress: bool = False) -> tuple[Path, dict]:
+                      force: bool = False, show_progress: bool | str = False) -> tuple[Path, dict]:
     """Load a base directory (and a pack directory, or None) and export them to ``out``.
 
     ``model`` / ``config_dir`` locate the base's source model if it moved (see
@@ -42,7 +42,7 @@ def export_from_paths(base_dir, pack_dir, out, config: ExportConfig, model=None,
 
 
 def export_deploy(base, pipe, out, config: ExportConfig, pack=None, force: bool = False,
-                  show_progress: bool = False) -> tuple[Path, dict]:
+                  show_progress: bool | str = False) -> tuple[Path, dict]:
     """Write the deploy dir of ``base`` with ``pack`` installed (None: post-training scales).
 
     Steps: (1) install the pack and plan the layout, (2) export the UNet graphs sharing one

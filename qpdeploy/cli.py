@@ -20,6 +20,7 @@ from .config import PRECISIONS, TRAIN_STRATEGIES
 from .errors import QPDeployError
 from .exporters.config import LAYOUTS
 from .intervals import Intervals
+from .progress import cli_mode
 from .quiet import quiet_third_party
 from .runtimes.config import BACKENDS, ORT_OPTIMIZATIONS, SCHEDULERS
 from .models import DEFAULT_MODEL  # no torch: models imports torch only inside its functions
@@ -136,7 +137,7 @@ def quantize(
     from .ptq import quantize_model
 
     path, report = quantize_model(model, out, cfg, config_dir=config, device=device, force=force,
-                                  show_progress=sys.stderr.isatty())
+                                  show_progress=cli_mode())
     print_quantize_summary(report)
     typer.echo(f"quantized base: {path}\nreport: {path / 'report.json'}")
 
@@ -240,7 +241,7 @@ def train(
 
     with _warnings_as_lines():
         path, report = train_pack(base_dir, images, out, cfg, source=source, config_dir=config, class_dir=class_dir,
-                                  resume=resume, device=device, force=force, show_progress=sys.stderr.isatty())
+                                  resume=resume, device=device, force=force, show_progress=cli_mode())
     print_train_summary(report)
     typer.echo(f"scale pack: {path}\nreport: {path / 'report.json'}")
 
@@ -349,7 +350,7 @@ def export(
     cfg = ExportConfig(layout=layout, height=height, width=width, batch=batch, opset=opset, verify=verify,
                        build_engines=build_engines, strongly_typed=strongly_typed)
     path, report = export_from_paths(base, pack, out, cfg, model=model, config_dir=config, force=force,
-                                     show_progress=sys.stderr.isatty())
+                                     show_progress=cli_mode())
     print_export_summary(report)
     typer.echo(f"deploy dir: {path}\nreport: {path / 'report.json'}")
 
@@ -402,7 +403,7 @@ def generate(
     from .runtimes.generate import generate as generate_images
     from .runtimes.generate import print_generate_summary
 
-    with _warnings_as_lines(), stage("generate", len(prompts) * images_per_prompt, sys.stderr.isatty()) as advance:
+    with _warnings_as_lines(), stage("generate", len(prompts) * images_per_prompt, cli_mode()) as advance:
         records = generate_images(deploy, prompts, gen, runtime, out, out_dir, force, advance)
     print_generate_summary(records)
     where = out if out is not None else out_dir
@@ -426,7 +427,7 @@ def demo(
     from .demo import DemoConfig, run_demo
 
     config = DemoConfig(subject=subject, intervals=intervals, steps=steps, lr=lr, seeds=seeds, threads=threads)
-    path, report = run_demo(out, config, force=force, show_progress=sys.stderr.isatty())
+    path, report = run_demo(out, config, force=force, show_progress=cli_mode())
     print_demo_summary(report)
     typer.echo(f"grid: {path / 'grid.png'}\nreport: {path / 'report.json'}")
 

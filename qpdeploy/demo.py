@@ -63,7 +63,7 @@ class DemoConfig:
                 raise QPDeployError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
 
 
-def run_demo(out, config: DemoConfig = DemoConfig(), force: bool = False, show_progress: bool = False) -> tuple[Path, dict]:
+def run_demo(out, config: DemoConfig = DemoConfig(), force: bool = False, show_progress: bool | str = False) -> tuple[Path, dict]:
     """Run every stage of the module docstring into ``out``; returns ``(out, report)``."""
     from .miniworld.evaluator import EVALUATOR_DIR
     from .models import MINIWORLD_DIR
@@ -91,7 +91,7 @@ def run_demo(out, config: DemoConfig = DemoConfig(), force: bool = False, show_p
     return Path(out), report
 
 
-def _quantize_and_train(tmp: Path, config: DemoConfig, show_progress: bool, lap):
+def _quantize_and_train(tmp: Path, config: DemoConfig, show_progress: bool | str, lap):
     from .config import QuantizeConfig, TrainConfig
     from .miniworld.subjects import get_subject, write_instance_images
     from .ptq import quantize_model
@@ -110,7 +110,7 @@ def _quantize_and_train(tmp: Path, config: DemoConfig, show_progress: bool, lap)
     return tmp / "base", tmp / "pack"
 
 
-def _export(tmp: Path, base_dir: Path, pack_dir: Path, show_progress: bool, lap) -> dict[str, Path]:
+def _export(tmp: Path, base_dir: Path, pack_dir: Path, show_progress: bool | str, lap) -> dict[str, Path]:
     from .exporters.config import ExportConfig
     from .exporters.export import export_from_paths
 
@@ -121,7 +121,7 @@ def _export(tmp: Path, base_dir: Path, pack_dir: Path, show_progress: bool, lap)
     return deploys
 
 
-def _generate(tmp: Path, deploys: dict[str, Path], config: DemoConfig, show_progress: bool, lap) -> dict:
+def _generate(tmp: Path, deploys: dict[str, Path], config: DemoConfig, show_progress: bool | str, lap) -> dict:
     import numpy as np
     from PIL import Image
 

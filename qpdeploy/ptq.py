@@ -26,7 +26,7 @@ def resolve_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
-def quantize_pipeline(pipe, config: QuantizeConfig, device="cpu", show_progress: bool = False):
+def quantize_pipeline(pipe, config: QuantizeConfig, device="cpu", show_progress: bool | str = False):
     """Quantize ``pipe.unet`` after Q-Diffusion; the float pipeline is left unchanged.
 
     Steps: (1) record full-precision DDIM trajectories on calibration and held-out
@@ -107,7 +107,7 @@ def _tensor_bytes(state: dict) -> int:
 
 
 def quantize_model(model, out, config: QuantizeConfig, config_dir=None, device="auto", force: bool = False,
-                   show_progress: bool = False) -> tuple[Path, dict]:
+                   show_progress: bool | str = False) -> tuple[Path, dict]:
     """Load MODEL, quantize it and write the base directory ``out`` (atomically).
 
     Returns:

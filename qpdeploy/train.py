@@ -293,7 +293,7 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 # --------------------------------------------------------------------------------------
 
 def prepare_data(base: QuantizedBase, images, config: TrainConfig, pipe=None, class_dir=None, device="cpu",
-                 show_progress: bool = False, source=None, config_dir=None):
+                 show_progress: bool | str = False, source=None, config_dir=None):
     """Read and encode everything the loop needs, then let the encoders go.
 
     Args:
@@ -333,7 +333,7 @@ def prepare_data(base: QuantizedBase, images, config: TrainConfig, pipe=None, cl
 
 def train(base, images, out, config: TrainConfig, *, pipe=None, source=None, config_dir=None, run_dir=None,
           class_dir=None, resume=None, device="auto", force: bool = False,
-          show_progress: bool = False) -> tuple[Path, dict]:
+          show_progress: bool | str = False) -> tuple[Path, dict]:
     """Personalize a quantized base on a folder of images and write a scale pack.
 
     Args:
@@ -439,7 +439,7 @@ def _train(base, images, out, config, pipe, source, config_dir, run_dir, class_d
     return path, read_json(path / "report.json")
 
 
-def run_training(trainer: ScaleTrainer, run_dir: Path, validator=None, show_progress: bool = False) -> None:
+def run_training(trainer: ScaleTrainer, run_dir: Path, validator=None, show_progress: bool | str = False) -> None:
     """Step until ``config.steps``, writing checkpoints and validation grids on schedule."""
     cfg = trainer.config
     with stage("train", cfg.steps, show_progress) as advance:
