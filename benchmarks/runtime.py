@@ -60,7 +60,7 @@ def build_synthetic(out: Path, size: int = 32) -> None:
     from qpdeploy.models import tiny_pipeline
     from qpdeploy.pack import save_pack
     from qpdeploy.ptq import base_from_pipeline
-    from qpdeploy.quantize import LayerPlan
+    from qpdeploy.qunet import LayerPlan
 
     pipe = tiny_pipeline("sd1")
     torch.manual_seed(0)

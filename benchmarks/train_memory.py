@@ -275,7 +275,7 @@ def prepare_base(bits: int, out: Path, threads: int) -> None:
     from qpdeploy.base import save_base
     from qpdeploy.calibrate import UNetCall, calibrate_activations
     from qpdeploy.config import QuantizeConfig
-    from qpdeploy.quantize import convert_unet, float_weights_of, plan_layers, quantize_weights
+    from qpdeploy.qunet import convert_unet, float_weights_of, plan_layers, quantize_weights
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)

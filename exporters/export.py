@@ -151,7 +151,7 @@ def compare_unet(base, unet_files, out_dir, config: ExportConfig) -> list[float]
 
 
 def _router_intervals(base):
-    from qpdeploy.quantize import get_router
+    from qpdeploy.qunet import get_router
 
     return get_router(base.unet).intervals
 
@@ -177,7 +177,7 @@ def manifest_record(base, pack, pipe, config, unet_files, parts, structure, engi
     """Everything the manifest holds but the files table (see :mod:`.manifest`)."""
     from qpdeploy import __version__
     from qpdeploy.models import model_family
-    from qpdeploy.quantize import get_router
+    from qpdeploy.qunet import get_router
 
     plan: UNetPlan = unet_files.plan
     router = get_router(base.unet)

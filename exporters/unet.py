@@ -37,7 +37,7 @@ from torch import nn
 
 from qpdeploy.errors import QPDeployError
 from qpdeploy.layers import QuantLayer, quant_layers
-from qpdeploy.quantize import get_router
+from qpdeploy.qunet import get_router
 
 from .config import LAYOUTS
 from .qdq import QDQLayer, baked_consts, table_consts
@@ -45,7 +45,7 @@ from .tracing import torchscript_export
 
 OUTPUT_NAME = "noise_pred"
 SELECTOR_INPUT = {"masked": "tuned", "multi-expert": "expert"}
-WEIGHTS_FILE = "unet.weights"
+SHARED_WEIGHTS_FILE = "unet.weights"
 EXTERNAL_MIN_BYTES = 1024  # smaller shared tensors stay inline in each .onnx
 ALIGN = 64  # byte alignment of tensors in the shared weights file (mmap-friendly)
 
@@ -379,14 +379,14 @@ def export_unet(base, layout: str, out_dir, latent_hw: tuple[int, int], seq_len:
     plan = plan_unet(base, layout)
     inputs, outputs = unet_io(base.unet, plan, latent_hw, seq_len, text_embeds_dim)
     template, names, values = trace_unet(base.unet.eval(), plan, inputs, outputs, opset, out_dir)
-    weights_bytes = externalize_shared(template, names, out_dir / WEIGHTS_FILE)
+    weights_bytes = externalize_shared(template, names, out_dir / SHARED_WEIGHTS_FILE)
     files = []
     for graph, graph_values in zip(plan.graphs, values):
         model = bind_consts(template, graph_values)
         _annotate(model, plan, graph)
         onnx.save(model, str(out_dir / f"{graph.name}.onnx"))
         files.append(f"{graph.name}.onnx")
-    return UNetFiles(plan, inputs, outputs, files, WEIGHTS_FILE, weights_bytes)
+    return UNetFiles(plan, inputs, outputs, files, SHARED_WEIGHTS_FILE, weights_bytes)
 
 
 def _annotate(model, plan: UNetPlan, graph: UNetGraph) -> None:

@@ -31,12 +31,12 @@ from .intervals import Intervals
 from . import schema
 from .io import atomic_dir, file_sha256, read_artifact_header, tensors_hash, write_json
 from .schema import validate
-from .quantize import ROUTER_NAME, LayerPlan, convert_unet
+from .qunet import ROUTER_NAME, LayerPlan, convert_unet
 
 BASE_FORMAT_VERSION = 1
 BASE_KIND = "qpdeploy.quantized-base"
 CONFIG_FILE = "quant_config.json"
-WEIGHTS_FILE = "unet.safetensors"
+BASE_WEIGHTS_FILE = "unet.safetensors"
 REPORT_FILE = "report.json"
 BASE_ARTIFACT = (CONFIG_FILE, BASE_KIND)  # header file and kind: what --force may replace
 
@@ -83,13 +83,13 @@ def save_base(out, unet: nn.Module, config: QuantizeConfig, intervals: Intervals
 
     with atomic_dir(out, force, BASE_ARTIFACT) as tmp:
         state = base_state_dict(unet)
-        save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "kind": BASE_KIND})
+        save_file(state, str(tmp / BASE_WEIGHTS_FILE), metadata={"format": "pt", "kind": BASE_KIND})
         base_hash = tensors_hash(state)
         meta = {
             "format_version": BASE_FORMAT_VERSION,
             "kind": BASE_KIND,
             "base_hash": base_hash,
-            "weights_sha256": file_sha256(tmp / WEIGHTS_FILE),
+            "weights_sha256": file_sha256(tmp / BASE_WEIGHTS_FILE),
             "quantize": config.to_json(),
             "intervals": intervals.to_json(),
             "unet_class": type(unet).__name__,
@@ -126,9 +126,9 @@ def load_base(path, device="cpu", verify_hash: bool = True) -> QuantizedBase:
 
     path = Path(path)
     meta = read_base_meta(path)
-    weights = path / WEIGHTS_FILE
+    weights = path / BASE_WEIGHTS_FILE
     if not weights.is_file():
-        raise QPDeployError(f"quantized base {path} has no {WEIGHTS_FILE}")
+        raise QPDeployError(f"quantized base {path} has no {BASE_WEIGHTS_FILE}")
     if verify_hash and file_sha256(weights) != meta.get("weights_sha256"):
         raise QPDeployError(f"{weights} does not match the hash in {CONFIG_FILE} (corrupted or replaced)")
     try:
@@ -136,7 +136,7 @@ def load_base(path, device="cpu", verify_hash: bool = True) -> QuantizedBase:
     except (SafetensorError, OSError, ValueError) as exc:
         raise QPDeployError(f"cannot read {weights}: {exc}") from exc
     if verify_hash and tensors_hash(state) != meta["base_hash"]:
-        raise QPDeployError(f"{path / CONFIG_FILE}: base_hash does not match the tensors of {WEIGHTS_FILE} "
+        raise QPDeployError(f"{path / CONFIG_FILE}: base_hash does not match the tensors of {BASE_WEIGHTS_FILE} "
                             "(edited or replaced)")
     config = QuantizeConfig.from_json(meta["quantize"], str(path / CONFIG_FILE))
     intervals = Intervals.from_json(meta["intervals"])

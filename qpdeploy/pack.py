@@ -31,7 +31,7 @@ from . import schema
 from .io import atomic_dir, dir_bytes, file_sha256, read_artifact_header, write_json
 from .schema import validate
 from .layers import quant_layers
-from .quantize import get_router
+from .qunet import get_router
 
 PACK_FORMAT_VERSION = 1
 PACK_KIND = "qpdeploy.scale-pack"

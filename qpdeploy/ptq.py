@@ -16,7 +16,7 @@ from .io import claim_output, read_json
 from .models import check_resolution, describe_source, load_pipeline
 from .progress import stage
 from .prompts import CALIBRATION_FILE, CALIBRATION_PROMPTS, read_prompt_file
-from .quantize import convert_unet, float_weights_of, plan_layers, quantize_weights
+from .qunet import convert_unet, float_weights_of, plan_layers, quantize_weights
 
 
 def resolve_device(device: str = "auto") -> torch.device:

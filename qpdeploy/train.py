@@ -51,7 +51,7 @@ from .progress import stage
 from .prompts import check_text
 from .models import check_resolution
 from .ptq import resolve_device
-from .quantize import get_router
+from .qunet import get_router
 from .strategies import get_strategy
 from .validate import Validator, quantized_pipeline
 

@@ -11,11 +11,11 @@ import importlib
 
 _EXPORTS = {
     "EngineUNet": ".unet",
-    "EngineScheduler": ".scheduler",
+    "IntervalEngines": ".scheduler",
     "RuntimeConfig": ".config",
     "GenerateConfig": ".config",
     "generate": ".generate",
-    "load_pipeline": ".pipeline",
+    "load_deploy_pipeline": ".pipeline",
     "close_pipeline": ".pipeline",
 }
 

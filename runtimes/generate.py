@@ -88,7 +88,7 @@ def generate(deploy, prompts: list[str], config: GenerateConfig, runtime: Runtim
     """
     from qpdeploy.exporters.manifest import MANIFEST_FILE, read_manifest
 
-    from .pipeline import close_pipeline, load_pipeline
+    from .pipeline import close_pipeline, load_deploy_pipeline
 
     for n, prompt in enumerate(prompts):
         check_text(prompt, "--prompt" if len(prompts) == 1 else f"prompt {n + 1}")
@@ -104,7 +104,7 @@ def generate(deploy, prompts: list[str], config: GenerateConfig, runtime: Runtim
     if config.steps > manifest.intervals.num_train_timesteps:
         raise QPDeployError(f"steps must be at most the model's {manifest.intervals.num_train_timesteps} training "
                             f"timesteps, got {config.steps}")
-    pipe = load_pipeline(manifest, runtime, config.scheduler)
+    pipe = load_deploy_pipeline(manifest, runtime, config.scheduler)
     load_seconds = time.perf_counter() - start
     context = {"deploy_dir": str(manifest.path), "manifest_sha256": file_sha256(manifest.path / MANIFEST_FILE),
                "load_seconds": load_seconds, "size": (height, width)}

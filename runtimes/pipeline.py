@@ -141,7 +141,7 @@ def load_tokenizer(folder):
         raise QPDeployError(f"cannot load the tokenizer in {folder}: {type(exc).__name__}") from None
 
 
-def load_pipeline(manifest, config: RuntimeConfig, scheduler: str | None = None):
+def load_deploy_pipeline(manifest, config: RuntimeConfig, scheduler: str | None = None):
     """The diffusers pipeline of a deploy dir (see module doc); its modules own active runners
     (free them with :func:`close_pipeline`).
 
@@ -185,7 +185,7 @@ def load_pipeline(manifest, config: RuntimeConfig, scheduler: str | None = None)
 
 
 def close_pipeline(pipe) -> None:
-    """Free every runner of a pipeline made by :func:`load_pipeline`."""
+    """Free every runner of a pipeline made by :func:`load_deploy_pipeline`."""
     _close_parts(dict(pipe.components))
 
 

@@ -9,7 +9,7 @@ It offers what StableDiffusionPipeline and StableDiffusionXLPipeline read from a
 the pipeline's default image size is the one the graphs take), ``dtype``, ``device``,
 ``add_embedding.linear_1.in_features`` (SDXL's size check), and ``forward`` with the
 UNet2DConditionModel signature and return type. Each call goes through the
-:class:`~.scheduler.EngineScheduler`, which records the interval and engine of every step.
+:class:`~.scheduler.IntervalEngines`, which records the interval and engine of every step.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from torch import nn
 from qpdeploy.errors import QPDeployError
 
 from .config import RuntimeConfig
-from .scheduler import EngineScheduler
+from .engines import IntervalEngines
 
 
 class DiffusersFacade(nn.Module):
@@ -54,7 +54,7 @@ class EngineUNet(DiffusersFacade):
     engines.
     """
 
-    def __init__(self, manifest, engines: EngineScheduler, feed_device, runtime: RuntimeConfig | None = None):
+    def __init__(self, manifest, engines: IntervalEngines, feed_device, runtime: RuntimeConfig | None = None):
         from diffusers.configuration_utils import FrozenDict
 
         super().__init__()
@@ -98,7 +98,7 @@ class EngineUNet(DiffusersFacade):
         from .runners import feed_device, unet_runners
 
         runners, runner_of_interval = unet_runners(manifest, config)
-        engines = EngineScheduler(manifest.intervals, runners, runner_of_interval, manifest.dispatch,
+        engines = IntervalEngines(manifest.intervals, runners, runner_of_interval, manifest.dispatch,
                                   manifest.unet["outputs"][0]["name"], config.low_memory)
         engines.open()
         return cls(manifest, engines, feed_device(config), config)
@@ -163,7 +163,7 @@ class EngineUNet(DiffusersFacade):
 
     @property
     def history(self):
-        """One :class:`~.scheduler.UNetCall` per call since the last :meth:`reset_history`."""
+        """One :class:`~.engines.EngineCall` per call since the last :meth:`reset_history`."""
         return self.engines.history
 
     def reset_history(self) -> None:

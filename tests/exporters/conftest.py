@@ -89,7 +89,7 @@ def base_dir(export_base, tmp_path_factory):
     """``export_base("sd1", **DEPLOY_BASE)`` written as a base directory (its source is the
     bundled tiny-sd1, which ``tiny_pipeline("sd1")`` is)."""
     from qpdeploy.base import save_base
-    from qpdeploy.quantize import LayerPlan
+    from qpdeploy.qunet import LayerPlan
 
     base = export_base("sd1", **DEPLOY_BASE)
     plans = [LayerPlan(layer["name"], layer["kind"], True, layer["split"]) for layer in base.meta["layers"]]

@@ -15,7 +15,7 @@ from qpdeploy.exporters.unet import bind_consts
 from qpdeploy.exporters.verify import ort_session, qdq_structure
 from qpdeploy.intervals import Intervals
 from qpdeploy.layers import QuantConv2d, QuantLinear, ScaleRouter
-from qpdeploy.quantize import integer_weight, search_weight_scale
+from qpdeploy.qunet import integer_weight, search_weight_scale
 
 SETS = 3  # trainable scale sets; row 3 is post-training
 

@@ -11,7 +11,7 @@ from ..conftest import family_params
 from qpdeploy.calibrate import sqnr_db
 from qpdeploy.errors import QPDeployError
 from qpdeploy.exporters.manifest import read_manifest
-from qpdeploy.exporters.unet import (WEIGHTS_FILE, UNetFiles, default_layout, example_inputs, export_unet, plan_unet,
+from qpdeploy.exporters.unet import (SHARED_WEIGHTS_FILE, UNetFiles, default_layout, example_inputs, export_unet, plan_unet,
                                      unet_io)
 from qpdeploy.exporters.verify import (check_graph, compare_with_torch, expected_qdq_units, float_layer_count,
                                        ort_session, qdq_structure)
@@ -62,7 +62,7 @@ def files_in_deploy_dir(base, deploy_dir) -> UNetFiles:
     plan = plan_unet(base, manifest.layout)
     inputs, outputs = unet_io(base.unet, plan, LATENT, SEQ)
     onnx_files = [g["onnx"] for g in manifest.unet["graphs"]]
-    return UNetFiles(plan, inputs, outputs, onnx_files, WEIGHTS_FILE, (deploy_dir / WEIGHTS_FILE).stat().st_size)
+    return UNetFiles(plan, inputs, outputs, onnx_files, SHARED_WEIGHTS_FILE, (deploy_dir / SHARED_WEIGHTS_FILE).stat().st_size)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -121,12 +121,12 @@ def test_per_interval_graphs_share_one_weights_file(exported, family):
         model = onnx.load(str(out / name), load_external_data=False)
         external = {t.name: {e.key: e.value for e in t.external_data}
                     for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL}
-        assert {e["location"] for e in external.values()} == {WEIGHTS_FILE}
+        assert {e["location"] for e in external.values()} == {SHARED_WEIGHTS_FILE}
         int8 = [t for t in model.graph.initializer if t.data_type == onnx.TensorProto.INT8 and len(t.dims) > 1]
         assert int8 and all(t.data_location == onnx.TensorProto.EXTERNAL for t in int8)  # weights never inline
         refs.append(external)
     assert all(r == refs[0] for r in refs)  # same tensors at the same offsets
-    weights = (out / WEIGHTS_FILE).stat().st_size
+    weights = (out / SHARED_WEIGHTS_FILE).stat().st_size
     graphs = sum((out / f).stat().st_size for f in files.onnx_files)
     assert files.weights_bytes == weights
     assert graphs + weights < len(files.onnx_files) * weights  # K graphs cost far less than K copies

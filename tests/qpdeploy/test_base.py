@@ -4,7 +4,7 @@ import shutil
 import pytest
 import torch
 
-from qpdeploy.base import CONFIG_FILE, WEIGHTS_FILE, load_base, load_base_pipeline, read_base_meta
+from qpdeploy.base import CONFIG_FILE, BASE_WEIGHTS_FILE, load_base, load_base_pipeline, read_base_meta
 from qpdeploy.errors import QPDeployError
 from qpdeploy.io import read_json
 from qpdeploy.layers import quant_layers
@@ -53,7 +53,7 @@ def test_base_directory_holds_config_weights_and_report(saved_base):
 def test_int4_base_stores_the_integer_weights_in_half_the_bytes(saved_base):
     int8_path, int4_path = saved_base("sd1"), saved_base("sd1", weight_bits=4)
     payload = sum(layer.w_int.numel() for _, layer in quant_layers(load_base(int8_path).unet))
-    saved = (int8_path / WEIGHTS_FILE).stat().st_size - (int4_path / WEIGHTS_FILE).stat().st_size
+    saved = (int8_path / BASE_WEIGHTS_FILE).stat().st_size - (int4_path / BASE_WEIGHTS_FILE).stat().st_size
     assert abs(saved - payload / 2) < 0.01 * payload  # everything else is identical in size
 
 
@@ -73,16 +73,16 @@ def copy_base(path, tmp_path):
 
 def test_corrupted_weights_are_refused(saved_base, tmp_path):
     path = copy_base(saved_base("sd1"), tmp_path)
-    data = bytearray((path / WEIGHTS_FILE).read_bytes())
+    data = bytearray((path / BASE_WEIGHTS_FILE).read_bytes())
     data[len(data) // 2] ^= 0xFF
-    (path / WEIGHTS_FILE).write_bytes(bytes(data))
+    (path / BASE_WEIGHTS_FILE).write_bytes(bytes(data))
     with pytest.raises(QPDeployError, match="does not match the hash"):
         load_base(path)
 
 
 def test_truncated_weights_are_refused_even_without_the_hash_check(saved_base, tmp_path):
     path = copy_base(saved_base("sd1"), tmp_path)
-    (path / WEIGHTS_FILE).write_bytes((path / WEIGHTS_FILE).read_bytes()[:1000])
+    (path / BASE_WEIGHTS_FILE).write_bytes((path / BASE_WEIGHTS_FILE).read_bytes()[:1000])
     with pytest.raises(QPDeployError, match="cannot read"):
         load_base(path, verify_hash=False)
 

@@ -18,7 +18,7 @@ from qpdeploy.calibrate import (calibrate_activations, capture_trajectories, sea
                                 spread_over_schedule)
 from qpdeploy.layers import QuantConv2d
 from qpdeploy.models import TINY_FAMILIES as FAMILIES
-from qpdeploy.quantize import shortcut_splits
+from qpdeploy.qunet import shortcut_splits
 
 
 @pytest.mark.parametrize("family", family_params(*FAMILIES))
@@ -59,7 +59,7 @@ def test_weight_clipping_search_beats_min_max_on_heavy_tailed_int4_weights():
 
     At INT8 the best clip of such weights is within a hair of the maximum (both ~36 dB).
     """
-    from qpdeploy.quantize import integer_weight, search_weight_scale
+    from qpdeploy.qunet import integer_weight, search_weight_scale
 
     torch.manual_seed(0)
     w = torch.distributions.StudentT(4.0).sample((64, 576))

@@ -6,7 +6,7 @@ from qpdeploy.calibrate import sqnr_db
 from qpdeploy.intervals import Intervals
 from qpdeploy.layers import (QuantConv2d, QuantLinear, ScaleRouter, fake_quant, pack_int4, unpack_int4,
                              weight_qrange)
-from qpdeploy.quantize import integer_weight, search_weight_scale
+from qpdeploy.qunet import integer_weight, search_weight_scale
 
 
 def make_linear(c_in=24, c_out=40, bits=8, act_bits=8, seed=0):

@@ -49,7 +49,7 @@ def perturbed_pack(base, strategy: str, seed: int = 0):
 def rt_base_dir(tiny_base, tmp_path_factory):
     """``rt_base_dir(family)``: the cheap base of the tiny bundled model, saved (cached)."""
     from qpdeploy.base import save_base
-    from qpdeploy.quantize import LayerPlan
+    from qpdeploy.qunet import LayerPlan
 
     cache = {}
 

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from qpdeploy.cli import app
 from qpdeploy.exporters.manifest import read_manifest
 from qpdeploy.io import file_sha256, read_json
-from qpdeploy.runtimes import RuntimeConfig, close_pipeline, load_pipeline
+from qpdeploy.runtimes import RuntimeConfig, close_pipeline, load_deploy_pipeline
 from qpdeploy.runtimes.pipeline import load_scheduler
 
 RECORD_KEYS = {"prompt", "negative_prompt", "seed", "steps", "scheduler", "guidance", "backend", "manifest_sha256",
@@ -61,7 +61,7 @@ def test_generate_writes_the_image_and_its_record(deploy, tmp_path):
 
 @pytest.fixture(scope="module")
 def sd1_pipeline(deploy):
-    pipe = load_pipeline(read_manifest(deploy("sd1_s2")), RuntimeConfig(threads=1))
+    pipe = load_deploy_pipeline(read_manifest(deploy("sd1_s2")), RuntimeConfig(threads=1))
     yield pipe
     close_pipeline(pipe)
 

@@ -7,14 +7,14 @@ from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteS
 
 from qpdeploy.exporters.manifest import read_manifest
 from qpdeploy.models import tiny_pipeline
-from qpdeploy.runtimes import RuntimeConfig, close_pipeline, load_pipeline
+from qpdeploy.runtimes import RuntimeConfig, close_pipeline, load_deploy_pipeline
 from qpdeploy.runtimes.pipeline import load_scheduler
 
 
 @pytest.mark.parametrize("family, name", [("sd1", "sd1_s2"), pytest.param("sdxl", "sdxl_multi", marks=pytest.mark.slow)])
 def test_onnx_parts_answer_like_the_torch_modules(family, name, deploy):
     reference = tiny_pipeline(family)
-    pipe = load_pipeline(read_manifest(deploy(name)), RuntimeConfig(threads=1))
+    pipe = load_deploy_pipeline(read_manifest(deploy(name)), RuntimeConfig(threads=1))
     try:
         assert type(pipe).__name__ == type(reference).__name__
         assert pipe.vae_scale_factor == reference.vae_scale_factor

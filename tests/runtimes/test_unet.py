@@ -24,9 +24,9 @@ def run_generate(*args):
 def deploy_embeddings(path, family, prompt, negative):
     """The prompt embeddings ``qpdeploy generate`` conditions on (the deploy dir's ONNX text encoders)."""
     from qpdeploy.exporters.manifest import read_manifest
-    from qpdeploy.runtimes import RuntimeConfig, close_pipeline, load_pipeline
+    from qpdeploy.runtimes import RuntimeConfig, close_pipeline, load_deploy_pipeline
 
-    pipe = load_pipeline(read_manifest(path), RuntimeConfig(threads=1))
+    pipe = load_deploy_pipeline(read_manifest(path), RuntimeConfig(threads=1))
     try:
         if family == "sdxl":
             names = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds")

@@ -1,4 +1,4 @@
-"""The step-aware engine scheduler: each UNet call runs the engine of its timestep's interval.
+"""Interval engines: each UNet call runs the engine of its timestep's interval.
 
 Per call, ``k = intervals.index(t)`` (the one timestep -> interval map, the same object
 training used) picks the runner serving interval k (per-interval layout) and, for the
@@ -8,11 +8,11 @@ correctly; diffusers pipelines send one timestep per call.
 
 Residency: every runner active (default), or ``low_memory``: only the current runner is
 active and the one the schedule needs next is activated ahead on a background thread while
-the current one computes. The order comes from :meth:`EngineScheduler.expect` (the schedule's
+the current one computes. The order comes from :meth:`IntervalEngines.expect` (the schedule's
 timesteps) or, by default, from the fact that sampling visits intervals from K-1 down to 0;
 it wraps around, so the next image's first engine loads while the last one finishes.
 
-Every call is recorded (:class:`UNetCall`): timestep, interval, engine, seconds, and the
+Every call is recorded (:class:`EngineCall`): timestep, interval, engine, seconds, and the
 switch time, the time spent making a different engine ready than the previous call's.
 """
 
@@ -27,7 +27,7 @@ import torch
 
 
 @dataclass
-class UNetCall:
+class EngineCall:
     """One UNet call: its timestep and interval (lists for a mixed batch), the engine that
     ran, its seconds, and the seconds spent switching to that engine (0 if it did not change)."""
 
@@ -39,7 +39,7 @@ class UNetCall:
     switched: bool
 
 
-class EngineScheduler:
+class IntervalEngines:
     """Dispatches UNet calls to the runners of their intervals (see module doc).
 
     Args:
@@ -57,7 +57,7 @@ class EngineScheduler:
         self.intervals, self.runners = intervals, list(runners)
         self.runner_of_interval = list(runner_of_interval)
         self.dispatch, self.output, self.low_memory = dispatch, output, low_memory
-        self.history: list[UNetCall] = []
+        self.history: list[EngineCall] = []
         self.load_seconds = 0.0
         self.loads = 0  # runner activations, prefetches included
         self.peak_resident = 0  # most runners active at once (a prefetch in flight counts)
@@ -67,7 +67,7 @@ class EngineScheduler:
 
     # -- residency ---------------------------------------------------------------------
 
-    def open(self) -> "EngineScheduler":
+    def open(self) -> "IntervalEngines":
         """Activate every runner, or (low memory) the first planned one and prepare the next."""
         start = time.perf_counter()
         try:
@@ -195,7 +195,7 @@ class EngineScheduler:
     def _record(self, timesteps, intervals, unit, seconds, switch, switched) -> None:
         t = [float(x) for x in timesteps.tolist()]
         same = len(set(intervals)) == 1 and len(set(t)) == 1
-        self.history.append(UNetCall(t[0] if same else t, intervals[0] if same else intervals,
+        self.history.append(EngineCall(t[0] if same else t, intervals[0] if same else intervals,
                                      self.runners[unit].name, seconds, switch or 0.0, switched))
 
     def summary(self) -> dict:
@@ -220,7 +220,7 @@ def run_in_batches(runner, feeds: dict[str, torch.Tensor], output: str) -> torch
     return torch.cat(parts)
 
 
-def summarize(calls: list[UNetCall]) -> dict:
+def summarize(calls: list[EngineCall]) -> dict:
     """What an image record says about its UNet calls.
 
     Returns:

@@ -9,7 +9,7 @@ from qpdeploy.calibrate import sqnr_db
 from qpdeploy.exporters.manifest import read_manifest
 from qpdeploy.intervals import Intervals
 from qpdeploy.runtimes.runners import SessionFromOnnxPath
-from qpdeploy.runtimes.scheduler import EngineScheduler, run_in_batches, summarize
+from qpdeploy.runtimes.engines import IntervalEngines, run_in_batches, summarize
 from qpdeploy.runtimes.unet import EngineUNet
 
 LAYOUT_DEPLOYS = {"sd1_s2": "s2", "sd1_multi": "s2", "sd1_masked": "s1"}
@@ -116,7 +116,7 @@ class StubRunner:
 
 def stub_scheduler(low_memory, log, k=4, batch=None):
     runners = [StubRunner(f"unet_{i}", 100 * i, log, batch) for i in range(k)]
-    return EngineScheduler(Intervals.uniform(k), runners, list(range(k)), low_memory=low_memory)
+    return IntervalEngines(Intervals.uniform(k), runners, list(range(k)), low_memory=low_memory)
 
 
 def ddim_timesteps(steps):
