@@ -186,17 +186,18 @@ def _evaluate(tmp: Path, images: dict, config: DemoConfig, base_dir: Path, pack_
 def write_grid(path: Path, images: dict, seeds: int) -> None:
     """One row per prompt: its post-training images, a gap, its personalized images; the
     prompt is written under each row and the column groups are named on top."""
-    from PIL import Image, ImageDraw
+    from PIL import Image, ImageDraw, ImageFont
 
+    font = ImageFont.load_default(size=13)  # Pillow's bundled FreeType font: real word spacing
     cell = 32 * GRID_SCALE
-    gap, header, caption = 12, 18, 16
+    gap, header, caption = 12, 20, 18
     cols = 2 * seeds
     width = cols * cell + gap
     height = header + len(images["prompts"]) * (cell + caption)
     grid = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(grid)
-    draw.text((4, 3), "post-training", fill="black")
-    draw.text((seeds * cell + gap + 4, 3), "personalized (S2)", fill="black")
+    draw.text((4, 3), "post-training", fill="black", font=font)
+    draw.text((seeds * cell + gap + 4, 3), "personalized (S2)", fill="black", font=font)
     for row, prompt in enumerate(images["prompts"]):
         top = header + row * (cell + caption)
         for group, name in enumerate(("post-training", "personalized")):
@@ -204,5 +205,5 @@ def write_grid(path: Path, images: dict, seeds: int) -> None:
                 pixels = images[name]["pixels"][row * seeds + s]
                 tile = Image.fromarray(pixels).resize((cell, cell), Image.NEAREST)
                 grid.paste(tile, (group * (seeds * cell + gap) + s * cell, top))
-        draw.text((4, top + cell + 2), prompt, fill="black")
+        draw.text((4, top + cell + 2), prompt, fill="black", font=font)
     grid.save(path)
