@@ -57,7 +57,7 @@ def test_demo_runs_every_stage_and_writes_grid_and_report(pipeline, evaluator, t
         assert model["prompt_fidelity"]["background"] >= 0.5
     assert report["train"]["steps"] == 4 and report["train"]["strategy"] == "s2"
     grid = Image.open(out / "grid.png")
-    assert grid.size == (2 * 96 + 12, 18 + 5 * (96 + 16))  # 5 prompts x (1 + 1) images
+    assert grid.size == (2 * 96 + 12, 20 + 5 * (96 + 18))  # 5 prompts x (1 + 1) images, header and captions
     pixels = np.asarray(grid.convert("RGB"))
     assert pixels[18:114, :96].std() > 5  # a drawn image, not the blank canvas
     manifest = json.loads((out / "deploy" / "manifest.json").read_text())
