@@ -20,7 +20,7 @@ from torch.nn import functional as F
 from qpdeploy.miniworld.prompts import describe
 from qpdeploy.miniworld.world import Scene
 
-from .common import Clock
+from .common import Clock, LoopCheckpoint
 
 SCHEDULE = dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear")
 
@@ -119,8 +119,12 @@ def train_diffusion(
     ema_decay: float = 0.999,
     min_snr_gamma: float = 5.0,
     seed: int = 0,
+    checkpoint: LoopCheckpoint | None = None,
 ):
-    """Train text encoder and UNet jointly; return their EMA copies (eval mode)."""
+    """Train text encoder and UNet jointly; return their EMA copies (eval mode).
+
+    With ``checkpoint`` the loop saves itself on its schedule and continues from the latest
+    checkpoint it finds there (bit-identical to an uninterrupted run)."""
     from diffusers import DDPMScheduler
 
     noise_scheduler = DDPMScheduler(**SCHEDULE)
@@ -134,7 +138,10 @@ def train_diffusion(
     ema_unet, ema_text = EMA(unet, ema_decay), EMA(text_encoder, ema_decay)
     rng, generator, clock = np.random.default_rng(seed), torch.Generator().manual_seed(seed), Clock()
     unet.train(), text_encoder.train()
-    for step in range(1, steps + 1):
+    checkpoint = checkpoint or LoopCheckpoint(None)
+    modules = {"unet": unet, "text_encoder": text_encoder, "ema_unet": ema_unet.shadow, "ema_text": ema_text.shadow}
+    first = checkpoint.load(modules, optimizer, schedule, rng, generator) + 1
+    for step in range(first, steps + 1):
         idx = rng.integers(len(data.scenes), size=batch_size)
         eps_posterior = torch.randn(data.mean[idx].shape, generator=generator)
         latents = (data.mean[idx] + data.std[idx] * eps_posterior) * scaling_factor  # (B, 4, 16, 16)
@@ -156,4 +163,6 @@ def train_diffusion(
         ema_text.update(text_encoder, step)
         if step % 100 == 0 or step == steps:
             clock.log(step, steps, loss=loss.item(), lr=schedule.get_last_lr()[0])
+        if checkpoint.due(step, steps):
+            checkpoint.save(step, modules, optimizer, schedule, rng, generator)
     return ema_text.shadow, ema_unet.shadow

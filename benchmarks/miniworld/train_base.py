@@ -28,7 +28,7 @@ from qpdeploy.prompts import CALIBRATION_FILE
 from qpdeploy.miniworld.world import IMAGE_SIZE, random_scene, render_batch, train_combos
 
 from . import diffusion, vae as vae_stage
-from .common import ASSETS_DIR, Clock, folder_megabytes, setup, update_report
+from .common import ASSETS_DIR, Clock, LoopCheckpoint, folder_megabytes, setup, update_report
 
 
 @dataclass(frozen=True)
@@ -92,23 +92,30 @@ def save_pipeline(pipe, folder: Path) -> Path:
     return folder
 
 
-def train(recipe: BaseRecipe, reuse_vae: Path | None = None, init_from: Path | None = None) -> tuple[object, dict]:
+def train(recipe: BaseRecipe, reuse_vae: Path | None = None, init_from: Path | None = None,
+          work: Path | None = None) -> tuple[object, dict]:
     """Steps 1-4 of the module docstring; returns the pipeline and per-stage figures.
 
     ``reuse_vae`` (a saved AutoencoderKL folder) skips step 1, for experiments on later stages.
     ``init_from`` (a saved miniworld pipeline) continues training its text encoder and UNet
     with a fresh optimizer and schedule, on its own VAE (step 1 skipped).
+    ``work``: a folder for checkpoints. Every training loop checkpoints itself there and each
+    finished stage saves its models, so a rerun with the same recipe and ``work`` continues
+    where an interrupted one stopped and ends with the same weights.
     """
     figures, clock = {}, Clock()
+    stage_dir = (lambda name: work / name) if work is not None else (lambda name: None)
+    loop = lambda name: LoopCheckpoint(stage_dir(name), every=250)  # noqa: E731
     # 1. VAE
     if init_from is not None:
         from diffusers import AutoencoderKL
 
         vae = AutoencoderKL.from_pretrained(init_from / "vae", local_files_only=True).eval()
     elif reuse_vae is None:
-        vae = vae_stage.train_vae(
-            recipe.vae_steps, recipe.vae_batch, recipe.vae_lr, recipe.kl_weight, recipe.seed, recipe.vae_channels
-        )
+        vae = _finished(stage_dir("vae"), "vae") or vae_stage.train_vae(
+            recipe.vae_steps, recipe.vae_batch, recipe.vae_lr, recipe.kl_weight, recipe.seed, recipe.vae_channels,
+            checkpoint=loop("vae-loop"))
+        _keep(stage_dir("vae"), vae=vae)
     else:
         from diffusers import AutoencoderKL
 
@@ -137,24 +144,60 @@ def train(recipe: BaseRecipe, reuse_vae: Path | None = None, init_from: Path | N
         latent_size = IMAGE_SIZE // 2 ** (len(recipe.vae_channels) - 1)
         unet = diffusion.build_unet(recipe.unet_channels, recipe.unet_layers_per_block, context=recipe.text_width,
                                     sample_size=latent_size)
-    text_encoder, unet = diffusion.train_diffusion(
+    done = _finished(stage_dir("phase1"), "text_encoder", "unet")
+    text_encoder, unet = done or diffusion.train_diffusion(
         data, tokenizer, text_encoder, unet, scaling, recipe.unet_steps, recipe.unet_batch, recipe.unet_lr,
-        recipe.caption_dropout, recipe.ema_decay, recipe.min_snr_gamma, recipe.seed,
+        recipe.caption_dropout, recipe.ema_decay, recipe.min_snr_gamma, recipe.seed, loop("phase1-loop"),
     )
+    _keep(stage_dir("phase1"), text_encoder=text_encoder, unet=unet)
     if recipe.restart_steps and init_from is None:
         # Shapes sharpen slowly: continue the averaged weights with a new warm-up and cosine
         # schedule on freshly drawn scenes (the shipped model's second phase).
-        data = pretraining_latents(vae, recipe.scenes, recipe.seed + 2)
-        text_encoder, unet = diffusion.train_diffusion(
+        done = _finished(stage_dir("phase2"), "text_encoder", "unet")
+        if not done:
+            data = pretraining_latents(vae, recipe.scenes, recipe.seed + 2)
+        text_encoder, unet = done or diffusion.train_diffusion(
             data, tokenizer, text_encoder.requires_grad_(True), unet.requires_grad_(True), scaling,
             recipe.restart_steps, recipe.unet_batch, recipe.unet_lr, recipe.caption_dropout, recipe.ema_decay,
-            recipe.min_snr_gamma, recipe.seed + 1,
+            recipe.min_snr_gamma, recipe.seed + 1, loop("phase2-loop"),
         )
+        _keep(stage_dir("phase2"), text_encoder=text_encoder, unet=unet)
     figures["diffusion"] = {"elapsed_wall_seconds": round(clock.seconds(), 1), "elapsed_cpu_seconds": round(clock.cpu_seconds(), 1)}
     # 4. Pipeline
     parts = {"unet": unet, "text_encoder": text_encoder, "vae": vae}
     figures["parameters"] = {k: sum(p.numel() for p in m.parameters()) for k, m in parts.items()}
     return assemble(vae, text_encoder, tokenizer, unet), figures
+
+
+def _bind_work(work: Path, recipe: BaseRecipe) -> None:
+    """A work folder belongs to one recipe: resuming it with other settings would mix runs."""
+    work.mkdir(parents=True, exist_ok=True)
+    path, mine = work / "recipe.json", json.loads(json.dumps(asdict(recipe)))
+    if path.is_file() and json.loads(path.read_text(encoding="utf-8")) != mine:
+        sys.exit(f"error: {work} holds a run of another recipe ({path}); use another --work or remove it")
+    path.write_text(json.dumps(mine, indent=2) + "\n", encoding="utf-8")
+
+
+def _finished(folder: Path | None, *parts: str):
+    """The models a finished stage saved in ``folder`` (None when it has not finished)."""
+    if folder is None or not (folder / "done").is_file():
+        return None
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    classes = {"vae": AutoencoderKL, "unet": UNet2DConditionModel, "text_encoder": CLIPTextModel}
+    models = [classes[p].from_pretrained(folder / p, local_files_only=True).eval() for p in parts]
+    print(f"stage {folder.name}: finished earlier, loaded from {folder}", flush=True)
+    return models[0] if len(models) == 1 else tuple(models)
+
+
+def _keep(folder: Path | None, **models) -> None:
+    """Save a finished stage's models into ``folder`` and mark it done (once)."""
+    if folder is None or (folder / "done").is_file():
+        return
+    for name, model in models.items():
+        model.save_pretrained(folder / name, safe_serialization=True)
+    (folder / "done").write_text("done\n", encoding="utf-8")
 
 
 def main(argv=None) -> None:
@@ -168,12 +211,15 @@ def main(argv=None) -> None:
     parser.add_argument("--reuse-vae", type=Path, default=None, help="a saved AutoencoderKL folder: skip step 1 (experiments)")
     parser.add_argument("--init-from", type=Path, default=None,
                         help="a saved miniworld pipeline: continue training its text encoder and UNet")
+    parser.add_argument("--work", type=Path, default=Path("runs/miniworld-base"),
+                        help="checkpoints and finished stages: rerun the same command to resume")
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     recipe = BaseRecipe(**{k: v for k, v in vars(args).items() if k in BaseRecipe.__dataclass_fields__})
     setup(recipe.threads, recipe.seed)
     clock = Clock()
-    pipe, figures = train(recipe, args.reuse_vae, args.init_from)
+    _bind_work(args.work, recipe)
+    pipe, figures = train(recipe, args.reuse_vae, args.init_from, args.work)
     folder = save_pipeline(pipe, args.out / "pipeline")
     # qpdeploy quantize reads these instead of its English built-in list (unknown words here)
     (folder / CALIBRATION_FILE).write_text("\n".join(calibration_prompts()) + "\n", encoding="utf-8")

@@ -23,7 +23,7 @@ from torch.nn import functional as F
 from qpdeploy.miniworld.subjects import SUBJECTS, mixed_scenes
 from qpdeploy.miniworld.world import render_batch, train_combos
 
-from .common import Clock
+from .common import Clock, LoopCheckpoint
 
 
 def build_vae(channels: tuple[int, ...] = (16, 32, 64), latent_channels: int = 4):
@@ -55,8 +55,11 @@ def vae_scenes(rng: np.random.Generator, n: int):
 
 
 def train_vae(steps: int, batch_size: int, lr: float, kl_weight: float, seed: int,
-              channels: tuple[int, ...] = (16, 32, 64), latent_channels: int = 4):
+              channels: tuple[int, ...] = (16, 32, 64), latent_channels: int = 4, checkpoint: LoopCheckpoint | None = None):
     """L1 + MSE reconstruction plus a small KL term, on fresh renders every step.
+
+    With ``checkpoint`` the loop saves itself on its schedule and continues from the latest
+    checkpoint there.
 
     Returns:
         The trained AutoencoderKL in eval mode.
@@ -67,11 +70,13 @@ def train_vae(steps: int, batch_size: int, lr: float, kl_weight: float, seed: in
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * s / steps))
     )
-    rng, clock = np.random.default_rng(seed), Clock()
-    for step in range(1, steps + 1):
+    rng, clock, generator = np.random.default_rng(seed), Clock(), torch.Generator().manual_seed(seed)
+    checkpoint = checkpoint or LoopCheckpoint(None)
+    first = checkpoint.load({"vae": vae}, optimizer, schedule, rng, generator) + 1
+    for step in range(first, steps + 1):
         x = to_model_range(render_batch(vae_scenes(rng, batch_size)))
         posterior = vae.encode(x).latent_dist
-        y = vae.decode(posterior.sample()).sample
+        y = vae.decode(posterior.sample(generator)).sample
         rec = F.l1_loss(y, x) + F.mse_loss(y, x)
         kl = posterior.kl().mean() / posterior.mean[0].numel()  # per latent element
         loss = rec + kl_weight * kl
@@ -81,6 +86,8 @@ def train_vae(steps: int, batch_size: int, lr: float, kl_weight: float, seed: in
         schedule.step()
         if step % 100 == 0 or step == steps:
             clock.log(step, steps, rec=rec.item(), kl=kl.item())
+        if checkpoint.due(step, steps):
+            checkpoint.save(step, {"vae": vae}, optimizer, schedule, rng, generator)
     return vae.eval()
 
 
