@@ -52,7 +52,7 @@ def main(argv=None) -> None:
     clock = Clock()
     vae = AutoencoderKL.from_pretrained(args.pipeline / "vae", local_files_only=True).eval()
     result = measure(vae, load_evaluator(args.evaluator), args.per_background)
-    result.update(pipeline=str(args.pipeline), wall_seconds=round(clock.seconds(), 1),
+    result.update(pipeline=os.path.relpath(args.pipeline), evaluator=None if args.evaluator is None else os.path.relpath(args.evaluator), wall_seconds=round(clock.seconds(), 1),
                   command="python -m benchmarks.miniworld.reach " + " ".join(sys.argv[1:] if argv is None else argv))
     tmp = args.out.with_suffix(".tmp")
     tmp.write_text(json.dumps(result, indent=2) + "\n")

@@ -5,7 +5,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from qpdeploy.miniworld.reachability import decoy_rate, instance_identification, reachability, vae_round_trip
 from qpdeploy.miniworld.subjects import SUBJECTS, UNSEEN_SUBJECTS, mixed_scenes
@@ -50,11 +49,10 @@ def test_crisp_renders_are_recognised_so_the_loss_after_the_round_trip_is_the_va
     assert min(crisp.values()) >= 0.95, crisp
 
 
-def test_a_subset_recomputed_equals_the_reported_figures_exactly(pipeline, evaluator):
+def test_the_reported_reachability_is_what_the_shipped_model_and_evaluator_give(pipeline, evaluator):
     report = json.loads(RESULTS.read_text())
-    torch.manual_seed(0)
-    again = reachability(pipeline.vae, evaluator, {"qlv": SUBJECTS["qlv"]}, report["per_background"], report["seed"])
-    assert again["qlv"] == pytest.approx(report["reachability"]["qlv"], abs=1e-6)
+    again = reachability(pipeline.vae, evaluator, SUBJECTS, report["per_background"], report["seed"])
+    assert again == pytest.approx(report["reachability"], abs=1e-6)
 
 
 def test_instance_identification_is_measured_on_subjects_the_evaluator_never_saw(pipeline, evaluator):
@@ -66,9 +64,9 @@ def test_instance_identification_is_measured_on_subjects_the_evaluator_never_saw
     assert decoy_rate(pipeline.vae, evaluator, n=64) <= 0.05
 
 
-@pytest.mark.xfail(strict=True, reason="miniworld v1 fails gate 1 (issue 'Miniworld v2'): its VAE cannot carry "
-                                       "zwx and qlv, its evaluator does not read round-tripped images")
 def test_the_shipped_model_passes_gate_1():
+    """The full figures (8 renders per subject and background), from the results file the
+    subset test above ties to the shipped model and evaluator."""
     report = json.loads(RESULTS.read_text())
     assert min(report["reachability"].values()) >= 0.95
     assert report["instance_identification"]["accuracy"] >= 0.95
