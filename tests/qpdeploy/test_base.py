@@ -50,6 +50,7 @@ def test_base_directory_holds_config_weights_and_report(saved_base):
     assert meta["source"] == {"kind": "bundled", "name": "tiny-sd1"}
 
 
+@pytest.mark.slow
 def test_int4_base_stores_the_integer_weights_in_half_the_bytes(saved_base):
     int8_path, int4_path = saved_base("sd1"), saved_base("sd1", weight_bits=4)
     payload = sum(layer.w_int.numel() for _, layer in quant_layers(load_base(int8_path).unet))

@@ -28,7 +28,8 @@ def test_w8a8_sqnr_is_high_on_every_family(tiny_base, family):
     assert all(v is not None and v > 15 for v in report["sqnr_db_per_interval"]), report
 
 
-@pytest.mark.parametrize("family", family_params("sd1", "sdxl"))
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
 def test_w4a8_is_lower_than_w8a8_but_sane(tiny_base, family):
     w8 = tiny_base(family).meta["report"]["sqnr_db"]
     w4 = tiny_base(family, weight_bits=4).meta["report"]["sqnr_db"]
@@ -137,6 +138,7 @@ def test_calibration_calls_cover_the_whole_schedule(tiny_pipe):
     assert {c.prompt for c in picked} == {0, 1}
 
 
+@pytest.mark.slow
 def test_activation_calibration_leaves_act_quant_enabled(tiny_base, tiny_pipe, quick_config):
     base = tiny_base("sd1", fresh=True)
     pipe = tiny_pipe("sd1")

@@ -125,6 +125,7 @@ def test_two_concurrent_exports_to_one_destination_never_both_succeed(art, tmp_p
     read_manifest(out, verify_hashes=True)  # the winner's deploy dir is whole
 
 
+@pytest.mark.slow
 def test_a_second_writer_fails_while_the_first_holds_the_destination(tmp_path):
     out = tmp_path / "base"
     with claim_output(out, force=False):

@@ -84,6 +84,7 @@ def test_the_interval_of_every_step_follows_the_scheduler(name, options, sd1_pip
         assert any(t != int(t) for t in calls["timesteps"])
 
 
+@pytest.mark.slow
 def test_prompts_file_images_per_prompt_determinism_and_low_memory(deploy, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a photo of sks dog\n# a comment\na red car on a street\n")
