@@ -236,7 +236,7 @@ def train(
     from .train import check_train_inputs
     from .train import train as train_pack
 
-    check_train_inputs(images, cfg, out, force, [base, images, model, config, class_dir, resume])
+    check_train_inputs(images, cfg, out, force, [base, images, model, config, class_dir, resume], resume=resume)
     base_dir, source = _base_for_training(ctx, model, base, out, images, forwarded, force)
 
     with _warnings_as_lines():

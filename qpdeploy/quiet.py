@@ -14,10 +14,10 @@ import logging
 NOTICES = (
     ("transformers.utils.import_utils", "requires torchvision",
      "image processors qpdeploy never uses fall back to PIL"),
-    ("diffusers.models.modeling_utils", "low_cpu_mem_usage",
+    ("diffusers.models.modeling_utils", "low cpu memory usage because `accelerate` was not found",
      "loading without accelerate: tiny and local models load fast either way"),
-    ("diffusers.models.modeling_utils", "low cpu memory usage",
-     "the same notice in other diffusers versions"),
+    ("diffusers.pipelines.pipeline_utils", "low cpu memory usage because `accelerate` was not found",
+     "the same notice when a whole pipeline loads"),
     ("diffusers.models.modeling_utils", "should be kept in float32",
      "from_pipe casts to the dtype the modules already have (a no-op here)"),
     ("diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion", "following part of your input was truncated",

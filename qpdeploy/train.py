@@ -357,13 +357,13 @@ def train(base, images, out, config: TrainConfig, *, pipe=None, source=None, con
     base_dir = base.path if isinstance(base, QuantizedBase) else base
     inputs = [base_dir, images, source, config_dir, class_dir, resume]
     # 1. inputs: fail on bad ones before any long work
-    check_train_inputs(images, config, out, force, inputs, run_dir)
+    check_train_inputs(images, config, out, force, inputs, run_dir, resume)
     with claim_output(out, force, PACK_ARTIFACT, inputs):
         return _train(base, images, out, config, pipe, source, config_dir, run_dir, class_dir, resume, device,
                       force, show_progress, start)
 
 
-def check_train_inputs(images, config: TrainConfig, out, force: bool, inputs, run_dir=None) -> None:
+def check_train_inputs(images, config: TrainConfig, out, force: bool, inputs, run_dir=None, resume=None) -> None:
     """Everything about a run that can be checked without a model: the text options, the
     instance images (each is decoded once), the pack output and the run directory.
     ``qpdeploy train --model`` calls it before quantizing.
@@ -376,7 +376,7 @@ def check_train_inputs(images, config: TrainConfig, out, force: bool, inputs, ru
     readable_images(images)
     check_output(out, force, PACK_ARTIFACT, inputs)
     run_dir = Path(run_dir) if run_dir is not None else Path(f"{out}{RUN_SUFFIX}")
-    resume = inputs[-1] if inputs else None  # a resumed run reads its checkpoint from inside the run dir
+    # A resumed run reads its checkpoint from inside the run dir: that overlap is the point.
     check_output(run_dir, True, None, [i for i in inputs if i is not None and i is not resume])
 
 
