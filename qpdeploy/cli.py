@@ -438,15 +438,17 @@ def print_demo_summary(report: dict) -> None:
     from rich.table import Table
 
     table = Table(title=f"demo: subject {report['subject']['identifier']} ({report['subject']['description']})")
-    columns = ("model", "subject p / cosine, training prompt", "subject p / cosine, new backgrounds",
-               "background right", "shape right")
+    columns = ("model", "subject recognised (instance / head), training prompt",
+               "subject recognised (instance / head), new backgrounds", "background right", "shape right")
     for column in columns:
         table.add_column(column)
+
+    def recognised(f: dict) -> str:
+        return f"{f.get('instance_recognised', float('nan')):.0%} / {f['recognised']:.0%}"
+
     for name, m in report["models"].items():
-        own, new = m["subject_fidelity_training_prompt"], m["subject_fidelity"]
-        table.add_row(name, f"{own['probability']:.2f} / {own['cosine']:.2f}", f"{new['probability']:.2f} / "
-                      f"{new['cosine']:.2f}", f"{m['prompt_fidelity']['background']:.0%}",
-                      f"{m['prompt_fidelity']['shape']:.0%}")
+        table.add_row(name, recognised(m["subject_fidelity_training_prompt"]), recognised(m["subject_fidelity"]),
+                      f"{m['prompt_fidelity']['background']:.0%}", f"{m['prompt_fidelity']['shape']:.0%}")
     Console().print(table)
     typer.echo("seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in report["seconds"].items()))
 

@@ -54,6 +54,7 @@ def test_demo_runs_every_stage_and_writes_grid_and_report(pipeline, evaluator, t
         model = report["models"][name]
         assert 0 <= model["subject_fidelity"]["probability"] <= 1
         assert 0 <= model["subject_fidelity_training_prompt"]["probability"] <= 1
+        assert 0 <= model["subject_fidelity"]["instance_recognised"] <= 1  # the evaluator has an instance embedding
         assert model["prompt_fidelity"]["background"] >= 0.5
     assert report["train"]["steps"] == 4 and report["train"]["strategy"] == "s2"
     grid = Image.open(out / "grid.png")
