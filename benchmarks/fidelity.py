@@ -14,7 +14,8 @@ evaluator on the subject's ``test`` prompts (choices such as S1's intervals are 
 - ``w4a8_baseline``, ``w4a8_s2_k4``: the same on a W4A8 base.
 
 Columns (mean and std over subjects x seeds): ``subject_fidelity`` (evaluator probability of
-the subject), ``subject_cosine``, ``prompt_fidelity`` (background and shape as prompted),
+the subject), ``subject_recognised`` (share of images the instance embedding recognises as the
+subject, see ``qpdeploy.miniworld.metrics.subject_fidelity``), ``subject_cosine``, ``prompt_fidelity`` (background and shape as prompted),
 ``preservation`` (attribute accuracy on the class prompts), ``subject_leak`` (subject drawn
 for a class prompt), ``frechet``, ``trainable_params``, ``pack_bytes``, ``train_seconds``,
 ``peak_memory_bytes``.
@@ -67,7 +68,7 @@ SCALE_ROWS = {
     "w4a8_s2_k4": (4, "s2", 4, (), False),
 }
 ROWS = ("fp", "fp_dreambooth", "fp_lora", "w8a8_ptq", *SCALE_ROWS)
-COLUMNS = ("subject_fidelity", "subject_cosine", "prompt_fidelity", "preservation", "subject_leak", "frechet",
+COLUMNS = ("subject_fidelity", "subject_recognised", "subject_cosine", "prompt_fidelity", "preservation", "subject_leak", "frechet",
            "trainable_params", "pack_bytes", "train_seconds", "peak_memory_bytes")
 
 
@@ -93,6 +94,7 @@ class Bench:
                              subject.class_prompts(split), self.args.images_per_prompt, seed=1000 + seed)
         return {
             "subject_fidelity": m["subject_fidelity"]["probability"],
+            "subject_recognised": m["subject_fidelity"].get("instance_recognised"),
             "subject_cosine": m["subject_fidelity"]["cosine"],
             "prompt_fidelity": m["prompt_fidelity"],
             "preservation": m["preservation"]["all"],
@@ -251,7 +253,7 @@ def main(argv=None) -> None:
                     result = bench.run_row(row, subject, seed)
                     runs.append({"row": row, "subject": subject.identifier, "seed": seed, **result})
                     print(f"[{(time.perf_counter() - start) / 60:6.1f} min] {subject.identifier} seed {seed} {row:15s} "
-                          f"subject {result['subject_fidelity']:.3f} prompt {result['prompt_fidelity']:.3f} "
+                          f"subject {result['subject_fidelity']:.3f} recognised {result['subject_recognised'] or 0:.3f} prompt {result['prompt_fidelity']:.3f} "
                           f"preservation {result['preservation']:.3f} ({time.perf_counter() - tick:.0f} s)", flush=True)
     report = {
         "command": " ".join(["python benchmarks/fidelity.py", *argv]),
