@@ -180,7 +180,7 @@ def memory_child(deploy: Path, runtime_json: str) -> dict:
     from qpdeploy.runtimes import EngineUNet, RuntimeConfig
 
     manifest = read_manifest(deploy)
-    specs = {s["name"]: [2 if d == "batch" else d for d in s["shape"]] for s in manifest.unet["inputs"]}
+    specs = {s["name"]: [2 if d == "batch" else d for d in s["shape"]] for s in manifest.unet_inputs}
     baseline = rss()
     unet = EngineUNet.from_deploy(deploy, config=RuntimeConfig.from_json(json.loads(runtime_json)))
     loaded = rss()
@@ -216,8 +216,8 @@ def fp32_graph(manifest, scratch: Path) -> Path:
     from qpdeploy.exporters.tracing import save_onnx, torchscript_export
 
     torch.manual_seed(0)
-    unet = UNet2DConditionModel.from_config(manifest.unet["config"]).eval()
-    specs = [s for s in manifest.unet["inputs"] if s["dtype"] == "float32"]
+    unet = UNet2DConditionModel.from_config(manifest.unet_config).eval()
+    specs = [s for s in manifest.unet_inputs if s["dtype"] == "float32"]
     args = tuple(torch.randn([2 if d == "batch" else d for d in s["shape"]]) for s in specs)
 
     class Wrapper(torch.nn.Module):
@@ -230,7 +230,7 @@ def fp32_graph(manifest, scratch: Path) -> Path:
             return self.unet(sample, timestep, hidden, added_cond_kwargs=cond, return_dict=False)[0]
 
     names = [s["name"] for s in specs]
-    model = torchscript_export(Wrapper(), args, names, ["noise_pred"], manifest.data["opset"], scratch,
+    model = torchscript_export(Wrapper(), args, names, ["noise_pred"], manifest.opset, scratch,
                                dynamic_axes={n: {0: "batch"} for n in names + ["noise_pred"]})
     path = scratch / "unet_fp32.onnx"
     save_onnx(model, path)
@@ -247,7 +247,7 @@ def fp32_vs_int8(deploy: Path, threads: int, repeats: int) -> dict:
     manifest = read_manifest(deploy)
     gen = np.random.default_rng(0)
     feed = {}
-    for s in manifest.unet["inputs"]:
+    for s in manifest.unet_inputs:
         shape = [2 if d == "batch" else d for d in s["shape"]]
         feed[s["name"]] = (np.zeros(shape, np.int32) if s["dtype"] == "int32" else
                            np.full(shape, 500.0, np.float32) if s["name"] == "timestep" else
@@ -274,8 +274,8 @@ def fp32_vs_int8(deploy: Path, threads: int, repeats: int) -> dict:
     for level in ("basic", "all"):  # each graph at the same ONNX Runtime optimization level
         result[f"int8_speedup_vs_fp32_{level}"] = round(result[f"fp32_{level}_ms"] / result[f"int8_qdq_{level}_ms"], 3)
     result["fp32_graph_bytes"] = fp32_bytes
-    result["int8_graph_bytes"] = manifest.data["files"][manifest.unet["weights_file"]]["bytes"] + \
-        manifest.data["files"][manifest.unet["graphs"][0]["onnx"]]["bytes"]
+    result["int8_graph_bytes"] = manifest.file_bytes(manifest.unet["weights_file"]) + \
+        manifest.file_bytes(manifest.unet["graphs"][0]["onnx"])
     return result
 
 

@@ -130,6 +130,63 @@ class DeployManifest:
     def layout(self) -> str:
         return self.unet["layout"]
 
+    # Typed access to what readers use, so the JSON keys are spelled in this module only.
+    @property
+    def size(self) -> tuple[int, int]:
+        """(height, width) in pixels the graphs were exported for."""
+        return self.data["height"], self.data["width"]
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return self.data["vae_scale_factor"]
+
+    @property
+    def opset(self) -> int:
+        return self.data["opset"]
+
+    @property
+    def hashes(self) -> tuple[str, str | None]:
+        """(base hash, pack hash or None) the deploy dir was exported from."""
+        return self.data["base_hash"], self.data["pack_hash"]
+
+    @property
+    def pipeline(self) -> dict:
+        """``{"class", "config"}`` of the diffusers pipeline to assemble."""
+        return self.data["pipeline"]
+
+    @property
+    def scheduler_folder(self) -> Path:
+        return self.file(self.data["scheduler"])
+
+    @property
+    def text_encoders(self) -> list[dict]:
+        return self.data["text_encoders"]
+
+    @property
+    def vae_decoder(self) -> dict:
+        return self.data["vae_decoder"]
+
+    @property
+    def engines(self) -> dict | None:
+        return self.data["engines"]
+
+    @property
+    def unet_inputs(self) -> list[dict]:
+        return self.unet["inputs"]
+
+    @property
+    def unet_output(self) -> str:
+        """Name of the UNet graphs' noise-prediction output."""
+        return self.unet["outputs"][0]["name"]
+
+    @property
+    def unet_config(self) -> dict:
+        return self.unet["config"]
+
+    def file_bytes(self, name: str) -> int:
+        """Size of a file as the files table records it."""
+        return self.data["files"][name]["bytes"]
+
     def file(self, name: str) -> Path:
         """Absolute path of a file or folder named in the manifest, confined to the deploy dir.
 

@@ -66,7 +66,7 @@ def _slug(prompt: str) -> str:
 
 def check_size(manifest, config: GenerateConfig) -> tuple[int, int]:
     """The image size to sample: the exported one, which is also the only one accepted."""
-    exported = (manifest.data["height"], manifest.data["width"])
+    exported = manifest.size
     asked = (config.height or exported[0], config.width or exported[1])
     if asked != exported:
         raise QPDeployError(f"size {asked[0]}x{asked[1]} is not the size deploy dir {manifest.path} was exported "
@@ -168,8 +168,8 @@ def image_record(pipe, job: ImageJob, config: GenerateConfig, runtime: RuntimeCo
         "low_memory": runtime.low_memory,
         "deploy_dir": context["deploy_dir"],
         "manifest_sha256": context["manifest_sha256"],
-        "base_hash": manifest.data["base_hash"],
-        "pack_hash": manifest.data["pack_hash"],
+        "base_hash": manifest.hashes[0],
+        "pack_hash": manifest.hashes[1],
         "layout": manifest.layout,
         **{k: calls[k] for k in ("interval_per_step", "timesteps", "engine_per_step", "engine_calls")},
         "seconds_per_step": denoise / steps,

@@ -153,17 +153,17 @@ def load_deploy_pipeline(manifest, config: RuntimeConfig, scheduler: str | None 
     from .runners import check_backend, part_runner
 
     check_backend(manifest, config)
-    record = manifest.data["pipeline"]
+    record = manifest.pipeline
     if record["class"] not in PIPELINES:
         raise QPDeployError(f"deploy dir {manifest.path} holds a {record['class']}; generate runs "
                             f"{' and '.join(PIPELINES)}")
-    parts = {"scheduler": load_scheduler(manifest.file(manifest.data["scheduler"]), scheduler)}
+    parts = {"scheduler": load_scheduler(manifest.scheduler_folder, scheduler)}
     try:
-        for entry in manifest.data["text_encoders"]:
+        for entry in manifest.text_encoders:
             suffix = entry["name"].removeprefix("text_encoder")
             parts[f"tokenizer{suffix}"] = load_tokenizer(manifest.file(entry["tokenizer"]))
             parts[entry["name"]] = OnnxTextEncoder(part_runner(manifest, entry, config), entry)
-        vae = manifest.data["vae_decoder"]
+        vae = manifest.vae_decoder
         parts["vae"] = OnnxVAEDecoder(part_runner(manifest, vae, config), vae)
         parts["unet"] = EngineUNet.from_manifest(manifest, config)
     except BaseException:

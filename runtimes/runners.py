@@ -174,7 +174,7 @@ class TorchUNetRunner(BaseRunner):
         from polygraphy.common import TensorMetadata
 
         meta = TensorMetadata()
-        for spec in self.manifest.unet["inputs"]:
+        for spec in self.manifest.unet_inputs:
             meta.add(spec["name"], np.dtype(spec["dtype"]), [None if d == "batch" else d for d in spec["shape"]])
         return meta
 
@@ -186,7 +186,7 @@ class TorchUNetRunner(BaseRunner):
             out = self.unet(feed["sample"], feed["timestep"], feed["encoder_hidden_states"], added_cond_kwargs=added,
                             return_dict=False)[0]
         self.inference_time = time.perf_counter() - start
-        return {self.manifest.unet["outputs"][0]["name"]: out}
+        return {self.manifest.unet_output: out}
 
     def deactivate_impl(self):
         del self.unet
@@ -203,7 +203,7 @@ def load_reference_unet(manifest, base_dir, pack_dir=None, device="cpu"):
     from qpdeploy.pack import apply_pack, load_pack, reset_to_post_training
 
     base = load_base(base_dir)
-    want_base, want_pack = manifest.data["base_hash"], manifest.data["pack_hash"]
+    want_base, want_pack = manifest.hashes
     if base.base_hash != want_base:
         raise QPDeployError(f"base {base_dir} (hash {base.base_hash[:12]}) is not the base deploy dir "
                             f"{manifest.path} was exported from ({want_base[:12]})")

@@ -65,7 +65,7 @@ def check_engines(manifest, environment: dict | None = None) -> None:
     record, where = manifest.data.get("engines"), manifest.path
     if environment is None:
         environment = engine_environment()
-    graphs = [*manifest.unet["graphs"], *manifest.data["text_encoders"], manifest.data["vae_decoder"]]
+    graphs = [*manifest.unet["graphs"], *manifest.text_encoders, manifest.vae_decoder]
     if not record or any(not g.get("engine") for g in graphs):
         raise QPDeployError(f"deploy dir {where} has no TensorRT engines (exported without --build-engines); "
                             "use --backend ort, or export with --build-engines on the target machine")

@@ -59,9 +59,9 @@ class EngineUNet(DiffusersFacade):
 
         super().__init__()
         self.manifest, self.engines, self.runtime = manifest, engines, runtime
-        self.specs = {spec["name"]: spec for spec in manifest.unet["inputs"]}
+        self.specs = {spec["name"]: spec for spec in manifest.unet_inputs}
         self.feed_device = torch.device(feed_device)
-        config = dict(manifest.unet["config"])
+        config = dict(manifest.unet_config)
         h, w = self.specs["sample"]["shape"][2:]
         config["sample_size"] = h if h == w else [h, w]
         self._config = FrozenDict(config)
@@ -99,7 +99,7 @@ class EngineUNet(DiffusersFacade):
 
         runners, runner_of_interval = unet_runners(manifest, config)
         engines = IntervalEngines(manifest.intervals, runners, runner_of_interval, manifest.dispatch,
-                                  manifest.unet["outputs"][0]["name"], config.low_memory)
+                                  manifest.unet_output, config.low_memory)
         engines.open()
         return cls(manifest, engines, feed_device(config), config)
 
@@ -152,8 +152,8 @@ class EngineUNet(DiffusersFacade):
     def _shape_error(self, name: str, got, expected) -> str:
         where = self.manifest.path
         if name == "sample":
-            factor = self.manifest.data["vae_scale_factor"]
-            exported = f"{self.manifest.data['height']}x{self.manifest.data['width']}"
+            factor = self.manifest.vae_scale_factor
+            exported = "{}x{}".format(*self.manifest.size)
             return (f"image size {got[1] * factor}x{got[2] * factor} (latent {got[1]}x{got[2]}) is not the size "
                     f"deploy dir {where} was exported for: {exported} (the graphs have fixed spatial shapes; "
                     "re-export with --height/--width)")
