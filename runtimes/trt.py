@@ -62,7 +62,7 @@ def check_engines(manifest, environment: dict | None = None) -> None:
         QPDeployError: no engines were built, or they were built with another TensorRT
             version or for a GPU of another compute capability (both named).
     """
-    record, where = manifest.data.get("engines"), manifest.path
+    record, where = manifest.engines, manifest.path
     if environment is None:
         environment = engine_environment()
     graphs = [*manifest.unet["graphs"], *manifest.text_encoders, manifest.vae_decoder]
