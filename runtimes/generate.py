@@ -66,12 +66,19 @@ def _slug(prompt: str) -> str:
 
 def check_size(manifest, config: GenerateConfig) -> tuple[int, int]:
     """The image size to sample: the exported one, which is also the only one accepted."""
+    from qpdeploy.models import MAX_SIZE_FACTOR
+
     exported = manifest.size
     asked = (config.height or exported[0], config.width or exported[1])
     if asked != exported:
+        unet, factor = manifest.unet_config, manifest.vae_scale_factor
+        multiple = factor * 2 ** (len(unet["down_block_types"]) - 1)
+        largest = MAX_SIZE_FACTOR * unet["sample_size"] * factor
+        advice = (f"re-export with --height {asked[0]} --width {asked[1]}"
+                  if all(multiple <= v <= largest and v % multiple == 0 for v in asked)
+                  else f"this model takes multiples of {multiple} up to {largest}")
         raise QPDeployError(f"size {asked[0]}x{asked[1]} is not the size deploy dir {manifest.path} was exported "
-                            f"for ({exported[0]}x{exported[1]}); its graphs have fixed spatial shapes: re-export with "
-                            f"--height {asked[0]} --width {asked[1]}")
+                            f"for ({exported[0]}x{exported[1]}); its graphs have fixed spatial shapes: {advice}")
     return asked
 
 
