@@ -68,22 +68,25 @@ def vae_factor(pipe) -> int:
     return 2 ** (len(pipe.vae.config.block_out_channels) - 1)
 
 
-def size_multiple(pipe) -> int:
-    """Image sides must be multiples of this: every UNet down block but the last halves the
-    latent, and sizes that do not divide make diffusers pick upsampling sizes at trace time."""
-    return vae_factor(pipe) * 2 ** (len(pipe.unet.config.down_block_types) - 1)
+def size_bounds(unet_config, factor: int) -> tuple[int, int]:
+    """``(multiple, largest)`` image side of a UNet (diffusers config) under a VAE of scale
+    ``factor``: every down block but the last halves the latent, and sizes that do not divide
+    make diffusers pick upsampling sizes at trace time; sides go up to
+    :data:`MAX_SIZE_FACTOR` times the native resolution."""
+    multiple = factor * 2 ** (len(unet_config["down_block_types"]) - 1)
+    return multiple, MAX_SIZE_FACTOR * int(unet_config["sample_size"]) * factor
 
 
 def check_resolution(pipe, value: int | None, what: str = "resolution") -> None:
     """Refuse an image side the model cannot take, before anything is allocated.
 
     Raises:
-        QPDeployError: ``value`` is not a positive multiple of :func:`size_multiple` or is
+        QPDeployError: ``value`` is not a positive multiple of :func:`size_bounds`' multiple or is
             above :data:`MAX_SIZE_FACTOR` times the native resolution.
     """
     if value is None:
         return
-    multiple, largest = size_multiple(pipe), MAX_SIZE_FACTOR * native_resolution(pipe)
+    multiple, largest = size_bounds(pipe.unet.config, vae_factor(pipe))
     if not multiple <= value <= largest or value % multiple:
         raise QPDeployError(f"{what} must be a multiple of {multiple} between {multiple} and {largest} for this "
                             f"model (native {native_resolution(pipe)}), got {value}")

@@ -66,14 +66,12 @@ def _slug(prompt: str) -> str:
 
 def check_size(manifest, config: GenerateConfig) -> tuple[int, int]:
     """The image size to sample: the exported one, which is also the only one accepted."""
-    from qpdeploy.models import MAX_SIZE_FACTOR
+    from qpdeploy.models import size_bounds
 
     exported = manifest.size
     asked = (config.height or exported[0], config.width or exported[1])
     if asked != exported:
-        unet, factor = manifest.unet_config, manifest.vae_scale_factor
-        multiple = factor * 2 ** (len(unet["down_block_types"]) - 1)
-        largest = MAX_SIZE_FACTOR * unet["sample_size"] * factor
+        multiple, largest = size_bounds(manifest.unet_config, manifest.vae_scale_factor)
         advice = (f"re-export with --height {asked[0]} --width {asked[1]}"
                   if all(multiple <= v <= largest and v % multiple == 0 for v in asked)
                   else f"this model takes multiples of {multiple} up to {largest}")
