@@ -60,7 +60,6 @@ def build_synthetic(out: Path, size: int = 32) -> None:
     from qpdeploy.models import tiny_pipeline
     from qpdeploy.pack import save_pack
     from qpdeploy.ptq import base_from_pipeline
-    from qpdeploy.qunet import LayerPlan
 
     pipe = tiny_pipeline("sd1")
     torch.manual_seed(0)
@@ -72,7 +71,7 @@ def build_synthetic(out: Path, size: int = 32) -> None:
     config = QuantizeConfig(calib_steps=4, calib_samples=8, weight_search="minmax", act_search="minmax",
                             calib_prompts=("a photo of a dog", "a red car on a street", "a cat on a sofa"))
     base = base_from_pipeline(pipe, config)
-    plans = [LayerPlan(layer["name"], layer["kind"], True, layer["split"]) for layer in base.meta["layers"]]
+    plans = base.plans
     save_base(out / "base", base.unet, base.config, base.intervals, plans, {"kind": "memory"},
               base.meta["source_hash"], base.meta["report"])
     pack = perturbed_pack(base)

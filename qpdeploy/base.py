@@ -31,7 +31,7 @@ from .intervals import Intervals
 from . import schema
 from .io import atomic_dir, file_sha256, read_artifact_header, tensors_hash, write_json
 from .schema import validate
-from .qunet import ROUTER_NAME, LayerPlan, convert_unet
+from .qunet import ROUTER_NAME, LayerPlan, convert_unet, layers_record, plans_from_record
 
 BASE_FORMAT_VERSION = 1
 BASE_KIND = "qpdeploy.quantized-base"
@@ -57,6 +57,11 @@ class QuantizedBase:
         if "base_hash" not in self.meta:
             self.meta["base_hash"] = base_hash_of(self.unet)
         return self.meta["base_hash"]
+
+    @property
+    def plans(self) -> list[LayerPlan]:
+        """The quantized layers' plans, as recorded."""
+        return plans_from_record(self.meta["layers"])
 
     @property
     def source(self) -> dict:
@@ -94,7 +99,7 @@ def save_base(out, unet: nn.Module, config: QuantizeConfig, intervals: Intervals
             "intervals": intervals.to_json(),
             "unet_class": type(unet).__name__,
             "unet_config": _jsonable_config(unet.config),
-            "layers": [{"name": p.name, "kind": p.kind, "split": p.split} for p in plans if p.quantized],
+            "layers": layers_record(plans),
             "skipped": [p.name for p in plans if not p.quantized],
             "source": source,
             "source_hash": source_hash,
@@ -140,7 +145,7 @@ def load_base(path, device="cpu", verify_hash: bool = True) -> QuantizedBase:
                             "(edited or replaced)")
     config = QuantizeConfig.from_json(meta["quantize"], str(path / CONFIG_FILE))
     intervals = Intervals.from_json(meta["intervals"])
-    plans = [LayerPlan(layer["name"], layer["kind"], True, layer["split"]) for layer in meta["layers"]]
+    plans = plans_from_record(meta["layers"])
     try:
         with torch.device("meta"):
             unet = UNet2DConditionModel.from_config(meta["unet_config"])

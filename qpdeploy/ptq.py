@@ -16,7 +16,7 @@ from .io import claim_output, read_json
 from .models import check_resolution, describe_source, load_pipeline
 from .progress import stage
 from .prompts import CALIBRATION_FILE, CALIBRATION_PROMPTS, read_prompt_file
-from .qunet import convert_unet, float_weights_of, plan_layers, quantize_weights
+from .qunet import convert_unet, float_weights_of, layers_record, plan_layers, quantize_weights
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -125,6 +125,6 @@ def quantize_model(model, out, config: QuantizeConfig, config_dir=None, device="
 def base_from_pipeline(pipe, config: QuantizeConfig, device="cpu") -> QuantizedBase:
     """Quantize in memory (no files): the quantized base of ``pipe``, for tests and chaining."""
     qunet, intervals, plans, report = quantize_pipeline(pipe, config, device)
-    meta = {"report": report, "source_hash": source_hash(pipe), "source": {"kind": "memory"}, "layers": [
-        {"name": p.name, "kind": p.kind, "split": p.split} for p in plans if p.quantized]}
+    meta = {"report": report, "source_hash": source_hash(pipe), "source": {"kind": "memory"},
+            "layers": layers_record(plans)}
     return QuantizedBase(qunet, config, intervals, meta)

@@ -30,6 +30,16 @@ class LayerPlan:
     split: int = 0
 
 
+def layers_record(plans: list[LayerPlan]) -> list[dict]:
+    """The quantized layers as a base records them (``quant_config.json`` "layers")."""
+    return [{"name": p.name, "kind": p.kind, "split": p.split} for p in plans if p.quantized]
+
+
+def plans_from_record(layers: list[dict]) -> list[LayerPlan]:
+    """The :class:`LayerPlan` of each layer a base records (the inverse of :func:`layers_record`)."""
+    return [LayerPlan(layer["name"], layer["kind"], True, layer["split"]) for layer in layers]
+
+
 def plan_layers(unet: nn.Module, config: QuantizeConfig) -> list[LayerPlan]:
     """Decide, for every Conv2d / Linear of the UNet, whether it is quantized and split."""
     splits = shortcut_splits(unet) if config.shortcut_split else {}

@@ -89,10 +89,9 @@ def base_dir(export_base, tmp_path_factory):
     """``export_base("sd1", **DEPLOY_BASE)`` written as a base directory (its source is the
     bundled tiny-sd1, which ``tiny_pipeline("sd1")`` is)."""
     from qpdeploy.base import save_base
-    from qpdeploy.qunet import LayerPlan
 
     base = export_base("sd1", **DEPLOY_BASE)
-    plans = [LayerPlan(layer["name"], layer["kind"], True, layer["split"]) for layer in base.meta["layers"]]
+    plans = base.plans
     out = tmp_path_factory.mktemp("export-base") / "base"
     save_base(out, base.unet, base.config, base.intervals, plans, {"kind": "bundled", "name": "tiny-sd1"},
               base.meta["source_hash"], base.meta["report"])

@@ -49,14 +49,13 @@ def perturbed_pack(base, strategy: str, seed: int = 0):
 def rt_base_dir(tiny_base, tmp_path_factory):
     """``rt_base_dir(family)``: the cheap base of the tiny bundled model, saved (cached)."""
     from qpdeploy.base import save_base
-    from qpdeploy.qunet import LayerPlan
 
     cache = {}
 
     def make(family="sd1"):
         if family not in cache:
             base = tiny_base(family, **CHEAP)
-            plans = [LayerPlan(layer["name"], layer["kind"], True, layer["split"]) for layer in base.meta["layers"]]
+            plans = base.plans
             out = tmp_path_factory.mktemp(f"rt-base-{family}") / "base"
             save_base(out, base.unet, base.config, base.intervals, plans, {"kind": "bundled", "name": f"tiny-{family}"},
                       base.meta["source_hash"], base.meta["report"])
