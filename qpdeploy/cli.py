@@ -236,8 +236,9 @@ def train(
     from .train import check_train_inputs
     from .train import train as train_pack
 
-    check_train_inputs(images, cfg, out, force, [base, images, model, config, class_dir, resume], resume=resume)
-    base_dir, source = _base_for_training(ctx, model, base, out, images, forwarded, force)
+    early = functools.partial(check_train_inputs, images, cfg, out, force,
+                              [base, images, model, config, class_dir, resume], resume=resume)
+    base_dir, source = _base_for_training(ctx, model, base, out, images, forwarded, force, early)
 
     with _warnings_as_lines():
         path, report = train_pack(base_dir, images, out, cfg, source=source, config_dir=config, class_dir=class_dir,
@@ -246,9 +247,11 @@ def train(
     typer.echo(f"scale pack: {path}\nreport: {path / 'report.json'}")
 
 
-def _base_for_training(ctx: typer.Context, model, base, out: Path, images: Path, forwarded: list[str], force: bool):
+def _base_for_training(ctx: typer.Context, model, base, out: Path, images: Path, forwarded: list[str], force: bool,
+                       check_inputs):
     """``(base dir, moved source or None)``; with --model and no existing base, quantize first
-    by running the ``quantize`` command itself, so it takes exactly quantize's options."""
+    by running the ``quantize`` command itself, so it takes exactly quantize's options, after
+    ``check_inputs()`` (training's own checks, which must not wait for the quantization)."""
     extra = list(ctx.args)
     if model is None and base is None:
         model = DEFAULT_MODEL  # like every other command: the bundled model
@@ -261,6 +264,7 @@ def _base_for_training(ctx: typer.Context, model, base, out: Path, images: Path,
     from .base import BASE_ARTIFACT
     from .io import check_output, overlap
 
+    check_inputs()
     check_output(base, force, BASE_ARTIFACT, [images, model])
     if overlap(base, out):
         raise QPDeployError(f"the base --model writes ({base}) {overlap(base, out)} --out {out}; choose another --base")

@@ -71,8 +71,8 @@ class OutputClaim:
     final rename: an exclusive lock (``flock`` on a sibling lock file, released by the
     kernel if the process dies) and what the path was when the claim began."""
 
-    def __init__(self, out: Path, force: bool):
-        self.out, self.force = out, force
+    def __init__(self, out: Path):
+        self.out = out
         self.existed = out.exists() or out.is_symlink()
         self.depth = 0
         self._fd = None
@@ -144,7 +144,7 @@ def claim_output(out: str | os.PathLike, force: bool = False, kind: tuple[str, s
     if claim is None:
         check_output(path, force, kind, inputs)
         path.parent.mkdir(parents=True, exist_ok=True)
-        claim = OutputClaim(path, force)
+        claim = OutputClaim(path)
         claim.acquire()
         _CLAIMS[path] = claim
     claim.depth += 1

@@ -66,11 +66,6 @@ class Strategy:
         """Instance samples per micro-batch when the user gives none."""
         return 1
 
-    def check(self, k: int, chosen: Sequence[int]) -> None:
-        """Raise QPDeployError when ``chosen`` does not suit this strategy on K intervals."""
-        if not self.needs_chosen and chosen:
-            raise QPDeployError(f"s1 intervals are only used by strategy s1, not {self.name}")
-
 
 @register
 class Baseline(Strategy):
@@ -86,13 +81,9 @@ class S1(Strategy):
     needs_chosen = True
     layout = "masked"
 
-    def check(self, k, chosen):
-        bad = [i for i in chosen if not 0 <= i < k]
-        if not chosen or bad:
-            raise QPDeployError(f"S1 intervals must be a non-empty subset of 0..{k - 1}, got {list(chosen)}")
-
     def expert_map(self, k, chosen=()):
-        self.check(k, chosen)
+        if not chosen or any(not 0 <= i < k for i in chosen):
+            raise QPDeployError(f"S1 intervals must be a non-empty subset of 0..{k - 1}, got {list(chosen)}")
         return [0 if i in chosen else 1 for i in range(k)]
 
     def trained_intervals(self, k, chosen=()):

@@ -62,8 +62,8 @@ class Clock:
 class LoopCheckpoint:
     """Resumable training loops for the rebuild recipes: every ``every`` steps the loop's
     modules, optimizer, learning-rate schedule and random generators go to ``folder``
-    (``state.safetensors`` + ``state.json``, written to temporary names and renamed, so a
-    kill leaves the previous checkpoint whole). :meth:`load` puts them back and returns the
+    (``state.safetensors`` + ``state.json``, written together by ``qpdeploy.io.atomic_dir``,
+    so a kill leaves the previous checkpoint whole, never a mix of two). :meth:`load` puts them back and returns the
     step to continue after, so an interrupted run ends bit-identical to an uninterrupted one.
     No pickle: tensors in safetensors, everything else in JSON.
     """
@@ -87,11 +87,11 @@ class LoopCheckpoint:
                 "optim_keys": {str(i): sorted(s) for i, s in optim["state"].items()},
                 "numpy": rng.bit_generator.state}
         meta["schedule"].pop("lr_lambdas", None)  # functions: rebuilt by the caller
-        self.folder.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, str(self.folder / "state.safetensors.tmp"))
-        (self.folder / "state.json.tmp").write_text(json.dumps(meta), encoding="utf-8")
-        os.replace(self.folder / "state.safetensors.tmp", self.folder / "state.safetensors")
-        os.replace(self.folder / "state.json.tmp", self.folder / "state.json")
+        from qpdeploy.io import atomic_dir
+
+        with atomic_dir(self.folder, force=True) as tmp:
+            save_file(tensors, str(tmp / "state.safetensors"))
+            (tmp / "state.json").write_text(json.dumps(meta), encoding="utf-8")
 
     def load(self, modules: dict, optimizer, schedule, rng, generator) -> int:
         """Restore the latest checkpoint into the given objects; returns its step (0: none)."""

@@ -16,6 +16,7 @@ import os
 import sys
 from pathlib import Path
 
+from qpdeploy.io import write_file_atomic, write_json
 from qpdeploy.miniworld.subjects import SUBJECTS, UNSEEN_SUBJECTS
 
 from .common import ASSETS_DIR, Clock, setup
@@ -52,11 +53,10 @@ def main(argv=None) -> None:
     clock = Clock()
     vae = AutoencoderKL.from_pretrained(args.pipeline / "vae", local_files_only=True).eval()
     result = measure(vae, load_evaluator(args.evaluator), args.per_background)
-    result.update(pipeline=os.path.relpath(args.pipeline), evaluator=None if args.evaluator is None else os.path.relpath(args.evaluator), wall_seconds=round(clock.seconds(), 1),
+    evaluator = None if args.evaluator is None else os.path.relpath(args.evaluator)
+    result.update(pipeline=os.path.relpath(args.pipeline), evaluator=evaluator, wall_seconds=round(clock.seconds(), 1),
                   command="python -m benchmarks.miniworld.reach " + " ".join(sys.argv[1:] if argv is None else argv))
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, args.out)
+    write_file_atomic(args.out, lambda tmp: write_json(tmp, result))
     print(json.dumps({k: result[k] for k in ("reachability", "decoy_rate", "passed")}),
           f"identification {result['instance_identification']['accuracy']:.3f}")
 

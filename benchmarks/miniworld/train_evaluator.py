@@ -95,11 +95,11 @@ def supervised_contrastive(z: torch.Tensor, keys: torch.Tensor, temperature: flo
     return -((log_prob * positives).sum(1)[has] / positives.sum(1)[has]).mean()
 
 
-@torch.no_grad()
 def round_trip(vae, images: torch.Tensor) -> torch.Tensor:
-    """Images in [0, 1] encoded (posterior mean) and decoded by ``vae``."""
-    y = vae.decode(vae.encode(images * 2 - 1).latent_dist.mean).sample
-    return ((y.clamp(-1, 1) + 1) / 2).round_(decimals=3)
+    """Images in [0, 1] after the VAE round trip (gate 1's), kept to 3 decimals."""
+    from qpdeploy.miniworld.reachability import decoded
+
+    return decoded(vae, images).round_(decimals=3)
 
 
 def loss_fn(out: dict[str, torch.Tensor], labels: dict[str, torch.Tensor]) -> torch.Tensor:

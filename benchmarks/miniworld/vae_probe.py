@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 
 CANDIDATES = {
@@ -53,6 +52,8 @@ def main() -> None:
                         help="each candidate's VAE is saved here (save_pretrained), outside the repository")
     args = parser.parse_args()
 
+    from qpdeploy.io import write_file_atomic, write_json
+
     from .common import Clock, setup
     from .vae import train_vae, vae_report
 
@@ -71,9 +72,7 @@ def main() -> None:
             "wall_seconds": round(clock.seconds(), 1),
             "cpu_seconds": round(clock.cpu_seconds(), 1), "threads": args.threads,
         }
-        tmp = args.out.with_suffix(".tmp")
-        tmp.write_text(json.dumps(report, indent=2) + "\n")
-        os.replace(tmp, args.out)
+        write_file_atomic(args.out, lambda tmp: write_json(tmp, report))
         print(f"{name}: {report['candidates'][name]}", flush=True)
 
 

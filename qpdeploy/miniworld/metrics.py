@@ -99,9 +99,7 @@ def instance_threshold(evaluator: Evaluator, centroid: np.ndarray, n: int = 1000
 
 
 def _centroid(embeddings: np.ndarray) -> np.ndarray:
-    unit = embeddings / np.linalg.norm(embeddings, axis=-1, keepdims=True)
-    mean = unit.mean(axis=0)
-    return mean / np.linalg.norm(mean)
+    return unit_rows(unit_rows(embeddings).mean(axis=0))
 
 
 def preservation(evaluator: Evaluator, images, prompts: Sequence[Prompt]) -> dict[str, float]:
@@ -138,7 +136,10 @@ def _psd_sqrt(matrix: np.ndarray) -> np.ndarray:
     return (vectors * np.sqrt(np.clip(values, 0, None))) @ vectors.T
 
 
+def unit_rows(x: np.ndarray) -> np.ndarray:
+    """Each row (last axis) scaled to unit length."""
+    return x / np.linalg.norm(x, axis=-1, keepdims=True).clip(1e-12)
+
+
 def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    a = a / np.linalg.norm(a, axis=1, keepdims=True).clip(1e-12)
-    b = b / np.linalg.norm(b, axis=1, keepdims=True).clip(1e-12)
-    return a @ b.T  # (N, M)
+    return unit_rows(a) @ unit_rows(b).T  # (N, M)

@@ -23,18 +23,23 @@ import numpy as np
 import torch
 
 from .evaluator import NO_SUBJECT, Evaluator
+from .metrics import unit_rows
 from .subjects import Subject, mixed_scenes
 from .world import BACKGROUNDS, Scene, render_batch
 
 
 @torch.no_grad()
+def decoded(vae, images: torch.Tensor) -> torch.Tensor:
+    """Float images (B, 3, H, W) in [0, 1] encoded (posterior mean) and decoded by ``vae``."""
+    return (vae.decode(vae.encode(images * 2 - 1).latent_dist.mean).sample.clamp(-1, 1) + 1) / 2
+
+
 def vae_round_trip(vae, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
-    """uint8 (N, H, W, 3) -> the same images encoded (posterior mean) and decoded by ``vae``."""
+    """uint8 (N, H, W, 3) -> the same images after :func:`decoded`, as uint8."""
     out = []
     for i in range(0, len(images), batch_size):
-        x = torch.from_numpy(images[i : i + batch_size]).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-        y = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
-        out.append(((y + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy())
+        x = torch.from_numpy(images[i : i + batch_size]).permute(0, 3, 1, 2).float() / 255.0
+        out.append((decoded(vae, x) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy())
     return np.concatenate(out) if out else images[:0]
 
 
@@ -71,11 +76,11 @@ def instance_identification(vae, evaluator: Evaluator, subjects: Sequence[Subjec
     gallery, queries, owners = [], [], []
     for n, subject in enumerate(subjects):
         crisp = render_batch(subject_renders(subject, gallery_bg, per_background, seed))
-        gallery.append(_unit(evaluator.predict(crisp).identity).mean(axis=0))
+        gallery.append(unit_rows(evaluator.predict(crisp).identity).mean(axis=0))
         trip = vae_round_trip(vae, render_batch(subject_renders(subject, query_bg, per_background, seed + 1)))
-        queries.append(_unit(evaluator.predict(trip).identity))
+        queries.append(unit_rows(evaluator.predict(trip).identity))
         owners += [n] * len(trip)
-    nearest = (np.concatenate(queries) @ _unit(np.stack(gallery)).T).argmax(axis=1)
+    nearest = (np.concatenate(queries) @ unit_rows(np.stack(gallery)).T).argmax(axis=1)
     right = nearest == np.asarray(owners)
     per_subject = {s.identifier: float(right[np.asarray(owners) == n].mean()) for n, s in enumerate(subjects)}
     return {"accuracy": float(right.mean()), "per_subject": per_subject, "queries": int(len(right))}
@@ -87,7 +92,3 @@ def decoy_rate(vae, evaluator: Evaluator, n: int = 256, seed: int = 0) -> float:
     scenes = mixed_scenes(np.random.default_rng(seed), n, plain=0.0, subjects=0.0)
     names = evaluator.predict(vae_round_trip(vae, render_batch(scenes))).names("subject")
     return float(np.mean([name != NO_SUBJECT for name in names]))
-
-
-def _unit(x: np.ndarray) -> np.ndarray:
-    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
