@@ -11,7 +11,8 @@
    quantized UNet (routed by the timestep, as in sampling) with Polygraphy's runners and
    comparator, and gives the SQNR in dB per interval.
 
-ONNX Runtime runs the graph as written (no graph optimizations, ``session.disable_quant_qdq=1``):
+ONNX Runtime runs the graph with the runtime's default session settings (basic optimizations:
+constant folding and redundancy elimination, and ``session.disable_quant_qdq=1``):
 with its default optimizations ORT fuses Q/DQ into QLinearConv/QLinearMatMul kernels, and on
 CPUs without VNNI their u8s8 int16 intermediate sums saturate (ORT documents this; it is why
 its quantizer offers ``reduce_range``), which would measure ORT's kernels, not the graph. Run
@@ -220,16 +221,13 @@ def float_layer_count(unet) -> int:
 # ------------------------------------------------------------------------------------
 
 def ort_session(path, threads: int = 1):
-    """An ONNX Runtime CPU session computing the graph's Q/DQ math exactly (see module doc)."""
-    import onnxruntime as ort
+    """An ONNX Runtime CPU session built by the runtime's own loader with the runtime's default
+    settings (``qpdeploy generate``'s), which compute the graph's Q/DQ math exactly (see the
+    module doc): what verification measures is what the runtime runs."""
+    from qpdeploy.runtimes.config import RuntimeConfig
+    from qpdeploy.runtimes.runners import SessionFromOnnxPath
 
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # run the graph as written
-    options.add_session_config_entry("session.disable_quant_qdq", "1")
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return SessionFromOnnxPath(path, threads=threads, optimization=RuntimeConfig().ort_optimization)()
 
 
 def _torch_runner_class():

@@ -28,6 +28,7 @@ from .config import RuntimeConfig
 
 OPTIMIZATION_LEVELS = {"none": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
                        "all": "ORT_ENABLE_ALL"}
+EXACT_QDQ_LEVELS = ("none", "basic")  # levels that keep the exported Q/DQ arithmetic
 
 
 def first_line(exc: BaseException) -> str:
@@ -90,7 +91,10 @@ class SessionFromOnnxPath(BaseLoader):
         path: the .onnx file.
         providers: execution providers in priority order (names or (name, options) pairs).
         threads: intra-op threads (0: ONNX Runtime's default).
-        optimization: "none", "basic", "extended" or "all" (see RuntimeConfig).
+        optimization: "none", "basic", "extended" or "all" (see RuntimeConfig). At "none" and
+            "basic" ORT's Q/DQ fusions are also off (``session.disable_quant_qdq``), so the
+            session computes the graph's Q/DQ arithmetic as exported: these are the settings
+            export verification measures (``qpdeploy.exporters.verify.ort_session``).
         shared: :class:`SharedWeights` whose initializers replace the file's own, or None.
     """
 
@@ -99,6 +103,11 @@ class SessionFromOnnxPath(BaseLoader):
         self.path = Path(path)
         self.providers = list(providers)
         self.threads, self.optimization, self.shared = threads, optimization, shared
+
+    @property
+    def exact_qdq(self) -> bool:
+        """Whether Q/DQ pairs run as float math (no fused integer kernels)."""
+        return self.optimization in EXACT_QDQ_LEVELS
 
     def call_impl(self):
         """Returns: the session. Raises: QPDeployError naming the file when it cannot load."""
@@ -110,6 +119,8 @@ class SessionFromOnnxPath(BaseLoader):
         options.inter_op_num_threads = 1
         options.enable_cpu_mem_arena = False  # see the module docstring
         options.log_severity_level = 3
+        if self.exact_qdq:  # fused QLinear kernels saturate on CPUs without VNNI (exporters.verify)
+            options.add_session_config_entry("session.disable_quant_qdq", "1")
         try:
             for name, value in (self.shared.initializers(self.path) if self.shared else {}).items():
                 options.add_initializer(name, value)
