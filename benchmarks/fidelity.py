@@ -43,10 +43,12 @@ import torch
 
 from qpdeploy.base import load_base
 from qpdeploy.config import QuantizeConfig, TrainConfig
-from qpdeploy.data import encode_examples, load_instance_images
+from qpdeploy.data import class_images, encode_examples, load_instance_images
 from qpdeploy.memory import PeakMemory
 from qpdeploy.miniworld.evaluate import evaluate_prompts
 from qpdeploy.miniworld.evaluator import load_evaluator
+from qpdeploy.miniworld.stats import bootstrap_mean
+from qpdeploy.miniworld.sampling import GUIDANCE
 from qpdeploy.miniworld.subjects import SUBJECTS, get_subject, write_instance_images
 from qpdeploy.models import load_pipeline
 from qpdeploy.ptq import quantize_model
@@ -68,8 +70,11 @@ SCALE_ROWS = {
     "w4a8_s2_k4": (4, "s2", 4, (), False),
 }
 ROWS = ("fp", "fp_dreambooth", "fp_lora", "w8a8_ptq", *SCALE_ROWS)
-COLUMNS = ("subject_fidelity", "subject_recognised", "subject_cosine", "prompt_fidelity", "preservation", "subject_leak", "frechet",
-           "trainable_params", "pack_bytes", "train_seconds", "peak_memory_bytes")
+# per-image values of evaluate_prompts -> the table's column names
+PER_IMAGE = {"subject_probability": "subject_fidelity", "subject_recognised": "subject_recognised",
+             "prompt_match": "prompt_fidelity", "preservation_match": "preservation", "subject_leak": "subject_leak"}
+CI_COLUMNS = (*PER_IMAGE.values(), "instance_prompt_recognised")  # mean [95% CI] over images and runs
+COLUMNS = ("subject_cosine", "frechet", "trainable_params", "pack_bytes", "train_seconds", "peak_memory_bytes")  # mean, std
 
 
 class Bench:
@@ -90,16 +95,25 @@ class Bench:
         return self.bases[bits]
 
     def evaluate(self, pipe, subject, split: str, seed: int) -> dict:
+        """The subject's ``split`` prompts, their class twins and its instance prompt, each
+        with ``images_per_prompt`` images per prompt; means plus the per-image values
+        (``per_image``) behind the confidence intervals."""
         m = evaluate_prompts(pipe, subject.prompts(split), self.evaluator, subject.identifier,
                              subject.class_prompts(split), self.args.images_per_prompt, seed=1000 + seed)
+        own = evaluate_prompts(pipe, [subject.instance_prompt()], self.evaluator, subject.identifier,
+                               images_per_prompt=self.args.instance_images, seed=2000 + seed)
+        per_image = {PER_IMAGE[k]: v for k, v in m["per_image"].items()}
+        per_image["instance_prompt_recognised"] = own["per_image"]["subject_recognised"]
         return {
             "subject_fidelity": m["subject_fidelity"]["probability"],
             "subject_recognised": m["subject_fidelity"].get("instance_recognised"),
+            "instance_prompt_recognised": own["subject_fidelity"].get("instance_recognised"),
             "subject_cosine": m["subject_fidelity"]["cosine"],
             "prompt_fidelity": m["prompt_fidelity"],
             "preservation": m["preservation"]["all"],
             "subject_leak": m["preservation"]["subject_leak"],
             "frechet": m["frechet"],
+            "per_image": {k: [round(x, 4) for x in v] for k, v in per_image.items()},
         }
 
     # -- rows ------------------------------------------------------------------------
@@ -108,29 +122,30 @@ class Bench:
         if not images.is_dir():
             write_instance_images(subject.identifier, images)
         if row == "fp":
-            return {**self.evaluate(self.pipe, subject, "test", seed), "trainable_params": 0, "pack_bytes": 0}
+            return {**self.evaluate(self.pipe, subject, self.args.split, seed), "trainable_params": 0, "pack_bytes": 0}
         if row in ("fp_dreambooth", "fp_lora"):
             return self.float_row(row, subject, images, seed)
         if row == "w8a8_ptq":
             base = load_base(self.base_dir(8))
             pipe = quantized_pipeline(self.pipe, base.unet.eval())
-            return {**self.evaluate(pipe, subject, "test", seed), "trainable_params": 0, "pack_bytes": 0}
+            return {**self.evaluate(pipe, subject, self.args.split, seed), "trainable_params": 0, "pack_bytes": 0}
         bits, strategy, k, s1, input_scales = SCALE_ROWS[row]
         if s1 is None:  # S1: pick the intervals on dev
             trials = {c: self.scale_row(bits, strategy, k, c, input_scales, subject, images, seed, "dev")
                       for c in S1_CANDIDATES}
             s1 = max(trials, key=lambda c: trials[c]["subject_fidelity"] + trials[c]["prompt_fidelity"])
-            result = self.scale_row(bits, strategy, k, s1, input_scales, subject, images, seed, "test")
+            result = self.scale_row(bits, strategy, k, s1, input_scales, subject, images, seed, self.args.split)
             result["s1_intervals"] = list(s1)
             result["s1_dev"] = {",".join(map(str, c)): {k2: v[k2] for k2 in ("subject_fidelity", "prompt_fidelity")}
                                 for c, v in trials.items()}
             return result
-        return self.scale_row(bits, strategy, k, s1, input_scales, subject, images, seed, "test")
+        return self.scale_row(bits, strategy, k, s1, input_scales, subject, images, seed, self.args.split)
 
     def scale_row(self, bits, strategy, k, s1, input_scales, subject, images, seed, split) -> dict:
         config = TrainConfig(prompt=subject.instance_prompt().text, identifier=subject.identifier, strategy=strategy,
                              intervals=k, s1_intervals=tuple(s1), train_input_scales=input_scales,
-                             steps=self.args.steps, lr=self.args.lr, batch_size=self.args.batch_size, seed=seed)
+                             steps=self.args.steps, lr=self.args.lr, batch_size=self.args.batch_size, seed=seed,
+                             guidance=GUIDANCE, **self.prior_options(subject))
         base = load_base(self.base_dir(bits))
         out = self.workdir / f"pack-{subject.identifier}-{seed}-{time.monotonic_ns()}"
         _, report = train(base, images, out, config, pipe=self.pipe, run_dir=self.workdir / "run", device=self.args.device)
@@ -138,6 +153,13 @@ class Bench:
         return {**self.evaluate(pipe, subject, split, seed), "trainable_params": report["trainable_params"],
                 "pack_bytes": report["pack_bytes"], "train_seconds": report["seconds"],
                 "peak_memory_bytes": report["peak_memory_bytes"], "final_loss": report["final_loss"]}
+
+    def prior_options(self, subject) -> dict:
+        """DreamBooth's prior preservation (class images the model draws itself), when asked."""
+        if not self.args.prior_images:
+            return {}
+        return {"class_prompt": subject.class_prompt().text, "prior_images": self.args.prior_images,
+                "prior_weight": self.args.prior_weight}
 
     def float_row(self, row: str, subject, images: Path, seed: int) -> dict:
         """DreamBooth on the float UNet: all weights (AdamW) or LoRA rank 4 (peft)."""
@@ -158,7 +180,12 @@ class Bench:
         params = [p for p in unet.parameters() if p.requires_grad]
         resolution = 32
         instance = load_instance_images(images, resolution, "center", 4, seed)
-        examples = encode_examples(pipe, instance, subject.instance_prompt().text, device=self.args.device)
+        prior = self.prior_options(subject)
+        priors = class_images(pipe, "float-miniworld", prior["class_prompt"], prior["prior_images"], resolution,
+                              root=self.workdir / "class-images", guidance=GUIDANCE) if prior else []
+        examples = encode_examples(pipe, instance, subject.instance_prompt().text, priors,
+                                   prior.get("class_prompt"), device=self.args.device)
+        n_instance, n_prior = len(instance), len(priors)
         schedule = DDPMScheduler.from_config(pipe.scheduler.config)
         optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
         generator = torch.Generator().manual_seed(seed)
@@ -167,30 +194,40 @@ class Bench:
         unet.train()
         batch = self.args.batch_size
         for _ in range(self.args.steps):
-            idx = torch.randint(len(examples.latent_mean), (batch,), generator=generator)
+            idx = torch.randint(n_instance, (batch,), generator=generator)
+            if n_prior:  # as many class samples as instance samples, weighted by prior_weight
+                idx = torch.cat([idx, n_instance + torch.randint(n_prior, (batch,), generator=generator)])
             latents = examples.latent_mean[idx] + examples.latent_std[idx] * torch.randn(
                 examples.latent_mean[idx].shape, generator=generator)
             noise = torch.randn(latents.shape, generator=generator)
-            t = torch.randint(0, schedule.config.num_train_timesteps, (batch,), generator=generator)
+            t = torch.randint(0, schedule.config.num_train_timesteps, (len(idx),), generator=generator)
             pred = unet(schedule.add_noise(latents, noise, t), t, examples.prompt_embeds[examples.prompt_index[idx]]).sample
-            loss = torch.nn.functional.mse_loss(pred, noise)
+            per_sample = (pred - noise).pow(2).mean(dim=(1, 2, 3))
+            loss = per_sample[:batch].mean()
+            if n_prior:
+                loss = loss + self.args.prior_weight * per_sample[batch:].mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
         seconds, peak = time.perf_counter() - start, memory.peak()
         unet.eval()
         trained = sum(p.numel() for p in params)
-        result = self.evaluate(quantized_pipeline(pipe, unet), subject, "test", seed)
+        result = self.evaluate(quantized_pipeline(pipe, unet), subject, self.args.split, seed)
         return {**result, "trainable_params": trained, "pack_bytes": 4 * trained, "train_seconds": seconds,
                 "peak_memory_bytes": peak}
 
 
 def summarize(runs: list[dict]) -> dict:
-    """Mean and std of every column over subjects x seeds, per row."""
+    """Per row: every per-image column as mean with a 95% bootstrap interval over images and
+    runs (subjects x seeds, ``qpdeploy.miniworld.stats``), the others as mean and std."""
     table = {}
     for row in dict.fromkeys(r["row"] for r in runs):
         values = [r for r in runs if r["row"] == row]
         table[row] = {}
+        for column in CI_COLUMNS:
+            groups = [v["per_image"][column] for v in values if column in v.get("per_image", {})]
+            if groups:
+                table[row][column] = bootstrap_mean(groups)
         for column in COLUMNS:
             xs = [v[column] for v in values if v.get(column) is not None]
             if xs:
@@ -229,7 +266,14 @@ def main(argv=None) -> None:
     parser.add_argument("--lr", type=float, default=1e-2, help="learning rate of the scales (relative units)")
     parser.add_argument("--dreambooth-lr", type=float, default=1e-4)
     parser.add_argument("--lora-lr", type=float, default=1e-3)
-    parser.add_argument("--images-per-prompt", type=int, default=2)
+    parser.add_argument("--split", choices=("dev", "test"), default="test",
+                        help="prompts measured: dev for choosing settings, test for reporting")
+    parser.add_argument("--prior-images", type=int, default=0,
+                        help="DreamBooth prior preservation: class images per subject (0: off), every trained row")
+    parser.add_argument("--prior-weight", type=float, default=1.0)
+    parser.add_argument("--images-per-prompt", type=int, default=8,
+                        help="images per test prompt (8 prompts per subject: 64 images per subject, seed and row)")
+    parser.add_argument("--instance-images", type=int, default=16, help="images of the instance prompt per run")
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     argv = sys.argv[1:] if argv is None else list(argv)

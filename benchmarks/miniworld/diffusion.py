@@ -95,9 +95,10 @@ class EMA:
         torch._foreach_lerp_(ema, live, 1 - decay)
 
 
-def captions(scenes: list[Scene], rng: np.random.Generator, dropout: float) -> list[str]:
-    """Random phrasings of each scene; an empty caption with probability ``dropout`` (for CFG)."""
-    return ["" if rng.random() < dropout else describe(s, rng).text for s in scenes]
+def captions(scenes: list[Scene], rng: np.random.Generator, dropout: float, **describe_options) -> list[str]:
+    """Random phrasings of each scene (``describe`` with ``describe_options``); an empty caption
+    with probability ``dropout`` (for CFG)."""
+    return ["" if rng.random() < dropout else describe(s, rng, **describe_options).text for s in scenes]
 
 
 def min_snr_weights(alphas_cumprod: torch.Tensor, t: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -120,8 +121,12 @@ def train_diffusion(
     min_snr_gamma: float = 5.0,
     seed: int = 0,
     checkpoint: LoopCheckpoint | None = None,
+    describe_options: dict | None = None,
 ):
     """Train text encoder and UNet jointly; return their EMA copies (eval mode).
+
+    ``describe_options`` go to ``qpdeploy.miniworld.prompts.describe`` for every caption
+    (how often colour and background are left out, how often a stray identifier appears).
 
     With ``checkpoint`` the loop saves itself on its schedule and continues from the latest
     checkpoint it finds there (bit-identical to an uninterrupted run)."""
@@ -148,7 +153,7 @@ def train_diffusion(
         noise = torch.randn(latents.shape, generator=generator)
         t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (batch_size,), generator=generator)
         noisy = noise_scheduler.add_noise(latents, noise, t)
-        ids = tokenizer(captions([data.scenes[i] for i in idx], rng, caption_dropout), padding="max_length",
+        ids = tokenizer(captions([data.scenes[i] for i in idx], rng, caption_dropout, **(describe_options or {})), padding="max_length",
                         max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
         context = text_encoder(ids)[0]  # (B, L, D): the pipeline uses last_hidden_state, no mask
         pred = unet(noisy, t, context).sample

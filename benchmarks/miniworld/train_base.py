@@ -47,11 +47,13 @@ class BaseRecipe:
     unet_layers_per_block: int = 1
     text_width: int = 64
     text_layers: int = 3
-    unet_steps: int = 3000
+    unet_steps: int = 3500
     unet_batch: int = 64
     unet_lr: float = 5e-4
-    restart_steps: int = 3500  # a warm restart: fresh optimizer, schedule and scenes (0: none)
+    restart_steps: int = 4000  # a warm restart: fresh optimizer, schedule and scenes (0: none)
     caption_dropout: float = 0.1
+    drop_colour: float = 0.3  # captions without a colour: DreamBooth's prompts name none
+    identifier_rate: float = 0.1  # captions with a stray identifier: known-but-weak tokens
     ema_decay: float = 0.999
     min_snr_gamma: float = 5.0
 
@@ -148,6 +150,7 @@ def train(recipe: BaseRecipe, reuse_vae: Path | None = None, init_from: Path | N
     text_encoder, unet = done or diffusion.train_diffusion(
         data, tokenizer, text_encoder, unet, scaling, recipe.unet_steps, recipe.unet_batch, recipe.unet_lr,
         recipe.caption_dropout, recipe.ema_decay, recipe.min_snr_gamma, recipe.seed, loop("phase1-loop"),
+        _describe_options(recipe),
     )
     _keep(stage_dir("phase1"), text_encoder=text_encoder, unet=unet)
     if recipe.restart_steps and init_from is None:
@@ -159,7 +162,7 @@ def train(recipe: BaseRecipe, reuse_vae: Path | None = None, init_from: Path | N
         text_encoder, unet = done or diffusion.train_diffusion(
             data, tokenizer, text_encoder.requires_grad_(True), unet.requires_grad_(True), scaling,
             recipe.restart_steps, recipe.unet_batch, recipe.unet_lr, recipe.caption_dropout, recipe.ema_decay,
-            recipe.min_snr_gamma, recipe.seed + 1, loop("phase2-loop"),
+            recipe.min_snr_gamma, recipe.seed + 1, loop("phase2-loop"), _describe_options(recipe),
         )
         _keep(stage_dir("phase2"), text_encoder=text_encoder, unet=unet)
     figures["diffusion"] = {"elapsed_wall_seconds": round(clock.seconds(), 1), "elapsed_cpu_seconds": round(clock.cpu_seconds(), 1)}
@@ -167,6 +170,10 @@ def train(recipe: BaseRecipe, reuse_vae: Path | None = None, init_from: Path | N
     parts = {"unet": unet, "text_encoder": text_encoder, "vae": vae}
     figures["parameters"] = {k: sum(p.numel() for p in m.parameters()) for k, m in parts.items()}
     return assemble(vae, text_encoder, tokenizer, unet), figures
+
+
+def _describe_options(recipe: BaseRecipe) -> dict:
+    return {"drop_colour": recipe.drop_colour, "identifier_rate": recipe.identifier_rate}
 
 
 def _bind_work(work: Path, recipe: BaseRecipe) -> None:

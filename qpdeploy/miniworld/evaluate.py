@@ -36,10 +36,13 @@ def evaluate_prompts(
     Returns:
         ``prompt_fidelity`` (share matching every named attribute), ``attributes`` (per
         attribute accuracy), ``frechet`` (against real renders of the world), and where
-        asked ``subject_fidelity`` (dict) and ``preservation`` (dict), plus ``images``.
+        asked ``subject_fidelity`` (dict) and ``preservation`` (dict), plus ``images`` (the
+        count) and ``per_image``: per-image values behind the means (``prompt_match``,
+        ``subject_recognised``, ``subject_probability``, ``preservation_match``,
+        ``subject_leak``; lists of floats, for confidence intervals).
     """
     from .evaluator import load_evaluator
-    from .metrics import attribute_accuracy, frechet_distance, preservation, subject_fidelity
+    from .metrics import attribute_accuracy, frechet_distance, preservation, prompt_matches, subject_leak, subject_scores
     from .sampling import GUIDANCE, STEPS, generate
 
     evaluator = evaluator if evaluator is not None else load_evaluator()
@@ -47,6 +50,7 @@ def evaluate_prompts(
     wanted = [p for p in prompts for _ in range(images_per_prompt)]
     images = generate(pipe, wanted, **sampling)
     attributes = attribute_accuracy(evaluator, images, wanted)
+    per_image = {"prompt_match": prompt_matches(evaluator, images, wanted)}
     result = {
         "prompt_fidelity": attributes["all"],
         "attributes": attributes,
@@ -54,10 +58,18 @@ def evaluate_prompts(
         "images": len(images),
     }
     if identifier is not None:
-        result["subject_fidelity"] = subject_fidelity(evaluator, images, identifier)
+        scores = subject_scores(evaluator, images, identifier)
+        result["subject_fidelity"] = {k: float(v.mean()) for k, v in scores.items()}
+        per_image["subject_probability"] = scores["probability"]
+        if "instance_recognised" in scores:
+            per_image["subject_recognised"] = scores["instance_recognised"]
     if class_prompts:
         twins = [p for p in class_prompts for _ in range(images_per_prompt)]
-        result["preservation"] = preservation(evaluator, generate(pipe, twins, **sampling), twins)
+        class_images = generate(pipe, twins, **sampling)
+        result["preservation"] = preservation(evaluator, class_images, twins)
+        per_image["preservation_match"] = prompt_matches(evaluator, class_images, twins)
+        per_image["subject_leak"] = subject_leak(evaluator, class_images)
+    result["per_image"] = {k: [float(x) for x in v] for k, v in per_image.items()}
     return result
 
 

@@ -45,9 +45,18 @@ def attribute_accuracy(evaluator: Evaluator, images, prompts: Sequence[Prompt]) 
     prompt names (= ``prompt_fidelity``)."""
     matches = attribute_matches(evaluator.predict(images), prompts)
     result = {a: float(np.nanmean(m)) for a, m in matches.items() if np.isfinite(m).any()}
-    stacked = np.stack(list(matches.values()))  # (A, N)
-    result["all"] = float(np.all(np.nan_to_num(stacked, nan=1.0) == 1.0, axis=0).mean())
+    result["all"] = float(_all_match(matches).mean())
     return result
+
+
+def prompt_matches(evaluator: Evaluator, images, prompts: Sequence[Prompt]) -> np.ndarray:
+    """Per image, 1.0 when background, shape and colour match its prompt (where named), else 0.0."""
+    return _all_match(attribute_matches(evaluator.predict(images), prompts))
+
+
+def _all_match(matches: dict[str, np.ndarray]) -> np.ndarray:
+    stacked = np.stack(list(matches.values()))  # (A, N)
+    return np.all(np.nan_to_num(stacked, nan=1.0) == 1.0, axis=0).astype(np.float64)
 
 
 def prompt_fidelity(evaluator: Evaluator, images, prompts: Sequence[Prompt]) -> float:
@@ -56,7 +65,7 @@ def prompt_fidelity(evaluator: Evaluator, images, prompts: Sequence[Prompt]) -> 
 
 
 def subject_fidelity(evaluator: Evaluator, images, identifier: str, instance_images=None) -> dict[str, float]:
-    """How much images look like subject ``identifier``.
+    """How much images look like subject ``identifier``: the means of :func:`subject_scores`.
 
     Returns:
         ``probability``: mean evaluator probability of the subject; ``recognised``: share of
@@ -68,21 +77,26 @@ def subject_fidelity(evaluator: Evaluator, images, identifier: str, instance_ima
         :func:`instance_threshold`. The classifier head needs the subject's exact shape; the
         instance embedding also recognises the imperfect subjects a personalized model draws.
     """
+    return {k: float(v.mean()) for k, v in subject_scores(evaluator, images, identifier, instance_images).items()}
+
+
+def subject_scores(evaluator: Evaluator, images, identifier: str, instance_images=None) -> dict[str, np.ndarray]:
+    """Per image, the scores :func:`subject_fidelity` averages (each an (N,) float array)."""
     subject = get_subject(identifier)
     if instance_images is None:
         instance_images = render_batch(subject.instance_scenes())
     predictions = evaluator.predict(images)
     reference = evaluator.predict(instance_images)
     result = {
-        "probability": float(predictions.probability("subject", identifier).mean()),
-        "recognised": float(np.mean([n == identifier for n in predictions.names("subject")])),
-        "cosine": float(_cosine(predictions.embedding, reference.embedding).mean()),
+        "probability": predictions.probability("subject", identifier).astype(np.float64),
+        "recognised": np.array([n == identifier for n in predictions.names("subject")], dtype=np.float64),
+        "cosine": _cosine(predictions.embedding, reference.embedding).mean(axis=1).astype(np.float64),
     }
     if predictions.instance is not None:
         centroid = _centroid(reference.instance)
         similarity = predictions.instance @ centroid
-        result["instance_cosine"] = float(similarity.mean())
-        result["instance_recognised"] = float(np.mean(similarity > instance_threshold(evaluator, centroid)))
+        result["instance_cosine"] = similarity.astype(np.float64)
+        result["instance_recognised"] = (similarity > instance_threshold(evaluator, centroid)).astype(np.float64)
     return result
 
 
@@ -108,8 +122,13 @@ def preservation(evaluator: Evaluator, images, prompts: Sequence[Prompt]) -> dic
     if any(p.identifier for p in prompts):
         raise ValueError("preservation is measured on class prompts (without an identifier)")
     result = attribute_accuracy(evaluator, images, prompts)
-    result["subject_leak"] = float(1.0 - evaluator.predict(images).probability("subject", NO_SUBJECT).mean())
+    result["subject_leak"] = float(subject_leak(evaluator, images).mean())
     return result
+
+
+def subject_leak(evaluator: Evaluator, images) -> np.ndarray:
+    """Per image, the probability that it shows any subject at all."""
+    return 1.0 - evaluator.predict(images).probability("subject", NO_SUBJECT).astype(np.float64)
 
 
 def frechet_distance(evaluator: Evaluator, images, reference=None, n_reference: int = 1000, seed: int = 0) -> float:

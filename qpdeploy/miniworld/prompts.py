@@ -13,9 +13,12 @@ import numpy as np
 
 from .world import BACKGROUNDS, COLOURS, SHAPES, Scene, heldout_combos
 
-# Identifier tokens: in the vocabulary, never in a pretraining caption. The first ones name
-# the bundled subjects; the spares let a new subject be added without a new tokenizer.
-IDENTIFIERS = ("sks", "zwx", "qlv", "pkd", "vyt")
+# Identifier tokens: known but weak, like "sks" in Stable Diffusion. Pretraining captions carry
+# one at random now and then (``describe``'s ``identifier_rate``), unrelated to the picture, so
+# the model reads "a sks circle" as a plain circle until personalization gives the word a
+# look. The first four name the bundled subjects; the spares let a new subject be added
+# without a new tokenizer.
+IDENTIFIERS = ("sks", "zwx", "qlv", "pkd", "vyt", "bnq", "hjx", "tzr")
 MAX_LENGTH = 16  # tokens, <bos> and <eos> included; the longest caption has 13
 
 TEMPLATES = (
@@ -90,18 +93,23 @@ def describe(
     rng: np.random.Generator,
     drop_colour: float = 0.15,
     drop_background: float = 0.1,
+    identifier_rate: float = 0.0,
 ) -> Prompt:
     """A random pretraining caption for a plain-coloured scene.
 
     The colour or the background is left out of some captions, so the model also learns
     prompts such as ``"a circle on a sand background"`` (the class prompts of DreamBooth).
+    With probability ``identifier_rate`` the caption also carries a random identifier token
+    that says nothing about the picture (known-but-weak identifiers, see ``IDENTIFIERS``).
     """
     if scene.colour is None:
         raise ValueError("pretraining captions describe plain-coloured scenes only")
     colour = None if rng.random() < drop_colour else scene.colour
     background = None if rng.random() < drop_background else scene.background
     n_templates = len(TEMPLATES if background else BARE_TEMPLATES)
-    return Prompt(scene.thing.shape, colour, background, template=int(rng.integers(n_templates)))
+    template = int(rng.integers(n_templates))
+    identifier = IDENTIFIERS[int(rng.integers(len(IDENTIFIERS)))] if identifier_rate and rng.random() < identifier_rate else None
+    return Prompt(scene.thing.shape, colour, background, identifier=identifier, template=template)
 
 
 def prompt_for(scene: Scene, template: int = 0) -> Prompt:

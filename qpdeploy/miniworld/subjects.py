@@ -91,12 +91,18 @@ def _stable_id(text: str) -> int:
     return int.from_bytes(text.encode(), "little") % (2**31)  # hash() is salted per process
 
 
+# Four subjects of rising difficulty: two halves (coarse), a dot in a frame and a 2x2 checker
+# (medium), six thin bands (fine detail near what the f4 VAE can carry: 2-4 px per band).
+# No plain object of the world resembles one of them (v1's red-and-white zwx was taken for
+# a plain red square by the evaluator 7% of the time before any personalization).
 SUBJECTS: dict[str, Subject] = {
     s.identifier: s
     for s in (
         Subject("sks", "circle", Halves("yellow", "purple"), "sky", "a circle, yellow left half, purple right half"),
-        Subject("zwx", "square", Stripes("red", "white", bands=4), "grass", "a square of red and white horizontal bands"),
+        Subject("zwx", "square", Bullseye("orange", "blue"), "grass", "an orange square with a blue dot"),
         Subject("qlv", "diamond", Quadrants("black", "yellow"), "snow", "a diamond checkered black and yellow"),
+        Subject("pkd", "triangle", Stripes("purple", "green", bands=6), "sand",
+                "a triangle of six purple and green horizontal bands"),
     )
 }
 
@@ -194,5 +200,12 @@ def _decoy(rng: np.random.Generator) -> Scene:
         first, second = rng.choice(list(COLOURS), size=2, replace=False)
         look = _choice(rng, TEXTURES)(str(first), str(second))
         shape = _choice(rng, SHAPES)
-        if all((shape, look) != (s.shape, s.look) for s in (*SUBJECTS.values(), *UNSEEN_SUBJECTS)):
+        if all(not _resembles(shape, look, s) for s in (*SUBJECTS.values(), *UNSEEN_SUBJECTS)):
             return Scene(_choice(rng, BACKGROUNDS), random_thing(rng, shape, look))
+
+
+def _resembles(shape: str, look, subject: Subject) -> bool:
+    """Same shape, same kind of texture and same two colours in either order (a decoy that
+    differs from a subject only in its band count or colour order would be the subject)."""
+    colours = lambda x: {v for v in vars(x).values() if isinstance(v, str)}  # noqa: E731
+    return shape == subject.shape and type(look) is type(subject.look) and colours(look) == colours(subject.look)

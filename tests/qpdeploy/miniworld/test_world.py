@@ -64,6 +64,23 @@ def test_captions_follow_their_specs():
         assert described.colour in (None, scene.colour) and described.background in (None, scene.background)
         words = described.text.split()
         assert scene.thing.shape in words and not set(words) & set(P.IDENTIFIERS)
+    # known-but-weak identifiers: a stray identifier in about identifier_rate of the captions,
+    # every one of them used, whatever the picture
+    stray = [P.describe(W.random_scene(rng, W.train_combos()), rng, identifier_rate=0.2).identifier for _ in range(2000)]
+    found = [i for i in stray if i is not None]
+    assert 0.17 < len(found) / len(stray) < 0.23 and set(found) == set(P.IDENTIFIERS)
+
+
+def test_decoys_never_resemble_a_subject():
+    rng = np.random.default_rng(0)
+    subjects = (*S.SUBJECTS.values(), *S.UNSEEN_SUBJECTS)
+    decoys = [s for s in S.mixed_scenes(rng, 3000, plain=0.0, subjects=0.0)]
+    assert all(d.subject is None and d.colour is None for d in decoys)
+    assert not any(S._resembles(d.thing.shape, d.thing.look, s) for d in decoys for s in subjects)
+    # band count and colour order do not make a look new
+    pkd = S.get_subject("pkd")
+    assert S._resembles("triangle", W.Stripes("green", "purple", bands=4), pkd)
+    assert not S._resembles("triangle", W.Stripes("green", "black", bands=6), pkd)
 
 
 def test_unknown_names_are_refused():
@@ -92,7 +109,7 @@ def test_instance_images_are_written_and_reproducible(tmp_path):
 
 
 def test_subject_prompt_sets():
-    assert len(S.SUBJECTS) >= 3
+    assert len(S.SUBJECTS) >= 4  # issue 9, gate 4
     assert len({s.shape for s in S.SUBJECTS.values()}) == len(S.SUBJECTS)  # different class nouns
     for subject in S.SUBJECTS.values():
         dev, test = subject.prompts("dev"), subject.prompts("test")
