@@ -48,7 +48,6 @@ class EngineJob:
 def build_engines(deploy_dir, jobs: list[EngineJob], strongly_typed: bool = False, progress=None) -> dict:
     """Build every job's engine into ``deploy_dir`` and return the manifest's engines record."""
     require_tensorrt()
-    import tensorrt as trt
     from polygraphy.backend.trt import CreateConfig, EngineFromNetwork, NetworkFromOnnxPath, Profile, SaveEngine
 
     deploy_dir = Path(deploy_dir)
@@ -63,22 +62,10 @@ def build_engines(deploy_dir, jobs: list[EngineJob], strongly_typed: bool = Fals
         SaveEngine(EngineFromNetwork(network, config, save_timing_cache=cache), str(deploy_dir / job.engine))()
         if progress is not None:
             progress()
+    from qpdeploy.runtimes.trt import engine_environment
+
     return {
-        "tensorrt_version": trt.__version__,
-        **_device(),
+        **engine_environment(),  # the record the runtime checks these engines against
         "precision": "strongly-typed" if strongly_typed else "int8+fp16 (UNet), fp16 (text encoders, VAE)",
         "timing_cache": TIMING_CACHE,
     }
-
-
-def _device() -> dict:
-    """GPU name and compute capability the engines were built on (engines are not portable)."""
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            major, minor = torch.cuda.get_device_capability()
-            return {"device": torch.cuda.get_device_name(), "compute_capability": f"{major}.{minor}"}
-    except Exception:  # the record is informative; a build must not fail on it
-        pass
-    return {"device": None, "compute_capability": None}

@@ -1,10 +1,12 @@
 """TensorRT backend: deserialize a deploy dir's engines and run them from torch CUDA buffers.
 
-Written against the TensorRT 10 Python API (``IRuntime.deserialize_cuda_engine``, named IO
-tensors, ``IExecutionContext.set_tensor_address`` / ``execute_async_v3``). Each runner owns one
-execution context, one CUDA stream and one preallocated torch buffer per IO tensor; with
-``cuda_graph`` the launch is captured once into a CUDA graph and replayed (shapes are static,
-so the captured addresses stay valid). tensorrt is imported lazily: without it everything
+Engines are read and deserialized by Polygraphy's loaders (``EngineFromBytes(BytesFromPath)``)
+and tensor types mapped by Polygraphy's ``DataType``; what Polygraphy's own ``TrtRunner`` lacks
+is kept here, written against the TensorRT 10 Python API (named IO tensors,
+``IExecutionContext.set_tensor_address`` / ``execute_async_v3``): each runner owns one
+execution context, one CUDA stream and one preallocated torch buffer per IO tensor, so a step
+copies nothing it need not; with ``cuda_graph`` the launch is captured once into a CUDA graph
+and replayed (shapes are static, so the captured addresses stay valid). tensorrt is imported lazily: without it everything
 else works and asking for the backend fails with one line.
 
 Engines only run on the TensorRT version and GPU architecture that built them, so
@@ -37,7 +39,9 @@ def import_tensorrt():
 
 
 def engine_environment(device="cuda") -> dict:
-    """This machine's TensorRT version, GPU name and compute capability ("8.7").
+    """This machine's TensorRT version, GPU name and compute capability ("8.7"): the record
+    engines are built under (``qpdeploy.exporters.engines``) and checked against
+    (:func:`check_engines`), written by this one function.
 
     Raises:
         QPDeployError: tensorrt is not installed or there is no CUDA GPU.
@@ -86,13 +90,14 @@ def trt_runner(engine_path, config, name=None) -> "TrtRunner":
     return TrtRunner(engine_path, device, config.cuda_graph, name=name)
 
 
-def _torch_dtype(trt, dtype):
-    table = {"FLOAT": torch.float32, "HALF": torch.float16, "BF16": torch.bfloat16, "INT8": torch.int8,
-             "UINT8": torch.uint8, "INT32": torch.int32, "INT64": torch.int64, "BOOL": torch.bool}
-    for key, value in table.items():
-        if getattr(trt.DataType, key, None) == dtype:
-            return value
-    raise QPDeployError(f"TensorRT tensor type {dtype} has no torch equivalent")
+def _torch_dtype(dtype):
+    """The torch dtype of a TensorRT tensor type (Polygraphy's mapping)."""
+    from polygraphy.datatype import DataType
+
+    converted = DataType.to_dtype(DataType.from_dtype(dtype, "tensorrt"), "torch")
+    if not isinstance(converted, torch.dtype):
+        raise QPDeployError(f"TensorRT tensor type {dtype} has no torch equivalent")
+    return converted
 
 
 class TrtRunner(BaseRunner):
@@ -113,12 +118,17 @@ class TrtRunner(BaseRunner):
         self.bound = self.batch = None
 
     def activate_impl(self):
+        from polygraphy.backend.common import BytesFromPath
+        from polygraphy.backend.trt import EngineFromBytes
+        from polygraphy.exception import PolygraphyException
+
         trt = import_tensorrt()
         self.trt = trt
-        data = self.engine_path.read_bytes()
         with self._on_device():
-            self.runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-            self.engine = self.runtime.deserialize_cuda_engine(data)
+            try:
+                self.engine = EngineFromBytes(BytesFromPath(str(self.engine_path)))()
+            except PolygraphyException:
+                self.engine = None
             if self.engine is None:
                 raise QPDeployError(f"TensorRT cannot deserialize {self.engine_path} (corrupted, or built by "
                                     "another TensorRT version or for another GPU)")
@@ -154,7 +164,7 @@ class TrtRunner(BaseRunner):
         self.buffers = {}
         for name in self.inputs + self.outputs:
             shape = tuple(self.context.get_tensor_shape(name))
-            self.buffers[name] = torch.empty(shape, dtype=_torch_dtype(self.trt, self.engine.get_tensor_dtype(name)),
+            self.buffers[name] = torch.empty(shape, dtype=_torch_dtype(self.engine.get_tensor_dtype(name)),
                                              device=self.device)
             self.context.set_tensor_address(name, self.buffers[name].data_ptr())
         self.bound, self.graph = shapes, None  # a captured graph holds the old addresses
@@ -165,7 +175,7 @@ class TrtRunner(BaseRunner):
         meta = TensorMetadata()
         for name in self.inputs:
             shape = [None if d < 0 else d for d in self.engine.get_tensor_shape(name)]
-            meta.add(name, _torch_dtype(self.trt, self.engine.get_tensor_dtype(name)), shape)
+            meta.add(name, _torch_dtype(self.engine.get_tensor_dtype(name)), shape)
         return meta
 
     def infer_impl(self, feed_dict):
@@ -203,6 +213,6 @@ class TrtRunner(BaseRunner):
     def deactivate_impl(self):
         if self.stream is not None:
             self.stream.synchronize()
-        del self.graph, self.buffers, self.context, self.engine, self.runtime, self.stream, self.trt
+        del self.graph, self.buffers, self.context, self.engine, self.stream, self.trt
         del self.inputs, self.outputs
         self.bound = self.batch = None

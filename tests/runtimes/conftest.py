@@ -166,8 +166,12 @@ def _fake_tensorrt_module():
     trt.TensorIOMode = enum.Enum("TensorIOMode", "NONE INPUT OUTPUT")
     trt.executions = []  # (engine output name, scale, offset) per execute_async_v3
 
-    class Logger:
-        WARNING = 2
+    class ILogger:  # Polygraphy's loaders subclass it for their logger
+        def __init__(self):
+            pass
+
+    class Logger(ILogger):
+        INTERNAL_ERROR, ERROR, WARNING, INFO, VERBOSE = range(5)
 
         def __init__(self, level=None):
             self.level = level
@@ -237,8 +241,14 @@ def _fake_tensorrt_module():
             except (ValueError, KeyError, TypeError):
                 return None
 
-    trt.Logger, trt.Runtime = Logger, Runtime
+    trt.ILogger, trt.Logger, trt.Runtime = ILogger, Logger, Runtime
+    trt.init_libnvinfer_plugins = lambda logger, namespace: True
+    # TensorRT's module-level aliases of its tensor types, which Polygraphy's DataType maps
+    trt.float32, trt.float16, trt.int8, trt.int32, trt.bool = (trt.DataType[n] for n in ("FLOAT", "HALF", "INT8", "INT32", "BOOL"))
     return trt
+
+
+_FAKE = {}
 
 
 @pytest.fixture
@@ -246,6 +256,7 @@ def fake_tensorrt(monkeypatch):
     """Install the stand-in ``tensorrt`` module for one test; yields it."""
     import sys
 
-    module = _fake_tensorrt_module()
+    module = _FAKE.setdefault("tensorrt", _fake_tensorrt_module())  # one instance: Polygraphy caches its import
+    module.executions.clear()
     monkeypatch.setitem(sys.modules, "tensorrt", module)
     yield module
