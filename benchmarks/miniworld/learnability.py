@@ -33,7 +33,7 @@ from qpdeploy.io import write_file_atomic, write_json
 from qpdeploy.miniworld.stats import bootstrap_mean
 from qpdeploy.miniworld.subjects import SUBJECTS
 
-from .common import ASSETS_DIR, update_report
+from .common import update_report
 
 THRESHOLDS = {"instance_prompt_recognised_min": 0.7, "test_recognised_min": 0.5, "prompt_fidelity_min": 0.8,
               "preservation_drop_max": 0.10}
