@@ -56,6 +56,7 @@ def export_deploy(base, pipe, out, config: ExportConfig, pack=None, force: bool 
     """
     from qpdeploy.pack import apply_pack, reset_to_post_training
     from qpdeploy.progress import stage
+    from qpdeploy.token import check_token_record, tokens_applied
 
     start = time.perf_counter()
     check_output(out, force, DEPLOY_ARTIFACT)
@@ -66,6 +67,8 @@ def export_deploy(base, pipe, out, config: ExportConfig, pack=None, force: bool 
         reset_to_post_training(base)
     else:
         apply_pack(base, pack)
+        if pack.token:
+            check_token_record(pipe, pack.token, pack.tokens)  # another tokenizer fails here
     layout = config.layout or default_layout(base, None if pack is None else pack.strategy)
     plan = plan_unet(base, layout)
     latent_hw = latent_size(pipe, config)
@@ -76,8 +79,10 @@ def export_deploy(base, pipe, out, config: ExportConfig, pack=None, force: bool 
         # 2. UNet graphs
         unet_files = export_unet(base, layout, tmp, latent_hw, seq_len, config.opset, embeds_dim)
         advance()
-        # 3. the float rest of the pipeline
-        parts = export_parts(pipe, tmp, latent_hw, config.opset)
+        # 3. the float rest of the pipeline; a pivotal-tuned identifier row is baked into the
+        #    text encoder graphs (the caller's pipeline is left as it was)
+        with tokens_applied(pipe, pack.token if pack is not None else None, pack.tokens if pack is not None else {}):
+            parts = export_parts(pipe, tmp, latent_hw, config.opset)
         advance()
         # 4. verification: checker and QDQ rules on every graph, then ORT vs torch per interval
         structure = check_unet_graphs(base, unet_files, tmp)

@@ -3,11 +3,12 @@
 A checkpoint is a directory (written atomically) holding
 
 - ``state.safetensors``: per scale set its trained values (``optim.delta.<e>``) and AdamW
-  state (``optim.adam.<e>.exp_avg`` / ``exp_avg_sq`` / ``step``), and the torch RNG states
-  (``rng.torch``, ``rng.cuda.<i>``);
+  state (``optim.adam.<e>.exp_avg`` / ``exp_avg_sq`` / ``step``), with pivotal tuning the
+  identifier rows and their AdamW state (``token.row.<encoder>``, ``token.adam.<encoder>.*``),
+  and the torch RNG states (``rng.torch``, ``rng.cuda.<i>``);
 - ``state.json``: format version, step, base hash, the :class:`~qpdeploy.config.TrainConfig`,
-  AdamW's hyperparameters, the loss of every step so far, samples per interval, and the
-  SHA-256 of the tensors file.
+  AdamW's hyperparameters (and the rows' as ``token_adamw``), the loss of every step so far,
+  samples per interval, and the SHA-256 of the tensors file.
 
 Data order, timesteps and noise are pure functions of the seed and the step
 (:func:`qpdeploy.train.derived_generator`), so they need no saved state. A run directory
@@ -34,6 +35,8 @@ def save_checkpoint(trainer, folder) -> Path:
     from safetensors.torch import save_file
 
     tensors = {f"optim.{k}": v for k, v in trainer.optimizer.state_tensors().items()}
+    if trainer.tuner is not None:
+        tensors.update({f"token.{k}": v for k, v in trainer.tuner.state_tensors().items()})
     tensors["rng.torch"] = torch.get_rng_state()
     if torch.cuda.is_available():
         tensors.update({f"rng.cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
@@ -46,6 +49,7 @@ def save_checkpoint(trainer, folder) -> Path:
             "base_hash": trainer.base.base_hash,
             "train": trainer.config.to_json(),
             "adamw": trainer.optimizer.hyperparameters(),
+            **({"token_adamw": trainer.tuner.hyperparameters()} if trainer.tuner is not None else {}),
             "losses": trainer.losses,
             "samples_per_interval": trainer.samples_per_interval,
             "tensors_sha256": file_sha256(tmp / TENSORS_FILE),
@@ -68,6 +72,9 @@ def load_checkpoint(trainer, folder) -> int:
     tensors = load_file(str(folder / TENSORS_FILE))
     trainer.optimizer.load_state({k.removeprefix("optim."): v for k, v in tensors.items() if k.startswith("optim.")},
                                  state["adamw"])
+    if trainer.tuner is not None:
+        trainer.tuner.load_state({k.removeprefix("token."): v for k, v in tensors.items() if k.startswith("token.")},
+                                 state["token_adamw"])
     torch.set_rng_state(tensors["rng.torch"])
     cuda = sorted((int(k.rsplit(".", 1)[1]), v) for k, v in tensors.items() if k.startswith("rng.cuda."))
     if cuda and torch.cuda.is_available():

@@ -284,6 +284,11 @@ def encode_examples(pipe, instance: list[InstanceImage], prompt: str, class_imag
 @torch.no_grad()
 def encode_prompts(pipe, prompts: list[str], device) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Text embeddings (P, L, D) and, for SDXL pipelines, pooled embeddings (P, D2)."""
+    return prompt_embeddings(pipe, prompts, device)
+
+
+def prompt_embeddings(pipe, prompts: list[str], device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`encode_prompts` with autograd on (pivotal tuning differentiates through it)."""
     is_xl = getattr(pipe, "text_encoder_2", None) is not None
     rows, pooled_rows = [], []
     for prompt in prompts:

@@ -1,9 +1,10 @@
 """The scale pack: the trained scale sets of a personalization, bound to one base.
 
 A pack directory holds ``scales.safetensors`` (per quantized layer ``<name>.s_out`` of shape
-(E, C_out) and, with input scales, ``<name>.s_in`` of shape (E, C_in)), ``pack.json``
-(format version, strategy, intervals, S1 intervals, base hash, prompt, settings) and the
-trainer's ``report.json``.
+(E, C_out) and, with input scales, ``<name>.s_in`` of shape (E, C_in); with pivotal tuning
+also ``token.<text encoder>``, the identifier's embedding row, see :mod:`qpdeploy.token`),
+``pack.json`` (format version, strategy, intervals, S1 intervals, base hash, prompt,
+settings, and ``token``: the identifier and its token ids) and the trainer's ``report.json``.
 
 Strategies and the interval -> scale-set map (row E is the post-training scales):
 
@@ -32,6 +33,7 @@ from .io import atomic_dir, dir_bytes, file_sha256, read_artifact_header, write_
 from .schema import validate
 from .layers import quant_layers
 from .qunet import get_router
+from .token import PREFIX as TOKEN_PREFIX
 
 PACK_FORMAT_VERSION = 1
 PACK_KIND = "qpdeploy.scale-pack"
@@ -62,6 +64,8 @@ class ScalePack:
         scales: ``{"<layer>.s_out": (E, C_out), "<layer>.s_in": (E, C_in)}`` float32.
         s1_intervals: intervals where S1's tuned set applies.
         meta: prompt, training settings and anything else recorded in pack.json.
+        token: with pivotal tuning, ``{"identifier": word, "ids": {encoder: token id}}``.
+        tokens: with pivotal tuning, ``{"token.<encoder>": (D,) float32}`` rows.
     """
 
     strategy: str
@@ -70,6 +74,8 @@ class ScalePack:
     scales: dict[str, torch.Tensor]
     s1_intervals: tuple[int, ...] = ()
     meta: dict = field(default_factory=dict)
+    token: dict | None = None
+    tokens: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def __post_init__(self):
         self.s1_intervals = tuple(int(i) for i in self.s1_intervals)
@@ -90,19 +96,22 @@ class ScalePack:
 
     @property
     def trainable_params(self) -> int:
-        return sum(t.numel() for t in self.scales.values())
+        return sum(t.numel() for t in (*self.scales.values(), *self.tokens.values()))
 
 
 def pack_hash(pack: ScalePack) -> str:
-    """Content hash of a pack: its scale tensors plus strategy, intervals, S1 intervals and
-    base hash (what a deploy dir's manifest records, and the runtime checks)."""
+    """Content hash of a pack: its scale tensors (and identifier rows) plus strategy,
+    intervals, S1 intervals, base hash (and token ids): what a deploy dir's manifest records,
+    and the runtime checks."""
     import json
 
     from .io import tensors_hash
 
     meta = {"strategy": pack.strategy, "intervals": pack.intervals.to_json(), "s1": list(pack.s1_intervals),
             "base_hash": pack.base_hash}
-    return tensors_hash(pack.scales, json.dumps(meta, sort_keys=True).encode())
+    if pack.token:
+        meta["token"] = pack.token
+    return tensors_hash({**pack.scales, **pack.tokens}, json.dumps(meta, sort_keys=True).encode())
 
 
 def save_pack(out, pack: ScalePack, report: dict | None = None, force: bool = False) -> Path:
@@ -114,7 +123,7 @@ def save_pack(out, pack: ScalePack, report: dict | None = None, force: bool = Fa
     from safetensors.torch import save_file
 
     with atomic_dir(out, force, PACK_ARTIFACT) as tmp:
-        tensors = {k: v.detach().float().cpu().contiguous() for k, v in pack.scales.items()}
+        tensors = {k: v.detach().float().cpu().contiguous() for k, v in {**pack.scales, **pack.tokens}.items()}
         save_file(tensors, str(tmp / SCALES_FILE), metadata={"kind": PACK_KIND})
         write_json(tmp / PACK_FILE, {
             "format_version": PACK_FORMAT_VERSION,
@@ -126,6 +135,7 @@ def save_pack(out, pack: ScalePack, report: dict | None = None, force: bool = Fa
             "input_scales": pack.input_scales,
             "base_hash": pack.base_hash,
             "scales_sha256": file_sha256(tmp / SCALES_FILE),
+            **({"token": pack.token} if pack.token else {}),
             **pack.meta,
         })
         if report is not None:
@@ -153,10 +163,16 @@ def load_pack(path) -> ScalePack:
     except (SafetensorError, OSError, ValueError) as exc:
         raise QPDeployError(f"cannot read {scales_file}: {exc}") from exc
     core = {"format_version", "kind", "strategy", "intervals", "s1_intervals", "num_sets", "input_scales",
-            "base_hash", "scales_sha256"}
+            "base_hash", "scales_sha256", "token"}
+    tokens = {k: scales.pop(k) for k in [k for k in scales if k.startswith(TOKEN_PREFIX)]}
+    token = meta.get("token")
+    if bool(tokens) != bool(token):
+        raise QPDeployError(f"{path / PACK_FILE}: identifier rows and the token record must come together "
+                            f"({len(tokens)} row(s), token record {'present' if token else 'missing'})")
     try:
         return ScalePack(meta["strategy"], Intervals.from_json(meta["intervals"]), meta["base_hash"], scales,
-                         tuple(meta["s1_intervals"]), {k: v for k, v in meta.items() if k not in core})
+                         tuple(meta["s1_intervals"]), {k: v for k, v in meta.items() if k not in core},
+                         token, tokens)
     except QPDeployError as exc:
         raise QPDeployError(f"{path / PACK_FILE}: {exc}") from None
 

@@ -135,6 +135,7 @@ PACK = {
     "input_scales": f(bool),
     "base_hash": SHA256,
     "scales_sha256": SHA256,
+    "token": f(dict, optional=True, keys={"identifier": f(str), "ids": f(dict)}),  # pivotal tuning
 }
 
 TENSOR_SPEC = f(dict, keys={"name": f(str), "dtype": f(str), "shape": f(list, items=f(int, str))})

@@ -40,7 +40,7 @@ from .checkpoint import (check_resumable, checkpoint_path, find_checkpoint, load
                          save_checkpoint)
 from .config import TrainConfig
 from .data import (Examples, check_prompt, class_images, default_resolution, encode_examples, load_instance_images,
-                   readable_images)
+                   prompt_embeddings, readable_images)
 from .errors import QPDeployError
 from .intervals import Intervals
 from .io import check_output, claim_output, read_json
@@ -53,6 +53,7 @@ from .models import check_resolution
 from .ptq import resolve_device
 from .qunet import get_router
 from .strategies import get_strategy
+from .token import TokenTuner, identifier_token_ids
 from .validate import Validator, quantized_pipeline
 
 RUN_SUFFIX = ".run"
@@ -153,7 +154,7 @@ class ScaleTrainer:
     """
 
     def __init__(self, base: QuantizedBase, examples: Examples, config: TrainConfig, scheduler_config: dict,
-                 device="cpu"):
+                 device="cpu", pipe=None):
         from diffusers import DDPMScheduler
 
         self.base, self.config, self.device = base, config, torch.device(device)
@@ -174,6 +175,12 @@ class ScaleTrainer:
         unet.requires_grad_(False)
         init_scale_sets(base, config.strategy, self.intervals, config.s1_intervals, config.train_input_scales)
         self.optimizer = ScaleSetOptimizer(unet, config.lr, config.weight_decay)
+        self.tuner = None
+        if config.train_token:  # pivotal tuning: the text encoders stay for the identifier's row
+            if pipe is None:
+                raise QPDeployError("--train-token needs the pipeline's text encoders")
+            self.text_pipe = pipe
+            self.tuner = TokenTuner(pipe, config.identifier, config.token_lr)
         if config.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
         unet.train()
@@ -205,13 +212,14 @@ class ScaleTrainer:
         """DreamBooth loss: instance MSE + prior_weight * class MSE (noise or v target)."""
         ex = self.examples
         prompt = ex.prompt_index[batch.example]
+        embeds, pooled = self.prompt_embeds()
         added = None
-        if ex.pooled_embeds is not None:
-            added = {"text_embeds": ex.pooled_embeds[prompt], "time_ids": ex.time_ids[batch.example]}
+        if pooled is not None:
+            added = {"text_embeds": pooled[prompt], "time_ids": ex.time_ids[batch.example]}
         noisy = self.schedule.add_noise(batch.latents, batch.noise, batch.timesteps)
         with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
                             enabled=self.amp_dtype is not None):
-            pred = self.unet(noisy, batch.timesteps, encoder_hidden_states=ex.prompt_embeds[prompt],
+            pred = self.unet(noisy, batch.timesteps, encoder_hidden_states=embeds[prompt],
                              added_cond_kwargs=added, return_dict=False)[0]
         per_sample = F.mse_loss(pred.float(), self._target(batch).float(), reduction="none").mean(dim=(1, 2, 3))
         is_prior = ex.is_prior[batch.example]
@@ -219,6 +227,18 @@ class ScaleTrainer:
         if is_prior.any():
             loss = loss + self.config.prior_weight * per_sample[is_prior].mean()
         return loss
+
+    def prompt_embeds(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Text conditioning per prompt row: encoded once, except the instance prompt's under
+        pivotal tuning, which is encoded again at every step through the trainable row."""
+        ex = self.examples
+        if self.tuner is None:
+            return ex.prompt_embeds, ex.pooled_embeds
+        embeds, pooled = prompt_embeddings(self.text_pipe, [self.config.prompt], self.device)
+        embeds = torch.cat([embeds.float(), ex.prompt_embeds[1:]])
+        if pooled is not None:
+            pooled = torch.cat([pooled.float(), ex.pooled_embeds[1:]])
+        return embeds, pooled
 
     def _target(self, batch: Batch) -> torch.Tensor:
         kind = self.schedule.config.prediction_type
@@ -248,6 +268,8 @@ class ScaleTrainer:
             for k in self.intervals.index(batch.timesteps.cpu()).tolist():
                 self.samples_per_interval[k] += 1
         self.optimizer.step(trained[:-1].tolist(), self.scaler)
+        if self.tuner is not None:
+            self.tuner.step(self.scaler)
         if self.scaler is not None:
             self.scaler.update()
         self._trim_heap()
@@ -264,6 +286,8 @@ class ScaleTrainer:
     def finish(self) -> None:
         """End training: scales frozen again, checkpointing off, UNet in eval mode."""
         self.optimizer.release()
+        if self.tuner is not None:
+            self.tuner.release()
         if self.config.gradient_checkpointing:
             self.unet.disable_gradient_checkpointing()
         self.unet.eval()
@@ -273,8 +297,14 @@ class ScaleTrainer:
         cfg = self.config
         info = {"prompt": cfg.prompt, "class_prompt": cfg.class_prompt, "identifier": cfg.identifier,
                 "steps": self.step, "train": cfg.to_json(), **(meta or {})}
+        token = {"identifier": cfg.identifier, "ids": self.tuner.ids} if self.tuner is not None else None
         return ScalePack(cfg.strategy, self.intervals, self.base.base_hash, scales_of(self.unet),
-                         cfg.s1_intervals, info)
+                         cfg.s1_intervals, info, token, self.tuner.tensors() if self.tuner is not None else {})
+
+    @property
+    def trainable_params(self) -> int:
+        """Scale values of every set, plus the identifier rows under pivotal tuning."""
+        return self.optimizer.size * self.optimizer.num_sets + (self.tuner.size if self.tuner is not None else 0)
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -303,7 +333,8 @@ def prepare_data(base: QuantizedBase, images, config: TrainConfig, pipe=None, cl
             with ``source`` and ``config_dir``); its content must match the base's source hash.
 
     Returns:
-        ``(examples, scheduler_config, validator or None, resolution)``.
+        ``(examples, scheduler_config, validator or None, resolution, pipe)``; ``pipe`` (the
+        pipeline over the quantized UNet) is kept only for pivotal tuning (else None).
     """
     if pipe is None:
         pipe = load_base_pipeline(base, source, config_dir)
@@ -315,6 +346,8 @@ def prepare_data(base: QuantizedBase, images, config: TrainConfig, pipe=None, cl
     check_resolution(pipe, config.resolution, "resolution")
     resolution = config.resolution or default_resolution(pipe)
     check_prompt(config.prompt, config.identifier, pipe.tokenizer)
+    if config.train_token:
+        identifier_token_ids(pipe, config.identifier)  # one token, or fail before any long work
     instance = load_instance_images(images, resolution, config.crop, config.crops_per_image, config.seed)
     prior = []
     if config.prior_images:
@@ -324,7 +357,7 @@ def prepare_data(base: QuantizedBase, images, config: TrainConfig, pipe=None, cl
     examples = encode_examples(pipe, instance, config.prompt, prior, config.class_prompt, device)
     examples.meta["resolution"] = resolution
     validator = Validator(pipe, base.unet, config, resolution, device) if config.validate_every else None
-    return examples, dict(pipe.scheduler.config), validator, resolution
+    return examples, dict(pipe.scheduler.config), validator, resolution, (pipe if config.train_token else None)
 
 
 # --------------------------------------------------------------------------------------
@@ -373,6 +406,8 @@ def check_train_inputs(images, config: TrainConfig, out, force: bool, inputs, ru
     """
     for name in ("prompt", "class_prompt", "identifier", "validation_prompt"):
         check_text(getattr(config, name), f"--{name.replace('_', '-')}")
+    if config.train_token and len(config.identifier.split()) != 1:  # the tokenizer's verdict comes with the model
+        raise QPDeployError(f"--train-token needs a one-word identifier, got {config.identifier!r}")
     readable_images(images)
     check_output(out, force, PACK_ARTIFACT, inputs)
     run_dir = Path(run_dir) if run_dir is not None else Path(f"{out}{RUN_SUFFIX}")
@@ -394,15 +429,15 @@ def _train(base, images, out, config, pipe, source, config_dir, run_dir, class_d
         check_resumable(read_checkpoint_state(checkpoint), base.base_hash, config, checkpoint)
 
     # 2. data, encoded once; the encoders are released with the pipeline
-    examples, scheduler_config, validator, resolution = prepare_data(base, images, config, pipe, class_dir,
-                                                                    device, show_progress, source, config_dir)
-    pipe = None
+    examples, scheduler_config, validator, resolution, pipe = prepare_data(
+        base, images, config, pipe, class_dir, device, show_progress, source, config_dir)
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
     # 3. scale sets, optimizer, checkpoint
-    trainer = ScaleTrainer(base, examples, config, scheduler_config, device)
+    trainer = ScaleTrainer(base, examples, config, scheduler_config, device, pipe)
+    pipe = None  # the trainer keeps the text encoders it needs (pivotal tuning), nothing else
     resumed = load_checkpoint(trainer, checkpoint) if checkpoint is not None else None
 
     # 4. the loop
@@ -415,7 +450,8 @@ def _train(base, images, out, config, pipe, source, config_dir, run_dir, class_d
     n = max(1, min(FINAL_LOSS_STEPS, len(trainer.losses) // 2))
     report = {
         "strategy": config.strategy,
-        "trainable_params": trainer.optimizer.size * trainer.optimizer.num_sets,
+        "trainable_params": trainer.trainable_params,
+        "token_params": trainer.tuner.size if trainer.tuner is not None else 0,
         "pack_bytes": None,  # filled in by save_pack
         "steps": trainer.step,
         "final_loss": float(np.mean(trainer.losses[-n:])),

@@ -75,13 +75,18 @@ def evaluate_prompts(
 
 def evaluate_pack(base_dir, pack_dir, prompts: Sequence[Prompt], **kwargs) -> dict:
     """:func:`evaluate_prompts` on a quantized base (from ``qpdeploy quantize``) with a scale
-    pack (from ``qpdeploy train``; None: post-training scales) applied, in PyTorch."""
+    pack (from ``qpdeploy train``; None: post-training scales) applied, in PyTorch (with its
+    identifier rows, when it was trained with pivotal tuning)."""
     from qpdeploy.base import load_base, load_base_pipeline
     from qpdeploy.pack import apply_pack, load_pack
+    from qpdeploy.token import apply_tokens
 
     base = load_base(base_dir)
-    if pack_dir is not None:
-        apply_pack(base, load_pack(pack_dir))
+    pack = None if pack_dir is None else load_pack(pack_dir)
+    if pack is not None:
+        apply_pack(base, pack)
     base.unet.eval()
     pipe = load_base_pipeline(base)  # the source pipeline holding the quantized UNet
+    if pack is not None and pack.token:
+        apply_tokens(pipe, pack.token, pack.tokens)  # pivotal tuning: the identifier's row
     return evaluate_prompts(pipe, prompts, **kwargs)

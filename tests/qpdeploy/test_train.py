@@ -25,7 +25,7 @@ def make_trainer(cheap_base, tiny_pipe, instance_dir):
     def make(family="sd1", **changes):
         base = cheap_base(family)
         config = TrainConfig(PROMPT, **changes)
-        examples, scheduler, _, _ = prepare_data(base, instance_dir, config, pipe=tiny_pipe(family))
+        examples, scheduler, _, _, _ = prepare_data(base, instance_dir, config, pipe=tiny_pipe(family))
         return ScaleTrainer(base, examples, config, scheduler)
 
     return make
@@ -186,7 +186,7 @@ def test_baseline_trains_its_single_set_at_every_timestep(make_trainer):
 def test_loss_goes_down_when_overfitting_two_images(cheap_base, tiny_pipe, tmp_path):
     base = cheap_base("sd1")
     config = TrainConfig(PROMPT, strategy="baseline", batch_size=2, lr=0.05, steps=20)
-    examples, scheduler, _, _ = prepare_data(base, write_images(tmp_path / "two", count=2, size=(16, 16)), config,
+    examples, scheduler, _, _, _ = prepare_data(base, write_images(tmp_path / "two", count=2, size=(16, 16)), config,
                                              pipe=tiny_pipe("sd1"))
     trainer = ScaleTrainer(base, examples, config, scheduler)
     held = [trainer.make_batch(10_000 + u) for u in range(6)]  # fixed latents, noise and timesteps
@@ -302,7 +302,7 @@ def test_sdxl_trains_with_precomputed_added_conditions(cheap_base, tiny_pipe, tm
     base = cheap_base("sdxl")
     config = TrainConfig(PROMPT, strategy="s2", intervals=2, steps=2, lr=0.01, validate_every=2,
                          validation_prompt="a sks dog on the beach", validation_images=1, sample_steps=2)
-    examples, scheduler, validator, _ = prepare_data(base, images, config, pipe=tiny_pipe("sdxl"))
+    examples, scheduler, validator, _, _ = prepare_data(base, images, config, pipe=tiny_pipe("sdxl"))
     # (original H, W, crop top, left, target H, W): 24x16 -> 24x16 resized to 24 x 16, cropped at left 4
     assert examples.time_ids.tolist() == [[16.0, 24.0, 0.0, 4.0, 16.0, 16.0]] * 3
     assert examples.pooled_embeds.shape == (1, 32) and examples.prompt_embeds.shape[-1] == 64
@@ -346,11 +346,11 @@ def test_encoders_are_released_before_the_loop(cheap_saved_base, instance_dir):
 
     base = load_base(cheap_saved_base("sd1"))
     before = alive()
-    examples, _, validator, _ = prepare_data(base, instance_dir, TrainConfig(PROMPT, steps=1))  # loads the source
+    examples, _, validator, _, _ = prepare_data(base, instance_dir, TrainConfig(PROMPT, steps=1))  # loads the source
     assert validator is None and examples.latent_mean.shape == (3, 4, 8, 8)
     assert alive() == before  # text encoder and VAE gone
     config = TrainConfig(PROMPT, validate_every=1, validation_prompt="a sks dog")
-    _, _, validator, _ = prepare_data(base, instance_dir, config)
+    _, _, validator, _, _ = prepare_data(base, instance_dir, config)
     assert alive() == (before[0], before[1] + 1)  # validating keeps the VAE only
     assert validator.pipe.text_encoder is None
 
