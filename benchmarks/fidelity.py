@@ -11,7 +11,9 @@ evaluator on the subject's ``test`` prompts (choices such as S1's intervals are 
 - ``baseline``, ``s1``, ``s2_k2``, ``s2_k4``: scale training (PEQA) with one scale set, S1
   (intervals picked on dev among ``S1_CANDIDATES``) and S2 with K = 2 and 4, each also
   with input-channel scales (``+in``);
-- ``w4a8_baseline``, ``w4a8_s2_k4``: the same on a W4A8 base.
+- ``w4a8_baseline``, ``w4a8_s2_k4``: the same on a W4A8 base;
+- ``<row>+token``: pivotal tuning, the identifier's embedding row trains with the scales
+  (baseline, S2 K = 2 and 4, W4A8 S2 K = 4).
 
 Columns (mean and std over subjects x seeds): ``subject_fidelity`` (evaluator probability of
 the subject), ``subject_recognised`` (share of images the instance embedding recognises as the
@@ -51,6 +53,9 @@ from qpdeploy.miniworld.stats import bootstrap_mean
 from qpdeploy.miniworld.sampling import GUIDANCE
 from qpdeploy.miniworld.subjects import SUBJECTS, get_subject, write_instance_images
 from qpdeploy.models import load_pipeline
+from qpdeploy.pack import load_pack
+from qpdeploy.quiet import quiet_third_party
+from qpdeploy.token import tokens_applied
 from qpdeploy.ptq import quantize_model
 from qpdeploy.train import train
 from qpdeploy.validate import quantized_pipeline
@@ -69,6 +74,8 @@ SCALE_ROWS = {
     "w4a8_baseline": (4, "baseline", 4, (), False),
     "w4a8_s2_k4": (4, "s2", 4, (), False),
 }
+SCALE_ROWS.update({f"{row}+token": spec for row, spec in SCALE_ROWS.items()
+                   if row in ("baseline", "s2_k2", "s2_k4", "w4a8_s2_k4")})  # pivotal tuning (--train-token)
 ROWS = ("fp", "fp_dreambooth", "fp_lora", "w8a8_ptq", *SCALE_ROWS)
 # per-image values of evaluate_prompts -> the table's column names
 PER_IMAGE = {"subject_probability": "subject_fidelity", "subject_recognised": "subject_recognised",
@@ -130,27 +137,33 @@ class Bench:
             pipe = quantized_pipeline(self.pipe, base.unet.eval())
             return {**self.evaluate(pipe, subject, self.args.split, seed), "trainable_params": 0, "pack_bytes": 0}
         bits, strategy, k, s1, input_scales = SCALE_ROWS[row]
+        token = row.endswith("+token")
         if s1 is None:  # S1: pick the intervals on dev
-            trials = {c: self.scale_row(bits, strategy, k, c, input_scales, subject, images, seed, "dev")
+            trials = {c: self.scale_row(bits, strategy, k, c, input_scales, subject, images, seed, "dev", token)
                       for c in S1_CANDIDATES}
             s1 = max(trials, key=lambda c: trials[c]["subject_fidelity"] + trials[c]["prompt_fidelity"])
-            result = self.scale_row(bits, strategy, k, s1, input_scales, subject, images, seed, self.args.split)
+            result = self.scale_row(bits, strategy, k, s1, input_scales, subject, images, seed, self.args.split, token)
             result["s1_intervals"] = list(s1)
             result["s1_dev"] = {",".join(map(str, c)): {k2: v[k2] for k2 in ("subject_fidelity", "prompt_fidelity")}
                                 for c, v in trials.items()}
             return result
-        return self.scale_row(bits, strategy, k, s1, input_scales, subject, images, seed, self.args.split)
+        return self.scale_row(bits, strategy, k, s1, input_scales, subject, images, seed, self.args.split, token)
 
-    def scale_row(self, bits, strategy, k, s1, input_scales, subject, images, seed, split) -> dict:
+    def scale_row(self, bits, strategy, k, s1, input_scales, subject, images, seed, split, token=False) -> dict:
         config = TrainConfig(prompt=subject.instance_prompt().text, identifier=subject.identifier, strategy=strategy,
                              intervals=k, s1_intervals=tuple(s1), train_input_scales=input_scales,
                              steps=self.args.steps, lr=self.args.lr, batch_size=self.args.batch_size, seed=seed,
-                             guidance=GUIDANCE, **self.prior_options(subject))
+                             guidance=GUIDANCE, train_token=token, token_lr=self.args.token_lr,
+                             **self.prior_options(subject))
         base = load_base(self.base_dir(bits))
         out = self.workdir / f"pack-{subject.identifier}-{seed}-{time.monotonic_ns()}"
-        _, report = train(base, images, out, config, pipe=self.pipe, run_dir=self.workdir / "run", device=self.args.device)
+        path, report = train(base, images, out, config, pipe=self.pipe, run_dir=self.workdir / "run",
+                             device=self.args.device)
+        pack = load_pack(path)
         pipe = quantized_pipeline(self.pipe, base.unet.eval())
-        return {**self.evaluate(pipe, subject, split, seed), "trainable_params": report["trainable_params"],
+        with tokens_applied(pipe, pack.token, pack.tokens):  # pivotal tuning's rows, for this row only
+            measured = self.evaluate(pipe, subject, split, seed)
+        return {**measured, "trainable_params": report["trainable_params"],
                 "pack_bytes": report["pack_bytes"], "train_seconds": report["seconds"],
                 "peak_memory_bytes": report["peak_memory_bytes"], "final_loss": report["final_loss"]}
 
@@ -264,6 +277,7 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=400, help="training steps of every personalized row")
     parser.add_argument("--batch-size", type=int, default=4, help="instance samples per step, every row alike")
     parser.add_argument("--lr", type=float, default=1e-2, help="learning rate of the scales (relative units)")
+    parser.add_argument("--token-lr", type=float, default=5e-3, help="identifier row learning rate of +token rows")
     parser.add_argument("--dreambooth-lr", type=float, default=1e-4)
     parser.add_argument("--lora-lr", type=float, default=1e-3)
     parser.add_argument("--split", choices=("dev", "test"), default="test",
@@ -285,6 +299,7 @@ def main(argv=None) -> None:
     if unknown:
         parser.error(f"unknown row(s) {', '.join(unknown)}")
     torch.set_num_threads(args.threads)
+    quiet_third_party()
     subjects = [get_subject(s) for s in args.subjects.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
     runs, start = [], time.perf_counter()
