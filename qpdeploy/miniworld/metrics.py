@@ -81,10 +81,11 @@ def subject_fidelity(evaluator: Evaluator, images, identifier: str, instance_ima
 
 
 def subject_scores(evaluator: Evaluator, images, identifier: str, instance_images=None) -> dict[str, np.ndarray]:
-    """Per image, the scores :func:`subject_fidelity` averages (each an (N,) float array)."""
-    subject = get_subject(identifier)
+    """Per image, the scores :func:`subject_fidelity` averages (each an (N,) float array).
+    ``instance_images`` default to the bundled subject's own; given, ``identifier`` may name
+    a subject the evaluator's subject head does not know (its ``recognised`` is then 0)."""
     if instance_images is None:
-        instance_images = render_batch(subject.instance_scenes())
+        instance_images = render_batch(get_subject(identifier).instance_scenes())
     predictions = evaluator.predict(images)
     reference = evaluator.predict(instance_images)
     result = {

@@ -67,6 +67,35 @@ class Prompt:
         return replace(self, identifier=None)
 
 
+def parse_prompt(text: str) -> Prompt:
+    """The ``Prompt`` spec whose caption is ``text`` (the inverse of ``Prompt.text``).
+
+    Raises:
+        ValueError: ``text`` is not a miniworld caption (naming the first word it cannot place).
+    """
+    words = text.lower().split()
+    found: dict[str, list[str]] = {"shape": [], "colour": [], "background": [], "identifier": []}
+    for word in words:
+        for what, names in (("shape", SHAPES), ("colour", COLOURS), ("background", BACKGROUNDS),
+                            ("identifier", IDENTIFIERS)):
+            if word in names:
+                found[what].append(word)
+                break
+        else:
+            if word not in GLUE_WORDS:
+                raise ValueError(f"{text!r} is not a miniworld prompt: {word!r} is not in its vocabulary")
+    if len(found["shape"]) != 1 or any(len(v) > 1 for v in found.values()):
+        raise ValueError(f"{text!r} is not a miniworld prompt: it must name one shape and at most one colour, "
+                         "background and identifier")
+    attributes = {k: (v[0] if v else None) for k, v in found.items()}
+    templates = TEMPLATES if attributes["background"] else BARE_TEMPLATES
+    for template in range(len(templates)):
+        prompt = Prompt(**attributes, template=template)
+        if prompt.text == " ".join(words):
+            return prompt
+    raise ValueError(f"{text!r} is not a miniworld prompt: its words are known but not in a caption's order")
+
+
 def _check(value, allowed, what: str) -> None:
     if value is not None and value not in allowed:
         raise ValueError(f"unknown {what} {value!r}; expected one of {', '.join(allowed)}")
