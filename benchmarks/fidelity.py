@@ -7,6 +7,7 @@ evaluator on the subject's ``test`` prompts (choices such as S1's intervals are 
 - ``fp``: the full-precision model, not personalized;
 - ``fp_dreambooth``: full-precision DreamBooth (every UNet weight trains, AdamW);
 - ``fp_lora``: full-precision LoRA DreamBooth (rank 4 on the attention projections, peft);
+- ``fp_ti``: textual inversion: only the identifier's token embedding trains (lr ``--token-lr``);
 - ``w8a8_ptq``: the W8A8 post-training model, not personalized;
 - ``baseline``, ``s1``, ``s2_k2``, ``s2_k4``: scale training (PEQA) with one scale set, S1
   (intervals picked on dev among ``S1_CANDIDATES``) and S2 with K = 2 and 4, each also
@@ -45,7 +46,7 @@ import torch
 
 from qpdeploy.base import load_base
 from qpdeploy.config import QuantizeConfig, TrainConfig
-from qpdeploy.data import class_images, encode_examples, load_instance_images
+from qpdeploy.data import class_images, encode_examples, load_instance_images, prompt_embeddings
 from qpdeploy.memory import PeakMemory
 from qpdeploy.miniworld.evaluate import evaluate_prompts
 from qpdeploy.miniworld.evaluator import load_evaluator
@@ -55,7 +56,7 @@ from qpdeploy.miniworld.subjects import SUBJECTS, get_subject, write_instance_im
 from qpdeploy.models import load_pipeline
 from qpdeploy.pack import load_pack
 from qpdeploy.quiet import quiet_third_party
-from qpdeploy.token import tokens_applied
+from qpdeploy.token import TokenTuner, tokens_applied
 from qpdeploy.ptq import quantize_model
 from qpdeploy.train import train
 from qpdeploy.validate import quantized_pipeline
@@ -76,7 +77,7 @@ SCALE_ROWS = {
 }
 SCALE_ROWS.update({f"{row}+token": spec for row, spec in SCALE_ROWS.items()
                    if row in ("baseline", "s2_k2", "s2_k4", "w4a8_s2_k4")})  # pivotal tuning (--train-token)
-ROWS = ("fp", "fp_dreambooth", "fp_lora", "w8a8_ptq", *SCALE_ROWS)
+ROWS = ("fp", "fp_dreambooth", "fp_lora", "fp_ti", "w8a8_ptq", *SCALE_ROWS)
 # per-image values of evaluate_prompts -> the table's column names
 PER_IMAGE = {"subject_probability": "subject_fidelity", "subject_recognised": "subject_recognised",
              "prompt_match": "prompt_fidelity", "preservation_match": "preservation", "subject_leak": "subject_leak"}
@@ -130,7 +131,7 @@ class Bench:
             write_instance_images(subject.identifier, images)
         if row == "fp":
             return {**self.evaluate(self.pipe, subject, self.args.split, seed), "trainable_params": 0, "pack_bytes": 0}
-        if row in ("fp_dreambooth", "fp_lora"):
+        if row in ("fp_dreambooth", "fp_lora", "fp_ti"):
             return self.float_row(row, subject, images, seed)
         if row == "w8a8_ptq":
             base = load_base(self.base_dir(8))
@@ -175,13 +176,18 @@ class Bench:
                 "prior_weight": self.args.prior_weight}
 
     def float_row(self, row: str, subject, images: Path, seed: int) -> dict:
-        """DreamBooth on the float UNet: all weights (AdamW) or LoRA rank 4 (peft)."""
+        """DreamBooth on the float UNet: all weights (AdamW), LoRA rank 4 (peft), or textual
+        inversion (only the identifier's token embedding, ``qpdeploy.token.TokenTuner``)."""
         from diffusers import DDPMScheduler
 
         pipe = self.pipe
         unet = copy.deepcopy(pipe.unet)
         unet.requires_grad_(False)
-        if row == "fp_lora":
+        tuner = None
+        if row == "fp_ti":
+            tuner = TokenTuner(pipe, subject.identifier, self.args.token_lr)
+            lr = self.args.token_lr
+        elif row == "fp_lora":
             from peft import LoraConfig
 
             unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
@@ -191,6 +197,8 @@ class Bench:
             unet.requires_grad_(True)
             lr = self.args.dreambooth_lr
         params = [p for p in unet.parameters() if p.requires_grad]
+        if tuner is not None:
+            params = list(tuner.rows.values())
         resolution = 32
         instance = load_instance_images(images, resolution, "center", 4, seed)
         prior = self.prior_options(subject)
@@ -214,7 +222,11 @@ class Bench:
                 examples.latent_mean[idx].shape, generator=generator)
             noise = torch.randn(latents.shape, generator=generator)
             t = torch.randint(0, schedule.config.num_train_timesteps, (len(idx),), generator=generator)
-            pred = unet(schedule.add_noise(latents, noise, t), t, examples.prompt_embeds[examples.prompt_index[idx]]).sample
+            embeds = examples.prompt_embeds
+            if tuner is not None:  # the instance prompt through the trainable row, every step
+                embeds = torch.cat([prompt_embeddings(pipe, [subject.instance_prompt().text], self.args.device)[0],
+                                    embeds[1:]])
+            pred = unet(schedule.add_noise(latents, noise, t), t, embeds[examples.prompt_index[idx]]).sample
             per_sample = (pred - noise).pow(2).mean(dim=(1, 2, 3))
             loss = per_sample[:batch].mean()
             if n_prior:
@@ -225,7 +237,12 @@ class Bench:
         seconds, peak = time.perf_counter() - start, memory.peak()
         unet.eval()
         trained = sum(p.numel() for p in params)
-        result = self.evaluate(quantized_pipeline(pipe, unet), subject, self.args.split, seed)
+        token, rows = None, {}
+        if tuner is not None:
+            tuner.release()
+            token, rows = {"identifier": subject.identifier, "ids": tuner.ids}, tuner.tensors()
+        with tokens_applied(pipe, token, rows):
+            result = self.evaluate(quantized_pipeline(pipe, unet), subject, self.args.split, seed)
         return {**result, "trainable_params": trained, "pack_bytes": 4 * trained, "train_seconds": seconds,
                 "peak_memory_bytes": peak}
 
