@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from qpdeploy.config import MAX_BATCH, ConfigBase
-from qpdeploy.errors import QPDeployError
+from qpdeploy.config import MAX_BATCH, ConfigBase, check_all
 
 LAYOUTS = ("per-interval", "masked", "multi-expert")
 
@@ -60,6 +59,4 @@ class ExportConfig(ConfigBase):
             (self.width is None or self.width > 0, f"width must be positive, got {self.width}"),
             (MIN_OPSET <= self.opset <= MAX_OPSET, f"opset must be in {MIN_OPSET}..{MAX_OPSET}, got {self.opset}"),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise QPDeployError(message)
+        check_all(checks)

@@ -1,8 +1,11 @@
 """Frozen, self-validating configs, one per stage, serialized next to every artifact.
 
-Each config is a frozen dataclass that checks itself in ``__post_init__`` and round-trips
-through JSON (``to_json`` / ``from_json``). Unknown keys are refused when reading, so a
-config written by a newer qpdeploy is not silently misread.
+Each config is a frozen dataclass that checks itself in ``__post_init__`` (a list of
+``(condition, message)`` pairs given to :func:`check_all`) and round-trips through JSON
+(``to_json`` / ``from_json``) with its ``config_version``. Reading, unknown keys and a
+version newer than the class's are refused, so a config written by a newer qpdeploy is not
+silently misread; fields an older version lacked take their defaults, so older files still
+load.
 """
 
 from __future__ import annotations
@@ -36,12 +39,28 @@ DEFAULT_SKIP = (
 )
 
 
+VERSION_KEY = "config_version"
+
+
+def check_all(checks) -> None:
+    """Raise the message of the first ``(condition, message)`` pair whose condition is false."""
+    for ok, message in checks:
+        if not ok:
+            raise QPDeployError(message)
+
+
 class ConfigBase:
-    """JSON round trip shared by the stage configs (tuples become lists and back)."""
+    """JSON round trip shared by the stage configs (tuples become lists and back).
+
+    ``VERSION``: bumped when a field changes meaning; adding a field with a default needs no
+    bump (older files load with the default)."""
+
+    VERSION: typing.ClassVar[int] = 1
 
     def to_json(self) -> dict:
-        """A JSON-able dict of every field."""
-        return {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        """A JSON-able dict of every field, and the ``config_version``."""
+        return {VERSION_KEY: self.VERSION,
+                **{f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}}
 
     @classmethod
     def from_json(cls, data: dict, where: str = ""):
@@ -50,6 +69,11 @@ class ConfigBase:
         where = f"{where}: " if where else ""
         if not isinstance(data, dict):
             raise QPDeployError(f"{where}{cls.__name__} must be a JSON object, got {type(data).__name__}")
+        data = dict(data)
+        version = data.pop(VERSION_KEY, 1)  # files written before configs carried a version: 1
+        if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= cls.VERSION:
+            raise QPDeployError(f"{where}{cls.__name__} has {VERSION_KEY} {version!r}; this qpdeploy reads "
+                                f"1..{cls.VERSION} (written by a newer qpdeploy?)")
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:
@@ -162,9 +186,7 @@ class QuantizeConfig(ConfigBase):
             (self.sample_values >= 16, f"sample values must be >= 16, got {self.sample_values}"),
             (self.calib_prompts is None or len(self.calib_prompts) >= 2, "give at least two calibration prompts"),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise QPDeployError(message)
+        check_all(checks)
         for pattern in self.skip:
             try:
                 re.compile(pattern)
@@ -310,9 +332,7 @@ class TrainConfig(ConfigBase):
             (1 <= self.validation_images <= MAX_BATCH,
              f"validation images must be in 1..{MAX_BATCH}, got {self.validation_images}"),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise QPDeployError(message)
+        check_all(checks)
 
     def make_intervals(self, base_intervals):
         """The training partition: explicit boundaries, K uniform intervals, or the base's."""

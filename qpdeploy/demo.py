@@ -18,10 +18,11 @@ The output directory is assembled in a temporary sibling and renamed into place 
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from statistics import fmean
 
+from .config import ConfigBase, check_all
 from .errors import QPDeployError
 from .io import atomic_dir, write_json
 
@@ -31,7 +32,7 @@ GRID_SCALE = 3  # 32x32 images are drawn 96x96 in the grid
 
 
 @dataclass(frozen=True)
-class DemoConfig:
+class DemoConfig(ConfigBase):
     """Settings of a demo run (all recorded in its report).
 
     Attributes:
@@ -56,11 +57,14 @@ class DemoConfig:
     def __post_init__(self):
         from .miniworld.subjects import SUBJECTS
 
-        if self.subject not in SUBJECTS:
-            raise QPDeployError(f"unknown subject {self.subject!r}; expected one of {', '.join(SUBJECTS)}")
-        for name in ("intervals", "steps", "seeds", "sample_steps"):
-            if getattr(self, name) < 1:
-                raise QPDeployError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        check_all([
+            (self.subject in SUBJECTS, f"unknown subject {self.subject!r}; expected one of {', '.join(SUBJECTS)}"),
+            *((getattr(self, name) >= 1, f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+              for name in ("intervals", "steps", "seeds", "sample_steps")),
+            (self.lr > 0, f"learning rate must be positive, got {self.lr}"),
+            (self.guidance >= 0, f"guidance must be >= 0, got {self.guidance}"),
+            (self.threads >= 0 and self.seed >= 0, "threads and seed must be >= 0"),
+        ])
 
 
 def run_demo(out, config: DemoConfig = DemoConfig(), force: bool = False, show_progress: bool | str = False) -> tuple[Path, dict]:
@@ -172,7 +176,7 @@ def _evaluate(tmp: Path, images: dict, config: DemoConfig, base_dir: Path, pack_
     train_report = read_json(pack_dir / "report.json")
     return {
         "kind": DEMO_KIND,
-        "config": asdict(config),
+        "config": config.to_json(),
         "subject": {"identifier": subject.identifier, "class": subject.shape, "description": subject.description},
         "prompts": images["prompts"],
         "models": models,

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .config import MAX_STEPS, ConfigBase, check_all
 from .errors import QPDeployError
 
 MINIWORLD_GUIDANCE, ENCODER_GUIDANCE = 4.0, 7.5  # sampling defaults of the two metric sets
@@ -35,7 +36,7 @@ EVALUATION_ARTIFACT = ("report.json", EVALUATION_KIND)  # header file and kind: 
 
 
 @dataclass(frozen=True)
-class EvaluateConfig:
+class EvaluateConfig(ConfigBase):
     """Sampling and scoring settings of one evaluation.
 
     Attributes:
@@ -53,14 +54,12 @@ class EvaluateConfig:
     identifier: str | None = None
 
     def __post_init__(self):
-        if not 1 <= self.images_per_prompt <= 1024:
-            raise QPDeployError(f"images per prompt must be in 1..1024, got {self.images_per_prompt}")
-        if not 1 <= self.steps <= 1000:
-            raise QPDeployError(f"steps must be in 1..1000, got {self.steps}")
-        if self.guidance is not None and self.guidance < 0:
-            raise QPDeployError(f"guidance must be >= 0, got {self.guidance}")
-        if self.seed < 0:
-            raise QPDeployError(f"seed must be >= 0, got {self.seed}")
+        check_all([
+            (1 <= self.images_per_prompt <= 1024, f"images per prompt must be in 1..1024, got {self.images_per_prompt}"),
+            (1 <= self.steps <= MAX_STEPS, f"steps must be in 1..{MAX_STEPS}, got {self.steps}"),
+            (self.guidance is None or self.guidance >= 0, f"guidance must be >= 0, got {self.guidance}"),
+            (self.seed >= 0, f"seed must be >= 0, got {self.seed}"),
+        ])
 
 
 # --------------------------------------------------------------------------------------
@@ -279,6 +278,7 @@ def evaluate_model(prompts: list[str], config: EvaluateConfig, scorer, deploy=No
         "images": len(wanted),
         "prompts": len(prompts),
         "instance_images": None if instances is None else len(instances),
+        "config": config.to_json(),
         "sampling": {"steps": config.steps, "guidance": guidance, "seed": config.seed,
                      "images_per_prompt": config.images_per_prompt},
         "identifier": config.identifier,

@@ -5,18 +5,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from qpdeploy.config import MAX_STEPS, ConfigBase
-from qpdeploy.errors import QPDeployError
+from qpdeploy.config import MAX_STEPS, ConfigBase, check_all
 
 BACKENDS = ("ort", "trt", "torch")
 SCHEDULERS = ("ddim", "pndm", "dpm", "euler")
 ORT_OPTIMIZATIONS = ("none", "basic", "extended", "all")
-
-
-def _check(checks) -> None:
-    for ok, message in checks:
-        if not ok:
-            raise QPDeployError(message)
 
 
 @dataclass(frozen=True)
@@ -58,7 +51,7 @@ class RuntimeConfig(ConfigBase):
     pack: str | None = None
 
     def __post_init__(self):
-        _check([
+        check_all([
             (self.backend in BACKENDS, f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}"),
             (self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
              f"device must be auto, cpu or cuda[:N], got {self.device!r}"),
@@ -99,7 +92,7 @@ class GenerateConfig(ConfigBase):
     width: int | None = None
 
     def __post_init__(self):
-        _check([
+        check_all([
             (1 <= self.steps <= MAX_STEPS, f"steps must be in 1..{MAX_STEPS}, got {self.steps}"),
             (self.guidance >= 0, f"guidance must be >= 0, got {self.guidance}"),
             (self.scheduler is None or self.scheduler in SCHEDULERS,

@@ -1,0 +1,41 @@
+"""Every stage config is versioned: it writes its config_version, reads older files (fields
+added since take their defaults) and refuses newer ones."""
+
+import pytest
+
+from qpdeploy.config import VERSION_KEY, QuantizeConfig, TrainConfig, check_all
+from qpdeploy.demo import DemoConfig
+from qpdeploy.errors import QPDeployError
+from qpdeploy.evaluate import EvaluateConfig
+from qpdeploy.exporters.config import ExportConfig
+from qpdeploy.runtimes.config import GenerateConfig, RuntimeConfig
+
+CONFIGS = [QuantizeConfig(weight_bits=4), TrainConfig("a photo of sks dog", train_token=True), ExportConfig(),
+           RuntimeConfig(), GenerateConfig(), DemoConfig(subject="zwx"), EvaluateConfig(identifier="sks")]
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: type(c).__name__)
+def test_round_trip_carries_the_version(config):
+    data = config.to_json()
+    assert data[VERSION_KEY] == type(config).VERSION == 1
+    assert type(config).from_json(data) == config
+
+
+def test_older_files_load_and_newer_ones_are_refused():
+    data = TrainConfig("a photo of sks dog").to_json()
+    older = {k: v for k, v in data.items() if k not in (VERSION_KEY, "train_token", "token_lr")}
+    assert TrainConfig.from_json(older) == TrainConfig("a photo of sks dog")  # fields added since: defaults
+    with pytest.raises(QPDeployError, match="config_version 2; this qpdeploy reads 1..1"):
+        TrainConfig.from_json({**data, VERSION_KEY: 2}, "pack.json")
+    with pytest.raises(QPDeployError, match="config_version '1'"):
+        TrainConfig.from_json({**data, VERSION_KEY: "1"})
+
+
+def test_check_all_raises_the_first_failed_message():
+    check_all([(True, "never")])
+    with pytest.raises(QPDeployError, match="^second$"):
+        check_all([(True, "first"), (False, "second"), (False, "third")])
+    with pytest.raises(QPDeployError, match="learning rate must be positive"):
+        DemoConfig(lr=0)
+    with pytest.raises(QPDeployError, match="images per prompt must be in 1..1024"):
+        EvaluateConfig(images_per_prompt=0)
