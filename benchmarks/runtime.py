@@ -71,9 +71,7 @@ def build_synthetic(out: Path, size: int = 32) -> None:
     config = QuantizeConfig(calib_steps=4, calib_samples=8, weight_search="minmax", act_search="minmax",
                             calib_prompts=("a photo of a dog", "a red car on a street", "a cat on a sofa"))
     base = base_from_pipeline(pipe, config)
-    plans = base.plans
-    save_base(out / "base", base.unet, base.config, base.intervals, plans, {"kind": "memory"},
-              base.meta["source_hash"], base.meta["report"])
+    save_base(out / "base", base, base.meta["report"])
     pack = perturbed_pack(base)
     save_pack(out / "pack", pack)
     for layout in ("per-interval", "multi-expert"):

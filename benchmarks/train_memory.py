@@ -272,7 +272,7 @@ def worker(args) -> dict:
 def prepare_base(bits: int, out: Path, threads: int) -> None:
     from diffusers import UNet2DConditionModel
 
-    from qpdeploy.base import save_base
+    from qpdeploy.base import QuantizedBase, base_meta, save_base
     from qpdeploy.calibrate import UNetCall, calibrate_activations
     from qpdeploy.config import QuantizeConfig
     from qpdeploy.qunet import convert_unet, float_weights_of, plan_layers, quantize_weights
@@ -294,8 +294,8 @@ def prepare_base(bits: int, out: Path, threads: int) -> None:
              for i, t in enumerate((100, 350, 600, 850))]
     calibrate_activations(unet, calls, config, "cpu")
     report = {"note": "random SD 1.5 UNet; min/max weight scales; activations calibrated on 4 random calls"}
-    save_base(out, unet, config, intervals, plans, {"kind": "benchmark", "name": "sd15-random"}, "none", report,
-              force=True)
+    meta = base_meta(plans, {"kind": "benchmark", "name": "sd15-random"}, "none")
+    save_base(out, QuantizedBase(unet, config, intervals, meta), report, force=True)
 
 
 # --------------------------------------------------------------------------------------

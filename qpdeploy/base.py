@@ -78,14 +78,25 @@ def base_state_dict(unet: nn.Module) -> dict[str, torch.Tensor]:
     }
 
 
-def save_base(out, unet: nn.Module, config: QuantizeConfig, intervals: Intervals, plans: list[LayerPlan],
-              source: dict, source_hash: str, report: dict, force: bool = False) -> Path:
+def base_meta(plans: list[LayerPlan], source: dict, source_hash: str) -> dict:
+    """What a freshly quantized base records about itself (its ``meta``): the quantized
+    layers' plans, the skipped layers' names and its source."""
+    return {"layers": layers_record(plans), "skipped": [p.name for p in plans if not p.quantized],
+            "source": source, "source_hash": source_hash}
+
+
+def save_base(out, base: QuantizedBase, report: dict, force: bool = False) -> Path:
     """Write a base directory atomically and return its path.
 
-    ``report`` is written as ``report.json`` after ``base_hash`` is added to it.
+    ``base.meta`` must hold what :func:`base_meta` gives; ``report`` is written as
+    ``report.json`` after ``base_hash`` is added.
     """
     from safetensors.torch import save_file
 
+    missing = [k for k in ("layers", "skipped", "source", "source_hash") if k not in base.meta]
+    if missing:
+        raise ValueError(f"the base's meta lacks {', '.join(missing)}")
+    unet, plans = base.unet, base.plans
     with atomic_dir(out, force, BASE_ARTIFACT) as tmp:
         state = base_state_dict(unet)
         save_file(state, str(tmp / BASE_WEIGHTS_FILE), metadata={"format": "pt", "kind": BASE_KIND})
@@ -95,14 +106,14 @@ def save_base(out, unet: nn.Module, config: QuantizeConfig, intervals: Intervals
             "kind": BASE_KIND,
             "base_hash": base_hash,
             "weights_sha256": file_sha256(tmp / BASE_WEIGHTS_FILE),
-            "quantize": config.to_json(),
-            "intervals": intervals.to_json(),
+            "quantize": base.config.to_json(),
+            "intervals": base.intervals.to_json(),
             "unet_class": type(unet).__name__,
             "unet_config": _jsonable_config(unet.config),
             "layers": layers_record(plans),
-            "skipped": [p.name for p in plans if not p.quantized],
-            "source": source,
-            "source_hash": source_hash,
+            "skipped": list(base.meta["skipped"]),
+            "source": base.meta["source"],
+            "source_hash": base.meta["source_hash"],
         }
         write_json(tmp / CONFIG_FILE, meta)
         write_json(tmp / REPORT_FILE, {**report, "base_hash": base_hash})

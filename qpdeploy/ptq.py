@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from .base import BASE_ARTIFACT, REPORT_FILE, QuantizedBase, save_base, source_hash
+from .base import BASE_ARTIFACT, REPORT_FILE, QuantizedBase, base_meta, save_base, source_hash
 from .calibrate import (calibrate_activations, capture_trajectories, spread_over_schedule, sqnr_by_interval,
                         unet_outputs)
 from .config import QuantizeConfig
@@ -16,7 +16,7 @@ from .io import claim_output, read_json
 from .models import check_resolution, describe_source, load_pipeline
 from .progress import stage
 from .prompts import CALIBRATION_FILE, CALIBRATION_PROMPTS, read_prompt_file
-from .qunet import convert_unet, float_weights_of, layers_record, plan_layers, quantize_weights
+from .qunet import convert_unet, float_weights_of, plan_layers, quantize_weights
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -117,14 +117,13 @@ def quantize_model(model, out, config: QuantizeConfig, config_dir=None, device="
         pipe = load_pipeline(model, config_dir)
         check_resolution(pipe, config.resolution, "resolution")
         qunet, intervals, plans, report = quantize_pipeline(pipe, config, resolve_device(device), show_progress)
-        path = save_base(out, qunet.cpu(), config, intervals, plans, describe_source(model), source_hash(pipe),
-                         report, force=force)
+        meta = base_meta(plans, describe_source(model), source_hash(pipe))
+        path = save_base(out, QuantizedBase(qunet.cpu(), config, intervals, meta), report, force=force)
     return path, read_json(path / REPORT_FILE)
 
 
 def base_from_pipeline(pipe, config: QuantizeConfig, device="cpu") -> QuantizedBase:
     """Quantize in memory (no files): the quantized base of ``pipe``, for tests and chaining."""
     qunet, intervals, plans, report = quantize_pipeline(pipe, config, device)
-    meta = {"report": report, "source_hash": source_hash(pipe), "source": {"kind": "memory"},
-            "layers": layers_record(plans)}
+    meta = {**base_meta(plans, {"kind": "memory"}, source_hash(pipe)), "report": report}
     return QuantizedBase(qunet, config, intervals, meta)

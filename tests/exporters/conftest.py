@@ -88,13 +88,13 @@ def packed_base(export_base):
 def base_dir(export_base, tmp_path_factory):
     """``export_base("sd1", **DEPLOY_BASE)`` written as a base directory (its source is the
     bundled tiny-sd1, which ``tiny_pipeline("sd1")`` is)."""
-    from qpdeploy.base import save_base
+    from qpdeploy.base import QuantizedBase, save_base
 
     base = export_base("sd1", **DEPLOY_BASE)
-    plans = base.plans
     out = tmp_path_factory.mktemp("export-base") / "base"
-    save_base(out, base.unet, base.config, base.intervals, plans, {"kind": "bundled", "name": "tiny-sd1"},
-              base.meta["source_hash"], base.meta["report"])
+    named = QuantizedBase(base.unet, base.config, base.intervals,
+                          {**base.meta, "source": {"kind": "bundled", "name": "tiny-sd1"}})
+    save_base(out, named, base.meta["report"])
     return out
 
 

@@ -48,17 +48,17 @@ def perturbed_pack(base, strategy: str, seed: int = 0):
 @pytest.fixture(scope="session")
 def rt_base_dir(tiny_base, tmp_path_factory):
     """``rt_base_dir(family)``: the cheap base of the tiny bundled model, saved (cached)."""
-    from qpdeploy.base import save_base
+    from qpdeploy.base import QuantizedBase, save_base
 
     cache = {}
 
     def make(family="sd1"):
         if family not in cache:
             base = tiny_base(family, **CHEAP)
-            plans = base.plans
             out = tmp_path_factory.mktemp(f"rt-base-{family}") / "base"
-            save_base(out, base.unet, base.config, base.intervals, plans, {"kind": "bundled", "name": f"tiny-{family}"},
-                      base.meta["source_hash"], base.meta["report"])
+            named = QuantizedBase(base.unet, base.config, base.intervals,
+                                  {**base.meta, "source": {"kind": "bundled", "name": f"tiny-{family}"}})
+            save_base(out, named, base.meta["report"])
             cache[family] = out
         return cache[family]
 
