@@ -100,8 +100,9 @@ def export_deploy(base, pipe, out, config: ExportConfig, pack=None, force: bool 
                                     config.strongly_typed)
             advance()
         # 6. manifest and report
-        manifest = write_manifest(tmp, manifest_record(base, pack, pipe, config, unet_files, parts, structure,
-                                                       engines, latent_hw))
+        manifest = write_manifest(tmp, manifest_record(base=base, pack=pack, pipe=pipe, config=config,
+                                                       unet_files=unet_files, parts=parts, structure=structure,
+                                                       engines=engines, latent_hw=latent_hw))
         report = export_report(base, plan, unet_files, manifest, tmp, structure, sqnr, start)
         write_json(tmp / REPORT_FILE, report)
         advance()
@@ -178,8 +179,9 @@ def _shape(spec, batch: int) -> tuple[int, ...]:
     return tuple(batch if d == "batch" else d for d in spec.shape)
 
 
-def manifest_record(base, pack, pipe, config, unet_files, parts, structure, engines, latent_hw) -> dict:
-    """Everything the manifest holds but the files table (see :mod:`.manifest`)."""
+def manifest_record(*, base, pack, pipe, config, unet_files, parts, structure, engines, latent_hw) -> dict:
+    """Everything the manifest holds but the files table (see :mod:`.manifest`); read back
+    through the typed :class:`~qpdeploy.exporters.manifest.DeployManifest`."""
     from qpdeploy import __version__
     from qpdeploy.models import model_family
     from qpdeploy.qunet import get_router
@@ -193,6 +195,7 @@ def manifest_record(base, pack, pipe, config, unet_files, parts, structure, engi
     spec = lambda specs: [s.to_json() for s in specs]  # noqa: E731
     part_records = {p.name: {"name": p.name, "onnx": p.onnx, "engine": f"{p.name}.plan" if built else None,
                              "inputs": spec(p.inputs), "outputs": spec(p.outputs), **p.extra} for p in parts}
+    height, width = (n * pipe.vae_scale_factor for n in latent_hw)
     return {
         "qpdeploy_version": __version__,
         "base_hash": base.base_hash,
@@ -202,8 +205,8 @@ def manifest_record(base, pack, pipe, config, unet_files, parts, structure, engi
         "s1_intervals": [] if pack is None else list(pack.s1_intervals),
         "family": model_family(base.unet),
         "pipeline": pipeline_record(pipe),
-        "height": latent_hw[0] * pipe.vae_scale_factor,
-        "width": latent_hw[1] * pipe.vae_scale_factor,
+        "height": height,
+        "width": width,
         "batch": config.batch,
         "vae_scale_factor": pipe.vae_scale_factor,
         "opset": config.opset,
@@ -219,9 +222,7 @@ def manifest_record(base, pack, pipe, config, unet_files, parts, structure, engi
         "text_encoders": [r for name, r in part_records.items() if name.startswith("text_encoder")],
         "vae_decoder": part_records["vae_decoder"],
         "scheduler": "scheduler",
-        "engines": None if not built else {**engines, "batch": config.batch,
-                                           "height": latent_hw[0] * pipe.vae_scale_factor,
-                                           "width": latent_hw[1] * pipe.vae_scale_factor},
+        "engines": None if not built else {**engines, "batch": config.batch, "height": height, "width": width},
     }
 
 
