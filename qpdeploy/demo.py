@@ -36,7 +36,7 @@ class DemoConfig(ConfigBase):
     """Settings of a demo run (all recorded in its report).
 
     Attributes:
-        subject: identifier of a bundled subject ("sks", "zwx", "qlv").
+        subject: identifier of a bundled subject ("sks", "zwx", "qlv", "pkd").
         intervals: K timestep intervals (S2 trains one scale set per interval).
         steps: training steps; lr: learning rate of the scales.
         seeds: images per prompt (seeds 0..n-1) for each model.

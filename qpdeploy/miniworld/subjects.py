@@ -122,7 +122,7 @@ UNSEEN_SUBJECTS: tuple[Subject, ...] = (
 
 
 def get_subject(identifier: str) -> Subject:
-    """The bundled subject named by its identifier token ("sks", "zwx", "qlv")."""
+    """The bundled subject named by its identifier token ("sks", "zwx", "qlv", "pkd")."""
     if identifier not in SUBJECTS:
         raise KeyError(f"unknown subject {identifier!r}; expected one of {', '.join(SUBJECTS)}")
     return SUBJECTS[identifier]
