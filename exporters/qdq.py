@@ -147,15 +147,15 @@ class QDQLayer(nn.Module):
         return rows
 
 
-def baked_consts(layer: QuantLayer, interval: int, expert: int) -> dict[str, torch.Tensor]:
-    """Per-interval form: the scales of scale-set row ``expert`` (E = post-training) and the
+def baked_consts(layer: QuantLayer, interval: int, scale_set: int) -> dict[str, torch.Tensor]:
+    """Per-interval form: the scales of scale-set row ``scale_set`` (E = post-training) and the
     activation scales of ``interval`` baked into one graph."""
     s_out_rows = torch.cat([layer.s_out.detach(), layer.s_ptq[None]])  # (E + 1, C_out)
-    consts = {W_SCALE: s_out_rows[expert].clone()}
+    consts = {W_SCALE: s_out_rows[scale_set].clone()}
     consts.update(_act_consts(layer, interval))
     in_table = layer.in_scale_table()
     if in_table is not None:
-        s_in = in_table[expert].detach().clone()
+        s_in = in_table[scale_set].detach().clone()
         consts[S_IN] = s_in[:, None, None] if isinstance(layer, QuantConv2d) else s_in
     return consts
 

@@ -57,7 +57,7 @@ class UNetGraph:
 
     name: str
     intervals: tuple[int, ...]
-    expert: int | None = None
+    scale_set: int | None = None
     act_row: int | None = None
 
 
@@ -94,10 +94,10 @@ def plan_unet(base, layout: str) -> UNetPlan:
         raise QPDeployError(f"unknown layout {layout!r}; expected one of {', '.join(LAYOUTS)}")
     router = get_router(base.unet)
     k, num_sets = router.intervals.k, router.num_sets
-    expert_of = [int(e) for e in router.expert_of_interval.tolist()]
+    set_of = [int(e) for e in router.set_of_interval.tolist()]
     per_interval_act = _per_interval_act(base)
     if layout == "per-interval":
-        keys = [(expert_of[i], i if per_interval_act else 0) for i in range(k)]
+        keys = [(set_of[i], i if per_interval_act else 0) for i in range(k)]
         distinct = list(dict.fromkeys(keys))
         graphs = tuple(
             UNetGraph("unet" if len(distinct) == 1 else f"unet_{g}",
@@ -116,10 +116,10 @@ def plan_unet(base, layout: str) -> UNetPlan:
                 f"the masked layout chooses between one tuned scale set and the post-training scales, but "
                 f"{'there is no pack' if num_sets == 0 else f'the pack has {num_sets} sets'}; use multi-expert or per-interval"
             )
-        values = tuple(1 if e < num_sets else 0 for e in expert_of)
+        values = tuple(1 if e < num_sets else 0 for e in set_of)
         rows = (num_sets, 0)  # value 0 -> post-training row, value 1 -> tuned set 0
     else:
-        values, rows = tuple(expert_of), tuple(range(num_sets + 1))
+        values, rows = tuple(set_of), tuple(range(num_sets + 1))
     graph = UNetGraph("unet", tuple(range(k)))
     return UNetPlan(layout, (graph,), (0,) * k, SELECTOR_INPUT[layout], values, rows)
 
@@ -270,7 +270,7 @@ def graph_consts(unet, plan: UNetPlan, graph: UNetGraph) -> dict[tuple[str, str]
     consts = {}
     for name, layer in quant_layers(unet):
         if plan.layout == "per-interval":
-            values = baked_consts(layer, graph.act_row, graph.expert)
+            values = baked_consts(layer, graph.act_row, graph.scale_set)
         else:
             values = table_consts(layer, list(plan.table_rows))
         consts.update({(name, key): value for key, value in sorted(values.items())})

@@ -183,7 +183,7 @@ def _assign(unet: nn.Module, state: dict[str, torch.Tensor], weights: Path) -> N
         if hasattr(module, "s_out") and module.s_out.is_meta:
             module.s_out = nn.Parameter(torch.ones(0, module.out_features, device=device), requires_grad=False)
     router = getattr(unet, ROUTER_NAME)
-    router.expert_of_interval = torch.zeros(router.intervals.k, dtype=torch.long, device=device)
+    router.set_of_interval = torch.zeros(router.intervals.k, dtype=torch.long, device=device)
     unet.requires_grad_(False)
 
 

@@ -132,7 +132,7 @@ class ActivationSampler:
             x = args[0].detach()
             in_table = layer.in_scale_table()
             if in_table is not None:  # what the quantizer sees is x * s_in
-                x = x * layer._per_sample(in_table[layer.router.expert], x)
+                x = x * layer._per_sample(in_table[layer.router.scale_set], x)
             intervals = layer.router.interval.tolist()
             parts = _split_parts(x, layer)
             for b, interval in enumerate(intervals):

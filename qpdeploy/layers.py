@@ -2,7 +2,7 @@
 "The quantized layer" in docs/design.md).
 
 A quantized layer computes, for sample b whose timestep falls in interval i(b) and whose
-scale set ("expert") is e(b):
+scale set is e(b):
 
     x'  = x * s_in[e]                                   (optional input-channel scales)
     x_q = a * clamp(round(x' / a), -128, 127)           (INT8 per-tensor, a = act_scale[i])
@@ -131,31 +131,31 @@ class IntWeightOp(torch.autograd.Function):
 # ------------------------------------------------------------------------------------
 
 class ScaleRouter(nn.Module):
-    """Per-sample interval and expert indices shared by the quantized layers of one UNet.
+    """Per-sample interval and scale-set indices shared by the quantized layers of one UNet.
 
     Attached to the UNet as ``qp_router``; a forward pre-hook on the UNet calls
     :meth:`route` with the call's timestep, so the layers see this call's routing and
-    nothing global. ``expert_of_interval[k]`` is the scale-set row used in interval k;
+    nothing global. ``set_of_interval[k]`` is the scale-set row used in interval k;
     the value ``num_sets`` (one past the trainable sets) means the post-training scales.
     """
 
-    def __init__(self, intervals, num_sets: int = 0, expert_of_interval=None):
+    def __init__(self, intervals, num_sets: int = 0, set_of_interval=None):
         super().__init__()
         self.intervals = intervals
-        if expert_of_interval is None:
-            expert_of_interval = [num_sets] * intervals.k
-        self.register_buffer("expert_of_interval", torch.as_tensor(expert_of_interval, dtype=torch.long))
+        if set_of_interval is None:
+            set_of_interval = [num_sets] * intervals.k
+        self.register_buffer("set_of_interval", torch.as_tensor(set_of_interval, dtype=torch.long))
         self.num_sets = num_sets
         self.interval: torch.Tensor | None = None  # (B,) long
-        self.expert: torch.Tensor | None = None  # (B,) long
+        self.scale_set: torch.Tensor | None = None  # (B,) long
         self.automatic = True  # route() follows each call's timestep; off inside manual()
 
-    def configure(self, intervals, num_sets: int, expert_of_interval) -> None:
+    def configure(self, intervals, num_sets: int, set_of_interval) -> None:
         """Install a new partition and interval -> scale-set map (used when a pack loads)."""
         self.intervals = intervals
         self.num_sets = num_sets
-        self.expert_of_interval = torch.as_tensor(
-            expert_of_interval, dtype=torch.long, device=self.expert_of_interval.device
+        self.set_of_interval = torch.as_tensor(
+            set_of_interval, dtype=torch.long, device=self.set_of_interval.device
         )
 
     @contextlib.contextmanager
@@ -171,7 +171,7 @@ class ScaleRouter(nn.Module):
             self.automatic = True
 
     def route(self, timestep, batch: int, device) -> None:
-        """Set (interval, expert) per sample from ``timestep`` (scalar or (B,) tensor)."""
+        """Set (interval, scale set) per sample from ``timestep`` (scalar or (B,) tensor)."""
         if not self.automatic:
             return
         t = torch.as_tensor(timestep, device=device)
@@ -179,13 +179,13 @@ class ScaleRouter(nn.Module):
             t = t.expand(batch)
         self.set(self.intervals.index(t.reshape(batch)))
 
-    def set(self, interval: torch.Tensor, expert: torch.Tensor | None = None) -> None:
-        """Set the per-sample interval indices (B,), and experts if not derived from the map."""
+    def set(self, interval: torch.Tensor, scale_set: torch.Tensor | None = None) -> None:
+        """Set the per-sample interval indices (B,), and scale sets if not derived from the map."""
         self.interval = interval
-        self.expert = self.expert_of_interval[interval] if expert is None else expert
+        self.scale_set = self.set_of_interval[interval] if scale_set is None else scale_set
 
     def selection(self, batch: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """The (interval, expert) tensors of the current call.
+        """The (interval, scale set) tensors of the current call.
 
         Raises:
             RuntimeError: the layer runs outside a routed UNet call (nothing set the call's
@@ -199,7 +199,7 @@ class ScaleRouter(nn.Module):
                 f"quantized layer got batch {batch} but the UNet call was routed for "
                 f"{self.interval.shape[0]} samples"
             )
-        return self.interval, self.expert
+        return self.interval, self.scale_set
 
 
 def unrouted_selection(batch: int, device, num_sets: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -290,17 +290,17 @@ class QuantLayer(nn.Module):
     # -- forward ---------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.router is not None:
-            interval, expert = self.router.selection(x.shape[0], x.device)
+            interval, scale_set = self.router.selection(x.shape[0], x.device)
         else:
-            interval, expert = unrouted_selection(x.shape[0], x.device, self.num_sets)
+            interval, scale_set = unrouted_selection(x.shape[0], x.device, self.num_sets)
         in_table = self.in_scale_table()
         if in_table is not None:
-            x = x * self._per_sample(in_table[expert], x)
+            x = x * self._per_sample(in_table[scale_set], x)
         if self.act_bits is not None:
             x = self.quantize_input(x, self.act_scales_for(interval))
         z = IntWeightOp.apply(x, self.w_int, self.s_ptq, self)
         if self.num_sets:
-            z = z * self._per_sample(self.out_ratio_table()[expert], z)
+            z = z * self._per_sample(self.out_ratio_table()[scale_set], z)
         if self.bias is not None:
             z = z + self.bias.to(z.dtype).view(self._bias_view(z))
         return z

@@ -3,7 +3,7 @@
 AdamW on a layer's whole (E, C) scale table moves every row at every step: momentum keeps
 pushing a row after its gradient became zero, and weight decay shrinks rows that got no
 gradient at all. With S2, where a batch may not hold every interval, that silently trains
-experts on other intervals' data.
+scale sets on other intervals' data.
 
 Here each scale set is its own optimizer parameter: set e is one flat float32 vector
 ``delta[e]`` holding, for every quantized layer in module order, its ``s_out`` row and (with

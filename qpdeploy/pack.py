@@ -43,9 +43,9 @@ REPORT_FILE = "report.json"
 PACK_ARTIFACT = (PACK_FILE, PACK_KIND)  # header file and kind: what --force may replace
 
 
-def expert_map(strategy: str, k: int, s1_intervals=()) -> list[int]:
+def set_map(strategy: str, k: int, s1_intervals=()) -> list[int]:
     """Scale-set index used in each of K intervals (``num_sets`` means post-training)."""
-    return get_strategy(strategy).expert_map(k, tuple(s1_intervals))
+    return get_strategy(strategy).set_map(k, tuple(s1_intervals))
 
 
 def num_sets_for(strategy: str, k: int) -> int:
@@ -79,15 +79,15 @@ class ScalePack:
 
     def __post_init__(self):
         self.s1_intervals = tuple(int(i) for i in self.s1_intervals)
-        expert_map(self.strategy, self.intervals.k, self.s1_intervals)  # validates
+        set_map(self.strategy, self.intervals.k, self.s1_intervals)  # validates
 
     @property
     def num_sets(self) -> int:
         return num_sets_for(self.strategy, self.intervals.k)
 
     @property
-    def expert_of_interval(self) -> list[int]:
-        return expert_map(self.strategy, self.intervals.k, self.s1_intervals)
+    def set_of_interval(self) -> list[int]:
+        return set_map(self.strategy, self.intervals.k, self.s1_intervals)
 
     @property
     def input_scales(self) -> bool:
@@ -206,7 +206,7 @@ def apply_pack(base, pack: ScalePack) -> None:
             layer.set_scale_sets(pack.scales[f"{name}.s_out"], pack.scales.get(f"{name}.s_in"))
         except ValueError as exc:
             raise QPDeployError(f"scale pack layer {name}: {exc}") from exc
-    get_router(base.unet).configure(pack.intervals, pack.num_sets, pack.expert_of_interval)
+    get_router(base.unet).configure(pack.intervals, pack.num_sets, pack.set_of_interval)
 
 
 def reset_to_post_training(base) -> None:
@@ -225,7 +225,7 @@ def init_scale_sets(base, strategy: str, intervals: Intervals, s1_intervals=(), 
     if base.config.act_scales == "per-interval" and intervals != base.intervals:
         raise QPDeployError(f"base has per-interval activation scales on {base.intervals}; train on those intervals")
     num_sets = num_sets_for(strategy, intervals.k)
-    mapping = expert_map(strategy, intervals.k, s1_intervals)
+    mapping = set_map(strategy, intervals.k, s1_intervals)
     for _, layer in quant_layers(base.unet):
         s_out = layer.s_ptq.detach().expand(num_sets, -1)
         s_in = torch.ones(num_sets, layer.in_features) if input_scales else None

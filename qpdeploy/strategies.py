@@ -54,7 +54,7 @@ class Strategy:
         """Trainable scale sets of a pack."""
         return 1
 
-    def expert_map(self, k: int, chosen: Sequence[int] = ()) -> list[int]:
+    def set_map(self, k: int, chosen: Sequence[int] = ()) -> list[int]:
         """Scale-set row used in each interval; ``num_sets(k)`` means the post-training scales."""
         raise NotImplementedError
 
@@ -71,7 +71,7 @@ class Strategy:
 class Baseline(Strategy):
     name = "baseline"
 
-    def expert_map(self, k, chosen=()):
+    def set_map(self, k, chosen=()):
         return [0] * k
 
 
@@ -81,7 +81,7 @@ class S1(Strategy):
     needs_chosen = True
     layout = "masked"
 
-    def expert_map(self, k, chosen=()):
+    def set_map(self, k, chosen=()):
         if not chosen or any(not 0 <= i < k for i in chosen):
             raise QPDeployError(f"S1 intervals must be a non-empty subset of 0..{k - 1}, got {list(chosen)}")
         return [0 if i in chosen else 1 for i in range(k)]
@@ -98,7 +98,7 @@ class S2(Strategy):
     def num_sets(self, k):
         return k
 
-    def expert_map(self, k, chosen=()):
+    def set_map(self, k, chosen=()):
         return list(range(k))
 
     def default_batch(self, k):

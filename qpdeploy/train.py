@@ -252,7 +252,7 @@ class ScaleTrainer:
 
     def sets_routed(self, timesteps: torch.Tensor) -> torch.Tensor:
         """The scale set each timestep is routed to (values >= E mean post-training)."""
-        return get_router(self.unet).expert_of_interval[self.intervals.index(timesteps.to(self.device))]
+        return get_router(self.unet).set_of_interval[self.intervals.index(timesteps.to(self.device))]
 
     def train_step(self) -> float:
         """One optimizer step over ``grad_accum`` micro-batches; returns the step's loss."""

@@ -46,3 +46,21 @@ def test_each_threshold_fails_the_gate_alone(field, value, check):
     assert not result["passed"]
     assert [k for k, ok in result["checks"].items() if not ok] == [check]
     assert result["thresholds"] == THRESHOLDS
+
+
+def test_the_published_gate_2_is_computed_from_its_runs():
+    """benchmarks/results/miniworld_learnability.json (the README's gate 2 figures): its verdict and
+    intervals are what its per-image runs give, on every bundled subject, >= 64 test images each."""
+    import json
+    from pathlib import Path
+
+    from qpdeploy.miniworld.subjects import SUBJECTS
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "miniworld_learnability.json"
+    published = json.loads(path.read_text())
+    again = verdict(published["runs"])
+    assert again["checks"] == published["checks"] and again["passed"] == published["passed"]
+    assert again["table"] == published["table"] and again["preservation_drop"] == published["preservation_drop"]
+    assert published["split"] == "test"
+    assert {r["subject"] for r in published["runs"]} == set(SUBJECTS)
+    assert all(len(r["per_image"]["subject_recognised"]) >= 64 for r in published["runs"])

@@ -40,8 +40,8 @@ def make_layer(kind="conv", split=0, bits=8, act_sets=2, input_scales=True, seed
     return layer
 
 
-def reference(layer, x, interval, expert):
-    layer.router.set(torch.full((x.shape[0],), interval), torch.full((x.shape[0],), expert))
+def reference(layer, x, interval, scale_set):
+    layer.router.set(torch.full((x.shape[0],), interval), torch.full((x.shape[0],), scale_set))
     with torch.no_grad():
         return layer(x)
 
@@ -85,9 +85,9 @@ def test_twin_matches_the_quantized_layer_for_every_scale_set_and_interval(kind,
     x = layer_input(kind)
     twin = QDQLayer(layer)
     for interval in range(2):
-        for expert in range(SETS + 1):
-            ref = reference(layer, x, interval, expert)
-            twin.consts, twin.select = baked_consts(layer, interval, expert), None
+        for scale_set in range(SETS + 1):
+            ref = reference(layer, x, interval, scale_set)
+            twin.consts, twin.select = baked_consts(layer, interval, scale_set), None
             assert sqnr_db(ref, twin(x)) > 100  # identical up to float rounding order
     twin.consts = table_consts(layer, [SETS, 2, 0])  # selector value v -> scale-set row
     twin.select = torch.tensor([2, 0])  # sample 0 uses row 0, sample 1 the post-training row
@@ -123,9 +123,9 @@ def test_selector_input_gathers_the_right_rows_in_onnx(tmp_path):
     path = tmp_path / "table.onnx"
     onnx.save(model, str(path))
     session = ort_session(path)
-    for expert in range(SETS + 1):
-        y = session.run(None, {"x": x.numpy(), "select": torch.full((2,), expert, dtype=torch.int32).numpy()})[0]
-        assert sqnr_db(reference(layer, x, 0, expert), torch.from_numpy(y)) > 100
+    for scale_set in range(SETS + 1):
+        y = session.run(None, {"x": x.numpy(), "select": torch.full((2,), scale_set, dtype=torch.int32).numpy()})[0]
+        assert sqnr_db(reference(layer, x, 0, scale_set), torch.from_numpy(y)) > 100
 
 
 def _edit(model, op_type, fn):

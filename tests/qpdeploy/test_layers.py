@@ -51,7 +51,7 @@ def test_each_sample_uses_the_scale_set_of_its_own_interval():
     _, layer = make_linear()
     sets = torch.stack([layer.s_ptq * 0.5, layer.s_ptq * 2.0])  # (E=2, C_out)
     layer.set_scale_sets(sets)
-    router = ScaleRouter(Intervals.uniform(3), num_sets=2, expert_of_interval=[0, 1, 2])  # 2 = post-training
+    router = ScaleRouter(Intervals.uniform(3), num_sets=2, set_of_interval=[0, 1, 2])  # 2 = post-training
     object.__setattr__(layer, "router", router)
     x = torch.randn(1, 4, 24).expand(3, -1, -1)  # the same input three times
     router.route(torch.tensor([100, 500, 900]), batch=3, device="cpu")
@@ -64,7 +64,7 @@ def test_input_channel_scales_multiply_the_input_before_quantization():
     _, layer = make_linear(act_bits=None)
     s_in = torch.rand(1, 24) + 0.5
     layer.set_scale_sets(layer.s_ptq[None].clone(), s_in)
-    router = ScaleRouter(Intervals.uniform(1), num_sets=1, expert_of_interval=[0])
+    router = ScaleRouter(Intervals.uniform(1), num_sets=1, set_of_interval=[0])
     object.__setattr__(layer, "router", router)
     x = torch.randn(2, 24)
     router.route(10, batch=2, device="cpu")
@@ -83,7 +83,7 @@ def test_training_scales_saves_no_float_weight_for_backward(bits):
     """The memory claim: backward keeps integer weights, never a float copy of one."""
     torch.manual_seed(0)
     widths = [96, 160, 224, 288]
-    router = ScaleRouter(Intervals.uniform(1), num_sets=1, expert_of_interval=[0])
+    router = ScaleRouter(Intervals.uniform(1), num_sets=1, set_of_interval=[0])
     layers = []
     for c_in, c_out in zip(widths, widths[1:]):
         _, layer = make_linear(c_in, c_out, bits=bits)
@@ -118,7 +118,7 @@ def test_gradient_reaches_only_the_scale_sets_that_were_used():
     _, layer = make_linear()
     layer.set_scale_sets(torch.stack([layer.s_ptq] * 3))
     layer.s_out.requires_grad_(True)
-    router = ScaleRouter(Intervals.uniform(3), num_sets=3, expert_of_interval=[0, 1, 2])
+    router = ScaleRouter(Intervals.uniform(3), num_sets=3, set_of_interval=[0, 1, 2])
     object.__setattr__(layer, "router", router)
     router.route(torch.tensor([900, 900]), batch=2, device="cpu")  # interval 2 only
     layer(torch.randn(2, 24)).sum().backward()
@@ -130,9 +130,9 @@ def test_a_layer_of_a_routed_unet_called_before_routing_is_an_error():
     from qpdeploy.intervals import Intervals
     from qpdeploy.layers import ScaleRouter
 
-    router = ScaleRouter(Intervals.uniform(4), num_sets=4, expert_of_interval=[0, 1, 2, 3])
+    router = ScaleRouter(Intervals.uniform(4), num_sets=4, set_of_interval=[0, 1, 2, 3])
     with pytest.raises(RuntimeError, match="ran before its UNet call was routed"):
         router.selection(2, "cpu")
     router.route(torch.tensor([100, 900]), 2, "cpu")
-    interval, expert = router.selection(2, "cpu")
-    assert interval.tolist() == [0, 3] and expert.tolist() == [0, 3]
+    interval, scale_set = router.selection(2, "cpu")
+    assert interval.tolist() == [0, 3] and scale_set.tolist() == [0, 3]

@@ -28,7 +28,7 @@ def test_train_on_a_base_writes_a_pack_that_applies(cheap_saved_base, instance_d
     assert report["strategy"] == "s1" and report["steps"] == 2 and report["num_sets"] == 1
     base = load_base(base_dir)
     apply_pack(base, load_pack(out))
-    assert base.unet.qp_router.expert_of_interval.tolist() == [0, 1, 0, 1]
+    assert base.unet.qp_router.set_of_interval.tolist() == [0, 1, 0, 1]
     assert all(layer.num_sets == 1 for _, layer in quant_layers(base.unet))
 
 

@@ -64,10 +64,14 @@ def test_report_gate_verdict_matches_its_figures():
     report = json.loads(path.read_text())
     gate, evaluator = report["gate"], report["evaluator"]
     limits = gate["thresholds"]
+    before = gate["subjects_before_personalization"].values()
     met = (gate["heldout"]["background"] >= limits["heldout_background"]
            and gate["heldout"]["shape"] >= limits["heldout_shape"]
-           and max(s["generated"]["probability"] for s in gate["subjects_before_personalization"].values())
-           <= limits["subject_probability_max"])
+           and max(s["generated"]["probability"] for s in before) <= limits["subject_probability_max"]
+           and max(s["generated"]["instance_recognised"] for s in before) <= limits["subject_recognised_max"])
     assert gate["passed"] is met  # the verdict is computed, not written by hand
-    assert limits == {"heldout_background": 0.9, "heldout_shape": 0.8, "subject_probability_max": 0.05}
+    assert limits == {"heldout_background": 0.9, "heldout_shape": 0.8, "subject_probability_max": 0.05,
+                      "subject_recognised_max": 0.05}
+    assert set(gate["subjects_before_personalization"]) == {"sks", "zwx", "qlv", "pkd"}
+    assert gate["sampling"]["images_per_set"]["subject:pkd"] == 64  # gate 4: 64 images per subject
     assert min(evaluator["held_out_accuracy"][h] for h in ("background", "shape", "colour", "subject")) >= 0.98
