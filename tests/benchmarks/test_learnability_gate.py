@@ -64,3 +64,13 @@ def test_the_published_gate_2_is_computed_from_its_runs():
     assert published["split"] == "test"
     assert {r["subject"] for r in published["runs"]} == set(SUBJECTS)
     assert all(len(r["per_image"]["subject_recognised"]) >= 64 for r in published["runs"])
+
+
+def test_the_dev_sweep_grid_is_every_combination():
+    from benchmarks.miniworld.dev_sweep import combinations
+
+    assert combinations(["dreambooth-lr=1e-4,3e-4", "prior-images=0,32"]) == [
+        {"dreambooth-lr": "1e-4", "prior-images": "0"}, {"dreambooth-lr": "1e-4", "prior-images": "32"},
+        {"dreambooth-lr": "3e-4", "prior-images": "0"}, {"dreambooth-lr": "3e-4", "prior-images": "32"}]
+    with pytest.raises(SystemExit, match="is not name=v1,v2"):
+        combinations(["steps"])
