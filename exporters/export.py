@@ -183,7 +183,7 @@ def manifest_record(*, base, pack, pipe, config, unet_files, parts, structure, e
     """Everything the manifest holds but the files table (see :mod:`.manifest`); read back
     through the typed :class:`~qpdeploy.exporters.manifest.DeployManifest`."""
     from qpdeploy import __version__
-    from qpdeploy.models import model_family
+    from qpdeploy.models import model_family, model_sampling_defaults
     from qpdeploy.qunet import get_router
 
     plan: UNetPlan = unet_files.plan
@@ -223,6 +223,7 @@ def manifest_record(*, base, pack, pipe, config, unet_files, parts, structure, e
         "vae_decoder": part_records["vae_decoder"],
         "scheduler": "scheduler",
         "engines": None if not built else {**engines, "batch": config.batch, "height": height, "width": width},
+        "sampling": model_sampling_defaults(pipe),
     }
 
 

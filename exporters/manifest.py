@@ -34,6 +34,8 @@ A deploy dir holds everything ``qpdeploy generate`` needs and nothing else::
     scheduler: "scheduler"
     engines: null or {"tensorrt_version", "device", "compute_capability", "precision",
                       "timing_cache", "batch", "height", "width"}
+    sampling: (optional) the source model's recommended {"guidance", "steps"}, which
+              generate uses when the user gives none (qpdeploy.models.SAMPLING_FILE)
     files: {relative path: {"bytes", "sha256"}} for every file but manifest.json and report.json
 
 UNet inputs: ``sample`` float32 (batch, 4, h, w); ``timestep`` float32 (batch,);
@@ -153,6 +155,13 @@ class DeployManifest:
     def pipeline(self) -> dict:
         """``{"class", "config"}`` of the diffusers pipeline to assemble."""
         return self.data["pipeline"]
+
+    @property
+    def sampling(self) -> dict:
+        """The source model's recommended sampling (``guidance``, ``steps``); {} when none."""
+        from qpdeploy.models import check_sampling_defaults
+
+        return check_sampling_defaults(self.data.get("sampling", {}), self.path / MANIFEST_FILE)
 
     @property
     def scheduler_folder(self) -> Path:

@@ -373,8 +373,10 @@ def generate(
     out_dir: Optional[Path] = typer.Option(None, "--out-dir", help="Folder for the images of a run."),
     images_per_prompt: int = typer.Option(1, help="Images per prompt (image i of the run uses seed + i)."),
     negative_prompt: Optional[str] = typer.Option(None, help="Negative prompt."),
-    steps: int = typer.Option(25, help="Denoising steps."),
-    guidance: float = typer.Option(7.5, help="Classifier-free guidance scale (<= 1: none)."),
+    steps: Optional[int] = typer.Option(None, help="Denoising steps (default: the model's recommendation, "
+                                                   "else 25)."),
+    guidance: Optional[float] = typer.Option(None, help="Classifier-free guidance scale, <= 1: none (default: the "
+                                                        "model's recommendation, else 7.5)."),
     seed: int = typer.Option(0, help="Seed of the first image."),
     scheduler: Optional[Literal[SCHEDULERS]] = typer.Option(None, help="ddim, pndm, dpm (DPM-Solver++) or euler "
                                                        "(default: the deploy dir's own)."),
@@ -402,6 +404,7 @@ def generate(
     if (prompt is None) == (prompts_file is None):
         raise QPDeployError("give either --prompt TEXT or --prompts-file FILE")
     prompts = [prompt] if prompt is not None else read_prompt_file(prompts_file)
+    steps, guidance = _sampling_defaults(deploy, steps, guidance)
     gen = GenerateConfig(steps=steps, guidance=guidance, scheduler=scheduler, seed=seed,
                          images_per_prompt=images_per_prompt, negative_prompt=negative_prompt, height=height,
                          width=width)
@@ -418,6 +421,16 @@ def generate(
     typer.echo(f"images: {where}\nrecords: <image>.json beside each image")
 
 
+def _sampling_defaults(deploy: Path, steps: int | None, guidance: float | None) -> tuple[int, float]:
+    """Steps and guidance: the user's, else the deploy dir's recommendation, else 25 and 7.5."""
+    from .exporters.manifest import read_manifest
+    from .runtimes.config import GenerateConfig
+
+    recommended = read_manifest(deploy).sampling if steps is None or guidance is None else {}
+    return (steps if steps is not None else recommended.get("steps", GenerateConfig.steps),
+            guidance if guidance is not None else recommended.get("guidance", GenerateConfig.guidance))
+
+
 @app.command()
 @cli_errors
 def evaluate(
@@ -432,9 +445,9 @@ def evaluate(
     clip: Optional[Path] = typer.Option(None, "--clip", help="Local CLIP model folder: clip_t and clip_i."),
     dino: Optional[Path] = typer.Option(None, "--dino", help="Local DINO ViT model folder: dino."),
     images_per_prompt: int = typer.Option(4, help="Images per prompt."),
-    steps: int = typer.Option(25, help="Denoising steps."),
-    guidance: Optional[float] = typer.Option(None, help="Guidance scale (default 4 with miniworld metrics, "
-                                                        "7.5 with --clip/--dino)."),
+    steps: Optional[int] = typer.Option(None, help="Denoising steps (default: the model's recommendation, else 25)."),
+    guidance: Optional[float] = typer.Option(None, help="Guidance scale (default: the model's recommendation, else "
+                                                        "4 with miniworld metrics, 7.5 with --clip/--dino)."),
     seed: int = typer.Option(0, help="Seed of the run's first image."),
     device: str = typer.Option("cpu", help="cpu or cuda[:N]."),
     force: bool = typer.Option(False, "--force", help="Replace an existing --out (an earlier evaluation)."),

@@ -42,21 +42,23 @@ class EvaluateConfig(ConfigBase):
     Attributes:
         images_per_prompt: images drawn per prompt (image i of a prompt starts from noise
             seeded with (seed, its index in the run)).
-        steps, guidance: sampling (guidance None: 4 for miniworld metrics, 7.5 for encoders).
+        steps, guidance: sampling; None: the model's recommendation (its deploy dir's or
+            model folder's ``qpdeploy_sampling.json``), else 25 steps and guidance 4 for
+            miniworld metrics, 7.5 for encoders.
         identifier: the subject's word; with miniworld metrics a bundled subject's, or any
             word when ``instance_images`` are given.
     """
 
     images_per_prompt: int = 4
     seed: int = 0
-    steps: int = 25
+    steps: int | None = None
     guidance: float | None = None
     identifier: str | None = None
 
     def __post_init__(self):
         check_all([
             (1 <= self.images_per_prompt <= 1024, f"images per prompt must be in 1..1024, got {self.images_per_prompt}"),
-            (1 <= self.steps <= MAX_STEPS, f"steps must be in 1..{MAX_STEPS}, got {self.steps}"),
+            (self.steps is None or 1 <= self.steps <= MAX_STEPS, f"steps must be in 1..{MAX_STEPS}, got {self.steps}"),
             (self.guidance is None or self.guidance >= 0, f"guidance must be >= 0, got {self.guidance}"),
             (self.seed >= 0, f"seed must be >= 0, got {self.seed}"),
         ])
@@ -173,7 +175,7 @@ def _unit(x) -> torch.Tensor:
 # --------------------------------------------------------------------------------------
 
 def open_model(deploy=None, base=None, pack=None, device="cpu"):
-    """``(pipeline, batch, close)`` for a deploy dir or a base (+ pack).
+    """``(pipeline, batch, close, recommended sampling)`` for a deploy dir or a base (+ pack).
 
     Raises:
         QPDeployError: both or neither given, a pack without a base, or any load error.
@@ -189,8 +191,9 @@ def open_model(deploy=None, base=None, pack=None, device="cpu"):
 
         manifest = read_manifest(deploy, verify_hashes=True)
         pipe = load_deploy_pipeline(manifest, RuntimeConfig(device=device))
-        return pipe, manifest.data["batch"], lambda: close_pipeline(pipe)
+        return pipe, manifest.data["batch"], lambda: close_pipeline(pipe), manifest.sampling
     from .base import load_base, load_base_pipeline
+    from .models import model_sampling_defaults
     from .pack import apply_pack, load_pack, reset_to_post_training
     from .token import apply_tokens
 
@@ -205,7 +208,7 @@ def open_model(deploy=None, base=None, pack=None, device="cpu"):
     if scales is not None and scales.token:
         apply_tokens(pipe, scales.token, scales.tokens)
     pipe.to(device)
-    return pipe, 64, lambda: None
+    return pipe, 64, lambda: None, model_sampling_defaults(pipe)
 
 
 def read_instance_images(folder) -> np.ndarray:
@@ -256,11 +259,12 @@ def evaluate_model(prompts: list[str], config: EvaluateConfig, scorer, deploy=No
     start = time.perf_counter()
     instances = read_instance_images(instance_dir) if instance_dir is not None else None
     scorer.check(prompts, config.identifier, instances)
-    pipe, batch, close = open_model(deploy, base, pack, device)
-    guidance = scorer.guidance if config.guidance is None else config.guidance
+    pipe, batch, close, recommended = open_model(deploy, base, pack, device)
+    guidance = config.guidance if config.guidance is not None else recommended.get("guidance", scorer.guidance)
+    steps = config.steps if config.steps is not None else recommended.get("steps", 25)
     wanted = [p for p in prompts for _ in range(config.images_per_prompt)]
     try:
-        images = generate(pipe, wanted, seed=config.seed, steps=config.steps, guidance=guidance, batch_size=batch)
+        images = generate(pipe, wanted, seed=config.seed, steps=steps, guidance=guidance, batch_size=batch)
     finally:
         close()
     if save_images is not None:
@@ -279,7 +283,7 @@ def evaluate_model(prompts: list[str], config: EvaluateConfig, scorer, deploy=No
         "prompts": len(prompts),
         "instance_images": None if instances is None else len(instances),
         "config": config.to_json(),
-        "sampling": {"steps": config.steps, "guidance": guidance, "seed": config.seed,
+        "sampling": {"steps": steps, "guidance": guidance, "seed": config.seed,
                      "images_per_prompt": config.images_per_prompt},
         "identifier": config.identifier,
         "seconds": round(time.perf_counter() - start, 2),

@@ -292,3 +292,39 @@ def describe_source(model: str | os.PathLike) -> dict:
         return {"kind": "bundled", "name": name}
     path = Path(name).expanduser().resolve()
     return {"kind": "directory" if path.is_dir() else "single-file", "path": str(path)}
+
+
+SAMPLING_FILE = "qpdeploy_sampling.json"  # a model folder's recommended sampling settings
+SAMPLING_KEYS = {"guidance": float, "steps": int}
+
+
+def model_sampling_defaults(pipe) -> dict:
+    """The sampling settings a model folder recommends (``qpdeploy_sampling.json`` beside its
+    ``model_index.json``: ``{"guidance": 4.0, "steps": 25}``), or {} when it has none.
+    ``qpdeploy export`` records them in the deploy dir; ``generate`` and ``evaluate`` use them
+    when the user gives none.
+
+    Raises:
+        QPDeployError: the file is not a JSON object of those keys with numbers in range.
+    """
+    import json
+
+    root = getattr(pipe, "name_or_path", None) or pipe.config.get("_name_or_path")
+    path = Path(root) / SAMPLING_FILE if root else None
+    if path is None or not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise QPDeployError(f"cannot read {path}: {type(exc).__name__}") from None
+    return check_sampling_defaults(data, path)
+
+
+def check_sampling_defaults(data, where) -> dict:
+    """Validate a recommended-sampling record (see :func:`model_sampling_defaults`)."""
+    ok = isinstance(data, dict) and set(data) <= set(SAMPLING_KEYS) and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) for v in data.values())
+    ok = ok and 0 <= data.get("guidance", 0) <= 100 and 1 <= data.get("steps", 1) <= 1000
+    if not ok or ("steps" in data and not isinstance(data["steps"], int)):
+        raise QPDeployError(f"{where}: expected {{\"guidance\": 0..100, \"steps\": 1..1000}}, got {data!r:.80}")
+    return {k: SAMPLING_KEYS[k](v) for k, v in data.items()}

@@ -174,6 +174,7 @@ MANIFEST = {
                                  "config": f(dict, optional=True)}),
     "scheduler": PATH,
     "engines": f(dict, type(None)),
+    "sampling": f(dict, optional=True),  # the model's recommended guidance / steps
     "files": f(dict),
 }
 FILE_RECORD = {"bytes": COUNT, "sha256": SHA256}

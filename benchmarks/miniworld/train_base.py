@@ -172,6 +172,15 @@ def train(recipe: BaseRecipe, reuse_vae: Path | None = None, init_from: Path | N
     return assemble(vae, text_encoder, tokenizer, unet), figures
 
 
+def write_sampling_defaults(folder: Path) -> None:
+    """The sampling the gates measure with, as the model's recommendation (``generate`` and
+    ``evaluate`` use it when the user gives none)."""
+    from qpdeploy.miniworld.sampling import GUIDANCE, STEPS
+    from qpdeploy.models import SAMPLING_FILE
+
+    (folder / SAMPLING_FILE).write_text(json.dumps({"guidance": GUIDANCE, "steps": STEPS}) + "\n", encoding="utf-8")
+
+
 def _describe_options(recipe: BaseRecipe) -> dict:
     return {"drop_colour": recipe.drop_colour, "identifier_rate": recipe.identifier_rate}
 
@@ -230,6 +239,7 @@ def main(argv=None) -> None:
     folder = save_pipeline(pipe, args.out / "pipeline")
     # qpdeploy quantize reads these instead of its English built-in list (unknown words here)
     (folder / CALIBRATION_FILE).write_text("\n".join(calibration_prompts()) + "\n", encoding="utf-8")
+    write_sampling_defaults(folder)
     report = {
         "recipe": asdict(recipe),
         "command": " ".join(["python -m benchmarks.miniworld.train_base", *argv]),

@@ -170,3 +170,41 @@ def test_a_prompt_over_the_token_limit_is_truncated_with_a_warning(deploy, tmp_p
     assert len(warnings) == 1 and "has 34 tokens but the text encoder takes 16: truncated to" in warnings[0]
     assert (tmp_path / "long.png").exists()
     assert json.loads((tmp_path / "long.json").read_text())["prompt"] == long_prompt
+
+
+def test_the_models_recommended_sampling_is_the_default(deploy, tmp_path):
+    """A deploy dir records its source model's qpdeploy_sampling.json; generate uses it when the
+    user gives no --steps or --guidance, and the user's values win."""
+    copy_dir = tmp_path / "deploy"
+    shutil.copytree(deploy("sd1_s2"), copy_dir)
+    manifest = read_json(copy_dir / "manifest.json")
+    manifest["sampling"] = {"guidance": 3.0, "steps": 4}
+    (copy_dir / "manifest.json").write_text(json.dumps(manifest))
+    ok(copy_dir, "--prompt", "a sks dog", "--out", tmp_path / "a.png")
+    record = read_json(tmp_path / "a.json")
+    assert (record["steps"], record["guidance"]) == (4, 3.0) and len(record["interval_per_step"]) == 4
+    ok(copy_dir, "--prompt", "a sks dog", "--out", tmp_path / "b.png", "--steps", 5)
+    record = read_json(tmp_path / "b.json")
+    assert (record["steps"], record["guidance"]) == (5, 3.0)
+    ok(deploy("sd1_s2"), "--prompt", "a sks dog", "--out", tmp_path / "c.png", "--steps", 2)
+    assert read_json(tmp_path / "c.json")["guidance"] == 7.5  # no recommendation: 7.5
+    manifest["sampling"] = {"guidance": "high"}
+    (copy_dir / "manifest.json").write_text(json.dumps(manifest))
+    result = invoke(copy_dir, "--prompt", "a sks dog", "--out", tmp_path / "d.png")
+    assert result.exit_code == 2 and "manifest.json: expected" in result.output and not (tmp_path / "d.png").exists()
+
+
+def test_a_model_folder_recommends_its_sampling(tmp_path):
+    from qpdeploy.errors import QPDeployError
+    from qpdeploy.models import SAMPLING_FILE, model_sampling_defaults
+
+    class Pipe:
+        name_or_path = str(tmp_path)
+        config = {}
+
+    assert model_sampling_defaults(Pipe()) == {}
+    (tmp_path / SAMPLING_FILE).write_text('{"guidance": 4, "steps": 25}')
+    assert model_sampling_defaults(Pipe()) == {"guidance": 4.0, "steps": 25}
+    (tmp_path / SAMPLING_FILE).write_text('{"steps": 2.5}')
+    with pytest.raises(QPDeployError, match="qpdeploy_sampling.json: expected"):
+        model_sampling_defaults(Pipe())
