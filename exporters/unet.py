@@ -233,11 +233,20 @@ class UNetForExport(nn.Module):
             twin.consts, twin.select = {}, select
         for (layer, key), value in zip(self.const_keys, consts):
             self.twins[layer].consts[key] = value
-        sample, timestep, encoder_hidden_states = graph_inputs[:3]
-        added = None
-        if self.unet.config.addition_embed_type == "text_time":
-            added = {"text_embeds": graph_inputs[3], "time_ids": graph_inputs[4]}
-        return self.unet(sample, timestep, encoder_hidden_states, added_cond_kwargs=added, return_dict=False)[0]
+        names = UNET_FEED[:5 if self.unet.config.addition_embed_type == "text_time" else 3]
+        return call_unet(self.unet, dict(zip(names, graph_inputs)))
+
+
+UNET_FEED = ("sample", "timestep", "encoder_hidden_states", "text_embeds", "time_ids")  # graph input order
+
+
+def call_unet(unet, feed: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The UNet's noise prediction for a feed named like the UNet graph's inputs (``UNET_FEED``;
+    SDXL's ``text_embeds`` and ``time_ids`` when present): the one feed-to-UNet call of export
+    tracing, export verification and the runtime's torch backend."""
+    added = {"text_embeds": feed["text_embeds"], "time_ids": feed["time_ids"]} if "time_ids" in feed else None
+    return unet(feed["sample"], feed["timestep"], feed["encoder_hidden_states"], added_cond_kwargs=added,
+                return_dict=False)[0]
 
 
 @contextlib.contextmanager

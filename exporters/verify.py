@@ -289,9 +289,9 @@ def compare_with_torch(unet, graph_files: list[Path], plan, inputs, outputs, int
     from polygraphy.comparator import Comparator
     from polygraphy.logger import G_LOGGER
 
-    from .unet import example_inputs
+    from .unet import call_unet, example_inputs
 
-    torch_runner = _torch_runner_class()(lambda feed: {outputs[0].name: _unet_call(unet, feed)}, inputs)
+    torch_runner = _torch_runner_class()(lambda feed: {outputs[0].name: call_unet(unet, feed)}, inputs)
     sessions = {}
     result = []
     dispatch = plan.dispatch
@@ -322,13 +322,3 @@ def _sqnr_compare(min_db: float):
 def _capped_sqnr(reference, test) -> float:
     db = sqnr_db(torch.from_numpy(np.asarray(reference)), torch.from_numpy(np.asarray(test)))
     return SQNR_CAP_DB if math.isinf(db) or db > SQNR_CAP_DB else db
-
-
-def _unet_call(unet, feed: dict[str, torch.Tensor]) -> torch.Tensor:
-    added = None
-    if "text_embeds" in feed:
-        added = {"text_embeds": feed["text_embeds"], "time_ids": feed["time_ids"]}
-    return unet(feed["sample"], feed["timestep"], feed["encoder_hidden_states"], added_cond_kwargs=added,
-                return_dict=False)[0]
-
-

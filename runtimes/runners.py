@@ -190,12 +190,12 @@ class TorchUNetRunner(BaseRunner):
         return meta
 
     def infer_impl(self, feed_dict):
+        from qpdeploy.exporters.unet import call_unet
+
         feed = {k: v.to(self.device) for k, v in feed_dict.items()}
-        added = {"text_embeds": feed["text_embeds"], "time_ids": feed["time_ids"]} if "time_ids" in feed else None
         start = time.perf_counter()
         with torch.no_grad():
-            out = self.unet(feed["sample"], feed["timestep"], feed["encoder_hidden_states"], added_cond_kwargs=added,
-                            return_dict=False)[0]
+            out = call_unet(self.unet, feed)
         self.inference_time = time.perf_counter() - start
         return {self.manifest.unet_output: out}
 
