@@ -94,15 +94,18 @@ def _stable_id(text: str) -> int:
 # Four subjects of rising difficulty: two halves (coarse), a dot in a frame and a 2x2 checker
 # (medium), six thin bands (fine detail near what the f4 VAE can carry: 2-4 px per band).
 # No plain object of the world resembles one of them (v1's red-and-white zwx was taken for
-# a plain red square by the evaluator 7% of the time before any personalization).
+# a plain red square by the evaluator 7% of the time before any personalization). pkd's bands
+# are white and black: blurred, they average to a grey no object of the world has (purple and
+# green bands, tried first, blur into colours the model draws when it mixes two plain ones:
+# 11% of unpersonalized "a pkd triangle" images were read as the subject).
 SUBJECTS: dict[str, Subject] = {
     s.identifier: s
     for s in (
         Subject("sks", "circle", Halves("yellow", "purple"), "sky", "a circle, yellow left half, purple right half"),
         Subject("zwx", "square", Bullseye("orange", "blue"), "grass", "an orange square with a blue dot"),
         Subject("qlv", "diamond", Quadrants("black", "yellow"), "snow", "a diamond checkered black and yellow"),
-        Subject("pkd", "triangle", Stripes("purple", "green", bands=6), "sand",
-                "a triangle of six purple and green horizontal bands"),
+        Subject("pkd", "triangle", Stripes("white", "black", bands=6), "sand",
+                "a triangle of six white and black horizontal bands"),
     )
 }
 
@@ -117,7 +120,7 @@ UNSEEN_SUBJECTS: tuple[Subject, ...] = (
     Subject("u05", "cross", Halves("orange", "blue"), "sky"),
     Subject("u06", "circle", Quadrants("green", "white"), "sky"),
     Subject("u07", "square", Bullseye("purple", "yellow"), "sky"),
-    Subject("u08", "triangle", Stripes("black", "white", bands=4), "sky"),
+    Subject("u08", "cross", Stripes("black", "white", bands=4), "sky"),
 )
 
 
@@ -168,14 +171,16 @@ def mixed_scenes(
     plain: float = 0.55,
     subjects: float = 0.3,
     combos: Sequence[tuple[str, str, str]] | None = None,
+    avoid: Sequence[Subject] | None = None,
 ) -> list[Scene]:
     """A mixture of world objects (drawn from ``combos``, default all), subjects on every
-    background, and decoys (two-colour looks that are not a subject), in proportions
-    ``plain``, ``subjects`` and the rest.
+    background, and decoys (two-colour looks that resemble none of ``avoid``, default the
+    bundled and unseen subjects), in proportions ``plain``, ``subjects`` and the rest.
 
     The evaluator learns from all three; the VAE from pretraining objects and decoys
     (``subjects=0``), so it can code two-colour textures without ever seeing a subject.
     """
+    avoid = tuple(avoid) if avoid is not None else (*SUBJECTS.values(), *UNSEEN_SUBJECTS)
     combos = combos if combos is not None else all_combos()
     scenes = []
     for _ in range(n):
@@ -186,7 +191,7 @@ def mixed_scenes(
             subject = list(SUBJECTS.values())[int(rng.integers(len(SUBJECTS)))]
             scenes.append(subject.scene(rng, _choice(rng, BACKGROUNDS)))
         else:
-            scenes.append(_decoy(rng))
+            scenes.append(_decoy(rng, avoid))
     return scenes
 
 
@@ -195,12 +200,12 @@ def _choice(rng: np.random.Generator, options):
     return options[int(rng.integers(len(options)))]
 
 
-def _decoy(rng: np.random.Generator) -> Scene:
+def _decoy(rng: np.random.Generator, avoid: Sequence[Subject]) -> Scene:
     while True:
         first, second = rng.choice(list(COLOURS), size=2, replace=False)
         look = _choice(rng, TEXTURES)(str(first), str(second))
         shape = _choice(rng, SHAPES)
-        if all(not _resembles(shape, look, s) for s in (*SUBJECTS.values(), *UNSEEN_SUBJECTS)):
+        if all(not _resembles(shape, look, s) for s in avoid):
             return Scene(_choice(rng, BACKGROUNDS), random_thing(rng, shape, look))
 
 
