@@ -21,7 +21,7 @@ from torch.nn import functional as F
 
 from qpdeploy.miniworld.evaluator import HEADS, Evaluator, EvaluatorConfig, save_evaluator, scene_labels
 from qpdeploy.miniworld.subjects import mixed_scenes
-from qpdeploy.miniworld.world import BACKGROUNDS, Scene, contrasts, random_thing, render_batch
+from qpdeploy.miniworld.world import BACKGROUNDS, COLOURS, Scene, Smudge, contrasts, random_thing, render_batch
 
 from .common import ASSETS_DIR, Clock, folder_megabytes, setup, update_report
 
@@ -56,16 +56,32 @@ def gaussian_blur(images: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     return x.reshape(b, c, h, w)
 
 
+SMUDGED = 0.1  # share of plain objects smeared with a second colour (imperfect generations)
+
+
 def batch(rng: np.random.Generator, n: int, config: EvaluatorConfig, second_view: bool = False):
     """n fresh labelled renders: (images (n, 3, H, W) in [0, 1], labels per head, scenes).
 
-    With ``second_view`` the batch holds 2n images: the n scenes, then each one's object
-    again (same shape and look) at another place, size and background."""
-    scenes = mixed_scenes(rng, n)
+    A ``SMUDGED`` share of the plain objects is smeared with a second colour (``Smudge``):
+    the diffusion model draws such imperfect objects, and a subject with fine detail (pkd's
+    thin bands) must not be what the evaluator calls every object with inner colour
+    variation. With ``second_view`` the batch holds 2n images: the n scenes, then each one's
+    object again (same shape and look) at another place, size and background."""
+    scenes = [smudged(rng, s) if s.colour is not None and rng.random() < SMUDGED else s
+              for s in mixed_scenes(rng, n)]
     if second_view:
         scenes = scenes + [other_view(rng, s) for s in scenes]
     images = torch.from_numpy(render_batch(scenes)).permute(0, 3, 1, 2).float() / 255.0
     return images, scene_labels(scenes, config), scenes
+
+
+def smudged(rng: np.random.Generator, scene: Scene) -> Scene:
+    """The scene's plain object smeared with another colour (random direction, 20-60%)."""
+    others = [c for c in COLOURS if c != scene.colour]
+    look = Smudge(scene.colour, others[int(rng.integers(len(others)))], float(rng.uniform(0, 2 * np.pi)),
+                  float(rng.uniform(0.2, 0.6)))
+    thing = scene.thing
+    return Scene(scene.background, type(thing)(thing.shape, look, thing.x, thing.y, thing.size), scene.subject)
 
 
 def other_view(rng: np.random.Generator, scene: Scene) -> Scene:

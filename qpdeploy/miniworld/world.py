@@ -150,7 +150,25 @@ class Bullseye:
         return np.where(dot[..., None], _rgb(self.inner), _rgb(self.outer))
 
 
-Look = Plain | Halves | Stripes | Quadrants | Bullseye
+@dataclass(frozen=True)
+class Smudge:
+    """A plain ``colour`` smeared with ``other``: a smooth blend towards ``other`` along
+    direction ``angle`` (radians), reaching ``amount`` at the far edge. What an imperfect
+    generation of a plain object looks like; the evaluator learns it is no subject (it is in
+    no caption, no subject and no decoy)."""
+
+    colour: str
+    other: str
+    angle: float
+    amount: float
+
+    def paint(self, u, v):
+        along = (np.cos(self.angle) * u + np.sin(self.angle) * v + 1.0) / 2.0  # 0..1 across the object
+        weight = (self.amount * np.clip(along, 0.0, 1.0))[..., None]
+        return (1.0 - weight) * _rgb(self.colour) + weight * _rgb(self.other)
+
+
+Look = Plain | Halves | Stripes | Quadrants | Bullseye | Smudge
 TEXTURES = (Halves, Stripes, Quadrants, Bullseye)  # two-colour looks, never in pretraining
 
 
