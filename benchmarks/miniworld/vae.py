@@ -51,9 +51,8 @@ def to_model_range(images: np.ndarray) -> torch.Tensor:
 
 # The looks the VAE's decoys avoid: the subjects' (bundled and unseen) as they stood when the
 # shipped VAE was trained. Fixed here so that the recipe keeps reproducing that VAE when a
-# subject's look changes later. Since then pkd became a 4x4 white-and-black checker (the VAE
-# never saw one: decoys checker in 2x2 only, and may have held 2x2 white-and-black
-# triangles, about 1 decoy in 560) and u08 a cross.
+# subject's look changes later: since then pkd's bands changed from purple/green to the
+# white/black family that u08 held (so the VAE never saw pkd's look), and u08 became a cross.
 VAE_AVOIDED = (
     *(s for s in SUBJECTS.values() if s.identifier != "pkd"),
     Subject("pkd", "triangle", Stripes("purple", "green", bands=6), "sand"),

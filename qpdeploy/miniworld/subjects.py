@@ -92,21 +92,20 @@ def _stable_id(text: str) -> int:
 
 
 # Four subjects of rising difficulty: two halves (coarse), a dot in a frame and a 2x2 checker
-# (medium), a 4x4 checker (fine detail near what the f4 VAE can carry: 3-5 px cells).
+# (medium), six thin bands (fine detail near what the f4 VAE can carry: 2-4 px per band).
 # No plain object of the world resembles one of them (v1's red-and-white zwx was taken for
-# a plain red square by the evaluator 7% of the time before any personalization). pkd's fine
-# detail is a checker in white and black, which blurs into a grey no object of the world has:
-# six thin bands, tried first (purple/green, then white/black), blur into a top-to-bottom
-# gradient, which is what the unpersonalized model's imperfect triangles show: 11% of
-# "a pkd triangle ..." images were read as the subject before any personalization.
+# a plain red square by the evaluator 7% of the time before any personalization). pkd's bands
+# are white and black: blurred, they average to a grey no object of the world has (purple and
+# green bands, tried first, blur into colours the model draws when it mixes two plain ones:
+# 11% of unpersonalized "a pkd triangle" images were read as the subject).
 SUBJECTS: dict[str, Subject] = {
     s.identifier: s
     for s in (
         Subject("sks", "circle", Halves("yellow", "purple"), "sky", "a circle, yellow left half, purple right half"),
         Subject("zwx", "square", Bullseye("orange", "blue"), "grass", "an orange square with a blue dot"),
         Subject("qlv", "diamond", Quadrants("black", "yellow"), "snow", "a diamond checkered black and yellow"),
-        Subject("pkd", "triangle", Quadrants("white", "black", cells=4), "sand",
-                "a triangle checkered white and black, four by four"),
+        Subject("pkd", "triangle", Stripes("white", "black", bands=6), "sand",
+                "a triangle of six white and black horizontal bands"),
     )
 }
 

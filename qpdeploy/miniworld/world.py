@@ -127,20 +127,13 @@ class Stripes:
 
 @dataclass(frozen=True)
 class Quadrants:
-    """A checker of ``cells`` x ``cells`` squares (default 2: the four quadrants), ``first`` in
-    the top-left one and wherever the row and column parities agree, ``second`` elsewhere."""
+    """A 2x2 checker: ``first`` top-left and bottom-right, ``second`` elsewhere."""
 
     first: str
     second: str
-    cells: int = 2
 
     def paint(self, u, v):
-        if self.cells == 2:
-            same = (u < 0) == (v < 0)
-        else:
-            col = np.floor((u + 1.0) / 2.0 * self.cells).astype(int)
-            row = np.floor((v + 1.0) / 2.0 * self.cells).astype(int)
-            same = (col + row) % 2 == 0
+        same = (u < 0) == (v < 0)
         return np.where(same[..., None], _rgb(self.first), _rgb(self.second))
 
 
