@@ -97,7 +97,11 @@ def _stable_id(text: str) -> int:
 # a plain red square by the evaluator 7% of the time before any personalization). pkd's bands
 # are white and black: blurred, they average to a grey no object of the world has (purple and
 # green bands, tried first, blur into colours the model draws when it mixes two plain ones:
-# 11% of unpersonalized "a pkd triangle" images were read as the subject).
+# 11% of unpersonalized "a pkd triangle" images were read as the subject). White/black bands
+# did no better (11%), nor did a 4x4 checker (19%), nor teaching the evaluator smudged plain
+# objects as negatives: the unpersonalized model's imperfect triangles (two colours mixed,
+# darker at the base) sit where any fine-detail triangle lands after the VAE. Gate 3 fails on
+# pkd for that reason; see the issue note for the next step.
 SUBJECTS: dict[str, Subject] = {
     s.identifier: s
     for s in (
