@@ -28,7 +28,7 @@ def test_world_captions_round_trip():
 
 def test_vocabulary_and_identifiers():
     tokenizer = P.build_tokenizer()
-    assert len(tokenizer) == 4 + len(P.vocabulary()) == 39
+    assert len(tokenizer) == 4 + len(P.vocabulary()) == 42  # 9 glue words, 8 colours, 5 shapes, 8 backgrounds, 8 identifiers
     for identifier in P.IDENTIFIERS:
         ids = tokenizer(f"a {identifier} circle")["input_ids"]
         assert ids[2] == tokenizer.convert_tokens_to_ids(identifier) != tokenizer.unk_token_id

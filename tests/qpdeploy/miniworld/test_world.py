@@ -79,8 +79,8 @@ def test_decoys_never_resemble_a_subject():
     assert not any(S._resembles(d.thing.shape, d.thing.look, s) for d in decoys for s in subjects)
     # band count and colour order do not make a look new
     pkd = S.get_subject("pkd")
-    assert S._resembles("triangle", W.Stripes("green", "purple", bands=4), pkd)
-    assert not S._resembles("triangle", W.Stripes("green", "black", bands=6), pkd)
+    assert S._resembles("triangle", W.Stripes("black", "white", bands=4), pkd)
+    assert not S._resembles("triangle", W.Stripes("white", "red", bands=6), pkd)
 
 
 def test_unknown_names_are_refused():
