@@ -122,30 +122,47 @@ class ScaleSetOptimizer:
     # -- checkpoints: plain tensors and JSON, no pickle -------------------------------
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """The sets and AdamW's per-set state as named tensors (for safetensors)."""
-        tensors = {}
-        state = self.optimizer.state_dict()["state"]
-        for e, delta in enumerate(self.delta):
-            tensors[f"delta.{e}"] = delta.detach()
-            for key, value in state.get(e, {}).items():
-                tensors[f"adam.{e}.{key}"] = torch.as_tensor(value)
-        return tensors
+        names = [str(e) for e in range(self.num_sets)]
+        return {**{f"delta.{n}": d.detach() for n, d in zip(names, self.delta)},
+                **adamw_state_tensors(self.optimizer, names)}
 
     def hyperparameters(self) -> dict:
         """AdamW's param-group settings (JSON-able)."""
-        group = self.optimizer.state_dict()["param_groups"][0]
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in group.items() if k != "params"}
+        return adamw_hyperparameters(self.optimizer)
 
     def load_state(self, tensors: dict[str, torch.Tensor], hyperparameters: dict) -> None:
         """Restore :meth:`state_tensors` / :meth:`hyperparameters` and install every set."""
-        state: dict[int, dict] = {}
         with torch.no_grad():
             for e, delta in enumerate(self.delta):
                 delta.copy_(tensors[f"delta.{e}"])
-                prefix = f"adam.{e}."
-                entry = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-                if entry:
-                    state[e] = entry
                 self.write(e)
-        group = {k: (tuple(v) if isinstance(v, list) else v) for k, v in hyperparameters.items()}
-        group["params"] = list(range(self.num_sets))
-        self.optimizer.load_state_dict({"state": state, "param_groups": [group]})
+        load_adamw_state(self.optimizer, tensors, hyperparameters, [str(e) for e in range(self.num_sets)])
+
+
+def adamw_state_tensors(optimizer: torch.optim.Optimizer, names: list[str]) -> dict[str, torch.Tensor]:
+    """A one-group optimizer's per-parameter state as tensors ``adam.<name>.<key>`` (parameter i
+    is ``names[i]``), for safetensors checkpoints."""
+    state = optimizer.state_dict()["state"]
+    return {f"adam.{name}.{key}": torch.as_tensor(value)
+            for i, name in enumerate(names) for key, value in state.get(i, {}).items()}
+
+
+def adamw_hyperparameters(optimizer: torch.optim.Optimizer) -> dict:
+    """The optimizer's (single) param-group settings, JSON-able."""
+    group = optimizer.state_dict()["param_groups"][0]
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in group.items() if k != "params"}
+
+
+def load_adamw_state(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], hyperparameters: dict,
+                     names: list[str]) -> None:
+    """Restore :func:`adamw_state_tensors` / :func:`adamw_hyperparameters` (a parameter
+    without state, one never stepped, stays without)."""
+    state = {}
+    for i, name in enumerate(names):
+        prefix = f"adam.{name}."
+        entry = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        if entry:
+            state[i] = entry
+    group = {k: (tuple(v) if isinstance(v, list) else v) for k, v in hyperparameters.items()}
+    group["params"] = list(range(len(names)))
+    optimizer.load_state_dict({"state": state, "param_groups": [group]})

@@ -26,6 +26,7 @@ import contextlib
 import torch
 
 from .errors import QPDeployError
+from .optim import adamw_hyperparameters, adamw_state_tensors, load_adamw_state
 
 ENCODERS = ("text_encoder", "text_encoder_2")
 PREFIX = "token."  # safetensors key prefix of a row in the pack
@@ -118,32 +119,20 @@ class TokenTuner:
     # -- checkpoints: plain tensors and JSON ---------------------------------------------
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """Rows and AdamW state as named tensors (for safetensors)."""
-        out = {f"row.{name}": row.detach() for name, row in self.rows.items()}
-        state = self.optimizer.state_dict()["state"]
-        for i, name in enumerate(self.rows):
-            for key, value in state.get(i, {}).items():
-                out[f"adam.{name}.{key}"] = torch.as_tensor(value)
-        return out
+        return {**{f"row.{name}": row.detach() for name, row in self.rows.items()},
+                **adamw_state_tensors(self.optimizer, list(self.rows))}
 
     def hyperparameters(self) -> dict:
-        group = self.optimizer.state_dict()["param_groups"][0]
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in group.items() if k != "params"}
+        return adamw_hyperparameters(self.optimizer)
 
     def load_state(self, tensors: dict[str, torch.Tensor], hyperparameters: dict) -> None:
         """Restore :meth:`state_tensors` / :meth:`hyperparameters`."""
-        state = {}
         with torch.no_grad():
-            for i, (name, row) in enumerate(self.rows.items()):
+            for name, row in self.rows.items():
                 if f"row.{name}" not in tensors:
                     raise QPDeployError(f"the checkpoint holds no identifier row for {name}")
                 row.copy_(tensors[f"row.{name}"])
-                prefix = f"adam.{name}."
-                entry = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-                if entry:
-                    state[i] = entry
-        group = {k: (tuple(v) if isinstance(v, list) else v) for k, v in hyperparameters.items()}
-        group["params"] = list(range(len(self.rows)))
-        self.optimizer.load_state_dict({"state": state, "param_groups": [group]})
+        load_adamw_state(self.optimizer, tensors, hyperparameters, list(self.rows))
 
 
 def check_token_record(pipe, record: dict, tensors: dict[str, torch.Tensor], where: str = "the scale pack") -> None:
