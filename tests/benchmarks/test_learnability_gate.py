@@ -48,6 +48,7 @@ def test_each_threshold_fails_the_gate_alone(field, value, check):
     assert result["thresholds"] == THRESHOLDS
 
 
+@pytest.mark.slow
 def test_the_published_gate_2_is_computed_from_its_runs():
     """benchmarks/results/miniworld_learnability.json (the README's gate 2 figures): its verdict and
     intervals are what its per-image runs give, on every bundled subject, >= 64 test images each."""

@@ -73,6 +73,7 @@ def test_the_row_trains_travels_in_the_pack_and_reproduces_the_trained_condition
     assert torch.equal(pipe.text_encoder.get_input_embeddings().weight, tables["text_encoder"])  # restored
 
 
+@pytest.mark.slow
 def test_a_run_with_the_token_resumes_bit_identical(cheap_base, tiny_pipe, instance_dir, tmp_path):
     settings = dict(strategy="s2", intervals=2, batch_size=1, checkpoint_every=2)
     whole, _ = run(cheap_base, tiny_pipe("sd1"), instance_dir, tmp_path / "whole", steps=4, **settings)
@@ -117,6 +118,7 @@ def test_a_pack_file_with_rows_but_no_record_is_refused(cheap_base, tiny_pipe, i
         load_pack(path)
 
 
+@pytest.mark.slow
 def test_export_bakes_the_row_into_the_text_encoder_graph(cheap_base, tiny_pipe, instance_dir, tmp_path):
     from qpdeploy.calibrate import sqnr_db
     from qpdeploy.exporters.config import ExportConfig

@@ -85,6 +85,7 @@ def invoke(*args):
     return CliRunner().invoke(app, ["evaluate", *map(str, args)])
 
 
+@pytest.mark.slow
 def test_evaluate_a_deploy_dir_from_the_cli(deploy, encoders, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a photo of sks dog\n# a comment\n\na sks dog\n")
