@@ -9,7 +9,7 @@ draws ``images_per_prompt`` images of every prompt of a prompts file and scores 
   ``subject_recognised`` (instance embedding above the 99th percentile of non-subjects) and
   ``subject_cosine``. Prompts must be miniworld captions.
 - ``encoders`` metrics (the DreamBooth paper's, for real models): ``clip_t`` (CLIP cosine of
-  image and prompt), ``clip_i`` and ``dino`` (mean cosine of the image to the instance
+  image and prompt, the identifier word left out: CLIP does not know it), ``clip_i`` and ``dino`` (mean cosine of the image to the instance
   images under CLIP's image tower and a DINO ViT's class token). The CLIP and DINO models are
   transformers checkpoints given by local path; nothing is downloaded.
 
@@ -135,21 +135,38 @@ class EncoderScorer:
     def score(self, images: np.ndarray, prompts: list[str], identifier, instance_images) -> dict:
         out = {}
         if self.clip is not None:
-            image = _unit(self.clip.get_image_features(**self._pixels(self.clip_images, images)))
-            text = self.clip_tokenizer(prompts, padding=True, truncation=True, return_tensors="pt").to(self.device)
-            words = _unit(self.clip.get_text_features(input_ids=text.input_ids, attention_mask=text.attention_mask))
+            image = self._features(images, lambda b: self.clip.get_image_features(**self._pixels(self.clip_images, b)))
+            texts = [_without_word(p, identifier) for p in prompts]  # CLIP does not know the identifier
+            words = self._features(texts, self._text_features)
             out["clip_t"] = (image * words).sum(-1).cpu().numpy().astype(np.float64)
             if instance_images is not None:
-                reference = _unit(self.clip.get_image_features(**self._pixels(self.clip_images, instance_images)))
+                reference = self._features(
+                    instance_images, lambda b: self.clip.get_image_features(**self._pixels(self.clip_images, b)))
                 out["clip_i"] = (image @ reference.T).mean(1).cpu().numpy().astype(np.float64)
         if self.dino is not None and instance_images is not None:
-            image = _unit(self.dino(**self._pixels(self.dino_images, images)).last_hidden_state[:, 0])
-            reference = _unit(self.dino(**self._pixels(self.dino_images, instance_images)).last_hidden_state[:, 0])
+            cls_token = lambda b: self.dino(**self._pixels(self.dino_images, b)).last_hidden_state[:, 0]  # noqa: E731
+            image, reference = self._features(images, cls_token), self._features(instance_images, cls_token)
             out["dino"] = (image @ reference.T).mean(1).cpu().numpy().astype(np.float64)
         return out
 
+    def _text_features(self, texts):
+        tokens = self.clip_tokenizer(list(texts), padding=True, truncation=True, return_tensors="pt").to(self.device)
+        return self.clip.get_text_features(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask)
+
+    @staticmethod
+    def _features(items, encode, batch: int = 32) -> torch.Tensor:
+        """Unit feature rows of ``items`` encoded ``batch`` at a time (real encoders are large)."""
+        return torch.cat([_unit(encode(items[i:i + batch])) for i in range(0, len(items), batch)])
+
     def _pixels(self, processor, images) -> dict:
         return {"pixel_values": processor(images=list(images), return_tensors="pt").pixel_values.to(self.device)}
+
+
+def _without_word(prompt: str, word: str | None) -> str:
+    """The prompt without the identifier word (CLIP-T scores the prompt's content)."""
+    if not word:
+        return prompt
+    return " ".join(w for w in prompt.split() if w.lower() != word.lower())
 
 
 def _load(cls, path, flag: str):

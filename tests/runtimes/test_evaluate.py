@@ -58,13 +58,20 @@ def test_encoder_metrics_are_the_dreambooth_papers(encoders):
     assert set(scores) == {"clip_t", "clip_i", "dino"} and all(v.shape == (3,) for v in scores.values())
     # by hand: CLIP cosine of each image to its prompt, and mean cosine to the instance images
     model = CLIPModel.from_pretrained(encoders / "clip").eval()
-    tokens = AutoTokenizer.from_pretrained(encoders / "clip")(prompts, padding=True, return_tensors="pt")
+    without_identifier = ["a photo of dog", "a dog", "a photo of a dog"]  # CLIP-T leaves the identifier out
+    tokens = AutoTokenizer.from_pretrained(encoders / "clip")(without_identifier, padding=True, return_tensors="pt")
     pixels = AutoImageProcessor.from_pretrained(encoders / "clip")(images=list(images), return_tensors="pt")
     with torch.no_grad():
         i = model.get_image_features(**pixels).pooler_output
         t = model.get_text_features(**tokens).pooler_output
     expected = torch.nn.functional.cosine_similarity(i, t).numpy()
     np.testing.assert_allclose(scores["clip_t"], expected, atol=1e-5)
+    assert np.array_equal(scorer.score(images, prompts, None, instances)["clip_t"][1:], scores["clip_t"][1:])
+    assert not np.allclose(scorer.score(images, prompts, None, instances)["clip_t"][0], scores["clip_t"][0])
+    # batching (32 at a time) changes nothing
+    many = np.concatenate([images] * 12)  # 36 images: two batches
+    np.testing.assert_allclose(scorer.score(many, prompts * 12, "sks", instances)["clip_t"], np.tile(scores["clip_t"], 12),
+                               atol=1e-5)
     # an image identical to one of two instances: its cosine to that one is 1
     self_clip = scorer.score(instances, prompts[:2], "sks", instances[:1])
     assert self_clip["clip_i"][0] == pytest.approx(1.0, abs=1e-5) and self_clip["dino"][0] == pytest.approx(1.0, abs=1e-5)
