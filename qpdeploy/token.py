@@ -78,6 +78,7 @@ class TokenTuner:
         self.identifier, self.ids = identifier, identifier_token_ids(pipe, identifier)
         self.encoders = {name: encoder for name, (_, encoder) in text_encoders(pipe).items()}
         self.rows = {}
+        self._trainable = {name: [p.requires_grad for p in e.parameters()] for name, e in self.encoders.items()}
         for name, encoder in self.encoders.items():
             encoder.requires_grad_(False)
             table = encoder.get_input_embeddings().weight
@@ -111,10 +112,14 @@ class TokenTuner:
         return {PREFIX + name: row.detach().float().cpu().clone() for name, row in self.rows.items()}
 
     def release(self) -> None:
-        """Remove the hooks: the encoders compute as before training."""
+        """Remove the hooks and restore the encoders' requires_grad flags: they compute as
+        before training."""
         for hook in self._hooks:
             hook.remove()
         self._hooks = []
+        for name, encoder in self.encoders.items():
+            for parameter, flag in zip(encoder.parameters(), self._trainable[name]):
+                parameter.requires_grad_(flag)
 
     # -- checkpoints: plain tensors and JSON ---------------------------------------------
     def state_tensors(self) -> dict[str, torch.Tensor]:

@@ -47,6 +47,7 @@ def test_the_row_trains_travels_in_the_pack_and_reproduces_the_trained_condition
     # the encoders themselves were never written, and their hooks are gone
     for name, (_, enc) in text_encoders(pipe).items():
         assert torch.equal(enc.get_input_embeddings().weight, tables[name])
+        assert all(p.requires_grad for p in enc.parameters())  # as the caller's pipeline had them
     assert torch.equal(encode_prompts(pipe, [PROMPT], "cpu")[0], before[0])
     pack = load_pack(path)
     ids = identifier_token_ids(pipe, "sks")
