@@ -176,8 +176,16 @@ class Bench:
                 "prior_weight": self.args.prior_weight}
 
     def float_row(self, row: str, subject, images: Path, seed: int) -> dict:
-        """DreamBooth on the float UNet: all weights (AdamW), LoRA rank 4 (peft), or textual
-        inversion (only the identifier's token embedding, ``qpdeploy.token.TokenTuner``)."""
+        """DreamBooth on the float UNet: all weights (AdamW; with ``--dreambooth-text-encoder-lr``
+        the text encoder trains too, as diffusers' ``--train_text_encoder``), LoRA rank 4 (peft),
+        or textual inversion (only the identifier's token embedding, ``qpdeploy.token.TokenTuner``)."""
+        original_encoder = self.pipe.text_encoder
+        try:
+            return self._float_row(row, subject, images, seed)
+        finally:
+            self.pipe.text_encoder = original_encoder  # a text encoder DreamBooth trained is this row's only
+
+    def _float_row(self, row: str, subject, images: Path, seed: int) -> dict:
         from diffusers import DDPMScheduler
 
         pipe = self.pipe
@@ -199,6 +207,12 @@ class Bench:
         params = [p for p in unet.parameters() if p.requires_grad]
         if tuner is not None:
             params = list(tuner.rows.values())
+        text_lr = self.args.dreambooth_text_encoder_lr if row == "fp_dreambooth" else 0.0
+        groups = [{"params": params, "lr": lr}]
+        if text_lr > 0:
+            pipe.text_encoder = copy.deepcopy(pipe.text_encoder).requires_grad_(True).train()
+            groups.append({"params": list(pipe.text_encoder.parameters()), "lr": text_lr})
+            params = params + groups[1]["params"]
         resolution = 32
         instance = load_instance_images(images, resolution, "center", 4, seed)
         prior = self.prior_options(subject)
@@ -208,7 +222,7 @@ class Bench:
                                    prior.get("class_prompt"), device=self.args.device)
         n_instance, n_prior = len(instance), len(priors)
         schedule = DDPMScheduler.from_config(pipe.scheduler.config)
-        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+        optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
         generator = torch.Generator().manual_seed(seed)
         memory = PeakMemory(self.args.device).reset()
         start = time.perf_counter()
@@ -226,6 +240,9 @@ class Bench:
             if tuner is not None:  # the instance prompt through the trainable row, every step
                 embeds = torch.cat([prompt_embeddings(pipe, [subject.instance_prompt().text], self.args.device)[0],
                                     embeds[1:]])
+            elif text_lr > 0:  # every prompt through the training text encoder, every step
+                texts = [subject.instance_prompt().text] + ([prior["class_prompt"]] if n_prior else [])
+                embeds = prompt_embeddings(pipe, texts, self.args.device)[0]
             pred = unet(schedule.add_noise(latents, noise, t), t, embeds[examples.prompt_index[idx]]).sample
             per_sample = (pred - noise).pow(2).mean(dim=(1, 2, 3))
             loss = per_sample[:batch].mean()
@@ -236,6 +253,8 @@ class Bench:
             optimizer.step()
         seconds, peak = time.perf_counter() - start, memory.peak()
         unet.eval()
+        if text_lr > 0:
+            pipe.text_encoder.eval().requires_grad_(False)
         trained = sum(p.numel() for p in params)
         token, rows = None, {}
         if tuner is not None:
@@ -296,6 +315,8 @@ def main(argv=None) -> None:
     parser.add_argument("--lr", type=float, default=1e-2, help="learning rate of the scales (relative units)")
     parser.add_argument("--token-lr", type=float, default=5e-3, help="identifier row learning rate of +token rows")
     parser.add_argument("--dreambooth-lr", type=float, default=1e-4)
+    parser.add_argument("--dreambooth-text-encoder-lr", type=float, default=0.0,
+                        help="> 0: full-precision DreamBooth also trains the text encoder at this learning rate")
     parser.add_argument("--lora-lr", type=float, default=1e-3)
     parser.add_argument("--split", choices=("dev", "test"), default="test",
                         help="prompts measured: dev for choosing settings, test for reporting")
