@@ -294,6 +294,13 @@ def describe_source(model: str | os.PathLike) -> dict:
     return {"kind": "directory" if path.is_dir() else "single-file", "path": str(path)}
 
 
+def model_folder(pipe) -> Path | None:
+    """The folder a pipeline was loaded from (where a model keeps its own extra files:
+    calibration prompts, recommended sampling), or None for one built in memory."""
+    root = getattr(pipe, "name_or_path", None) or pipe.config.get("_name_or_path")
+    return Path(root) if root else None
+
+
 SAMPLING_FILE = "qpdeploy_sampling.json"  # a model folder's recommended sampling settings
 SAMPLING_KEYS = {"guidance": float, "steps": int}
 
@@ -309,8 +316,8 @@ def model_sampling_defaults(pipe) -> dict:
     """
     import json
 
-    root = getattr(pipe, "name_or_path", None) or pipe.config.get("_name_or_path")
-    path = Path(root) / SAMPLING_FILE if root else None
+    folder = model_folder(pipe)
+    path = folder / SAMPLING_FILE if folder is not None else None
     if path is None or not path.is_file():
         return {}
     try:

@@ -13,7 +13,7 @@ from .calibrate import (calibrate_activations, capture_trajectories, spread_over
                         unet_outputs)
 from .config import QuantizeConfig
 from .io import claim_output, read_json
-from .models import check_resolution, describe_source, load_pipeline
+from .models import check_resolution, describe_source, load_pipeline, model_folder
 from .progress import stage
 from .prompts import CALIBRATION_FILE, CALIBRATION_PROMPTS, read_prompt_file
 from .qunet import convert_unet, float_weights_of, plan_layers, quantize_weights
@@ -97,8 +97,8 @@ def model_calibration_prompts(pipe) -> list[str] | None:
     A model whose vocabulary is not English (the bundled miniworld's word-level tokenizer
     knows only its world's words) ships the prompts it can read; others use the built-in list.
     """
-    root = getattr(pipe, "name_or_path", None) or pipe.config.get("_name_or_path")
-    path = Path(root) / CALIBRATION_FILE if root else None
+    folder = model_folder(pipe)
+    path = folder / CALIBRATION_FILE if folder is not None else None
     return read_prompt_file(path) if path is not None and path.is_file() else None
 
 
