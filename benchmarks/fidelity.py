@@ -90,7 +90,7 @@ class Bench:
 
     def __init__(self, args, workdir: Path):
         self.args, self.workdir = args, workdir
-        self.pipe = load_pipeline("miniworld")
+        self.pipe = load_pipeline(args.model)
         self.pipe.set_progress_bar_config(disable=True)
         self.evaluator = load_evaluator()
         self.bases = {}
@@ -98,7 +98,7 @@ class Bench:
     def base_dir(self, bits: int) -> Path:
         if bits not in self.bases:
             path = self.workdir / f"base-w{bits}a8"
-            quantize_model("miniworld", path, QuantizeConfig(weight_bits=bits, intervals=4), device=self.args.device)
+            quantize_model(self.args.model, path, QuantizeConfig(weight_bits=bits, intervals=4), device=self.args.device)
             self.bases[bits] = path
         return self.bases[bits]
 
@@ -307,6 +307,8 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="JSON report to write")
     parser.add_argument("--merge", type=Path, nargs="+", help="merge these reports into --out instead of running")
+    parser.add_argument("--model", default="miniworld",
+                        help="the base model (default: the bundled miniworld; a candidate rebuild's pipeline folder)")
     parser.add_argument("--subjects", default=",".join(SUBJECTS))
     parser.add_argument("--seeds", default="0,1")
     parser.add_argument("--rows", default=",".join(ROWS), help="comma-separated subset of " + ",".join(ROWS))

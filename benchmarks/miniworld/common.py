@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -59,6 +60,16 @@ class Clock:
         print(f"[{done / 60:6.1f} min] step {step}/{total} {fields} eta {eta / 60:.1f} min", flush=True)
 
 
+def bind_work(work: Path, settings: dict) -> None:
+    """Tie a work folder (checkpoints of a resumable run) to the run's ``settings``, kept in its
+    ``settings.json``: resuming it with other settings would mix two runs, so that exits."""
+    work.mkdir(parents=True, exist_ok=True)
+    path, mine = work / "settings.json", json.loads(json.dumps(settings, default=str))
+    if path.is_file() and json.loads(path.read_text(encoding="utf-8")) != mine:
+        sys.exit(f"error: {work} holds a run with other settings ({path}); use another --work or remove it")
+    path.write_text(json.dumps(mine, indent=2) + "\n", encoding="utf-8")
+
+
 class LoopCheckpoint:
     """Resumable training loops for the rebuild recipes: every ``every`` steps the loop's
     modules, optimizer, learning-rate schedule and random generators go to ``folder``
@@ -77,11 +88,11 @@ class LoopCheckpoint:
     def save(self, step: int, modules: dict, optimizer, schedule, rng, generator) -> None:
         from safetensors.torch import save_file
 
-        tensors = {f"module.{name}.{k}": v.detach().contiguous().clone()
+        tensors = {f"module.{name}.{k}": v.detach().cpu().contiguous().clone()
                    for name, module in modules.items() for k, v in module.state_dict().items()}
         optim = optimizer.state_dict()
         for index, state in optim["state"].items():
-            tensors.update({f"optim.{index}.{k}": v.detach().contiguous().clone() for k, v in state.items()})
+            tensors.update({f"optim.{index}.{k}": v.detach().cpu().contiguous().clone() for k, v in state.items()})
         tensors["generator"] = generator.get_state()
         meta = {"step": step, "param_groups": optim["param_groups"], "schedule": schedule.state_dict(),
                 "optim_keys": {str(i): sorted(s) for i, s in optim["state"].items()},

@@ -122,8 +122,10 @@ def train_diffusion(
     seed: int = 0,
     checkpoint: LoopCheckpoint | None = None,
     describe_options: dict | None = None,
+    device: str = "cpu",
 ):
-    """Train text encoder and UNet jointly; return their EMA copies (eval mode).
+    """Train text encoder and UNet jointly on ``device``; return their EMA copies (eval mode,
+    on the CPU). Noise and batches are drawn on the CPU, so every device sees the same stream.
 
     ``describe_options`` go to ``qpdeploy.miniworld.prompts.describe`` for every caption
     (how often colour and background are left out, how often a stray identifier appears).
@@ -134,6 +136,7 @@ def train_diffusion(
 
     noise_scheduler = DDPMScheduler(**SCHEDULE)
     alphas_cumprod = noise_scheduler.alphas_cumprod
+    unet, text_encoder = unet.to(device), text_encoder.to(device)
     params = [*unet.parameters(), *text_encoder.parameters()]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)  # no decay: unused identifier embeddings stay put
     warmup = 200
@@ -155,10 +158,10 @@ def train_diffusion(
         noisy = noise_scheduler.add_noise(latents, noise, t)
         ids = tokenizer(captions([data.scenes[i] for i in idx], rng, caption_dropout, **(describe_options or {})), padding="max_length",
                         max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
-        context = text_encoder(ids)[0]  # (B, L, D): the pipeline uses last_hidden_state, no mask
-        pred = unet(noisy, t, context).sample
-        per_sample = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))
-        loss = (per_sample * min_snr_weights(alphas_cumprod, t, min_snr_gamma)).mean()
+        context = text_encoder(ids.to(device))[0]  # (B, L, D): the pipeline uses last_hidden_state, no mask
+        pred = unet(noisy.to(device), t.to(device), context).sample
+        per_sample = F.mse_loss(pred, noise.to(device), reduction="none").mean(dim=(1, 2, 3))
+        loss = (per_sample * min_snr_weights(alphas_cumprod, t, min_snr_gamma).to(device)).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -170,4 +173,4 @@ def train_diffusion(
             clock.log(step, steps, loss=loss.item(), lr=schedule.get_last_lr()[0])
         if checkpoint.due(step, steps):
             checkpoint.save(step, modules, optimizer, schedule, rng, generator)
-    return ema_text.shadow, ema_unet.shadow
+    return ema_text.shadow.cpu(), ema_unet.shadow.cpu()

@@ -25,10 +25,11 @@ import torch
 
 from qpdeploy.miniworld.prompts import build_tokenizer, calibration_prompts
 from qpdeploy.prompts import CALIBRATION_FILE
+from qpdeploy.miniworld.subjects import mixed_scenes
 from qpdeploy.miniworld.world import IMAGE_SIZE, random_scene, render_batch, train_combos
 
 from . import diffusion, vae as vae_stage
-from .common import ASSETS_DIR, Clock, LoopCheckpoint, folder_megabytes, setup, update_report
+from .common import ASSETS_DIR, Clock, LoopCheckpoint, bind_work, folder_megabytes, setup, update_report
 
 
 @dataclass(frozen=True)
@@ -54,14 +55,23 @@ class BaseRecipe:
     caption_dropout: float = 0.1
     drop_colour: float = 0.3  # captions without a colour: DreamBooth's prompts name none
     identifier_rate: float = 0.1  # captions with a stray identifier: known-but-weak tokens
+    textured: float = 0.0  # share of pretraining scenes that show a two-colour decoy look (colour-less caption)
     ema_decay: float = 0.999
     min_snr_gamma: float = 5.0
 
 
-def pretraining_latents(vae, n: int, seed: int) -> diffusion.LatentSet:
-    """Render ``n`` pretraining scenes and encode them with the VAE."""
+def pretraining_latents(vae, n: int, seed: int, textured: float = 0.0) -> diffusion.LatentSet:
+    """Render ``n`` pretraining scenes and encode them with the VAE.
+
+    A share ``textured`` of them shows decoys: two-colour objects (halves, bands, dots,
+    checkers) on every background whose looks resemble no subject, bundled or unseen. A
+    model that has drawn patterned things everywhere learns a subject as one more pattern,
+    as Stable Diffusion does, instead of learning to pattern at all from a few photos."""
     rng = np.random.default_rng(seed)
-    scenes = [random_scene(rng, train_combos()) for _ in range(n)]
+    if textured:
+        scenes = mixed_scenes(rng, n, plain=1.0 - textured, subjects=0.0, combos=train_combos())
+    else:  # the plain-only stream of the models trained before decoys joined pretraining
+        scenes = [random_scene(rng, train_combos()) for _ in range(n)]
     mean, std = vae_stage.encode(vae, render_batch(scenes))
     return diffusion.LatentSet(scenes, mean, std)
 
@@ -95,7 +105,7 @@ def save_pipeline(pipe, folder: Path) -> Path:
 
 
 def train(recipe: BaseRecipe, reuse_vae: Path | None = None, init_from: Path | None = None,
-          work: Path | None = None) -> tuple[object, dict]:
+          work: Path | None = None, device: str = "cpu") -> tuple[object, dict]:
     """Steps 1-4 of the module docstring; returns the pipeline and per-stage figures.
 
     ``reuse_vae`` (a saved AutoencoderKL folder) skips step 1, for experiments on later stages.
@@ -104,6 +114,8 @@ def train(recipe: BaseRecipe, reuse_vae: Path | None = None, init_from: Path | N
     ``work``: a folder for checkpoints. Every training loop checkpoints itself there and each
     finished stage saves its models, so a rerun with the same recipe and ``work`` continues
     where an interrupted one stopped and ends with the same weights.
+    ``device``: where the training loops run ("cuda" on a GPU); batches and noise are drawn
+    on the CPU either way, so only floating-point rounding differs between devices.
     """
     figures, clock = {}, Clock()
     stage_dir = (lambda name: work / name) if work is not None else (lambda name: None)
@@ -116,7 +128,7 @@ def train(recipe: BaseRecipe, reuse_vae: Path | None = None, init_from: Path | N
     elif reuse_vae is None:
         vae = _finished(stage_dir("vae"), "vae") or vae_stage.train_vae(
             recipe.vae_steps, recipe.vae_batch, recipe.vae_lr, recipe.kl_weight, recipe.seed, recipe.vae_channels,
-            checkpoint=loop("vae-loop"))
+            checkpoint=loop("vae-loop"), device=device)
         _keep(stage_dir("vae"), vae=vae)
     else:
         from diffusers import AutoencoderKL
@@ -126,7 +138,7 @@ def train(recipe: BaseRecipe, reuse_vae: Path | None = None, init_from: Path | N
     figures["vae"] = vae_stage.vae_report(vae, recipe.seed)
     figures["vae"].update(elapsed_wall_seconds=round(clock.seconds(), 1), elapsed_cpu_seconds=round(clock.cpu_seconds(), 1))
     # 2. Pretraining latents
-    data = pretraining_latents(vae, recipe.scenes, recipe.seed + 1)
+    data = pretraining_latents(vae, recipe.scenes, recipe.seed + 1, recipe.textured)
     # A continued model keeps the latent scale its UNet was trained with.
     scaling = vae.config.scaling_factor if init_from is not None else latent_scaling_factor(data, recipe.seed)
     vae.register_to_config(scaling_factor=scaling)
@@ -150,7 +162,7 @@ def train(recipe: BaseRecipe, reuse_vae: Path | None = None, init_from: Path | N
     text_encoder, unet = done or diffusion.train_diffusion(
         data, tokenizer, text_encoder, unet, scaling, recipe.unet_steps, recipe.unet_batch, recipe.unet_lr,
         recipe.caption_dropout, recipe.ema_decay, recipe.min_snr_gamma, recipe.seed, loop("phase1-loop"),
-        _describe_options(recipe),
+        _describe_options(recipe), device,
     )
     _keep(stage_dir("phase1"), text_encoder=text_encoder, unet=unet)
     if recipe.restart_steps and init_from is None:
@@ -158,11 +170,11 @@ def train(recipe: BaseRecipe, reuse_vae: Path | None = None, init_from: Path | N
         # schedule on freshly drawn scenes (the shipped model's second phase).
         done = _finished(stage_dir("phase2"), "text_encoder", "unet")
         if not done:
-            data = pretraining_latents(vae, recipe.scenes, recipe.seed + 2)
+            data = pretraining_latents(vae, recipe.scenes, recipe.seed + 2, recipe.textured)
         text_encoder, unet = done or diffusion.train_diffusion(
             data, tokenizer, text_encoder.requires_grad_(True), unet.requires_grad_(True), scaling,
             recipe.restart_steps, recipe.unet_batch, recipe.unet_lr, recipe.caption_dropout, recipe.ema_decay,
-            recipe.min_snr_gamma, recipe.seed + 1, loop("phase2-loop"), _describe_options(recipe),
+            recipe.min_snr_gamma, recipe.seed + 1, loop("phase2-loop"), _describe_options(recipe), device,
         )
         _keep(stage_dir("phase2"), text_encoder=text_encoder, unet=unet)
     figures["diffusion"] = {"elapsed_wall_seconds": round(clock.seconds(), 1), "elapsed_cpu_seconds": round(clock.cpu_seconds(), 1)}
@@ -183,15 +195,6 @@ def write_sampling_defaults(folder: Path) -> None:
 
 def _describe_options(recipe: BaseRecipe) -> dict:
     return {"drop_colour": recipe.drop_colour, "identifier_rate": recipe.identifier_rate}
-
-
-def _bind_work(work: Path, recipe: BaseRecipe) -> None:
-    """A work folder belongs to one recipe: resuming it with other settings would mix runs."""
-    work.mkdir(parents=True, exist_ok=True)
-    path, mine = work / "recipe.json", json.loads(json.dumps(asdict(recipe)))
-    if path.is_file() and json.loads(path.read_text(encoding="utf-8")) != mine:
-        sys.exit(f"error: {work} holds a run of another recipe ({path}); use another --work or remove it")
-    path.write_text(json.dumps(mine, indent=2) + "\n", encoding="utf-8")
 
 
 def _finished(folder: Path | None, *parts: str):
@@ -222,11 +225,15 @@ def main(argv=None) -> None:
     for name in ("seed", "threads", "vae_steps", "scenes", "unet_steps", "unet_batch", "restart_steps"):
         parser.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(defaults, name))
     parser.add_argument("--unet-lr", type=float, default=defaults.unet_lr)
+    parser.add_argument("--textured", type=float, default=defaults.textured,
+                        help="share of pretraining scenes showing two-colour decoy looks")
     parser.add_argument("--out", type=Path, default=ASSETS_DIR, help="miniworld assets folder (pipeline/ goes inside)")
     parser.add_argument("--no-gate", action="store_true", help="skip step 5")
     parser.add_argument("--reuse-vae", type=Path, default=None, help="a saved AutoencoderKL folder: skip step 1 (experiments)")
     parser.add_argument("--init-from", type=Path, default=None,
                         help="a saved miniworld pipeline: continue training its text encoder and UNet")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="where training runs (default: the GPU when there is one)")
     parser.add_argument("--work", type=Path, default=Path("runs/miniworld-base"),
                         help="checkpoints and finished stages: rerun the same command to resume")
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -234,8 +241,8 @@ def main(argv=None) -> None:
     recipe = BaseRecipe(**{k: v for k, v in vars(args).items() if k in BaseRecipe.__dataclass_fields__})
     setup(recipe.threads, recipe.seed)
     clock = Clock()
-    _bind_work(args.work, recipe)
-    pipe, figures = train(recipe, args.reuse_vae, args.init_from, args.work)
+    bind_work(args.work, asdict(recipe))
+    pipe, figures = train(recipe, args.reuse_vae, args.init_from, args.work, args.device)
     folder = save_pipeline(pipe, args.out / "pipeline")
     # qpdeploy quantize reads these instead of its English built-in list (unknown words here)
     (folder / CALIBRATION_FILE).write_text("\n".join(calibration_prompts()) + "\n", encoding="utf-8")
@@ -248,6 +255,7 @@ def main(argv=None) -> None:
         "train_wall_seconds": round(clock.seconds(), 1),
         "train_cpu_seconds": round(clock.cpu_seconds(), 1),
         "torch_threads": recipe.threads,
+        "device": args.device,
         "reused_vae": str(args.reuse_vae) if args.reuse_vae else None,
         "init_from": str(args.init_from) if args.init_from else None,
     }

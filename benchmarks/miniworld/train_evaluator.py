@@ -1,11 +1,12 @@
 """Train the miniworld evaluator and ship it with its held-out accuracy.
 
-    python -m benchmarks.miniworld.train_evaluator [--steps 3000] [--threads 1] [--out DIR]
+    python -m benchmarks.miniworld.train_evaluator [--steps 3000] [--threads 1] [--out DIR] [--work DIR]
 
 Scenes are rendered fresh for every batch (an endless stream, so nothing to overfit) and
 augmented with colour jitter, blur and noise, so the evaluator also reads the slightly soft,
 slightly off-colour images a diffusion model makes. Accuracy is then measured on renders from
-a seed never used in training, clean and augmented, and written to the report.
+a seed never used in training, clean and augmented, and written to the report. The loop
+checkpoints itself into ``--work`` every 250 steps: rerunning the same command resumes it.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from qpdeploy.miniworld.evaluator import HEADS, Evaluator, EvaluatorConfig, save
 from qpdeploy.miniworld.subjects import mixed_scenes
 from qpdeploy.miniworld.world import BACKGROUNDS, COLOURS, Scene, Smudge, contrasts, random_thing, render_batch
 
-from .common import ASSETS_DIR, Clock, folder_megabytes, setup, update_report
+from .common import ASSETS_DIR, Clock, LoopCheckpoint, bind_work, folder_megabytes, setup, update_report
 
 TEST_SEED = 10_000  # renders for the held-out accuracy; training uses seeds below it
 
@@ -103,7 +104,7 @@ def supervised_contrastive(z: torch.Tensor, keys: torch.Tensor, temperature: flo
     """SupCon loss (Khosla et al. 2020) on unit embeddings z (N, D): images of one identity
     attract, all others repel."""
     logits = z @ z.T / temperature
-    self_mask = torch.eye(len(z), dtype=torch.bool)
+    self_mask = torch.eye(len(z), dtype=torch.bool, device=z.device)
     logits = logits.masked_fill(self_mask, -1e9)
     positives = (keys[:, None] == keys[None, :]) & ~self_mask
     log_prob = logits - logits.logsumexp(dim=1, keepdim=True)
@@ -123,7 +124,7 @@ def loss_fn(out: dict[str, torch.Tensor], labels: dict[str, torch.Tensor]) -> to
 
 
 def train(steps: int, batch_size: int, lr: float, seed: int, vae=None, trip: float = 0.5, instance_dim: int = 0,
-          contrastive: float = 1.0) -> Evaluator:
+          contrastive: float = 1.0, checkpoint: LoopCheckpoint | None = None, device: str = "cpu") -> Evaluator:
     """AdamW with warmup and cosine decay on a stream of fresh augmented renders.
 
     Args:
@@ -131,28 +132,36 @@ def train(steps: int, batch_size: int, lr: float, seed: int, vae=None, trip: flo
             trip through this VAE, so the evaluator reads decoded images as well as crisp ones.
         instance_dim: > 0 adds the instance embedding, trained with a supervised contrastive
             loss (weight ``contrastive``) on two views of every object.
+        checkpoint: saves the loop on its schedule and resumes from its latest save.
+        device: where the evaluator trains; images are rendered, round-tripped and augmented
+            on the CPU (the same stream on every device). Returns the model on the CPU.
     """
     config = EvaluatorConfig(instance_dim=instance_dim)
-    model = Evaluator(config)
+    model = Evaluator(config).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 100) * 0.5 * (1 + math.cos(math.pi * s / steps)))
     rng, generator, clock = np.random.default_rng(seed), torch.Generator().manual_seed(seed), Clock()
-    for step in range(1, steps + 1):
+    checkpoint = checkpoint or LoopCheckpoint(None)
+    first = checkpoint.load({"evaluator": model}, optimizer, schedule, rng, generator) + 1
+    for step in range(first, steps + 1):
         images, labels, scenes = batch(rng, batch_size, config, second_view=bool(instance_dim))
         if vae is not None:
             pick = torch.rand(len(images), generator=generator) < trip
             images[pick] = round_trip(vae, images[pick])
-        out = model(augment(images, generator))
-        loss = loss_fn(out, labels)
+        out = model(augment(images, generator).to(device))
+        loss = loss_fn(out, {k: v.to(device) for k, v in labels.items()})
         if instance_dim:
-            loss = loss + contrastive * supervised_contrastive(out["instance"], identity_keys(scenes))
+            keys = identity_keys(scenes).to(device)
+            loss = loss + contrastive * supervised_contrastive(out["instance"], keys)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         schedule.step()
         if step % 100 == 0 or step == steps:
             clock.log(step, steps, loss=loss.item())
-    return model.eval()
+        if checkpoint.due(step, steps):
+            checkpoint.save(step, {"evaluator": model}, optimizer, schedule, rng, generator)
+    return model.cpu().eval()
 
 
 @torch.no_grad()
@@ -189,6 +198,10 @@ def main(argv=None) -> None:
     parser.add_argument("--vae", type=Path, default=None, help="a VAE folder whose round trips are trained on (v2)")
     parser.add_argument("--trip", type=float, default=0.5, help="fraction of images replaced by their round trip")
     parser.add_argument("--instance-dim", type=int, default=0, help="> 0: train an instance embedding (v2)")
+    parser.add_argument("--work", type=Path, default=Path("runs/miniworld-evaluator"),
+                        help="loop checkpoints: rerun the same command to resume")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="where training runs (default: the GPU when there is one)")
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     setup(args.threads, args.seed)
@@ -198,7 +211,9 @@ def main(argv=None) -> None:
         from diffusers import AutoencoderKL
 
         vae = AutoencoderKL.from_pretrained(args.vae, local_files_only=True).eval().requires_grad_(False)
-    model = train(args.steps, args.batch_size, args.lr, args.seed, vae, args.trip, args.instance_dim)
+    bind_work(args.work, {k: v for k, v in vars(args).items() if k not in ("out", "work", "threads", "device")})
+    model = train(args.steps, args.batch_size, args.lr, args.seed, vae, args.trip, args.instance_dim,
+                  checkpoint=LoopCheckpoint(args.work / "evaluator-loop", every=250), device=args.device)
     folder = save_evaluator(model, args.out / "evaluator")
     report = {
         "held_out_accuracy": held_out_accuracy(model),
@@ -209,7 +224,7 @@ def main(argv=None) -> None:
         "train": {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
                   "vae": None if args.vae is None else str(args.vae), "trip": args.trip,
                   "instance_dim": args.instance_dim,
-                  "threads": args.threads, "wall_seconds": round(clock.seconds(), 1),
+                  "threads": args.threads, "device": args.device, "wall_seconds": round(clock.seconds(), 1),
                   "cpu_seconds": round(clock.cpu_seconds(), 1)},
         "command": " ".join(["python -m benchmarks.miniworld.train_evaluator", *argv]),
     }

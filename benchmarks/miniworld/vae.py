@@ -67,8 +67,10 @@ def vae_scenes(rng: np.random.Generator, n: int):
 
 
 def train_vae(steps: int, batch_size: int, lr: float, kl_weight: float, seed: int,
-              channels: tuple[int, ...] = (16, 32, 64), latent_channels: int = 4, checkpoint: LoopCheckpoint | None = None):
-    """L1 + MSE reconstruction plus a small KL term, on fresh renders every step.
+              channels: tuple[int, ...] = (16, 32, 64), latent_channels: int = 4, checkpoint: LoopCheckpoint | None = None,
+              device: str = "cpu"):
+    """L1 + MSE reconstruction plus a small KL term, on fresh renders every step, on ``device``
+    (renders and posterior samples are drawn on the CPU: the same stream on every device).
 
     With ``checkpoint`` the loop saves itself on its schedule and continues from the latest
     checkpoint there.
@@ -76,7 +78,7 @@ def train_vae(steps: int, batch_size: int, lr: float, kl_weight: float, seed: in
     Returns:
         The trained AutoencoderKL in eval mode.
     """
-    vae = build_vae(channels, latent_channels)
+    vae = build_vae(channels, latent_channels).to(device)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
     warmup = 100
     schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -86,9 +88,9 @@ def train_vae(steps: int, batch_size: int, lr: float, kl_weight: float, seed: in
     checkpoint = checkpoint or LoopCheckpoint(None)
     first = checkpoint.load({"vae": vae}, optimizer, schedule, rng, generator) + 1
     for step in range(first, steps + 1):
-        x = to_model_range(render_batch(vae_scenes(rng, batch_size)))
+        x = to_model_range(render_batch(vae_scenes(rng, batch_size))).to(device)
         posterior = vae.encode(x).latent_dist
-        y = vae.decode(posterior.sample(generator)).sample
+        y = vae.decode(posterior.sample(generator)).sample  # diffusers draws on the generator's device
         rec = F.l1_loss(y, x) + F.mse_loss(y, x)
         kl = posterior.kl().mean() / posterior.mean[0].numel()  # per latent element
         loss = rec + kl_weight * kl
@@ -100,7 +102,7 @@ def train_vae(steps: int, batch_size: int, lr: float, kl_weight: float, seed: in
             clock.log(step, steps, rec=rec.item(), kl=kl.item())
         if checkpoint.due(step, steps):
             checkpoint.save(step, {"vae": vae}, optimizer, schedule, rng, generator)
-    return vae.eval()
+    return vae.cpu().eval()
 
 
 @torch.no_grad()

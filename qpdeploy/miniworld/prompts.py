@@ -124,15 +124,17 @@ def describe(
     drop_background: float = 0.1,
     identifier_rate: float = 0.0,
 ) -> Prompt:
-    """A random pretraining caption for a plain-coloured scene.
+    """A random pretraining caption for a world scene (no subject).
 
     The colour or the background is left out of some captions, so the model also learns
     prompts such as ``"a circle on a sand background"`` (the class prompts of DreamBooth).
+    A two-colour object (a decoy look) is captioned without a colour: the vocabulary has no
+    words for looks, as real captions rarely say how an object is patterned.
     With probability ``identifier_rate`` the caption also carries a random identifier token
     that says nothing about the picture (known-but-weak identifiers, see ``IDENTIFIERS``).
     """
-    if scene.colour is None:
-        raise ValueError("pretraining captions describe plain-coloured scenes only")
+    if scene.subject is not None:
+        raise ValueError(f"pretraining captions describe world scenes, not subject {scene.subject!r}")
     colour = None if rng.random() < drop_colour else scene.colour
     background = None if rng.random() < drop_background else scene.background
     n_templates = len(TEMPLATES if background else BARE_TEMPLATES)

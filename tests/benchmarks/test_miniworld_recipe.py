@@ -43,3 +43,33 @@ def test_an_interrupted_diffusion_run_resumes_bit_identical(tmp_path):
         assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
     first = tiny_run(2)[1].state_dict()
     assert any(not torch.equal(first[k], whole_unet.state_dict()[k]) for k in first)  # the last steps did train
+
+
+def test_an_interrupted_evaluator_run_resumes_bit_identical(tmp_path):
+    from benchmarks.miniworld import train_evaluator
+
+    def run(checkpoint=None):
+        torch.manual_seed(0)
+        return train_evaluator.train(4, 8, 1e-3, seed=5, instance_dim=8, checkpoint=checkpoint).state_dict()
+
+    whole = run()
+    with pytest.raises(Killed):
+        run(KilledAfterFirstSave(tmp_path / "ckpt", every=2))
+    resumed = run(LoopCheckpoint(tmp_path / "ckpt", every=2))
+    assert whole.keys() == resumed.keys() and all(torch.equal(whole[k], resumed[k]) for k in whole)
+
+
+def test_textured_pretraining_shows_decoys_in_the_asked_share_and_never_a_subject(monkeypatch):
+    import benchmarks.miniworld.vae as vae_stage
+    from benchmarks.miniworld.train_base import pretraining_latents
+    from qpdeploy.miniworld.subjects import SUBJECTS, UNSEEN_SUBJECTS, _resembles
+
+    # the scene lists are what this test reads: encoding is replaced by zeros
+    monkeypatch.setattr(vae_stage, "encode", lambda vae, images: (torch.zeros(len(images), 1),) * 2)
+    plain = pretraining_latents(None, 600, seed=1).scenes
+    mixed = pretraining_latents(None, 600, seed=1, textured=0.3).scenes
+    assert all(s.colour is not None for s in plain)
+    decoys = [s for s in mixed if s.colour is None]
+    assert 0.24 < len(decoys) / len(mixed) < 0.36
+    assert not any(_resembles(s.thing.shape, s.thing.look, subject)
+                   for s in decoys for subject in (*SUBJECTS.values(), *UNSEEN_SUBJECTS))

@@ -71,6 +71,20 @@ def test_captions_follow_their_specs():
     assert 0.17 < len(found) / len(stray) < 0.23 and set(found) == set(P.IDENTIFIERS)
 
 
+def test_decoy_captions_name_shape_and_background_never_a_colour():
+    from qpdeploy.miniworld.subjects import SUBJECTS, mixed_scenes
+
+    rng = np.random.default_rng(0)
+    decoys = [s for s in mixed_scenes(rng, 400, plain=0.0, subjects=0.0)]
+    assert len(decoys) == 400 and all(s.colour is None and s.subject is None for s in decoys)
+    captions = [P.describe(s, rng, drop_colour=0.0, drop_background=0.0) for s in decoys]
+    assert all(c.colour is None and c.shape == s.thing.shape and c.background == s.background
+               for c, s in zip(captions, decoys))
+    subject = SUBJECTS["sks"].scene(rng)
+    with pytest.raises(ValueError, match="not subject 'sks'"):
+        P.describe(subject, rng)
+
+
 def test_decoys_never_resemble_a_subject():
     rng = np.random.default_rng(0)
     subjects = (*S.SUBJECTS.values(), *S.UNSEEN_SUBJECTS)
