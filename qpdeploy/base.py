@@ -70,11 +70,12 @@ class QuantizedBase:
 
 
 def base_state_dict(unet: nn.Module) -> dict[str, torch.Tensor]:
-    """What a base stores: everything but trainable scale sets and the router's map."""
+    """What a base stores: everything but trainable scale sets (plain, or parametrized while
+    training: ``<layer>.parametrizations.s_out.original<e>``) and the router's map."""
     return {
         k: v.detach().contiguous()
         for k, v in unet.state_dict().items()
-        if not (k.endswith(".s_out") or k.endswith(".s_in") or k.startswith(ROUTER_NAME + "."))
+        if not (k.endswith((".s_out", ".s_in")) or ".parametrizations.s_" in k or k.startswith(ROUTER_NAME + "."))
     }
 
 

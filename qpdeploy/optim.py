@@ -5,31 +5,62 @@ pushing a row after its gradient became zero, and weight decay shrinks rows that
 gradient at all. With S2, where a batch may not hold every interval, that silently trains
 scale sets on other intervals' data.
 
-Here each scale set is its own optimizer parameter: set e is one flat float32 vector
-``delta[e]`` holding, for every quantized layer in module order, its ``s_out`` row and (with
-input scales) its ``s_in`` row in relative units,
+So while training, each layer's tables are parametrized (``torch.nn.utils.parametrize``):
+the real parameters are one vector per layer, table and scale set, in relative units,
 
-    s_out[e] = s_ptq * (1 + delta_out)        s_in[e] = 1 + delta_in
+    s_out[e] = s_ptq * (1 + delta_out[e])        s_in[e] = 1 + delta_in[e]
 
-so the learning rate is a fraction of the post-training scale whatever the layer, and
-weight decay pulls towards the post-training scales. ``torch.optim.AdamW`` skips a
-parameter whose ``.grad`` is None entirely (no moment update, no step count, no decay), so
-a set the batch was not routed to is handed no gradient and stays bit for bit where it was.
+and ``layer.s_out`` / ``layer.s_in`` are computed from them at every access, so autograd
+delivers the gradients where the optimizer steps (clipping, gradient scaling or another
+optimizer on ``unet.parameters()`` see the tensors that actually train). The learning rate
+is a fraction of the post-training scale whatever the layer, and weight decay pulls towards
+the post-training scales. ``torch.optim.AdamW`` skips a parameter whose ``.grad`` is None
+entirely (no moment update, no step count, no decay); a set the batch was not routed to is
+handed no gradient and stays bit for bit where it was. Releasing the optimizer bakes the
+tables back into plain, frozen tensors.
 """
 
 from __future__ import annotations
 
 import torch
+from torch import nn
+from torch.nn.utils import parametrize
 
 from .layers import quant_layers
 
+TABLES = ("s_out", "s_in")
+
+
+class RelativeScales(nn.Module):
+    """Parametrization of an (E, C) scale table as E vectors relative to a reference row:
+    ``table[e] = reference * (1 + delta[e])``; the reference is ``s_ptq`` for ``s_out`` and
+    ones for ``s_in``. A set equal to its reference has ``delta`` exactly 0."""
+
+    def __init__(self, layer, table: str):
+        super().__init__()
+        object.__setattr__(self, "layer", layer)  # read, not owned (not a submodule)
+        self.table = table
+
+    def reference(self) -> torch.Tensor:
+        return self.layer.s_ptq if self.table == "s_out" else None
+
+    def forward(self, *deltas: torch.Tensor) -> torch.Tensor:
+        table = 1 + torch.stack(deltas)
+        reference = self.reference()
+        return table if reference is None else reference * table
+
+    def right_inverse(self, table: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        reference = self.reference()
+        relative = table if reference is None else table / reference
+        return tuple(row - 1 for row in relative.detach().float())
+
 
 class ScaleSetOptimizer:
-    """``torch.optim.AdamW`` with one parameter per scale set of a quantized UNet.
+    """``torch.optim.AdamW`` over the scale sets of a quantized UNet, one set at a time.
 
     Args:
         unet: a quantized UNet whose layers hold E >= 1 trainable scale sets; their
-            ``s_out`` (and ``s_in``) are switched to ``requires_grad`` here.
+            ``s_out`` (and ``s_in``) are parametrized here until :meth:`release`.
         lr, weight_decay, betas, eps: AdamW hyperparameters (lr in relative units).
     """
 
@@ -39,104 +70,107 @@ class ScaleSetOptimizer:
         if len(sets) != 1 or 0 in sets:
             raise ValueError(f"every quantized layer needs the same number (>= 1) of scale sets, got {sorted(sets)}")
         self.num_sets = sets.pop()
+        self.sets: list[list[nn.Parameter]] = [[] for _ in range(self.num_sets)]
         for layer in self.layers:
-            layer.s_out.requires_grad_(True)
-            if layer.s_in is not None:
-                layer.s_in.requires_grad_(True)
-        with torch.no_grad():
-            self.delta = [self._read(e) for e in range(self.num_sets)]
-        self.optimizer = torch.optim.AdamW(self.delta, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+            for table in TABLES:
+                if getattr(layer, table) is None:
+                    continue
+                if not parametrize.is_parametrized(layer, table):
+                    parametrize.register_parametrization(layer, table, RelativeScales(layer, table))
+                originals = layer.parametrizations[table]
+                for e in range(self.num_sets):
+                    self.sets[e].append(getattr(originals, f"original{e}").requires_grad_(True))
+        self.optimizer = torch.optim.AdamW([p for params in self.sets for p in params], lr=lr, betas=betas, eps=eps,
+                                           weight_decay=weight_decay, foreach=True)
 
     @property
     def size(self) -> int:
         """Trainable values per set."""
-        return self.delta[0].numel()
+        return sum(p.numel() for p in self.sets[0])
 
-    def _read(self, e: int) -> torch.Tensor:
-        """delta of set e from the layers' current scales (0 for sets at their start)."""
-        parts = []
-        for layer in self.layers:
-            parts.append(layer.s_out[e].detach() / layer.s_ptq - 1)
-            if layer.s_in is not None:
-                parts.append(layer.s_in[e].detach() - 1)
-        return torch.cat(parts).float()
-
-    def _gradient(self, e: int) -> torch.Tensor:
-        """d loss / d delta[e] from the layers' scale gradients (chain rule of the relative form)."""
-        parts = []
-        for layer in self.layers:
-            g = layer.s_out.grad
-            parts.append(torch.zeros_like(layer.s_ptq) if g is None else g[e] * layer.s_ptq)
-            if layer.s_in is not None:
-                g = layer.s_in.grad
-                parts.append(torch.zeros_like(layer.s_in[e]) if g is None else g[e])
-        return torch.cat(parts)
-
-    @torch.no_grad()
-    def write(self, e: int) -> None:
-        """Install ``delta[e]`` into the layers' scale tables (row e)."""
-        d, offset = self.delta[e], 0
-        for layer in self.layers:
-            n = layer.out_features
-            layer.s_out[e] = layer.s_ptq * (1 + d[offset:offset + n])
-            offset += n
-            if layer.s_in is not None:
-                n = layer.in_features
-                layer.s_in[e] = 1 + d[offset:offset + n]
-                offset += n
+    def parameters(self, e: int) -> list[nn.Parameter]:
+        """The parameters of scale set ``e`` (every layer's ``delta_out[e]``, then ``delta_in[e]``)."""
+        return self.sets[e]
 
     def step(self, trained: list[bool], scaler=None) -> None:
         """One AdamW step on the sets with ``trained[e]``; the others are not touched.
 
         ``trained[e]`` says whether any sample since the last step was routed to set e.
-        The layers' scale gradients are consumed and cleared.
+        Gradients are consumed and cleared.
         """
-        for e, delta in enumerate(self.delta):
-            delta.grad = self._gradient(e) if trained[e] else None
+        for e, params in enumerate(self.sets):
+            for p in params:
+                if not trained[e]:
+                    p.grad = None
+                elif p.grad is None:  # a layer this step never ran: a zero gradient, as its set moves
+                    p.grad = torch.zeros_like(p)
         if scaler is None:
             self.optimizer.step()
         else:
             scaler.step(self.optimizer)
-        for e in range(self.num_sets):
-            if trained[e]:
-                self.write(e)
         self.zero_grad()
 
     def zero_grad(self) -> None:
-        """Clear the layers' scale gradients and the sets' gradients."""
-        for layer in self.layers:
-            layer.s_out.grad = None
-            if layer.s_in is not None:
-                layer.s_in.grad = None
-        for delta in self.delta:
-            delta.grad = None
+        """Clear the sets' gradients."""
+        self.optimizer.zero_grad(set_to_none=True)
 
     def release(self) -> None:
-        """Stop training: the scale tables no longer require gradients."""
+        """Stop training: the tables become plain frozen tensors holding the trained values."""
         self.zero_grad()
         for layer in self.layers:
-            layer.s_out.requires_grad_(False)
-            if layer.s_in is not None:
-                layer.s_in.requires_grad_(False)
+            if not parametrize.is_parametrized(layer):
+                continue
+            with torch.no_grad():
+                trained = [None if getattr(layer, t) is None else getattr(layer, t).clone() for t in TABLES]
+            for table in TABLES:
+                if parametrize.is_parametrized(layer, table):
+                    parametrize.remove_parametrizations(layer, table, leave_parametrized=True)
+            layer.set_scale_sets(*trained)
 
     # -- checkpoints: plain tensors and JSON, no pickle -------------------------------
+    # A set is stored as one flat vector in the parameters' order (every layer's s_out part,
+    # then its s_in part), and so is each of its AdamW moments; all parameters of a set step
+    # together, so they share one step count.
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """The sets and AdamW's per-set state as named tensors (for safetensors)."""
-        names = [str(e) for e in range(self.num_sets)]
-        return {**{f"delta.{n}": d.detach() for n, d in zip(names, self.delta)},
-                **adamw_state_tensors(self.optimizer, names)}
+        tensors = {}
+        state = self.optimizer.state
+        for e, params in enumerate(self.sets):
+            tensors[f"delta.{e}"] = torch.cat([p.detach().flatten() for p in params])
+            if params[0] in state:
+                for key in ("exp_avg", "exp_avg_sq"):
+                    tensors[f"adam.{e}.{key}"] = torch.cat([state[p][key].flatten() for p in params])
+                tensors[f"adam.{e}.step"] = torch.as_tensor(state[params[0]]["step"]).clone()
+        return tensors
 
     def hyperparameters(self) -> dict:
         """AdamW's param-group settings (JSON-able)."""
         return adamw_hyperparameters(self.optimizer)
 
     def load_state(self, tensors: dict[str, torch.Tensor], hyperparameters: dict) -> None:
-        """Restore :meth:`state_tensors` / :meth:`hyperparameters` and install every set."""
-        with torch.no_grad():
-            for e, delta in enumerate(self.delta):
-                delta.copy_(tensors[f"delta.{e}"])
-                self.write(e)
-        load_adamw_state(self.optimizer, tensors, hyperparameters, [str(e) for e in range(self.num_sets)])
+        """Restore :meth:`state_tensors` / :meth:`hyperparameters` into the sets."""
+        state, index = {}, 0
+        for e, params in enumerate(self.sets):
+            pieces = {key: self._split(tensors[f"adam.{e}.{key}"], params) for key in ("exp_avg", "exp_avg_sq")
+                      if f"adam.{e}.{key}" in tensors}
+            with torch.no_grad():
+                for p, value in zip(params, self._split(tensors[f"delta.{e}"], params)):
+                    p.copy_(value)
+            for j, _ in enumerate(params):
+                if pieces:
+                    state[index] = {"step": tensors[f"adam.{e}.step"].clone(),
+                                    **{key: values[j] for key, values in pieces.items()}}
+                index += 1
+        group = {k: (tuple(v) if isinstance(v, list) else v) for k, v in hyperparameters.items()}
+        group["params"] = list(range(index))
+        self.optimizer.load_state_dict({"state": state, "param_groups": [group]})
+
+    @staticmethod
+    def _split(flat: torch.Tensor, params: list[nn.Parameter]) -> list[torch.Tensor]:
+        sizes = [p.numel() for p in params]
+        if flat.numel() != sum(sizes):
+            raise ValueError(f"a checkpointed scale set holds {flat.numel()} values; this model's sets hold {sum(sizes)}")
+        return [piece.view_as(p).to(p.device, p.dtype) for piece, p in zip(flat.split(sizes), params)]
 
 
 def adamw_state_tensors(optimizer: torch.optim.Optimizer, names: list[str]) -> dict[str, torch.Tensor]:

@@ -442,9 +442,11 @@ def _train(base, images, out, config, pipe, source, config_dir, run_dir, class_d
 
     # 4. the loop
     memory = PeakMemory(device).reset()
-    run_training(trainer, run_dir, validator, show_progress)
-    peak = memory.peak()
-    trainer.finish()
+    try:
+        run_training(trainer, run_dir, validator, show_progress)
+        peak = memory.peak()
+    finally:  # even when the loop stops (Ctrl-C, an error), the caller's base is left frozen and plain
+        trainer.finish()
 
     # 5. the pack
     n = max(1, min(FINAL_LOSS_STEPS, len(trainer.losses) // 2))

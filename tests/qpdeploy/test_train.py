@@ -32,7 +32,14 @@ def make_trainer(cheap_base, tiny_pipe, instance_dir):
 
 
 def snapshot(unet):
-    return {k: v.detach().clone() for k, v in unet.state_dict().items()}
+    """Every tensor of the UNet; the scale tables as the layers compute them (while training,
+    their parameters are the parametrization's per-set vectors)."""
+    tensors = {k: v.detach().clone() for k, v in unet.state_dict().items() if ".parametrizations." not in k}
+    for name, layer in quant_layers(unet):
+        for table in ("s_out", "s_in"):
+            if getattr(layer, table) is not None:
+                tensors[f"{name}.{table}"] = getattr(layer, table).detach().clone()
+    return tensors
 
 
 def force_intervals(trainer, chosen):
@@ -137,7 +144,8 @@ def test_an_expert_whose_interval_is_never_sampled_stays_exactly_at_its_start(ma
         assert torch.equal(layer.s_in[2], torch.ones_like(layer.s_in[2]))
         assert not torch.equal(layer.s_out[0], start[f"{name}.s_out"][0])
     state = trainer.optimizer.optimizer.state
-    assert trainer.optimizer.delta[2] not in state and trainer.optimizer.delta[0] in state
+    assert not any(p in state for p in trainer.optimizer.parameters(2))
+    assert all(p in state for p in trainer.optimizer.parameters(0))
 
 
 def test_adamw_on_a_shared_scale_table_would_move_an_untrained_row():
@@ -160,12 +168,12 @@ def test_s1_gets_zero_gradient_outside_its_intervals(make_trainer):
     batch = trainer.make_batch(0)
     batch.timesteps = torch.tensor([600, 900])  # intervals 2 and 3: post-training scales
     trainer.loss(batch).backward()
-    layers = [layer for _, layer in quant_layers(trainer.unet)]
-    assert all(not layer.s_out.grad.any() and not layer.s_in.grad.any() for layer in layers)
+    params = trainer.optimizer.parameters(0)  # S1 has one set: every layer's s_out and s_in part
+    assert len(params) == 2 * len(trainer.optimizer.layers) and all(not p.grad.any() for p in params)
     trainer.optimizer.zero_grad()
     batch.timesteps = torch.tensor([10, 400])  # intervals 0 and 1: the trained set
     trainer.loss(batch).backward()
-    assert sum(bool(layer.s_out.grad.any()) for layer in layers) == len(layers)
+    assert all(p.grad.any() for p in params)
     trainer.optimizer.zero_grad()
     before = snapshot(trainer.unet)
     force_intervals(trainer, (2, 3))
@@ -207,8 +215,8 @@ def test_gradient_checkpointing_gives_bit_identical_gradients(make_trainer):
         trainer = make_trainer(strategy="s2", batch_size=4, train_input_scales=True,
                                gradient_checkpointing=checkpointing)
         trainer.loss(trainer.make_batch(0)).backward()
-        layers = trainer.optimizer.layers
-        grads.append(torch.cat([l.s_out.grad.flatten() for l in layers] + [l.s_in.grad.flatten() for l in layers]))
+        optimizer = trainer.optimizer
+        grads.append(torch.cat([p.grad.flatten() for e in range(optimizer.num_sets) for p in optimizer.parameters(e)]))
         assert trainer.unet.is_gradient_checkpointing == checkpointing
     assert grads[0].abs().sum() > 0 and torch.equal(grads[0], grads[1])
 
@@ -369,3 +377,27 @@ def test_a_checkpoint_written_before_a_config_field_existed_still_resumes(cheap_
     _, report = run(cheap_base, tiny_pipe, instance_dir, tmp_path / "new", steps=3, strategy="baseline",
                     resume=tmp_path / "old.run")
     assert report["resumed_from_step"] == 2 and report["steps"] == 3
+
+
+def test_the_scale_sets_are_the_unets_trainable_parameters_and_release_bakes_them(make_trainer):
+    from torch.nn.utils import parametrize
+
+    trainer = make_trainer(strategy="s2", intervals=4, batch_size=2, train_input_scales=True, lr=0.05)
+    optimizer = trainer.optimizer
+    trainable = [p for p in trainer.unet.parameters() if p.requires_grad]
+    sets = [p for e in range(optimizer.num_sets) for p in optimizer.parameters(e)]
+    assert len(trainable) == len(sets) == 2 * 4 * len(optimizer.layers)
+    assert {id(p) for p in trainable} == {id(p) for p in sets}  # what an outside clipper or optimizer would see
+    trainer.loss(trainer.make_batch(0)).backward()
+    norm = torch.nn.utils.clip_grad_norm_(trainable, max_norm=1e-6)  # a clip acts on the gradients that step
+    assert norm > 1e-6 and torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in sets])) < 1.01e-6
+    optimizer.zero_grad()
+    for _ in range(2):
+        trainer.train_step()
+    layer = optimizer.layers[0]
+    moved = layer.s_out.detach().clone()
+    assert not torch.equal(moved, layer.s_ptq.expand_as(moved))
+    trainer.finish()
+    assert not parametrize.is_parametrized(layer) and isinstance(layer.s_out, torch.nn.Parameter)
+    assert torch.equal(layer.s_out, moved) and not layer.s_out.requires_grad
+    assert not any(p.requires_grad for p in trainer.unet.parameters())
