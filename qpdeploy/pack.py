@@ -41,6 +41,8 @@ PACK_FILE = "pack.json"
 SCALES_FILE = "scales.safetensors"
 REPORT_FILE = "report.json"
 PACK_ARTIFACT = (PACK_FILE, PACK_KIND)  # header file and kind: what --force may replace
+_HEADER_KEYS = {"format_version", "kind", "strategy", "intervals", "s1_intervals", "num_sets", "input_scales",
+                "base_hash", "scales_sha256", "token"}  # the rest of pack.json is the pack's meta
 
 
 def set_map(strategy: str, k: int, s1_intervals=()) -> list[int]:
@@ -53,9 +55,10 @@ def num_sets_for(strategy: str, k: int) -> int:
     return get_strategy(strategy).num_sets(k)
 
 
-@dataclass
+@dataclass(frozen=True)
 class ScalePack:
-    """Trained scale sets plus what is needed to apply them correctly.
+    """Trained scale sets plus what is needed to apply them correctly (a frozen record:
+    :meth:`to_json` is its ``pack.json`` header, :meth:`from_json` reads one back).
 
     Attributes:
         strategy: "baseline", "s1" or "s2".
@@ -78,8 +81,43 @@ class ScalePack:
     tokens: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def __post_init__(self):
-        self.s1_intervals = tuple(int(i) for i in self.s1_intervals)
+        object.__setattr__(self, "s1_intervals", tuple(int(i) for i in self.s1_intervals))
         set_map(self.strategy, self.intervals.k, self.s1_intervals)  # validates
+
+    def to_json(self) -> dict:
+        """The ``pack.json`` header (without the tensors' hash, which belongs to the written file)."""
+        return {
+            "format_version": PACK_FORMAT_VERSION,
+            "kind": PACK_KIND,
+            "strategy": self.strategy,
+            "intervals": self.intervals.to_json(),
+            "s1_intervals": list(self.s1_intervals),
+            "num_sets": self.num_sets,
+            "input_scales": self.input_scales,
+            "base_hash": self.base_hash,
+            **({"token": self.token} if self.token else {}),
+            **self.meta,
+        }
+
+    @classmethod
+    def from_json(cls, header: dict, tensors: dict[str, torch.Tensor], where) -> "ScalePack":
+        """The pack a validated ``pack.json`` header and its tensors describe.
+
+        Raises:
+            QPDeployError: naming ``where``, when the header and the tensors disagree.
+        """
+        tensors = dict(tensors)
+        tokens = {k: tensors.pop(k) for k in [k for k in tensors if k.startswith(TOKEN_PREFIX)]}
+        token = header.get("token")
+        if bool(tokens) != bool(token):
+            raise QPDeployError(f"{where}: identifier rows and the token record must come together "
+                                f"({len(tokens)} row(s), token record {'present' if token else 'missing'})")
+        try:
+            return cls(header["strategy"], Intervals.from_json(header["intervals"]), header["base_hash"], tensors,
+                       tuple(header["s1_intervals"]), {k: v for k, v in header.items() if k not in _HEADER_KEYS},
+                       token, tokens)
+        except QPDeployError as exc:
+            raise QPDeployError(f"{where}: {exc}") from None
 
     @property
     def num_sets(self) -> int:
@@ -125,19 +163,7 @@ def save_pack(out, pack: ScalePack, report: dict | None = None, force: bool = Fa
     with atomic_dir(out, force, PACK_ARTIFACT) as tmp:
         tensors = {k: v.detach().float().cpu().contiguous() for k, v in {**pack.scales, **pack.tokens}.items()}
         save_file(tensors, str(tmp / SCALES_FILE), metadata={"kind": PACK_KIND})
-        write_json(tmp / PACK_FILE, {
-            "format_version": PACK_FORMAT_VERSION,
-            "kind": PACK_KIND,
-            "strategy": pack.strategy,
-            "intervals": pack.intervals.to_json(),
-            "s1_intervals": list(pack.s1_intervals),
-            "num_sets": pack.num_sets,
-            "input_scales": pack.input_scales,
-            "base_hash": pack.base_hash,
-            "scales_sha256": file_sha256(tmp / SCALES_FILE),
-            **({"token": pack.token} if pack.token else {}),
-            **pack.meta,
-        })
+        write_json(tmp / PACK_FILE, {**pack.to_json(), "scales_sha256": file_sha256(tmp / SCALES_FILE)})
         if report is not None:
             if report.get("pack_bytes") is None:
                 report = {**report, "pack_bytes": dir_bytes(tmp)}
@@ -162,19 +188,7 @@ def load_pack(path) -> ScalePack:
         scales = load_file(str(scales_file))
     except (SafetensorError, OSError, ValueError) as exc:
         raise QPDeployError(f"cannot read {scales_file}: {exc}") from exc
-    core = {"format_version", "kind", "strategy", "intervals", "s1_intervals", "num_sets", "input_scales",
-            "base_hash", "scales_sha256", "token"}
-    tokens = {k: scales.pop(k) for k in [k for k in scales if k.startswith(TOKEN_PREFIX)]}
-    token = meta.get("token")
-    if bool(tokens) != bool(token):
-        raise QPDeployError(f"{path / PACK_FILE}: identifier rows and the token record must come together "
-                            f"({len(tokens)} row(s), token record {'present' if token else 'missing'})")
-    try:
-        return ScalePack(meta["strategy"], Intervals.from_json(meta["intervals"]), meta["base_hash"], scales,
-                         tuple(meta["s1_intervals"]), {k: v for k, v in meta.items() if k not in core},
-                         token, tokens)
-    except QPDeployError as exc:
-        raise QPDeployError(f"{path / PACK_FILE}: {exc}") from None
+    return ScalePack.from_json(meta, scales, path / PACK_FILE)
 
 
 def apply_pack(base, pack: ScalePack) -> None:

@@ -1,6 +1,7 @@
 """The scale pack: a fresh start changes nothing, the round trip is exact, and a pack only
 loads onto its own base."""
 
+import dataclasses
 import json
 
 import pytest
@@ -67,6 +68,9 @@ def test_pack_round_trip_is_exact(cheap_base, tmp_path, strategy, s1):
     assert loaded.meta["prompt"] == "a photo of sks dog" and loaded.meta["train"] == {"lr": 0.001}
     assert loaded.scales.keys() == pack.scales.keys()
     assert all(torch.equal(loaded.scales[k], pack.scales[k]) for k in pack.scales)
+    assert loaded.to_json() == pack.to_json()  # the record round-trips through pack.json exactly
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        loaded.strategy = "s1"
     assert json.loads((path / "report.json").read_text())["pack_bytes"] == (
         (path / "scales.safetensors").stat().st_size + (path / "pack.json").stat().st_size)
 
@@ -116,6 +120,6 @@ def test_damaged_packs_fail_with_one_line(cheap_base, tmp_path):
 def test_pack_with_the_wrong_number_of_sets_is_refused(cheap_base):
     base = cheap_base("sd1")
     pack = make_pack(base, "s2")
-    pack.scales = {k: v[:3] for k, v in pack.scales.items()}  # 3 sets for 4 intervals
+    pack = dataclasses.replace(pack, scales={k: v[:3] for k, v in pack.scales.items()})  # 3 sets for 4 intervals
     with pytest.raises(QPDeployError, match="does not hold 4 scale set"):
         apply_pack(cheap_base("sd1"), pack)
