@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from qpdeploy.config import MAX_BATCH, ConfigBase, check_all
 
-LAYOUTS = ("per-interval", "masked", "multi-expert")
+LAYOUTS = ("per-interval", "masked", "multi-expert", "multi-subject")
 
 # Opset 18: per-axis DequantizeLinear exists since opset 13; 18 is the newest opset whose
 # Q/DQ and normalization ops every TensorRT 10 release parses, ONNX Runtime runs it, and the
@@ -21,8 +21,9 @@ class ExportConfig(ConfigBase):
     """Every setting of ``qpdeploy export``.
 
     Attributes:
-        layout: "per-interval", "masked" or "multi-expert"; None picks from the pack's
-            strategy (masked for S1, per-interval for baseline, S2 and no pack).
+        layout: "per-interval", "masked", "multi-expert" or "multi-subject"; None picks
+            from the pack's strategy (masked for S1, per-interval for baseline, S2 and no
+            pack), and multi-subject when several packs are exported together.
         height, width: image size in pixels the graphs and engines are built for (None: the
             model's own resolution). Spatial shapes are fixed in the ONNX graphs.
         batch: UNet batch of the engines (2: one classifier-free-guidance pair). The ONNX
@@ -37,6 +38,9 @@ class ExportConfig(ConfigBase):
         build_engines: build TensorRT engines with Polygraphy (needs the ``trt`` extra).
         strongly_typed: build strongly typed TensorRT networks (precision from the graph:
             INT8 where Q/DQ say so, FP32 elsewhere) instead of the INT8 + FP16 builder flags.
+        max_subjects: multi-subject layout: how many subjects of the export's strategy the
+            engines leave room for (their scale-table inputs are built for up to
+            ``1 + max_subjects * K`` rows); the ONNX graph itself has no limit.
     """
 
     layout: str | None = None
@@ -49,6 +53,7 @@ class ExportConfig(ConfigBase):
     seed: int = 0
     build_engines: bool = False
     strongly_typed: bool = False
+    max_subjects: int = 16
 
     def __post_init__(self):
         checks = [
@@ -58,5 +63,6 @@ class ExportConfig(ConfigBase):
             (self.height is None or self.height > 0, f"height must be positive, got {self.height}"),
             (self.width is None or self.width > 0, f"width must be positive, got {self.width}"),
             (MIN_OPSET <= self.opset <= MAX_OPSET, f"opset must be in {MIN_OPSET}..{MAX_OPSET}, got {self.opset}"),
+            (1 <= self.max_subjects <= 4096, f"max_subjects must be in 1..4096, got {self.max_subjects}"),
         ]
         check_all(checks)

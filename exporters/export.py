@@ -16,29 +16,34 @@ from .config import ExportConfig
 from .engines import EngineJob, build_engines, require_tensorrt
 from .manifest import DEPLOY_ARTIFACT, REPORT_FILE, write_manifest
 from .parts import export_parts, pipeline_record
+from .subjects import LAYOUT as SUBJECTS_LAYOUT
 from .unet import UNetPlan, default_layout, export_unet, plan_unet
 from .verify import check_graph, compare_with_torch, expected_qdq_units, qdq_structure
 
 
 def export_from_paths(base_dir, pack_dir, out, config: ExportConfig, model=None, config_dir=None,
                       force: bool = False, show_progress: bool | str = False) -> tuple[Path, dict]:
-    """Load a base directory (and a pack directory, or None) and export them to ``out``.
+    """Load a base directory (and a pack directory, several, or None) and export them to ``out``.
 
-    ``model`` / ``config_dir`` locate the base's source model if it moved (see
-    :func:`qpdeploy.base.load_base_pipeline`). Returns ``(path, report)``.
+    Several packs (or ``config.layout == "multi-subject"``) make a multi-subject deploy dir
+    (:func:`export_subjects`). ``model`` / ``config_dir`` locate the base's source model if
+    it moved (see :func:`qpdeploy.base.load_base_pipeline`). Returns ``(path, report)``.
     """
     from qpdeploy.base import load_base, load_base_pipeline
     from qpdeploy.pack import apply_pack, load_pack
 
-    with claim_output(out, force, DEPLOY_ARTIFACT, inputs=[base_dir, pack_dir, model, config_dir]):
+    pack_dirs = [] if pack_dir is None else list(pack_dir) if isinstance(pack_dir, (list, tuple)) else [pack_dir]
+    with claim_output(out, force, DEPLOY_ARTIFACT, inputs=[base_dir, *pack_dirs, model, config_dir]):
         if config.build_engines:
             require_tensorrt()
         base = load_base(base_dir)
-        pack = None if pack_dir is None else load_pack(pack_dir)
-        if pack is not None:
+        packs = [(load_pack(p), p) for p in pack_dirs]
+        for pack, _ in packs:
             apply_pack(base, pack)  # a pack of another base fails here, before the model loads
         pipe = load_base_pipeline(base, model, config_dir)
-        return export_deploy(base, pipe, out, config, pack, force, show_progress)
+        if len(packs) > 1 or config.layout == SUBJECTS_LAYOUT:
+            return export_subjects(base, pipe, out, config, packs, force, show_progress)
+        return export_deploy(base, pipe, out, config, packs[0][0] if packs else None, force, show_progress)
 
 
 def export_deploy(base, pipe, out, config: ExportConfig, pack=None, force: bool = False,
@@ -109,6 +114,145 @@ def export_deploy(base, pipe, out, config: ExportConfig, pack=None, force: bool 
     return Path(out), report
 
 
+def export_subjects(base, pipe, out, config: ExportConfig, packs: list, force: bool = False,
+                    show_progress: bool | str = False) -> tuple[Path, dict]:
+    """Write a multi-subject deploy dir: one UNet graph whose scale tables (every subject's
+    sets plus the post-training row) are inputs fed from ``subjects-<id>.safetensors``
+    (:mod:`.subjects`). ``packs``: ``[(ScalePack, where), ...]``, zero or more, on ``base``.
+
+    Verification runs every subject (and the post-training row) in every interval on ONNX
+    Runtime against the torch model with that subject's pack applied.
+
+    Raises:
+        QPDeployError: packs of another base or other intervals, two packs with one
+            identifier, a base with per-interval activation scales (named in the message).
+    """
+    import contextlib
+
+    from qpdeploy.pack import apply_pack, reset_to_post_training
+    from qpdeploy.progress import stage
+    from qpdeploy.qunet import get_router
+    from qpdeploy.token import check_token_record, tokens_applied
+
+    from .subjects import tables_for_packs
+
+    start = time.perf_counter()
+    check_output(out, force, DEPLOY_ARTIFACT)
+    if config.build_engines:
+        require_tensorrt()
+    if config.layout not in (None, SUBJECTS_LAYOUT):
+        raise QPDeployError(f"several scale packs export to the {SUBJECTS_LAYOUT} layout, not {config.layout}")
+    # 1. the subjects' tables, and a pack with the most tables installed for tracing
+    intervals = packs[0][0].intervals if packs else get_router(base.unet).intervals
+    tables = tables_for_packs(base.unet, packs, intervals)
+    for pack, where in packs:
+        apply_pack(base, pack)  # another base fails here
+        if pack.token:
+            check_token_record(pipe, pack.token, pack.tokens)
+    tracer = next((p for p, _ in packs if p.input_scales), packs[0][0] if packs else None)
+    if tracer is None:
+        reset_to_post_training(base)
+    else:
+        apply_pack(base, tracer)
+    plan = plan_unet(base, SUBJECTS_LAYOUT)
+    latent_hw = latent_size(pipe, config)
+    seq_len = pipe.tokenizer.model_max_length
+    embeds_dim = pipe.text_encoder_2.config.projection_dim if getattr(pipe, "text_encoder_2", None) else None
+    steps = 4 + int(config.verify) + int(config.build_engines)
+    with atomic_dir(out, force, DEPLOY_ARTIFACT) as tmp, stage("export", steps, show_progress) as advance:
+        # 2. the UNet graph (tables as inputs) and the tables file
+        unet_files = export_unet(base, SUBJECTS_LAYOUT, tmp, latent_hw, seq_len, config.opset, embeds_dim, plan)
+        from .subjects import tables_file_name
+
+        tables_file = tables_file_name(tables)
+        tables.save(tmp / tables_file)
+        advance()
+        # 3. the float parts; every pivotal-tuned identifier row goes into the text encoders
+        with contextlib.ExitStack() as rows:
+            for pack, _ in packs:
+                if pack.token:
+                    rows.enter_context(tokens_applied(pipe, pack.token, pack.tokens))
+            parts = export_parts(pipe, tmp, latent_hw, config.opset)
+        advance()
+        # 4. verification
+        structure = check_unet_graphs(base, unet_files, tmp)
+        for part in parts:
+            check_graph(tmp / part.onnx)
+        advance()
+        sqnr = None
+        if config.verify:
+            sqnr = compare_subjects(base, unet_files, tmp, config, tables, packs, intervals)
+            advance()
+        # 5. engines: the tables get a profile from one row to the room asked for
+        engines = None
+        max_rows = 1 + config.max_subjects * intervals.k
+        if config.build_engines:
+            engines = build_engines(tmp, engine_jobs(unet_files, parts, config, latent_hw, tables.rows, max_rows),
+                                    config.strongly_typed)
+            engines["max_table_rows"] = max_rows
+            advance()
+        # 6. manifest and report
+        reset_to_post_training(base)
+        record = manifest_record(base=base, pack=None, pipe=pipe, config=config, unet_files=unet_files, parts=parts,
+                                 structure=structure, engines=engines, latent_hw=latent_hw)
+        record["intervals"] = intervals.to_json()
+        record["unet"]["tables"] = {"file": tables_file, "rows": tables.rows, "input_scales": tables.input_scales,
+                                    "inputs": [s.to_json() for s in unet_files.tables]}
+        record["subjects"] = [s.to_json() for s in tables.subjects]
+        manifest = write_manifest(tmp, record)
+        flat = None if sqnr is None else [v for per in sqnr.values() for v in per]
+        report = export_report(base, plan, unet_files, manifest, tmp, structure, flat, start)
+        report["sqnr_db_per_subject"] = sqnr
+        report["subjects"] = [s.identifier for s in tables.subjects]
+        write_json(tmp / REPORT_FILE, report)
+        advance()
+    return Path(out), report
+
+
+def compare_subjects(base, unet_files, out_dir, config: ExportConfig, tables, packs, intervals) -> dict[str, list[float]]:
+    """ORT-vs-torch SQNR of the multi-subject graph per subject ("" for the post-training
+    row) and interval: ORT gets the tables and the subject's row of each interval, torch the
+    base with that subject's pack applied.
+
+    Raises:
+        QPDeployError: a subject's interval is below ``config.min_sqnr_db``.
+    """
+    import torch
+
+    from qpdeploy.calibrate import sqnr_db
+    from qpdeploy.pack import apply_pack, reset_to_post_training
+
+    from .subjects import pack_identifier
+    from .unet import call_unet, example_inputs
+    from .verify import ort_session
+
+    session = ort_session(out_dir / unet_files.onnx_files[0])
+    feeds_tables = {name: t.numpy() for name, t in tables.tables.items()}
+    result = {}
+    for pack, where in [(None, None), *packs]:
+        identifier = "" if pack is None else pack_identifier(pack, where)
+        if pack is None:
+            reset_to_post_training(base)
+        else:
+            apply_pack(base, pack)
+        values = tables.selector_values(identifier or None, intervals.k)
+        per_interval = []
+        for k in range(intervals.k):
+            lo, hi = intervals.bounds(k)
+            feed = example_inputs(unet_files.inputs, config.batch, seed=config.seed + k, timestep=(lo + hi) / 2,
+                                  selector_value=values[k])
+            with torch.no_grad():
+                expected = call_unet(base.unet.eval(), feed)
+            got = session.run(None, {**{n: v.numpy() for n, v in feed.items()}, **feeds_tables})[0]
+            db = min(sqnr_db(expected, torch.from_numpy(got)), 300.0)
+            if db < config.min_sqnr_db:
+                raise QPDeployError(f"ONNX Runtime differs from the torch model for subject {identifier or '(none)'} "
+                                    f"in interval {k}: {db:.1f} dB < {config.min_sqnr_db} dB")
+            per_interval.append(db)
+        result[identifier] = per_interval
+    return result
+
+
 def latent_size(pipe, config: ExportConfig) -> tuple[int, int]:
     """Latent (h, w) for the configured image size (default: the model's resolution)."""
     from qpdeploy.models import check_resolution, native_resolution, vae_factor
@@ -162,13 +306,18 @@ def _router_intervals(base):
     return get_router(base.unet).intervals
 
 
-def engine_jobs(unet_files, parts, config: ExportConfig, latent_hw) -> list[EngineJob]:
-    """One engine per graph: UNet graphs fixed at the export shapes (INT8), the float parts
-    with batch 1..config.batch."""
+def engine_jobs(unet_files, parts, config: ExportConfig, latent_hw, rows: int = 1, max_rows: int = 1) -> list[EngineJob]:
+    """One engine per graph: UNet graphs fixed at the export shapes (INT8; a multi-subject
+    graph's scale tables from 1 to ``max_rows`` rows, optimized for ``rows``), the float
+    parts with batch 1..config.batch."""
     jobs = []
     for graph, onnx_file in zip(unet_files.plan.graphs, unet_files.onnx_files):
         shapes = {s.name: _shape(s, config.batch) for s in unet_files.inputs}
-        jobs.append(EngineJob(onnx_file, f"{graph.name}.plan", True, {k: (v, v, v) for k, v in shapes.items()}))
+        profile = {k: (v, v, v) for k, v in shapes.items()}
+        for spec in unet_files.tables:
+            tail = tuple(spec.shape[1:])
+            profile[spec.name] = ((1, *tail), (min(rows, max_rows), *tail), (max_rows, *tail))
+        jobs.append(EngineJob(onnx_file, f"{graph.name}.plan", True, profile))
     for part in parts:
         profile = {s.name: (_shape(s, 1), _shape(s, 1), _shape(s, config.batch)) for s in part.inputs}
         jobs.append(EngineJob(part.onnx, f"{part.name}.plan", False, profile))

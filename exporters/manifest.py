@@ -215,6 +215,33 @@ class DeployManifest:
     def dispatch(self) -> Dispatch:
         return Dispatch.from_manifest(self.unet)
 
+    @property
+    def subjects(self) -> list[dict]:
+        """The subjects of a multi-subject deploy dir (their manifest records; [] otherwise)."""
+        return self.data.get("subjects", [])
+
+    def subject_dispatch(self, subject: str | None) -> Dispatch:
+        """The dispatch of one subject of a multi-subject deploy dir: its table row in every
+        interval (post-training, row 0, for ``subject=None``).
+
+        Raises:
+            QPDeployError: an unknown subject (naming the ones there are), or a subject asked
+                of a deploy dir that holds one pack.
+        """
+        dispatch = self.dispatch
+        if self.layout != "multi-subject":
+            if subject is not None:
+                raise QPDeployError(f"deploy dir {self.path} holds one scale pack, not subjects by name; "
+                                    "drop --subject (or export several packs to the multi-subject layout)")
+            return dispatch
+        if subject is None:
+            return dispatch
+        for record in self.subjects:
+            if record["identifier"] == subject:
+                return Dispatch(dispatch.graph_of_interval, dispatch.selector, tuple(record["rows_of_interval"]))
+        known = ", ".join(r["identifier"] for r in self.subjects) or "none"
+        raise QPDeployError(f"no subject {subject!r} in deploy dir {self.path} (subjects: {known})")
+
     def unet_call(self, timestep) -> tuple[dict, dict]:
         """``(graph entry, extra int32 feeds)`` for a step at ``timestep`` (scalar).
 
@@ -234,6 +261,8 @@ class DeployManifest:
         files = [p[key] for p in parts for key in ("onnx", "engine") if p.get(key) is not None]
         if unet.get("weights_file"):
             files.append(unet["weights_file"])
+        if unet.get("tables"):
+            files.append(unet["tables"]["file"])
         folders = [data["scheduler"], *(t["tokenizer"] for t in data["text_encoders"])]
         return files, folders
 
@@ -320,3 +349,18 @@ def _check_unet_maps(manifest: DeployManifest) -> None:
         raise QPDeployError(f"{where}: unet.selector.values must have one value per interval ({k})")
     if (selector is None) != (unet["layout"] == "per-interval"):
         raise QPDeployError(f"{where}: layout {unet['layout']} and selector {selector} disagree")
+    if (unet["layout"] == "multi-subject") != ("tables" in unet):
+        raise QPDeployError(f"{where}: layout {unet['layout']} and unet.tables disagree")
+    if "tables" in unet:
+        validate(unet["tables"], schema.SUBJECT_TABLES, where, "unet.tables.")
+        rows = 1
+        for i, record in enumerate(manifest.subjects):
+            validate(record, schema.SUBJECT, where, f"subjects[{i}].")
+            last = record["first_row"] + record["sets"]
+            if record["first_row"] != rows or len(record["rows_of_interval"]) != k or \
+                    any(r != 0 and not record["first_row"] <= r < last for r in record["rows_of_interval"]):
+                raise QPDeployError(f"{where}: subjects[{i}] ({record['identifier']}) owns rows that do not follow "
+                                    "the subjects before it or leave its own")
+            rows = last
+        if rows != unet["tables"]["rows"]:
+            raise QPDeployError(f"{where}: the subjects own {rows} table rows, unet.tables.rows says {unet['tables']['rows']}")

@@ -10,6 +10,8 @@ Layouts (docs/design.md, "Export layouts"):
   scale set, 0 the post-training scales (S1 and baseline packs).
 - ``multi-expert``: one graph with a (B,) int32 input ``expert`` selecting a row of each
   layer's scale table: rows 0..E-1 are the pack's sets, row E the post-training scales.
+- ``multi-subject``: the multi-expert graph with its tables as inputs, fed from a small file
+  that holds every subject's rows (:mod:`.subjects`).
 
 The table layouts need per-tensor activation scales that do not depend on the interval
 (TensorRT wants constant Q/DQ scales), so a base calibrated with per-interval activation
@@ -29,7 +31,7 @@ NVIDIA's diffusion demos use.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -44,7 +46,7 @@ from .qdq import QDQLayer, baked_consts, table_consts
 from .tracing import torchscript_export
 
 OUTPUT_NAME = "noise_pred"
-SELECTOR_INPUT = {"masked": "tuned", "multi-expert": "expert"}
+SELECTOR_INPUT = {"masked": "tuned", "multi-expert": "expert", "multi-subject": "expert"}
 SHARED_WEIGHTS_FILE = "unet.weights"
 EXTERNAL_MIN_BYTES = 1024  # smaller shared tensors stay inline in each .onnx
 ALIGN = 64  # byte alignment of tensors in the shared weights file (mmap-friendly)
@@ -118,6 +120,10 @@ def plan_unet(base, layout: str) -> UNetPlan:
             )
         values = tuple(1 if e < num_sets else 0 for e in set_of)
         rows = (num_sets, 0)  # value 0 -> post-training row, value 1 -> tuned set 0
+    elif layout == "multi-subject":
+        # the tables are graph inputs fed by the runtime (.subjects); these rows only give
+        # the traced graph its shapes, and every interval starts at row 0 (post-training)
+        values, rows = (0,) * k, (num_sets,) + tuple(range(num_sets))
     else:
         values, rows = tuple(set_of), tuple(range(num_sets + 1))
     graph = UNetGraph("unet", tuple(range(k)))
@@ -353,8 +359,8 @@ def externalize_shared(template, const_names, weights_path: Path) -> int:
             pad = (-offset) % ALIGN
             f.write(b"\0" * pad + data)
             offset += pad
-            for field in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
-                tensor.ClearField(field)
+            for data_field in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
+                tensor.ClearField(data_field)
             tensor.raw_data = data
             set_external_data(tensor, weights_path.name, offset, len(data))
             tensor.data_location = TensorProto.EXTERNAL
@@ -365,7 +371,8 @@ def externalize_shared(template, const_names, weights_path: Path) -> int:
 
 @dataclass
 class UNetFiles:
-    """What :func:`export_unet` wrote: one .onnx per graph plus the shared weights file."""
+    """What :func:`export_unet` wrote: one .onnx per graph plus the shared weights file;
+    ``tables``: the scale-table inputs of a multi-subject graph (fed by the runtime)."""
 
     plan: UNetPlan
     inputs: list[TensorSpec]
@@ -373,29 +380,49 @@ class UNetFiles:
     onnx_files: list[str]
     weights_file: str
     weights_bytes: int
+    tables: list[TensorSpec] = field(default_factory=list)
 
 
 def export_unet(base, layout: str, out_dir, latent_hw: tuple[int, int], seq_len: int, opset: int = 18,
-                text_embeds_dim: int | None = None) -> UNetFiles:
+                text_embeds_dim: int | None = None, plan: UNetPlan | None = None) -> UNetFiles:
     """Write the UNet graphs of ``layout`` into ``out_dir`` (the base's current pack installed).
+
+    ``plan``: the graphs to write (default: :func:`plan_unet` of ``layout``). In the
+    multi-subject layout the scale tables stay graph inputs with a dynamic ``rows`` dimension
+    (:mod:`.subjects`); every other layout binds every scale as an initializer.
 
     Returns:
         The plan and file names (relative to ``out_dir``).
     """
     import onnx
 
+    from .subjects import LAYOUT as SUBJECTS_LAYOUT, ROWS_DIM, is_table_input
+
     out_dir = Path(out_dir)
-    plan = plan_unet(base, layout)
+    plan = plan or plan_unet(base, layout)
     inputs, outputs = unet_io(base.unet, plan, latent_hw, seq_len, text_embeds_dim)
     template, names, values = trace_unet(base.unet.eval(), plan, inputs, outputs, opset, out_dir)
     weights_bytes = externalize_shared(template, names, out_dir / SHARED_WEIGHTS_FILE)
+    free = [n for n in names if is_table_input(n)] if plan.layout == SUBJECTS_LAYOUT else []
+    tables = [TensorSpec(n, "float32", (ROWS_DIM, *values[0][n].shape[1:])) for n in free]
     files = []
     for graph, graph_values in zip(plan.graphs, values):
-        model = bind_consts(template, graph_values)
+        model = bind_consts(template, {n: v for n, v in graph_values.items() if n not in free})
+        _dynamic_rows(model, free, ROWS_DIM)
         _annotate(model, plan, graph)
         onnx.save(model, str(out_dir / f"{graph.name}.onnx"))
         files.append(f"{graph.name}.onnx")
-    return UNetFiles(plan, inputs, outputs, files, SHARED_WEIGHTS_FILE, weights_bytes)
+    return UNetFiles(plan, inputs, outputs, files, SHARED_WEIGHTS_FILE, weights_bytes, tables)
+
+
+def _dynamic_rows(model, names: list[str], dim: str) -> None:
+    """Make the first dimension of the graph inputs ``names`` the symbolic ``dim``."""
+    wanted = set(names)
+    for graph_input in model.graph.input:
+        if graph_input.name in wanted:
+            first = graph_input.type.tensor_type.shape.dim[0]
+            first.ClearField("dim_value")
+            first.dim_param = dim
 
 
 def _annotate(model, plan: UNetPlan, graph: UNetGraph) -> None:

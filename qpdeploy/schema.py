@@ -175,6 +175,20 @@ MANIFEST = {
     "scheduler": PATH,
     "engines": f(dict, type(None)),
     "sampling": f(dict, optional=True),  # the model's recommended guidance / steps
+    "subjects": f(list, optional=True, items=f(dict)),  # multi-subject layout (SUBJECT each)
     "files": f(dict),
 }
 FILE_RECORD = {"bytes": COUNT, "sha256": SHA256}
+SUBJECT_TABLES = {"file": PATH, "rows": COUNT, "input_scales": f(bool), "inputs": f(list, items=TENSOR_SPEC)}
+SUBJECT = {  # one subject of a multi-subject deploy dir (exporters.subjects.SubjectRecord)
+    "identifier": f(str),
+    "pack_hash": SHA256,
+    "strategy": f(str),
+    "s1_intervals": INDEX_LIST,
+    "first_row": COUNT,
+    "sets": COUNT,
+    "rows_of_interval": INDEX_LIST,
+    "input_scales": f(bool),
+    "prompt": f(str, type(None), optional=True),
+    "class_prompt": f(str, type(None), optional=True),
+}

@@ -50,13 +50,16 @@ class IntervalEngines:
             selector input of a one-graph layout), or None.
         output: name of the noise-prediction output.
         low_memory: keep only the current runner (and the next, being prepared) active.
+        constants: feeds that go with every call unsplit (a multi-subject graph's scale
+            tables, which have no batch dimension).
     """
 
     def __init__(self, intervals, runners, runner_of_interval, dispatch=None, output="noise_pred",
-                 low_memory: bool = False):
+                 low_memory: bool = False, constants: dict | None = None):
         self.intervals, self.runners = intervals, list(runners)
         self.runner_of_interval = list(runner_of_interval)
         self.dispatch, self.output, self.low_memory = dispatch, output, low_memory
+        self.constants = dict(constants or {})
         self.history: list[EngineCall] = []
         self.load_seconds = 0.0
         self.loads = 0  # runner activations, prefetches included
@@ -168,13 +171,17 @@ class IntervalEngines:
 
     # -- calls -------------------------------------------------------------------------
 
-    def __call__(self, feeds: dict[str, torch.Tensor], timestep: torch.Tensor) -> torch.Tensor:
+    def __call__(self, feeds: dict[str, torch.Tensor], timestep: torch.Tensor, selector=None) -> torch.Tensor:
         """Run one UNet call. ``feeds``: the graph inputs but the selector, batch first;
         ``timestep``: (B,) the per-sample timesteps (the graph's ``timestep`` feed may be a
-        cast of it). Returns the noise prediction (B, C, h, w)."""
+        cast of it); ``selector``: (B,) int32 selector values for a batch that mixes
+        subjects (default: the dispatch's value of each sample's interval). Returns the
+        noise prediction (B, C, h, w)."""
         intervals = self.intervals.index(timestep).tolist()  # (B,)
         units = [self.runner_of_interval[k] for k in intervals]
-        if self.dispatch is not None:
+        if selector is not None:
+            feeds = {**feeds, self.dispatch.selector: torch.as_tensor(selector, dtype=torch.int32)}
+        elif self.dispatch is not None:
             feeds = {**feeds, **self.dispatch.selector_feed(intervals)}
         batch, out = len(units), None
         for unit in dict.fromkeys(units):
@@ -182,7 +189,7 @@ class IntervalEngines:
             part = feeds if len(rows) == batch else {n: v[rows] for n, v in feeds.items()}
             previous, switch = self._current, self._acquire(unit)
             start = time.perf_counter()
-            result = run_in_batches(self.runners[unit], part, self.output)
+            result = run_in_batches(self.runners[unit], part, self.output, self.constants)
             self._record(timestep[rows], [intervals[i] for i in rows], unit, time.perf_counter() - start, switch,
                          switch is not None and previous is not None)
             if len(rows) == batch:
@@ -203,20 +210,22 @@ class IntervalEngines:
         return summarize(self.history)
 
 
-def run_in_batches(runner, feeds: dict[str, torch.Tensor], output: str) -> torch.Tensor:
+def run_in_batches(runner, feeds: dict[str, torch.Tensor], output: str, constants: dict | None = None) -> torch.Tensor:
     """``runner.infer`` for any batch: a runner with a fixed ``batch`` (a static TensorRT
-    engine) gets chunks of that size, the last one padded by repeating its final sample."""
+    engine) gets chunks of that size, the last one padded by repeating its final sample.
+    ``constants`` go with every chunk as they are (no batch dimension)."""
+    constants = constants or {}
     fixed = getattr(runner, "batch", None)
     n = next(iter(feeds.values())).shape[0]
     if fixed is None or fixed == n:
-        return runner.infer(feeds, check_inputs=False)[output]
+        return runner.infer({**feeds, **constants}, check_inputs=False)[output]
     parts = []
     for start in range(0, n, fixed):
         chunk = {k: v[start:start + fixed] for k, v in feeds.items()}
         size = next(iter(chunk.values())).shape[0]
         if size < fixed:
             chunk = {k: torch.cat([v, v[-1:].expand(fixed - size, *v.shape[1:])]) for k, v in chunk.items()}
-        parts.append(runner.infer(chunk, check_inputs=False)[output][:size])
+        parts.append(runner.infer({**chunk, **constants}, check_inputs=False)[output][:size])
     return torch.cat(parts)
 
 

@@ -249,6 +249,9 @@ def unet_runners(manifest, config: RuntimeConfig) -> tuple[list[BaseRunner], lis
         QPDeployError: the backend is unavailable here or the deploy dir lacks what it needs.
     """
     unet = manifest.unet
+    if config.backend == "torch" and manifest.layout == "multi-subject":
+        raise QPDeployError("the torch backend runs one base with one scale pack; a multi-subject deploy dir runs "
+                            "on --backend ort or trt")
     if config.backend == "torch":
         from qpdeploy.ptq import resolve_device
 
@@ -259,6 +262,9 @@ def unet_runners(manifest, config: RuntimeConfig) -> tuple[list[BaseRunner], lis
 
         check_engines(manifest)
         runners = [trt_runner(manifest.file(g["engine"]), config, g["name"]) for g in unet["graphs"]]
+        if unet.get("tables"):
+            for runner in runners:
+                runner.keep_resident(spec["name"] for spec in unet["tables"]["inputs"])
         return runners, list(manifest.dispatch.graph_of_interval)
     shared = None
     if config.share_weights and len(unet["graphs"]) > 1 and unet.get("weights_file"):

@@ -116,6 +116,12 @@ class TrtRunner(BaseRunner):
         if cuda_graph and self.device.type != "cuda":
             raise QPDeployError("CUDA graph capture needs a CUDA device")
         self.bound = self.batch = None
+        self.resident, self.constant_inputs = {}, set()
+
+    def keep_resident(self, names) -> None:
+        """Inputs whose feed tensors are never changed in place by the caller: a call that
+        passes the same tensor object again skips its copy (scale tables)."""
+        self.constant_inputs = set(names)
 
     def activate_impl(self):
         from polygraphy.backend.common import BytesFromPath
@@ -141,6 +147,7 @@ class TrtRunner(BaseRunner):
         shapes = {n: self._fixed_shape(n) for n in self.inputs}
         if all(shape is not None for shape in shapes.values()):
             self._bind(shapes)  # static shapes: allocate once, up front
+        if shapes[self.inputs[0]] is not None:
             self.batch = shapes[self.inputs[0]][0]  # inputs are batch-first: a fixed-batch engine
 
     def _fixed_shape(self, name: str):
@@ -168,6 +175,7 @@ class TrtRunner(BaseRunner):
                                              device=self.device)
             self.context.set_tensor_address(name, self.buffers[name].data_ptr())
         self.bound, self.graph = shapes, None  # a captured graph holds the old addresses
+        self.resident = {}  # input name -> the feed tensor its buffer holds (see infer_impl)
 
     def get_input_metadata_impl(self):
         from polygraphy.common import TensorMetadata
@@ -187,7 +195,12 @@ class TrtRunner(BaseRunner):
             self.stream.wait_stream(torch.cuda.current_stream(self.device))  # the feeds were written there
         with torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext():
             for name in self.inputs:
-                self.buffers[name].copy_(feed_dict[name], non_blocking=True)
+                # A feed passed as the very same tensor as last time (a multi-subject graph's
+                # scale tables, fed with every call) is already in its buffer.
+                if self.resident.get(name) is not feed_dict[name]:
+                    self.buffers[name].copy_(feed_dict[name], non_blocking=True)
+                    if name in self.constant_inputs:
+                        self.resident[name] = feed_dict[name]
             self._launch()
             outputs = {name: self.buffers[name].clone() for name in self.outputs}
         if self.stream is not None:

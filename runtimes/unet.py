@@ -54,6 +54,8 @@ class EngineUNet(DiffusersFacade):
     engines.
     """
 
+    subject: str | None = None  # the multi-subject deploy dir's subject every call uses (from_deploy)
+
     def __init__(self, manifest, engines: IntervalEngines, feed_device, runtime: RuntimeConfig | None = None):
         from diffusers.configuration_utils import FrozenDict
 
@@ -72,12 +74,15 @@ class EngineUNet(DiffusersFacade):
         self._finalizer = weakref.finalize(self, engines.close)
 
     @classmethod
-    def from_deploy(cls, path, backend: str = "ort", config: RuntimeConfig | None = None, **options) -> "EngineUNet":
+    def from_deploy(cls, path, backend: str = "ort", config: RuntimeConfig | None = None, subject: str | None = None,
+                    **options) -> "EngineUNet":
         """Open a deploy dir's UNet engines.
 
         Args:
             path: the deploy dir.
             backend: "ort", "trt" or "torch" (ignored when ``config`` is given).
+            subject: in a multi-subject deploy dir, the subject (identifier word) whose scale
+                sets every call uses (None: the post-training scales).
             config: a full :class:`RuntimeConfig`; otherwise one is built from ``backend``
                 and ``options`` (for example ``low_memory=True``, ``threads=1``, or
                 ``base=..., pack=...`` for the torch backend).
@@ -90,18 +95,27 @@ class EngineUNet(DiffusersFacade):
 
         config = config if config is not None else RuntimeConfig(backend=backend, **options)
         manifest = read_manifest(path, verify_hashes=config.verify_hashes)
-        return cls.from_manifest(manifest, config)
+        return cls.from_manifest(manifest, config, subject)
 
     @classmethod
-    def from_manifest(cls, manifest, config: RuntimeConfig) -> "EngineUNet":
+    def from_manifest(cls, manifest, config: RuntimeConfig, subject: str | None = None) -> "EngineUNet":
         """Like :meth:`from_deploy` for an already read (and verified) manifest."""
         from .runners import feed_device, unet_runners
 
+        dispatch = manifest.subject_dispatch(subject)  # an unknown subject fails before any engine loads
         runners, runner_of_interval = unet_runners(manifest, config)
-        engines = IntervalEngines(manifest.intervals, runners, runner_of_interval, manifest.dispatch,
-                                  manifest.unet_output, config.low_memory)
+        device = feed_device(config)
+        constants = {}
+        if manifest.layout == "multi-subject":
+            from qpdeploy.exporters.subjects import load_tables
+
+            constants = {name: t.to(device) for name, t in load_tables(manifest).tables.items()}
+        engines = IntervalEngines(manifest.intervals, runners, runner_of_interval, dispatch,
+                                  manifest.unet_output, config.low_memory, constants)
         engines.open()
-        return cls(manifest, engines, feed_device(config), config)
+        unet = cls(manifest, engines, device, config)
+        unet.subject = subject
+        return unet
 
     # -- calls -------------------------------------------------------------------------
 

@@ -1,0 +1,180 @@
+"""Many subjects in one INT8 UNet graph: export, per-subject and mixed-subject generation calls,
+adding and removing subjects without touching the graph or its weights, and refusals."""
+
+import copy
+import dataclasses
+import hashlib
+import json
+
+import pytest
+import torch
+
+from qpdeploy.calibrate import sqnr_db
+from qpdeploy.errors import QPDeployError
+
+from .conftest import perturbed_pack
+
+SUBJECTS = (("sks", "s2", True, 0), ("zwx", "s1", False, 1), ("qlv", "baseline", False, 2))
+
+
+@pytest.fixture(scope="module")
+def subject_setup(export_base, export_pipe):
+    """A private base (global activation scales) and three packs with identifiers, of three
+    strategies, with and without input scales."""
+    base = copy.deepcopy(export_base("sd1"))
+    packs = {}
+    for identifier, strategy, input_scales, seed in SUBJECTS:
+        pack = perturbed_pack(base, strategy, input_scales=input_scales, seed=seed)
+        packs[identifier] = dataclasses.replace(
+            pack, meta={"identifier": identifier, "prompt": f"a photo of {identifier} dog"})
+    return base, packs, export_pipe("sd1")
+
+
+def export(setup, out, identifiers, **config):
+    from qpdeploy.exporters.config import ExportConfig
+    from qpdeploy.exporters.export import export_subjects
+
+    base, packs, pipe = setup
+    chosen = [(packs[i], f"packs/{i}") for i in identifiers]
+    return export_subjects(base, pipe, out, ExportConfig(**config), chosen)
+
+
+def torch_reference(setup, identifier, feed):
+    from qpdeploy.exporters.unet import call_unet
+    from qpdeploy.pack import apply_pack, reset_to_post_training
+
+    base, packs, _ = setup
+    if identifier is None:
+        reset_to_post_training(base)
+    else:
+        apply_pack(base, packs[identifier])
+    with torch.no_grad():
+        return call_unet(base.unet.eval(), feed)
+
+
+def feed_for(deploy, timesteps, seed=0):
+    from qpdeploy.exporters.manifest import read_manifest
+
+    specs = read_manifest(deploy).unet_inputs
+    gen = torch.Generator().manual_seed(seed)
+    n = len(timesteps)
+    shape = lambda spec: tuple(n if d == "batch" else d for d in spec["shape"])  # noqa: E731
+    feed = {s["name"]: torch.randn(shape(s), generator=gen) for s in specs if s["dtype"] == "float32"}
+    feed["timestep"] = torch.tensor(timesteps, dtype=torch.float32)
+    return feed
+
+
+def sha(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def deploy(subject_setup, tmp_path_factory):
+    path, report = export(subject_setup, tmp_path_factory.mktemp("subjects") / "deploy", ["sks", "zwx", "qlv"])
+    return path, report
+
+
+def test_one_graph_serves_every_subject_as_its_own_pack(subject_setup, deploy):
+    from qpdeploy.runtimes import EngineUNet
+
+    path, report = deploy
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["unet"]["layout"] == "multi-subject" and len(manifest["unet"]["graphs"]) == 1
+    assert [s["identifier"] for s in manifest["subjects"]] == ["sks", "zwx", "qlv"]
+    # rows: 0 post-training, sks (S2, 4 sets) 1-4, zwx (S1, 1 set) 5, qlv (baseline) 6
+    rows = {s["identifier"]: s["rows_of_interval"] for s in manifest["subjects"]}
+    assert rows == {"sks": [1, 2, 3, 4], "zwx": [0, 5, 5, 0], "qlv": [6, 6, 6, 6]}
+    assert manifest["unet"]["tables"]["rows"] == 7 and manifest["unet"]["tables"]["input_scales"]
+    # export verification ran every subject and the post-training row in every interval
+    assert set(report["sqnr_db_per_subject"]) == {"", "sks", "zwx", "qlv"}
+    assert min(min(v) for v in report["sqnr_db_per_subject"].values()) >= 15.0
+    timesteps = [900.0, 650.0, 400.0, 100.0]  # one per interval
+    feed = feed_for(path, timesteps)
+    for identifier in (None, "sks", "zwx", "qlv"):
+        with EngineUNet.from_deploy(path, subject=identifier) as unet:
+            got = unet(feed["sample"], feed["timestep"], feed["encoder_hidden_states"]).sample
+            assert unet.summary()["engine_per_step"] == ["unet"]
+        expected = torch_reference(subject_setup, identifier, feed)
+        assert sqnr_db(expected, got) > 25.0, identifier
+    # the subjects really differ: sks's output is not zwx's
+    with EngineUNet.from_deploy(path, subject="sks") as a, EngineUNet.from_deploy(path, subject="zwx") as b:
+        x, y = (u(feed["sample"], feed["timestep"], feed["encoder_hidden_states"]).sample for u in (a, b))
+    assert sqnr_db(x, y) < 20.0
+
+
+def test_a_batch_mixing_subjects_and_steps_equals_each_sample_alone(deploy):
+    from qpdeploy.exporters.manifest import read_manifest
+    from qpdeploy.runtimes import EngineUNet
+
+    path, _ = deploy
+    manifest = read_manifest(path)
+    timesteps = [900.0, 650.0, 400.0, 100.0, 650.0]
+    subjects = ["sks", "zwx", "qlv", "sks", None]
+    feed = feed_for(path, timesteps, seed=3)
+    k = [manifest.intervals.index(t) for t in timesteps]
+    selector = [0 if s is None else manifest.subject_dispatch(s).selector_values[i] for s, i in zip(subjects, k)]
+    with EngineUNet.from_deploy(path) as unet:
+        feeds = {n: v for n, v in feed.items()}
+        mixed = unet.engines(feeds, feed["timestep"], selector=selector)
+        assert len(unet.history) == 1  # one UNet call for the whole mixed batch
+    for i, subject in enumerate(subjects):
+        with EngineUNet.from_deploy(path, subject=subject) as unet:
+            alone = unet(feed["sample"][i:i + 1], feed["timestep"][i:i + 1],
+                         feed["encoder_hidden_states"][i:i + 1]).sample
+        assert sqnr_db(alone, mixed[i:i + 1]) >= 60.0, (i, subject)
+
+
+def test_add_and_remove_subjects_touch_only_the_tables_and_the_manifest(subject_setup, tmp_path):
+    from qpdeploy.exporters.subjects import add_subject, remove_subject
+    from qpdeploy.pack import save_pack
+    from qpdeploy.runtimes import EngineUNet
+
+    base, packs, _ = subject_setup
+    path, _ = export(subject_setup, tmp_path / "deploy", ["sks", "zwx"], verify=False)
+    untouched = {name: sha(path / name) for name in ("unet.onnx", "unet.weights")}
+    tables_before = json.loads((path / "manifest.json").read_text())["unet"]["tables"]["file"]
+    qlv = save_pack(tmp_path / "qlv", packs["qlv"])
+    record = add_subject(path, qlv)
+    assert record["identifier"] == "qlv" and record["rows_of_interval"] == [6, 6, 6, 6]
+    assert {name: sha(path / name) for name in untouched} == untouched
+    # what was added generates as a deploy dir exported with all three
+    full, _ = export(subject_setup, tmp_path / "full", ["sks", "zwx", "qlv"], verify=False)
+    feed = feed_for(path, [900.0, 100.0])
+    outputs = []
+    for where in (path, full):
+        with EngineUNet.from_deploy(where, subject="qlv", verify_hashes=True) as unet:
+            outputs.append(unet(feed["sample"], feed["timestep"], feed["encoder_hidden_states"]).sample)
+    assert torch.equal(outputs[0], outputs[1])
+    assert sqnr_db(torch_reference(subject_setup, "qlv", feed), outputs[0]) > 25.0
+    # the same identifier again is refused without --force
+    with pytest.raises(QPDeployError, match="subject 'qlv' is already in this deploy dir"):
+        add_subject(path, qlv)
+    # removing it gives back the two-subject tables, bit for bit, under the graph untouched
+    remove_subject(path, "qlv")
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["unet"]["tables"]["file"] == tables_before and (path / tables_before).is_file()
+    assert [s["identifier"] for s in manifest["subjects"]] == ["sks", "zwx"]
+    assert {name: sha(path / name) for name in untouched} == untouched
+    assert sorted(p.name for p in path.glob("subjects-*")) == [tables_before]  # the old file went
+
+
+def test_refusals_name_the_problem(subject_setup, tmp_path, export_base):
+    from qpdeploy.exporters.subjects import add_subject
+    from qpdeploy.pack import save_pack
+    from qpdeploy.runtimes import EngineUNet
+
+    base, packs, _ = subject_setup
+    path, _ = export(subject_setup, tmp_path / "deploy", ["sks"], verify=False)
+    with pytest.raises(QPDeployError, match=r"no subject 'dog' in deploy dir .* \(subjects: sks\)"):
+        EngineUNet.from_deploy(path, subject="dog")
+    other_base = copy.deepcopy(export_base("sd1", weight_bits=4))
+    foreign = dataclasses.replace(perturbed_pack(other_base, "s2"), meta={"identifier": "pkd"})
+    with pytest.raises(QPDeployError, match="belongs to base .* not to this deploy dir's base"):
+        add_subject(path, save_pack(tmp_path / "foreign", foreign))
+    nameless = dataclasses.replace(packs["zwx"], meta={})
+    with pytest.raises(QPDeployError, match="records no identifier word"):
+        add_subject(path, save_pack(tmp_path / "nameless", nameless))
+    with pytest.raises(QPDeployError, match="scale pack packs/sks.* records|is already"):
+        export(subject_setup, tmp_path / "twice", ["sks", "sks"], verify=False)
+    with pytest.raises(QPDeployError, match="torch backend runs one base"):
+        EngineUNet.from_deploy(path, backend="torch", base=tmp_path)
