@@ -332,10 +332,12 @@ def print_train_summary(report: dict) -> None:
 def export(
     base: Path = typer.Option(..., "--base", help="Quantized base directory (from qpdeploy quantize)."),
     out: Path = typer.Option(..., "--out", "-o", help="Deploy directory to write."),
-    pack: Optional[Path] = typer.Option(None, "--pack", help="Scale pack directory (from qpdeploy train); "
-                                                             "without it: the plain INT8 model."),
-    layout: Optional[Literal[LAYOUTS]] = typer.Option(None, help="per-interval, masked or multi-expert (default: masked for an "
-                                                    "S1 pack, else per-interval)."),
+    pack: Optional[list[Path]] = typer.Option(None, "--pack", metavar="PACK", help="Scale pack directory (from qpdeploy train); "
+                                                                   "without it: the plain INT8 model. Give it "
+                                                                   "several times for a multi-subject deploy dir."),
+    layout: Optional[Literal[LAYOUTS]] = typer.Option(None, help="per-interval, masked, multi-expert or multi-subject "
+                                                    "(default: masked for an S1 pack, per-interval for one other "
+                                                    "pack, multi-subject for several)."),
     height: Optional[int] = typer.Option(None, help="Image height in pixels (default: the model's resolution)."),
     width: Optional[int] = typer.Option(None, help="Image width in pixels (default: the model's resolution)."),
     batch: int = typer.Option(2, help="UNet batch of the engines (2 = one classifier-free-guidance pair); "
@@ -346,6 +348,8 @@ def export(
                                                                        "instead of INT8+FP16 builder flags."),
     verify: bool = typer.Option(True, help="Run every interval on ONNX Runtime against the torch model (SQNR)."),
     opset: int = typer.Option(18, help="ONNX opset (17-20)."),
+    max_subjects: int = typer.Option(16, help="multi-subject layout: subjects the TensorRT engines leave room for "
+                                              "(add-subject beyond it needs new engines)."),
     model: Optional[str] = typer.Option(None, "--model", help="Where the base's source model is now, if it moved."),
     config: Optional[Path] = typer.Option(None, "--config", help="Local diffusers directory giving the configs of "
                                                                  "a single-file source model."),
@@ -356,9 +360,10 @@ def export(
     from .exporters.export import export_from_paths, print_export_summary
 
     cfg = ExportConfig(layout=layout, height=height, width=width, batch=batch, opset=opset, verify=verify,
-                       build_engines=build_engines, strongly_typed=strongly_typed)
-    path, report = export_from_paths(base, pack, out, cfg, model=model, config_dir=config, force=force,
-                                     show_progress=cli_mode())
+                       build_engines=build_engines, strongly_typed=strongly_typed, max_subjects=max_subjects)
+    packs = list(pack or [])
+    path, report = export_from_paths(base, packs if len(packs) > 1 else (packs[0] if packs else None), out, cfg,
+                                     model=model, config_dir=config, force=force, show_progress=cli_mode())
     print_export_summary(report)
     typer.echo(f"deploy dir: {path}\nreport: {path / 'report.json'}")
 
@@ -394,6 +399,8 @@ def generate(
     verify_hashes: bool = typer.Option(True, help="Check every deploy file against the manifest's SHA-256 first."),
     base: Optional[Path] = typer.Option(None, "--base", help="torch backend: the quantized base exported."),
     pack: Optional[Path] = typer.Option(None, "--pack", help="torch backend: the scale pack exported."),
+    subject: Optional[str] = typer.Option(None, "--subject", help="Multi-subject deploy dir: the subject "
+                                                                  "(identifier word) to draw."),
     force: bool = typer.Option(False, "--force", help="Replace existing images."),
 ):
     """Generate images from a deploy dir; each step runs the UNet engine of its timestep interval."""
@@ -407,7 +414,7 @@ def generate(
     steps, guidance = _sampling_defaults(deploy, steps, guidance)
     gen = GenerateConfig(steps=steps, guidance=guidance, scheduler=scheduler, seed=seed,
                          images_per_prompt=images_per_prompt, negative_prompt=negative_prompt, height=height,
-                         width=width)
+                         width=width, subject=subject)
     runtime = RuntimeConfig(backend=backend, device=device, low_memory=low_memory, threads=threads,
                             ort_optimization=ort_optimization, cuda_graph=cuda_graph, verify_hashes=verify_hashes,
                             base=None if base is None else str(base), pack=None if pack is None else str(pack))
@@ -419,6 +426,34 @@ def generate(
     print_generate_summary(records)
     where = out if out is not None else out_dir
     typer.echo(f"images: {where}\nrecords: <image>.json beside each image")
+
+
+@app.command("add-subject")
+@cli_errors
+def add_subject(
+    deploy: Path = typer.Argument(..., help="Multi-subject deploy directory (from qpdeploy export)."),
+    pack: Path = typer.Option(..., "--pack", help="Scale pack of the new subject (same base and intervals)."),
+    force: bool = typer.Option(False, "--force", help="Replace a subject of the same identifier."),
+):
+    """Add a subject to a multi-subject deploy dir: only its scale tables and manifest change."""
+    from .exporters.subjects import add_subject as add
+
+    record = add(deploy, pack, force)
+    typer.echo(f"added subject {record['identifier']} (rows {record['first_row']}-"
+               f"{record['first_row'] + record['sets'] - 1}) to {deploy}; the UNet graph and weights are unchanged")
+
+
+@app.command("remove-subject")
+@cli_errors
+def remove_subject(
+    deploy: Path = typer.Argument(..., help="Multi-subject deploy directory."),
+    subject: str = typer.Option(..., "--subject", help="Identifier of the subject to remove."),
+):
+    """Remove a subject from a multi-subject deploy dir (scale tables and manifest only)."""
+    from .exporters.subjects import remove_subject as remove
+
+    remove(deploy, subject)
+    typer.echo(f"removed subject {subject} from {deploy}")
 
 
 def _sampling_defaults(deploy: Path, steps: int | None, guidance: float | None) -> tuple[int, float]:

@@ -80,6 +80,8 @@ class GenerateConfig(ConfigBase):
         negative_prompt: the negative prompt (None: the pipeline's default, empty).
         height, width: image size; None: the size the deploy dir was exported for, and
             any other size is refused (the graphs have fixed spatial shapes).
+        subject: in a multi-subject deploy dir, the subject (identifier word) whose scale
+            sets the UNet uses; None: the post-training scales.
     """
 
     steps: int = 25
@@ -90,6 +92,7 @@ class GenerateConfig(ConfigBase):
     negative_prompt: str | None = None
     height: int | None = None
     width: int | None = None
+    subject: str | None = None
 
     def __post_init__(self):
         check_all([

@@ -109,7 +109,9 @@ def generate(deploy, prompts: list[str], config: GenerateConfig, runtime: Runtim
     if config.steps > manifest.intervals.num_train_timesteps:
         raise QPDeployError(f"steps must be at most the model's {manifest.intervals.num_train_timesteps} training "
                             f"timesteps, got {config.steps}")
-    pipe = load_deploy_pipeline(manifest, runtime, config.scheduler)
+    for prompt in prompts:
+        check_subject_prompt(manifest, config.subject, prompt)
+    pipe = load_deploy_pipeline(manifest, runtime, config.scheduler, config.subject)
     load_seconds = time.perf_counter() - start
     context = {"deploy_dir": str(manifest.path), "manifest_sha256": file_sha256(manifest.path / MANIFEST_FILE),
                "load_seconds": load_seconds, "size": (height, width)}
@@ -122,6 +124,34 @@ def generate(deploy, prompts: list[str], config: GenerateConfig, runtime: Runtim
         return records
     finally:
         close_pipeline(pipe)
+
+
+def check_subject_prompt(manifest, subject: str | None, prompt: str) -> None:
+    """Warn (one line) when a prompt and the chosen subject of a multi-subject deploy dir
+    disagree: the prompt names another of its subjects, or does not name the chosen one, or
+    names one while none is chosen. An unknown ``subject`` raises :class:`QPDeployError`."""
+    import warnings
+
+    manifest.subject_dispatch(subject)
+    identifiers = [s["identifier"] for s in manifest.subjects]
+    if not identifiers:
+        return
+    words = set(re.findall(r"[\w-]+", prompt.lower()))
+    named = [i for i in identifiers if i.lower() in words]
+    if subject is None and named:
+        warnings.warn(f"prompt names subject {named[0]!r} of this deploy dir but no --subject is given: the "
+                      "post-training scales draw it as the base model would", UserWarning, stacklevel=2)
+    elif subject is not None and any(i != subject for i in named):
+        other = next(i for i in named if i != subject)
+        warnings.warn(f"prompt names subject {other!r} but --subject is {subject!r}: one UNet call uses one "
+                      "subject's scales", UserWarning, stacklevel=2)
+    elif subject is not None and subject.lower() not in words:
+        warnings.warn(f"prompt does not name subject {subject!r} (its instance prompt: "
+                      f"{_instance_prompt(manifest, subject)!r})", UserWarning, stacklevel=2)
+
+
+def _instance_prompt(manifest, subject: str) -> str | None:
+    return next((s.get("prompt") for s in manifest.subjects if s["identifier"] == subject), None)
 
 
 def generate_one(pipe, job: ImageJob, config: GenerateConfig, runtime: RuntimeConfig, manifest, context) -> dict:
@@ -174,7 +204,8 @@ def image_record(pipe, job: ImageJob, config: GenerateConfig, runtime: RuntimeCo
         "deploy_dir": context["deploy_dir"],
         "manifest_sha256": context["manifest_sha256"],
         "base_hash": manifest.hashes[0],
-        "pack_hash": manifest.hashes[1],
+        "pack_hash": _pack_hash(manifest, config.subject),
+        "subject": config.subject,
         "layout": manifest.layout,
         **{k: calls[k] for k in ("interval_per_step", "timesteps", "engine_per_step", "engine_calls")},
         "seconds_per_step": denoise / steps,
@@ -188,6 +219,13 @@ def image_record(pipe, job: ImageJob, config: GenerateConfig, runtime: RuntimeCo
         "generate": config.to_json(),
         "runtime": runtime.to_json(),
     }
+
+
+def _pack_hash(manifest, subject: str | None) -> str | None:
+    """The pack whose scales drew the image: the deploy dir's, or the chosen subject's."""
+    if subject is None:
+        return manifest.hashes[1]
+    return next(s["pack_hash"] for s in manifest.subjects if s["identifier"] == subject)
 
 
 def print_generate_summary(records: list[dict]) -> None:

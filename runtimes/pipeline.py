@@ -141,9 +141,10 @@ def load_tokenizer(folder):
         raise QPDeployError(f"cannot load the tokenizer in {folder}: {type(exc).__name__}") from None
 
 
-def load_deploy_pipeline(manifest, config: RuntimeConfig, scheduler: str | None = None):
+def load_deploy_pipeline(manifest, config: RuntimeConfig, scheduler: str | None = None, subject: str | None = None):
     """The diffusers pipeline of a deploy dir (see module doc); its modules own active runners
-    (free them with :func:`close_pipeline`).
+    (free them with :func:`close_pipeline`). ``subject``: the subject of a multi-subject
+    deploy dir whose scales the UNet uses (None: post-training scales).
 
     Raises:
         QPDeployError: an unsupported pipeline class, or any runner that cannot load.
@@ -153,6 +154,7 @@ def load_deploy_pipeline(manifest, config: RuntimeConfig, scheduler: str | None 
     from .runners import check_backend, part_runner
 
     check_backend(manifest, config)
+    manifest.subject_dispatch(subject)  # an unknown subject fails before anything loads
     record = manifest.pipeline
     if record["class"] not in PIPELINES:
         raise QPDeployError(f"deploy dir {manifest.path} holds a {record['class']}; generate runs "
@@ -165,7 +167,7 @@ def load_deploy_pipeline(manifest, config: RuntimeConfig, scheduler: str | None 
             parts[entry["name"]] = OnnxTextEncoder(part_runner(manifest, entry, config), entry)
         vae = manifest.vae_decoder
         parts["vae"] = OnnxVAEDecoder(part_runner(manifest, vae, config), vae)
-        parts["unet"] = EngineUNet.from_manifest(manifest, config)
+        parts["unet"] = EngineUNet.from_manifest(manifest, config, subject)
     except BaseException:
         _close_parts(parts)
         raise

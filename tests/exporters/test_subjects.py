@@ -178,3 +178,51 @@ def test_refusals_name_the_problem(subject_setup, tmp_path, export_base):
         export(subject_setup, tmp_path / "twice", ["sks", "sks"], verify=False)
     with pytest.raises(QPDeployError, match="torch backend runs one base"):
         EngineUNet.from_deploy(path, backend="torch", base=tmp_path)
+
+
+@pytest.fixture(scope="module")
+def subject_dirs(subject_setup, tmp_path_factory):
+    """The setup's base and packs as directories (the base's source: the bundled tiny-sd1)."""
+    from qpdeploy.base import QuantizedBase, save_base
+    from qpdeploy.pack import save_pack
+
+    base, packs, _ = subject_setup
+    root = tmp_path_factory.mktemp("subject-dirs")
+    named = QuantizedBase(base.unet, base.config, base.intervals,
+                          {**base.meta, "source": {"kind": "bundled", "name": "tiny-sd1"}})
+    save_base(root / "base", named, base.meta["report"])
+    return root / "base", {i: save_pack(root / i, p) for i, p in packs.items()}
+
+
+def test_the_command_line_flow(subject_dirs, tmp_path):
+    from typer.testing import CliRunner
+
+    from qpdeploy.cli import app
+
+    base, packs = subject_dirs
+    deploy = tmp_path / "deploy"
+    run = CliRunner().invoke
+    result = run(app, ["export", "--base", str(base), "--pack", str(packs["sks"]), "--pack", str(packs["zwx"]),
+                       "--out", str(deploy), "--no-verify"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((deploy / "manifest.json").read_text())["unet"]["layout"] == "multi-subject"
+    result = run(app, ["generate", str(deploy), "--subject", "zwx", "--prompt", "a photo of zwx dog", "--steps", "3",
+                       "--out", str(tmp_path / "a.png")])
+    assert result.exit_code == 0, result.output
+    record = json.loads((tmp_path / "a.json").read_text())
+    assert record["subject"] == "zwx" and record["layout"] == "multi-subject"
+    assert record["pack_hash"] == json.loads((deploy / "manifest.json").read_text())["subjects"][1]["pack_hash"]
+    result = run(app, ["generate", str(deploy), "--subject", "dog", "--prompt", "a dog", "--out", str(tmp_path / "b.png")])
+    assert result.exit_code == 2 and "no subject 'dog'" in result.output and not (tmp_path / "b.png").exists()
+    result = run(app, ["generate", str(deploy), "--subject", "sks", "--prompt", "a photo of zwx dog", "--steps", "2",
+                       "--out", str(tmp_path / "c.png")])
+    assert result.exit_code == 0 and "prompt names subject 'zwx' but --subject is 'sks'" in result.output
+    result = run(app, ["add-subject", str(deploy), "--pack", str(packs["qlv"])])
+    assert result.exit_code == 0 and "added subject qlv" in result.output, result.output
+    result = run(app, ["remove-subject", str(deploy), "--subject", "sks"])
+    assert result.exit_code == 0, result.output
+    subjects = json.loads((deploy / "manifest.json").read_text())["subjects"]
+    assert [(s["identifier"], s["first_row"]) for s in subjects] == [("zwx", 1), ("qlv", 2)]
+    result = run(app, ["generate", str(deploy), "--subject", "qlv", "--prompt", "a qlv dog", "--steps", "2",
+                       "--out", str(tmp_path / "d.png")])
+    assert result.exit_code == 0, result.output
