@@ -52,6 +52,7 @@ def save_checkpoint(trainer, folder) -> Path:
             **({"token_adamw": trainer.tuner.hyperparameters()} if trainer.tuner is not None else {}),
             "losses": trainer.losses,
             "samples_per_interval": trainer.samples_per_interval,
+            **({"lanes": trainer.lane_state()} if hasattr(trainer, "lane_state") else {}),
             "tensors_sha256": file_sha256(tmp / TENSORS_FILE),
         })
     return Path(folder)
@@ -81,7 +82,14 @@ def load_checkpoint(trainer, folder) -> int:
         torch.cuda.set_rng_state_all([v for _, v in cuda])
     trainer.step = state["step"]
     trainer.losses = list(state["losses"])
-    trainer.samples_per_interval = list(state["samples_per_interval"])
+    if hasattr(trainer, "load_lane_state"):  # several subjects (qpdeploy.multisubject)
+        if "lanes" not in state:
+            raise QPDeployError(f"checkpoint {folder} is a one-subject run; resume it without --subjects")
+        trainer.load_lane_state(state["lanes"], folder)
+    else:
+        if "lanes" in state:
+            raise QPDeployError(f"checkpoint {folder} holds {len(state['lanes'])} subjects; resume it with --subjects")
+        trainer.samples_per_interval = list(state["samples_per_interval"])
     return trainer.step
 
 
@@ -103,15 +111,21 @@ def check_resumable(state: dict, base_hash: str, config: TrainConfig, folder) ->
     if state["base_hash"] != base_hash:
         raise QPDeployError(f"checkpoint {folder} was trained on base {state['base_hash'][:12]}, "
                             f"not on this base {base_hash[:12]}")
+    compare_settings(state["train"], config, folder)
+    if state["step"] > config.steps:
+        raise QPDeployError(f"checkpoint {folder} is at step {state['step']}, beyond --steps {config.steps}")
+
+
+def compare_settings(saved: dict, config: TrainConfig, folder) -> None:
+    """Refuse a checkpoint whose settings (``saved``, a TrainConfig as JSON) differ from
+    ``config`` in anything but the run-control fields."""
     # Read back through the config class: a field added after the checkpoint was written takes
     # its default, so a newer qpdeploy resumes an older run whose settings it can express.
-    saved, now = TrainConfig.from_json(state["train"], str(folder)).to_json(), config.to_json()
+    saved, now = TrainConfig.from_json(saved, str(folder)).to_json(), config.to_json()
     for key in now:
         if key not in TrainConfig.RUN_CONTROL and saved.get(key) != now[key]:
             raise QPDeployError(f"checkpoint {folder} was trained with {key}={saved.get(key)!r}, this run has "
                                 f"{now[key]!r}; on resume only {', '.join(TrainConfig.RUN_CONTROL)} may change")
-    if state["step"] > config.steps:
-        raise QPDeployError(f"checkpoint {folder} is at step {state['step']}, beyond --steps {config.steps}")
 
 
 def find_checkpoint(path) -> Path:

@@ -171,8 +171,12 @@ def print_quantize_summary(report: dict) -> None:
 @cli_errors
 def train(
     ctx: typer.Context,
-    images: Path = typer.Option(..., "--images", help="Folder of 3-10 instance images (png, jpg, webp, ...)."),
-    prompt: str = typer.Option(..., "--prompt", help="Instance prompt holding the identifier, e.g. 'a photo of sks dog'."),
+    images: Optional[Path] = typer.Option(None, "--images", help="Folder of 3-10 instance images (png, jpg, webp, ...)."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", help="Instance prompt holding the identifier, e.g. "
+                                                              "'a photo of sks dog'."),
+    subjects: Optional[Path] = typer.Option(None, "--subjects", help="Instead of --images/--prompt: a TOML file of "
+                                            "several subjects ([[subject]] identifier, images, prompt, class_prompt), "
+                                            "trained together over one --base; --out is then a folder of packs."),
     out: Path = typer.Option(..., "--out", "-o", help="Directory of the scale pack to write."),
     base: Optional[Path] = typer.Option(None, "--base", help="Quantized base directory. With --model: created from "
                                                              "MODEL when missing; if it exists, MODEL is where its "
@@ -221,6 +225,13 @@ def train(
     """Personalize a quantized base on a few images by training only its quantization scales."""
     from .config import TrainConfig
 
+    if subjects is not None:
+        if images is not None or prompt is not None or model is not None or base is None:
+            raise QPDeployError("--subjects trains over an existing --base; the images and prompts come from the "
+                                "file (drop --images, --prompt and --model)")
+        prompt = "a photo of the subject"  # each subject's own prompt replaces it
+    elif images is None or prompt is None:
+        raise QPDeployError("give --images and --prompt (one subject), or --subjects FILE (several)")
     cfg = TrainConfig(
         prompt=prompt, strategy=strategy, intervals=intervals,
         boundaries=None if boundaries is None else Intervals.parse(boundaries).boundaries,
@@ -228,10 +239,22 @@ def train(
         train_input_scales=train_input_scales, steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
         weight_decay=weight_decay, resolution=resolution, crop=crop, identifier=identifier, train_token=train_token,
         token_lr=token_lr,
-        class_prompt=class_prompt, prior_images=prior_images, prior_weight=prior_weight, sample_steps=sample_steps,
+        class_prompt=class_prompt if subjects is None else None,
+        prior_images=prior_images if subjects is None else 0, prior_weight=prior_weight, sample_steps=sample_steps,
         gradient_checkpointing=gradient_checkpointing, precision=precision, seed=seed,
         checkpoint_every=checkpoint_every, validate_every=validate_every, validation_prompt=validation_prompt,
     )
+    if subjects is not None:
+        from .multisubject import read_subjects, train_subjects
+
+        with _warnings_as_lines():
+            path, reports = train_subjects(base, read_subjects(subjects), out, cfg, prior_images=prior_images,
+                                           config_dir=config, class_dir=class_dir, resume=resume, device=device,
+                                           force=force, show_progress=cli_mode())
+        for identifier, report in reports.items():
+            typer.echo(f"{identifier}: final loss {report['final_loss']:.4f}, {report['trainable_params']} scales")
+        typer.echo(f"scale packs: {', '.join(str(path / i) for i in reports)}")
+        return
     forwarded = [*(["--intervals", str(intervals)] if intervals is not None else []),
                  *(["--boundaries", boundaries] if boundaries is not None else []),
                  *(["--resolution", str(resolution)] if resolution is not None else []),

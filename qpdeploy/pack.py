@@ -230,21 +230,31 @@ def reset_to_post_training(base) -> None:
     get_router(base.unet).configure(base.intervals, 0, [0] * base.intervals.k)
 
 
-def init_scale_sets(base, strategy: str, intervals: Intervals, s1_intervals=(), input_scales: bool = False) -> None:
+def init_scale_sets(base, strategy: str, intervals: Intervals, s1_intervals=(), input_scales: bool = False,
+                    subjects: int = 1) -> None:
     """Start a personalization: every trainable set equals the post-training scales.
 
     ``s_out`` rows start at ``s_ptq`` and ``s_in`` rows at ones, so the model's output
-    is unchanged until training moves them.
+    is unchanged until training moves them. ``subjects`` > 1 installs that many blocks of
+    the strategy's sets (subject i owns sets ``i * E .. i * E + E - 1``), routed for subject 0.
     """
     if base.config.act_scales == "per-interval" and intervals != base.intervals:
         raise QPDeployError(f"base has per-interval activation scales on {base.intervals}; train on those intervals")
     num_sets = num_sets_for(strategy, intervals.k)
-    mapping = set_map(strategy, intervals.k, s1_intervals)
+    mapping = subject_set_map(strategy, intervals.k, s1_intervals, 0, subjects)
     for _, layer in quant_layers(base.unet):
-        s_out = layer.s_ptq.detach().expand(num_sets, -1)
-        s_in = torch.ones(num_sets, layer.in_features) if input_scales else None
+        s_out = layer.s_ptq.detach().expand(num_sets * subjects, -1)
+        s_in = torch.ones(num_sets * subjects, layer.in_features) if input_scales else None
         layer.set_scale_sets(s_out, s_in)
-    get_router(base.unet).configure(intervals, num_sets, mapping)
+    get_router(base.unet).configure(intervals, num_sets * subjects, mapping)
+
+
+def subject_set_map(strategy: str, k: int, s1_intervals, subject: int, subjects: int) -> list[int]:
+    """The interval -> scale-set map of subject ``subject`` of ``subjects`` trained together:
+    its own block of the strategy's E sets, and ``E * subjects`` (post-training) where the
+    strategy uses no trained set."""
+    local, e = set_map(strategy, k, s1_intervals), num_sets_for(strategy, k)
+    return [subject * e + s if s < e else e * subjects for s in local]
 
 
 def scales_of(unet) -> dict[str, torch.Tensor]:

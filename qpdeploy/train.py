@@ -46,7 +46,8 @@ from .intervals import Intervals
 from .io import check_output, claim_output, read_json
 from .memory import PeakMemory, release_free_heap
 from .optim import ScaleSetOptimizer
-from .pack import PACK_ARTIFACT, ScalePack, init_scale_sets, reset_to_post_training, save_pack, scales_of
+from .pack import (PACK_ARTIFACT, ScalePack, init_scale_sets, num_sets_for, reset_to_post_training, save_pack,
+                   scales_of, subject_set_map)
 from .progress import stage
 from .prompts import check_text
 from .models import check_resolution
@@ -154,7 +155,7 @@ class ScaleTrainer:
     """
 
     def __init__(self, base: QuantizedBase, examples: Examples, config: TrainConfig, scheduler_config: dict,
-                 device="cpu", pipe=None):
+                 device="cpu", pipe=None, lane: tuple[int, int, ScaleSetOptimizer | None] | None = None):
         from diffusers import DDPMScheduler
 
         self.base, self.config, self.device = base, config, torch.device(device)
@@ -172,9 +173,19 @@ class ScaleTrainer:
         self.sampler = TimestepSampler(self.intervals, config.strategy, config.s1_intervals, config.seed)
 
         unet = base.unet.to(self.device)
-        unet.requires_grad_(False)
-        init_scale_sets(base, config.strategy, self.intervals, config.s1_intervals, config.train_input_scales)
-        self.optimizer = ScaleSetOptimizer(unet, config.lr, config.weight_decay)
+        # lane = (subject index, subjects, the optimizer of subject 0): several subjects train
+        # together over one set of tables (SubjectsTrainer); subject 0 installs them
+        index, count, shared = lane if lane is not None else (0, 1, None)
+        self.lane = (index, count)
+        if shared is None:
+            unet.requires_grad_(False)
+            init_scale_sets(base, config.strategy, self.intervals, config.s1_intervals, config.train_input_scales,
+                            count)
+            shared = ScaleSetOptimizer(unet, config.lr, config.weight_decay)
+        self.optimizer = shared
+        self.own_sets = num_sets_for(config.strategy, self.intervals.k)
+        self.first_set = index * self.own_sets
+        self.set_map = subject_set_map(config.strategy, self.intervals.k, config.s1_intervals, index, count)
         self.tuner = None
         if config.train_token:  # pivotal tuning: the text encoders stay for the identifier's row
             if pipe is None:
@@ -254,10 +265,12 @@ class ScaleTrainer:
         """The scale set each timestep is routed to (values >= E mean post-training)."""
         return get_router(self.unet).set_of_interval[self.intervals.index(timesteps.to(self.device))]
 
-    def train_step(self) -> float:
-        """One optimizer step over ``grad_accum`` micro-batches; returns the step's loss."""
-        trained = torch.zeros(self.optimizer.num_sets + 1, dtype=torch.bool)
+    def accumulate(self, trained: torch.Tensor) -> float:
+        """Forward and backward of this step's ``grad_accum`` micro-batches (gradients add up);
+        marks the sets they were routed to in ``trained`` and returns the step's loss."""
         total = 0.0
+        if self.lane[1] > 1:  # the tables hold several subjects: route this one's calls to its sets
+            get_router(self.unet).configure(self.intervals, self.optimizer.num_sets, self.set_map)
         for m in range(self.config.grad_accum):
             batch = self.make_batch(self.step * self.config.grad_accum + m)
             loss = self.loss(batch) / self.config.grad_accum
@@ -267,6 +280,12 @@ class ScaleTrainer:
             trained[self.sets_routed(batch.timesteps).cpu()] = True
             for k in self.intervals.index(batch.timesteps.cpu()).tolist():
                 self.samples_per_interval[k] += 1
+        return total
+
+    def train_step(self) -> float:
+        """One optimizer step over ``grad_accum`` micro-batches; returns the step's loss."""
+        trained = torch.zeros(self.optimizer.num_sets + 1, dtype=torch.bool)
+        total = self.accumulate(trained)
         self.optimizer.step(trained[:-1].tolist(), self.scaler)
         if self.tuner is not None:
             self.tuner.step(self.scaler)
@@ -298,13 +317,15 @@ class ScaleTrainer:
         info = {"prompt": cfg.prompt, "class_prompt": cfg.class_prompt, "identifier": cfg.identifier,
                 "steps": self.step, "train": cfg.to_json(), **(meta or {})}
         token = {"identifier": cfg.identifier, "ids": self.tuner.ids} if self.tuner is not None else None
-        return ScalePack(cfg.strategy, self.intervals, self.base.base_hash, scales_of(self.unet),
+        own = slice(self.first_set, self.first_set + self.own_sets)
+        scales = {k: v[own].clone() for k, v in scales_of(self.unet).items()}
+        return ScalePack(cfg.strategy, self.intervals, self.base.base_hash, scales,
                          cfg.s1_intervals, info, token, self.tuner.tensors() if self.tuner is not None else {})
 
     @property
     def trainable_params(self) -> int:
-        """Scale values of every set, plus the identifier rows under pivotal tuning."""
-        return self.optimizer.size * self.optimizer.num_sets + (self.tuner.size if self.tuner is not None else 0)
+        """Scale values of this subject's sets, plus the identifier rows under pivotal tuning."""
+        return self.optimizer.size * self.own_sets + (self.tuner.size if self.tuner is not None else 0)
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
