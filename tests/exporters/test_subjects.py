@@ -226,3 +226,46 @@ def test_the_command_line_flow(subject_dirs, tmp_path):
     result = run(app, ["generate", str(deploy), "--subject", "qlv", "--prompt", "a qlv dog", "--steps", "2",
                        "--out", str(tmp_path / "d.png")])
     assert result.exit_code == 0, result.output
+
+
+def psnr(a, b) -> float:
+    import numpy as np
+
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    mse = ((a - b) ** 2).mean()
+    return float("inf") if mse == 0 else float(10 * np.log10(255.0**2 / mse))
+
+
+def test_the_step_batcher_mixes_subjects_and_steps_in_one_call_per_tick(deploy):
+    from qpdeploy.exporters.manifest import read_manifest
+    from qpdeploy.runtimes.batcher import Request, StepBatcher
+    from qpdeploy.runtimes.config import RuntimeConfig
+    from qpdeploy.runtimes.pipeline import close_pipeline, load_deploy_pipeline
+
+    path, _ = deploy
+    manifest = read_manifest(path)
+    requests = [Request("a photo of sks dog", "sks", seed=1, steps=4, guidance=4.0),
+                Request("a photo of zwx dog", "zwx", seed=2, steps=3, guidance=4.0),
+                Request("a photo of qlv dog", "qlv", seed=3, steps=4, guidance=1.0),  # no guidance: one sample
+                Request("a photo of a dog", None, seed=4, steps=2, guidance=6.0)]
+    pipe = load_deploy_pipeline(manifest, RuntimeConfig())
+    try:
+        batcher = StepBatcher(pipe)
+        first = [batcher.submit(r) for r in requests[:2]]
+        done = dict(batcher.tick())  # two requests at step 0
+        later = [batcher.submit(r) for r in requests[2:]]  # these join while the first two are at step 1
+        while batcher.waiting or batcher.active:
+            done.update(batcher.tick())
+        assert batcher.calls == 5  # 13 request-steps in 5 UNet calls
+        assert batcher.samples == 2 * 4 + 2 * 3 + 1 * 4 + 2 * 2
+    finally:
+        close_pipeline(pipe)
+    h, w = manifest.size
+    for ticket, request in zip(first + later, requests):
+        alone = load_deploy_pipeline(manifest, RuntimeConfig(), subject=request.subject)
+        try:
+            image = alone(prompt=request.prompt, num_inference_steps=request.steps, guidance_scale=request.guidance,
+                          height=h, width=w, generator=torch.Generator("cpu").manual_seed(request.seed)).images[0]
+        finally:
+            close_pipeline(alone)
+        assert psnr(image, done[ticket]) >= 60.0, request
