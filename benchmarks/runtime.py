@@ -51,15 +51,29 @@ def build_synthetic(out: Path, size: int = 32) -> None:
     it per-interval and multi-expert (``size`` x ``size`` images, latent size / 2)."""
     import copy
 
-    from diffusers import UNet2DConditionModel
-
     from qpdeploy.base import save_base
-    from qpdeploy.config import QuantizeConfig
     from qpdeploy.exporters.config import ExportConfig
     from qpdeploy.exporters.export import export_deploy
-    from qpdeploy.models import tiny_pipeline
     from qpdeploy.pack import save_pack
     from qpdeploy.ptq import base_from_pipeline
+
+    pipe, config = synthetic_pipeline(size)
+    base = base_from_pipeline(pipe, config)
+    save_base(out / "base", base, base.meta["report"])
+    pack = perturbed_pack(base)
+    save_pack(out / "pack", pack)
+    for layout in ("per-interval", "multi-expert"):
+        export_deploy(copy.deepcopy(base), pipe, out / layout,
+                      ExportConfig(layout=layout, height=size, width=size, verify=False), pack)
+
+
+def synthetic_pipeline(size: int = 32):
+    """The tiny SD1 pipeline with a ~70M-parameter random UNet (seeded), and the cheap
+    quantize config used for it: ``(pipe, QuantizeConfig)``."""
+    from diffusers import UNet2DConditionModel
+
+    from qpdeploy.config import QuantizeConfig
+    from qpdeploy.models import tiny_pipeline
 
     pipe = tiny_pipeline("sd1")
     torch.manual_seed(0)
@@ -70,13 +84,7 @@ def build_synthetic(out: Path, size: int = 32) -> None:
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"))
     config = QuantizeConfig(calib_steps=4, calib_samples=8, weight_search="minmax", act_search="minmax",
                             calib_prompts=("a photo of a dog", "a red car on a street", "a cat on a sofa"))
-    base = base_from_pipeline(pipe, config)
-    save_base(out / "base", base, base.meta["report"])
-    pack = perturbed_pack(base)
-    save_pack(out / "pack", pack)
-    for layout in ("per-interval", "multi-expert"):
-        export_deploy(copy.deepcopy(base), pipe, out / layout,
-                      ExportConfig(layout=layout, height=size, width=size, verify=False), pack)
+    return pipe, config
 
 
 def perturbed_pack(base, seed: int = 0):
