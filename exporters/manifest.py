@@ -21,14 +21,19 @@ A deploy dir holds everything ``qpdeploy generate`` needs and nothing else::
     family ("sd1" | "sd2" | "sdxl"), pipeline: {"class", "config"}
     height, width, batch, vae_scale_factor, opset, export: the ExportConfig
     unet: {
-      layout: "per-interval" | "masked" | "multi-expert",
+      layout: "per-interval" | "masked" | "multi-expert" | "multi-subject",
       graphs: [{"name", "onnx", "intervals": [k, ...], "engine": file or null}],
       graph_of_interval: [g_0, ..., g_{K-1}]     index into graphs for each interval
       selector: null (per-interval) or {"input": "tuned" | "expert",
                  "values": [v_0, ..., v_{K-1}]}  int32 value to feed (one per sample) in interval k
       weights_file, inputs, outputs: [{"name", "dtype", "shape"}] ("batch" = dynamic dim)
       config: the diffusers UNet config, qdq_layers, weight_bits, act_bits, act_scales
+      tables: (multi-subject only) {"file": "subjects-<hash>.safetensors", "rows": R,
+               "input_scales": bool, "inputs": [{"name", "dtype", "shape": ["rows", ...]}]}
     }
+    subjects: (multi-subject only) [{"identifier", "pack_hash", "strategy", "s1_intervals",
+              "first_row", "sets", "rows_of_interval": [row per interval], "input_scales",
+              "prompt", "class_prompt"}]   (exporters.subjects.SubjectRecord; row 0: post-training)
     text_encoders: [{"name", "onnx", "tokenizer", "engine", "inputs", "outputs"}]
     vae_decoder: {"name", "onnx", "engine", "inputs", "outputs", "scaling_factor", "shift_factor"}
     scheduler: "scheduler"

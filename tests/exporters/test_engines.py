@@ -45,3 +45,36 @@ def _plan(base, layout):
     from qpdeploy.exporters.unet import plan_unet
 
     return plan_unet(base, layout)
+
+
+def test_a_multi_subject_engine_takes_added_subjects_without_a_rebuild(export_base, export_pipe, tmp_path):
+    import copy
+    import dataclasses
+
+    from qpdeploy.exporters.export import export_subjects
+    from qpdeploy.exporters.subjects import add_subject
+    from qpdeploy.io import file_sha256
+    from qpdeploy.pack import apply_pack, save_pack
+    from qpdeploy.runtimes import EngineUNet
+
+    from .conftest import perturbed_pack
+
+    base = copy.deepcopy(export_base("sd1"))
+    packs = [dataclasses.replace(perturbed_pack(base, "s2", seed=i), meta={"identifier": name})
+             for i, name in enumerate(("sks", "zwx"))]
+    path, _ = export_subjects(base, export_pipe("sd1"), tmp_path / "deploy",
+                              ExportConfig(build_engines=True, max_subjects=4), [(packs[0], "sks")])
+    engine = path / read_manifest(path).unet["graphs"][0]["engine"]
+    before = file_sha256(engine)
+    add_subject(path, save_pack(tmp_path / "zwx", packs[1]))
+    assert file_sha256(engine) == before
+    specs = read_manifest(path).unet_inputs
+    feed = {s["name"]: torch.randn([2 if d == "batch" else d for d in s["shape"]]) for s in specs
+            if s["dtype"] == "float32"}
+    feed["timestep"] = torch.tensor([700.0, 700.0])
+    with EngineUNet.from_deploy(path, backend="trt", subject="zwx") as unet:
+        got = unet(feed["sample"], feed["timestep"], feed["encoder_hidden_states"]).sample.cpu()
+    apply_pack(base, packs[1])
+    with torch.no_grad():
+        ref = base.unet(feed["sample"], feed["timestep"], feed["encoder_hidden_states"]).sample
+    assert sqnr_db(ref, got) > 15
