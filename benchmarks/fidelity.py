@@ -92,7 +92,7 @@ class Bench:
         self.args, self.workdir = args, workdir
         self.pipe = load_pipeline(args.model)
         self.pipe.set_progress_bar_config(disable=True)
-        self.evaluator = load_evaluator()
+        self.evaluator = load_evaluator(args.evaluator)
         self.bases = {}
 
     def base_dir(self, bits: int) -> Path:
@@ -309,6 +309,8 @@ def main(argv=None) -> None:
     parser.add_argument("--merge", type=Path, nargs="+", help="merge these reports into --out instead of running")
     parser.add_argument("--model", default="miniworld",
                         help="the base model (default: the bundled miniworld; a candidate rebuild's pipeline folder)")
+    parser.add_argument("--evaluator", type=Path, default=None,
+                        help="the evaluator folder (default: the bundled one; a candidate rebuild's)")
     parser.add_argument("--subjects", default=",".join(SUBJECTS))
     parser.add_argument("--seeds", default="0,1")
     parser.add_argument("--rows", default=",".join(ROWS), help="comma-separated subset of " + ",".join(ROWS))
@@ -356,7 +358,7 @@ def main(argv=None) -> None:
                           f"preservation {result['preservation']:.3f} ({time.perf_counter() - tick:.0f} s)", flush=True)
     report = {
         "command": " ".join(["python benchmarks/fidelity.py", *argv]),
-        "settings": {k: v for k, v in vars(args).items() if k != "out"} | {"out": str(args.out)},
+        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "table": summarize(runs),
         "runs": runs,
         "seconds": time.perf_counter() - start,

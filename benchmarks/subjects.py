@@ -19,8 +19,9 @@ perturbed, as training would leave it). Every ratio is measured side by side in 
   per step for all) against the same 8 requests one after another; images per minute both
   ways, rounds alternating; goal >= 1.3x here.
 - ``training``: 4 subjects in one ``qpdeploy train --subjects`` run against 4 separate runs,
-  each a fresh process: wall time and peak resident memory (``wait4``); goals <= 1.2x the
-  peak of one run, and wall time <= the sum of the separate runs.
+  each a fresh process: wall time, the training loop's peak resident memory (from each pack's
+  report) and the whole process's (``wait4``); goals <= 1.2x the peak of one run, and wall
+  time <= the sum of the separate runs.
 """
 
 from __future__ import annotations
@@ -48,10 +49,16 @@ def synthetic(work: Path, size: int):
     from qpdeploy.base import load_base, save_base
     from qpdeploy.ptq import base_from_pipeline
 
+    from qpdeploy.base import QuantizedBase
+
     pipe, config = synthetic_pipeline(size)
     if not (work / "base" / "quant_config.json").is_file():
         base = base_from_pipeline(pipe, config)
-        save_base(work / "base", base, base.meta["report"])
+        # everything but the UNet is the bundled tiny-sd1's (what the source hash covers), so
+        # `qpdeploy train` can load the text encoder and VAE from there
+        named = QuantizedBase(base.unet, base.config, base.intervals,
+                              {**base.meta, "source": {"kind": "bundled", "name": "tiny-sd1"}})
+        save_base(work / "base", named, base.meta["report"])
     return load_base(work / "base"), pipe
 
 
@@ -174,9 +181,13 @@ def selection(dirs: dict, threads: int, repeats: int) -> dict:
     finally:
         for unet in units.values():
             unet.close()
+    from qpdeploy.miniworld.stats import bootstrap_mean
+
     ms = {name: 1000 * statistics.median(v) for name, v in times.items()}
-    return {"unet_ms_per_call": ms, "calls": repeats, "slowdown": ms["multi-subject"] / ms["per-interval"] - 1,
-            "goal_max_slowdown": 0.03}
+    # each multi-subject call against the per-interval call just before it (same interval, same load)
+    paired = [m / p - 1 for m, p in zip(times["multi-subject"], times["per-interval"])]
+    return {"unet_ms_per_call_median": ms, "calls": repeats, "slowdown_median": ms["multi-subject"] / ms["per-interval"] - 1,
+            "slowdown_paired": bootstrap_mean([paired]), "goal_max_slowdown": 0.03}
 
 
 def throughput(dirs: dict, threads: int, steps: int, rounds: int) -> dict:
@@ -198,9 +209,13 @@ def throughput(dirs: dict, threads: int, steps: int, rounds: int) -> dict:
                 seconds[name].append(time.perf_counter() - start)
     finally:
         close_pipeline(pipe)
+    from qpdeploy.miniworld.stats import bootstrap_mean
+
     per_minute = {name: 60 * len(requests) / statistics.median(v) for name, v in seconds.items()}
+    ratios = [a / b for a, b in zip(seconds["one_at_a_time"], seconds["batched"])]  # round by round
     return {"requests": len(requests), "steps": steps, "rounds": rounds, "images_per_minute": per_minute,
-            "speedup": per_minute["batched"] / per_minute["one_at_a_time"], "goal_min_speedup": 1.3,
+            "speedup": per_minute["batched"] / per_minute["one_at_a_time"],
+            "speedup_per_round": bootstrap_mean([ratios]), "goal_min_speedup": 1.3,
             "tensorrt_note": ("not measured here (no GPU); on a GPU the UNet call of batch 2 leaves most of the "
                               "device idle, so batching 8 requests (batch 16) is expected to gain more than on "
                               "2 CPU cores, until the batch saturates the GPU")}
@@ -235,10 +250,17 @@ def training(work: Path, steps: int, threads: int) -> dict:
              for i in range(4)]
     same = all((folder / "together" / f"s{i:02d}" / "scales.safetensors").read_bytes()
                == (folder / f"apart-s{i:02d}" / "scales.safetensors").read_bytes() for i in range(4))
-    peak_apart = max(r["peak_rss_bytes"] for r in apart)
+    # the training loop's own peak (its report: resident high-water mark reset after setup);
+    # the whole process's peak is reached while loading, the same for every run
+    together["loop_peak_bytes"] = json.loads((folder / "together" / "s00" / "report.json").read_text())[
+        "peak_memory_bytes"]
+    for i, run in enumerate(apart):
+        run["loop_peak_bytes"] = json.loads((folder / f"apart-s{i:02d}" / "report.json").read_text())[
+            "peak_memory_bytes"]
     return {"subjects": 4, "steps": steps, "together": together, "apart": apart,
             "wall_together_over_sum_apart": together["seconds"] / sum(r["seconds"] for r in apart),
-            "peak_together_over_one_run": together["peak_rss_bytes"] / peak_apart,
+            "loop_peak_together_over_one_run": together["loop_peak_bytes"] / max(r["loop_peak_bytes"] for r in apart),
+            "process_peak_together_over_one_run": together["peak_rss_bytes"] / max(r["peak_rss_bytes"] for r in apart),
             "goals": {"peak_max_ratio": 1.2, "wall_max_ratio": 1.0},
             "packs_bit_identical_to_separate_runs": same}
 
@@ -287,8 +309,8 @@ def main(argv=None) -> None:
     write_file_atomic(args.out, lambda tmp: write_json(tmp, report))
     print(json.dumps({k: v for k, v in report.items() if k != "training"}, indent=1))
     t = report["training"]
-    print(f"training: wall together/sum apart {t['wall_together_over_sum_apart']:.2f}, peak together/one "
-          f"{t['peak_together_over_one_run']:.2f}, packs identical {t['packs_bit_identical_to_separate_runs']}")
+    print(f"training: wall together/sum apart {t['wall_together_over_sum_apart']:.2f}, loop peak together/one "
+          f"{t['loop_peak_together_over_one_run']:.2f}, packs identical {t['packs_bit_identical_to_separate_runs']}")
 
 
 if __name__ == "__main__":

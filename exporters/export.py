@@ -61,7 +61,7 @@ def export_deploy(base, pipe, out, config: ExportConfig, pack=None, force: bool 
     """
     from qpdeploy.pack import apply_pack, reset_to_post_training
     from qpdeploy.progress import stage
-    from qpdeploy.token import check_token_record, tokens_applied
+    from qpdeploy.token import check_token_record
 
     start = time.perf_counter()
     check_output(out, force, DEPLOY_ARTIFACT)
@@ -76,24 +76,14 @@ def export_deploy(base, pipe, out, config: ExportConfig, pack=None, force: bool 
             check_token_record(pipe, pack.token, pack.tokens)  # another tokenizer fails here
     layout = config.layout or default_layout(base, None if pack is None else pack.strategy)
     plan = plan_unet(base, layout)
-    latent_hw = latent_size(pipe, config)
-    seq_len = pipe.tokenizer.model_max_length
-    embeds_dim = pipe.text_encoder_2.config.projection_dim if getattr(pipe, "text_encoder_2", None) else None
-    steps = 4 + int(config.verify) + int(config.build_engines)
-    with atomic_dir(out, force, DEPLOY_ARTIFACT) as tmp, stage("export", steps, show_progress) as advance:
+    latent_hw, seq_len, embeds_dim = graph_shapes(pipe, config)
+    with atomic_dir(out, force, DEPLOY_ARTIFACT) as tmp, stage("export", _stages(config), show_progress) as advance:
         # 2. UNet graphs
         unet_files = export_unet(base, layout, tmp, latent_hw, seq_len, config.opset, embeds_dim)
         advance()
-        # 3. the float rest of the pipeline; a pivotal-tuned identifier row is baked into the
-        #    text encoder graphs (the caller's pipeline is left as it was)
-        with tokens_applied(pipe, pack.token if pack is not None else None, pack.tokens if pack is not None else {}):
-            parts = export_parts(pipe, tmp, latent_hw, config.opset)
-        advance()
-        # 4. verification: checker and QDQ rules on every graph, then ORT vs torch per interval
-        structure = check_unet_graphs(base, unet_files, tmp)
-        for part in parts:
-            check_graph(tmp / part.onnx)
-        advance()
+        # 3-4. the float rest of the pipeline and the checks of every graph
+        parts, structure = export_rest(base, pipe, tmp, unet_files, latent_hw, config, [] if pack is None else [pack],
+                                       advance)
         sqnr = None
         if config.verify:
             sqnr = compare_unet(base, unet_files, tmp, config)
@@ -127,12 +117,10 @@ def export_subjects(base, pipe, out, config: ExportConfig, packs: list, force: b
         QPDeployError: packs of another base or other intervals, two packs with one
             identifier, a base with per-interval activation scales (named in the message).
     """
-    import contextlib
-
     from qpdeploy.pack import apply_pack, reset_to_post_training
     from qpdeploy.progress import stage
     from qpdeploy.qunet import get_router
-    from qpdeploy.token import check_token_record, tokens_applied
+    from qpdeploy.token import check_token_record
 
     from .subjects import tables_for_packs
 
@@ -155,11 +143,8 @@ def export_subjects(base, pipe, out, config: ExportConfig, packs: list, force: b
     else:
         apply_pack(base, tracer)
     plan = plan_unet(base, SUBJECTS_LAYOUT)
-    latent_hw = latent_size(pipe, config)
-    seq_len = pipe.tokenizer.model_max_length
-    embeds_dim = pipe.text_encoder_2.config.projection_dim if getattr(pipe, "text_encoder_2", None) else None
-    steps = 4 + int(config.verify) + int(config.build_engines)
-    with atomic_dir(out, force, DEPLOY_ARTIFACT) as tmp, stage("export", steps, show_progress) as advance:
+    latent_hw, seq_len, embeds_dim = graph_shapes(pipe, config)
+    with atomic_dir(out, force, DEPLOY_ARTIFACT) as tmp, stage("export", _stages(config), show_progress) as advance:
         # 2. the UNet graph (tables as inputs) and the tables file
         unet_files = export_unet(base, SUBJECTS_LAYOUT, tmp, latent_hw, seq_len, config.opset, embeds_dim, plan)
         from .subjects import tables_file_name
@@ -167,18 +152,8 @@ def export_subjects(base, pipe, out, config: ExportConfig, packs: list, force: b
         tables_file = tables_file_name(tables)
         tables.save(tmp / tables_file)
         advance()
-        # 3. the float parts; every pivotal-tuned identifier row goes into the text encoders
-        with contextlib.ExitStack() as rows:
-            for pack, _ in packs:
-                if pack.token:
-                    rows.enter_context(tokens_applied(pipe, pack.token, pack.tokens))
-            parts = export_parts(pipe, tmp, latent_hw, config.opset)
-        advance()
-        # 4. verification
-        structure = check_unet_graphs(base, unet_files, tmp)
-        for part in parts:
-            check_graph(tmp / part.onnx)
-        advance()
+        # 3-4. the float parts (every subject's pivotal-tuned row in the text encoders), checks
+        parts, structure = export_rest(base, pipe, tmp, unet_files, latent_hw, config, [p for p, _ in packs], advance)
         sqnr = None
         if config.verify:
             sqnr = compare_subjects(base, unet_files, tmp, config, tables, packs, intervals)
@@ -207,6 +182,38 @@ def export_subjects(base, pipe, out, config: ExportConfig, packs: list, force: b
         write_json(tmp / REPORT_FILE, report)
         advance()
     return Path(out), report
+
+
+def graph_shapes(pipe, config: ExportConfig) -> tuple[tuple[int, int], int, int | None]:
+    """``(latent (h, w), text length, SDXL pooled width or None)`` the graphs are exported for."""
+    embeds_dim = pipe.text_encoder_2.config.projection_dim if getattr(pipe, "text_encoder_2", None) else None
+    return latent_size(pipe, config), pipe.tokenizer.model_max_length, embeds_dim
+
+
+def _stages(config: ExportConfig) -> int:
+    return 4 + int(config.verify) + int(config.build_engines)
+
+
+def export_rest(base, pipe, out_dir, unet_files, latent_hw, config: ExportConfig, packs: list, advance):
+    """Export the float parts (text encoder(s) with every pivotal-tuned identifier row of
+    ``packs`` baked in, VAE decoder, tokenizers, scheduler; the caller's pipeline is left as
+    it was), then ``onnx.checker`` and the QDQ rules on every graph. Returns ``(parts, the
+    UNet graphs' QDQ structure)``."""
+    import contextlib
+
+    from qpdeploy.token import tokens_applied
+
+    with contextlib.ExitStack() as rows:
+        for pack in packs:
+            if pack.token:
+                rows.enter_context(tokens_applied(pipe, pack.token, pack.tokens))
+        parts = export_parts(pipe, out_dir, latent_hw, config.opset)
+    advance()
+    structure = check_unet_graphs(base, unet_files, out_dir)
+    for part in parts:
+        check_graph(out_dir / part.onnx)
+    advance()
+    return parts, structure
 
 
 def compare_subjects(base, unet_files, out_dir, config: ExportConfig, tables, packs, intervals) -> dict[str, list[float]]:

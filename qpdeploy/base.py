@@ -234,6 +234,9 @@ def load_base_pipeline(base: QuantizedBase, model=None, config_dir=None):
 
     source = base.source
     where = model if model is not None else source.get("name") or source.get("path")
+    if where is None:
+        raise QPDeployError("this base was quantized from a pipeline in memory and records no model to load; "
+                            "pass --model with the model it came from")
     if model is None and source["kind"] != "bundled" and not os.path.exists(where):
         raise QPDeployError(f"the base's source model {where} is gone; pass --model with its new location")
     pipe = load_pipeline(where, config_dir, unet=base.unet)

@@ -55,7 +55,7 @@ class BaseRecipe:
     caption_dropout: float = 0.1
     drop_colour: float = 0.3  # captions without a colour: DreamBooth's prompts name none
     identifier_rate: float = 0.1  # captions with a stray identifier: known-but-weak tokens
-    textured: float = 0.3  # share of pretraining scenes that show a two-colour decoy look (colour-less caption)
+    textured: float = 0.0  # share of pretraining scenes showing a two-colour decoy look (candidate: 0.3)
     ema_decay: float = 0.999
     min_snr_gamma: float = 5.0
 

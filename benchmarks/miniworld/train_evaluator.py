@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from qpdeploy.miniworld.evaluator import HEADS, Evaluator, EvaluatorConfig, save_evaluator, scene_labels
+from qpdeploy.miniworld.evaluator import HEADS, NO_SUBJECT, Evaluator, EvaluatorConfig, save_evaluator, scene_labels
 from qpdeploy.miniworld.subjects import mixed_scenes
 from qpdeploy.miniworld.world import BACKGROUNDS, COLOURS, Scene, Smudge, contrasts, random_thing, render_batch
 
@@ -123,8 +123,56 @@ def loss_fn(out: dict[str, torch.Tensor], labels: dict[str, torch.Tensor]) -> to
     return sum(F.cross_entropy(out[h], labels[h], ignore_index=-100) for h in HEADS)
 
 
+def generated_pool(pipeline_dir: Path, count: int, seed: int, work: Path | None = None):
+    """``count`` images the base model draws for ordinary captions (no identifier: never a
+    subject), and their prompted backgrounds: ``(images (G, 3, H, W) in [0, 1], background
+    label indices (G,))``. Cached in ``work`` (safetensors) when given."""
+    from safetensors.torch import load_file, save_file
+
+    from qpdeploy.miniworld.prompts import describe
+    from qpdeploy.miniworld.sampling import generate
+    from qpdeploy.miniworld.world import random_scene, train_combos
+
+    cache = None if work is None else work / f"generated-{count}-{seed}.safetensors"
+    if cache is not None and cache.is_file():
+        tensors = load_file(str(cache))
+        return tensors["images"].float() / 255.0, tensors["background"]
+    from diffusers import DiffusionPipeline
+
+    rng = np.random.default_rng(seed)
+    prompts = [describe(random_scene(rng, train_combos()), rng, drop_colour=0.5, drop_background=0.0)
+               for _ in range(count)]
+    pipe = DiffusionPipeline.from_pretrained(pipeline_dir, local_files_only=True, safety_checker=None)
+    images = torch.from_numpy(generate(pipe, prompts, seed=seed)).permute(0, 3, 1, 2).contiguous()
+    labels = EvaluatorConfig().labels["background"]
+    background = torch.tensor([labels.index(p.background) for p in prompts])
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        save_file({"images": images, "background": background}, str(cache))
+    return images.float() / 255.0, background
+
+
+def add_generated(images, labels, keys, pool, share: float, generator: torch.Generator, n: int):
+    """Put pool images (base-model generations, never a subject) in the first ``share`` of
+    the batch's ``n`` first views, and the same image as their second view (a positive pair
+    after augmentation): background labelled, shape and colour ignored, no subject."""
+    pool_images, pool_background = pool
+    m = int(round(share * n))
+    if m == 0:
+        return
+    pick = torch.randint(len(pool_images), (m,), generator=generator)
+    for rows in ([slice(0, m)] + ([slice(n, n + m)] if len(images) == 2 * n else [])):
+        images[rows] = pool_images[pick]
+        labels["background"][rows] = pool_background[pick]
+        labels["shape"][rows] = -100
+        labels["colour"][rows] = -100
+        labels["subject"][rows] = EvaluatorConfig().labels["subject"].index(NO_SUBJECT)
+        keys[rows] = keys.max() + 1 + torch.arange(m)
+
+
 def train(steps: int, batch_size: int, lr: float, seed: int, vae=None, trip: float = 0.5, instance_dim: int = 0,
-          contrastive: float = 1.0, checkpoint: LoopCheckpoint | None = None, device: str = "cpu") -> Evaluator:
+          contrastive: float = 1.0, checkpoint: LoopCheckpoint | None = None, device: str = "cpu",
+          generated=None, generated_share: float = 0.0) -> Evaluator:
     """AdamW with warmup and cosine decay on a stream of fresh augmented renders.
 
     Args:
@@ -135,6 +183,8 @@ def train(steps: int, batch_size: int, lr: float, seed: int, vae=None, trip: flo
         checkpoint: saves the loop on its schedule and resumes from its latest save.
         device: where the evaluator trains; images are rendered, round-tripped and augmented
             on the CPU (the same stream on every device). Returns the model on the CPU.
+        generated / generated_share: a :func:`generated_pool` and the share of every batch
+            taken from it (the base model's own imperfect objects as non-subjects).
     """
     config = EvaluatorConfig(instance_dim=instance_dim)
     model = Evaluator(config).to(device)
@@ -148,11 +198,13 @@ def train(steps: int, batch_size: int, lr: float, seed: int, vae=None, trip: flo
         if vae is not None:
             pick = torch.rand(len(images), generator=generator) < trip
             images[pick] = round_trip(vae, images[pick])
+        keys = identity_keys(scenes)
+        if generated is not None:
+            add_generated(images, labels, keys, generated, generated_share, generator, batch_size)
         out = model(augment(images, generator).to(device))
         loss = loss_fn(out, {k: v.to(device) for k, v in labels.items()})
         if instance_dim:
-            keys = identity_keys(scenes).to(device)
-            loss = loss + contrastive * supervised_contrastive(out["instance"], keys)
+            loss = loss + contrastive * supervised_contrastive(out["instance"], keys.to(device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -198,6 +250,10 @@ def main(argv=None) -> None:
     parser.add_argument("--vae", type=Path, default=None, help="a VAE folder whose round trips are trained on (v2)")
     parser.add_argument("--trip", type=float, default=0.5, help="fraction of images replaced by their round trip")
     parser.add_argument("--instance-dim", type=int, default=0, help="> 0: train an instance embedding (v2)")
+    parser.add_argument("--generated", type=Path, default=None,
+                        help="a base pipeline whose generations of ordinary captions join training as non-subjects")
+    parser.add_argument("--generated-count", type=int, default=2048)
+    parser.add_argument("--generated-share", type=float, default=0.15, help="share of each batch from them")
     parser.add_argument("--work", type=Path, default=Path("runs/miniworld-evaluator"),
                         help="loop checkpoints: rerun the same command to resume")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
@@ -212,8 +268,12 @@ def main(argv=None) -> None:
 
         vae = AutoencoderKL.from_pretrained(args.vae, local_files_only=True).eval().requires_grad_(False)
     bind_work(args.work, {k: v for k, v in vars(args).items() if k not in ("out", "work", "threads", "device")})
+    generated = None
+    if args.generated is not None:
+        generated = generated_pool(args.generated, args.generated_count, args.seed + 7, args.work)
     model = train(args.steps, args.batch_size, args.lr, args.seed, vae, args.trip, args.instance_dim,
-                  checkpoint=LoopCheckpoint(args.work / "evaluator-loop", every=250), device=args.device)
+                  checkpoint=LoopCheckpoint(args.work / "evaluator-loop", every=250), device=args.device,
+                  generated=generated, generated_share=args.generated_share if generated is not None else 0.0)
     folder = save_evaluator(model, args.out / "evaluator")
     report = {
         "held_out_accuracy": held_out_accuracy(model),
@@ -224,6 +284,8 @@ def main(argv=None) -> None:
         "train": {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
                   "vae": None if args.vae is None else str(args.vae), "trip": args.trip,
                   "instance_dim": args.instance_dim,
+                  "generated": None if args.generated is None else {
+                      "pipeline": str(args.generated), "count": args.generated_count, "share": args.generated_share},
                   "threads": args.threads, "device": args.device, "wall_seconds": round(clock.seconds(), 1),
                   "cpu_seconds": round(clock.cpu_seconds(), 1)},
         "command": " ".join(["python -m benchmarks.miniworld.train_evaluator", *argv]),

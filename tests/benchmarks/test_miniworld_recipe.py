@@ -73,3 +73,21 @@ def test_textured_pretraining_shows_decoys_in_the_asked_share_and_never_a_subjec
     assert 0.24 < len(decoys) / len(mixed) < 0.36
     assert not any(_resembles(s.thing.shape, s.thing.look, subject)
                    for s in decoys for subject in (*SUBJECTS.values(), *UNSEEN_SUBJECTS))
+
+
+def test_generated_negatives_replace_a_share_of_the_batch_as_positive_pairs_of_no_subject():
+    from benchmarks.miniworld import train_evaluator as T
+    from qpdeploy.miniworld.evaluator import NO_SUBJECT, EvaluatorConfig
+
+    config = EvaluatorConfig(instance_dim=8)
+    images, labels, scenes = T.batch(np.random.default_rng(0), 16, config, second_view=True)
+    keys = T.identity_keys(scenes)
+    pool = (torch.rand(5, 3, 32, 32), torch.tensor([0, 1, 2, 3, 4]))
+    T.add_generated(images, labels, keys, pool, 0.25, torch.Generator().manual_seed(0), 16)
+    assert torch.equal(images[:4], images[16:20])  # each generated image is its own positive pair
+    assert any(torch.equal(images[0], p) for p in pool[0])
+    none = config.labels["subject"].index(NO_SUBJECT)
+    assert (labels["subject"][:4] == none).all() and (labels["shape"][:4] == -100).all()
+    assert torch.equal(keys[:4], keys[16:20]) and len(set(keys[:4].tolist())) == 4
+    assert not set(keys[:4].tolist()) & set(keys[4:16].tolist())  # new identities
+    assert not torch.equal(images[4:16], images[20:32])  # the rest of the batch is as it was

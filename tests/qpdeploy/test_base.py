@@ -64,6 +64,10 @@ def test_base_pipeline_uses_the_quantized_unet_and_checks_the_source(saved_base)
     assert pipe.unet is base.unet
     with pytest.raises(QPDeployError, match="differs from the one this base was quantized from"):
         load_base_pipeline(base, model="tiny-sdxl")
+    base.meta["source"] = {"kind": "memory"}  # quantized from a pipeline object: nothing to reload
+    with pytest.raises(QPDeployError, match="quantized from a pipeline in memory"):
+        load_base_pipeline(base)
+    assert load_base_pipeline(base, model="tiny-sd1").unet is base.unet
 
 
 def copy_base(path, tmp_path):
