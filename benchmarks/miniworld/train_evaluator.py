@@ -161,13 +161,14 @@ def add_generated(images, labels, keys, pool, share: float, generator: torch.Gen
     if m == 0:
         return
     pick = torch.randint(len(pool_images), (m,), generator=generator)
+    fresh = keys.max() + 1 + torch.arange(m)  # one new identity per generated image, both views
     for rows in ([slice(0, m)] + ([slice(n, n + m)] if len(images) == 2 * n else [])):
         images[rows] = pool_images[pick]
         labels["background"][rows] = pool_background[pick]
         labels["shape"][rows] = -100
         labels["colour"][rows] = -100
         labels["subject"][rows] = EvaluatorConfig().labels["subject"].index(NO_SUBJECT)
-        keys[rows] = keys.max() + 1 + torch.arange(m)
+        keys[rows] = fresh
 
 
 def train(steps: int, batch_size: int, lr: float, seed: int, vae=None, trip: float = 0.5, instance_dim: int = 0,
