@@ -14,6 +14,7 @@ from qpdeploy.errors import QPDeployError
 
 from .conftest import perturbed_pack
 
+pytestmark = pytest.mark.slow  # exports several deploy dirs (about 30 s); the full suite runs them
 SUBJECTS = (("sks", "s2", True, 0), ("zwx", "s1", False, 1), ("qlv", "baseline", False, 2))
 
 

@@ -36,6 +36,7 @@ def test_w4a8_is_lower_than_w8a8_but_sane(tiny_base, family):
     assert 12 < w4 < w8
 
 
+@pytest.mark.slow
 def test_searched_ranges_beat_min_max(tiny_base):
     # Random init weights are uniform (no outliers), so the gain is small here (0.75 dB);
     # trained weights are heavy-tailed, where the next test shows the real margin.

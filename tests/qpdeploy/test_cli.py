@@ -35,6 +35,7 @@ def test_quantize_refuses_to_overwrite_without_force(tmp_path):
     assert (out / "keep.txt").read_text() == "mine"
 
 
+@pytest.mark.slow
 def test_force_replaces_an_existing_base_and_nothing_else(tmp_path):
     out = tmp_path / "base"
     out.mkdir()

@@ -30,6 +30,7 @@ def scales(path):
     return load_file(str(path / "scales.safetensors"))
 
 
+@pytest.mark.slow
 def test_each_subjects_pack_is_its_pack_trained_alone(cheap_base, tiny_pipe, specs, tmp_path):
     config = TrainConfig("unused", steps=3, **SHARED)
     out, reports = train_subjects(cheap_base("sd1"), specs, tmp_path / "packs", config, prior_images=2,
@@ -48,6 +49,7 @@ def test_each_subjects_pack_is_its_pack_trained_alone(cheap_base, tiny_pipe, spe
     assert any(not torch.equal(v, scales(out / "zwx")[k]) for k, v in scales(out / "sks").items())
 
 
+@pytest.mark.slow
 def test_a_group_run_stopped_and_resumed_ends_bit_identical(cheap_base, tiny_pipe, specs, tmp_path):
     def run(out, steps, resume=None):
         config = TrainConfig("unused", steps=steps, checkpoint_every=2, **SHARED)

@@ -60,6 +60,7 @@ def test_engine_unet_in_a_diffusers_pipeline_gives_the_generate_image(family, na
     assert psnr(own_encoder, cli) > 45
 
 
+@pytest.mark.slow
 def test_engine_unet_looks_like_a_diffusers_unet(deploy):
     with EngineUNet.from_deploy(deploy("sdxl_multi"), threads=1) as unet:
         assert unet.config.sample_size == 8 and unet.config.in_channels == 4  # exported latent 8x8
