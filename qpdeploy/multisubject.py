@@ -28,7 +28,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from .config import TrainConfig
@@ -109,6 +108,8 @@ class SubjectsTrainer:
         self.base, self.config, self.optimizer = lanes[0].base, lanes[0].config, lanes[0].optimizer
         self.unet = lanes[0].unet
         self.scaler = lanes[0].scaler
+        for lane in lanes[1:]:  # fp16 on CUDA: one loss scale for the one optimizer step
+            lane.scaler = self.scaler
         self.step = 0
         self.losses: list[float] = []
 
@@ -168,7 +169,8 @@ def train_subjects(base, subjects: list[SubjectSpec], out, config: TrainConfig, 
     from .checkpoint import find_checkpoint, load_checkpoint, read_checkpoint_state
     from .memory import PeakMemory
     from .ptq import resolve_device
-    from .train import RUN_SUFFIX, ScaleTrainer, autocast_dtype, check_train_inputs, prepare_data, run_training
+    from .train import (RUN_SUFFIX, ScaleTrainer, autocast_dtype, check_train_inputs, prepare_data, run_report,
+                        run_training)
 
     start = time.perf_counter()
     if config.train_token:
@@ -220,18 +222,8 @@ def train_subjects(base, subjects: list[SubjectSpec], out, config: TrainConfig, 
         reports = {}
         seconds = time.perf_counter() - start
         for spec, lane, (examples, _, _, resolution, _) in zip(subjects, lanes, prepared):
-            n = max(1, min(10, len(lane.losses) // 2))
-            report = {
-                "strategy": config.strategy, "trainable_params": lane.trainable_params, "token_params": 0,
-                "pack_bytes": None, "steps": lane.step, "final_loss": float(np.mean(lane.losses[-n:])),
-                "initial_loss": float(np.mean(lane.losses[:n])), "seconds": seconds,
-                "peak_memory_bytes": peak, "peak_memory_kind": memory.kind, "num_sets": lane.own_sets,
-                "intervals": list(lane.intervals.boundaries), "s1_intervals": list(config.s1_intervals),
-                "samples_per_interval": lane.samples_per_interval, "batch_size": lane.batch,
-                "instance_images": len(examples.meta["instance_images"]), "class_images": examples.meta["class_images"],
-                "resolution": resolution, "device": str(device), "resumed_from_step": resumed,
-                "base_hash": base.base_hash, "subjects_trained_together": [s.identifier for s in subjects],
-            }
+            report = {**run_report(lane, examples, resolution, device, seconds, peak, memory.kind, resumed),
+                      "subjects_trained_together": [s.identifier for s in subjects]}
             pack = lane.pack({"instance_images": examples.meta["instance_images"]})
             path = save_pack(outs[spec.identifier], pack, report, force)
             reports[spec.identifier] = read_json(path / "report.json")

@@ -470,21 +470,30 @@ def _train(base, images, out, config, pipe, source, config_dir, run_dir, class_d
         trainer.finish()
 
     # 5. the pack
+    report = run_report(trainer, examples, resolution, device, time.perf_counter() - start, peak, memory.kind,
+                        resumed)
+    path = save_pack(out, trainer.pack({"instance_images": examples.meta["instance_images"]}), report, force)
+    return path, read_json(path / "report.json")
+
+
+def run_report(trainer: ScaleTrainer, examples, resolution: int, device, seconds: float, peak: int, peak_kind: str,
+               resumed: int | None) -> dict:
+    """A pack's report.json: what one subject's training did, cost and saw."""
     n = max(1, min(FINAL_LOSS_STEPS, len(trainer.losses) // 2))
-    report = {
-        "strategy": config.strategy,
+    return {
+        "strategy": trainer.config.strategy,
         "trainable_params": trainer.trainable_params,
         "token_params": trainer.tuner.size if trainer.tuner is not None else 0,
         "pack_bytes": None,  # filled in by save_pack
         "steps": trainer.step,
         "final_loss": float(np.mean(trainer.losses[-n:])),
-        "seconds": time.perf_counter() - start,
+        "seconds": seconds,
         "peak_memory_bytes": peak,
-        "peak_memory_kind": memory.kind,
+        "peak_memory_kind": peak_kind,
         "initial_loss": float(np.mean(trainer.losses[:n])),
-        "num_sets": trainer.optimizer.num_sets,
+        "num_sets": trainer.own_sets,
         "intervals": list(trainer.intervals.boundaries),
-        "s1_intervals": list(config.s1_intervals),
+        "s1_intervals": list(trainer.config.s1_intervals),
         "samples_per_interval": trainer.samples_per_interval,
         "batch_size": trainer.batch,
         "instance_images": len(examples.meta["instance_images"]),
@@ -492,10 +501,8 @@ def _train(base, images, out, config, pipe, source, config_dir, run_dir, class_d
         "resolution": resolution,
         "device": str(device),
         "resumed_from_step": resumed,
-        "base_hash": base.base_hash,
+        "base_hash": trainer.base.base_hash,
     }
-    path = save_pack(out, trainer.pack({"instance_images": examples.meta["instance_images"]}), report, force)
-    return path, read_json(path / "report.json")
 
 
 def run_training(trainer: ScaleTrainer, run_dir: Path, validator=None, show_progress: bool | str = False) -> None:
