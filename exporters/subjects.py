@@ -311,9 +311,27 @@ def _rewrite(deploy, change) -> SubjectTables:
         write_file_atomic(deploy / MANIFEST_FILE, lambda tmp: write_json(tmp, data))
         if name != record["file"]:
             (deploy / record["file"]).unlink(missing_ok=True)
+        _update_report(deploy, new)
         return new
     finally:
         claim.release()
+
+
+def _update_report(deploy: Path, tables: SubjectTables) -> None:
+    """Keep report.json's subject list current; a subject added later has no export-time
+    ORT-vs-torch figure (its rows are computed exactly as export computes them)."""
+    from qpdeploy.io import read_json, write_file_atomic, write_json
+
+    from .manifest import REPORT_FILE
+
+    path = deploy / REPORT_FILE
+    if not path.is_file():
+        return
+    report = read_json(path)
+    report["subjects"] = [s.identifier for s in tables.subjects]
+    measured = report.get("sqnr_db_per_subject") or {}
+    report["sqnr_db_per_subject"] = {k: measured.get(k) for k in ["", *report["subjects"]]}
+    write_file_atomic(path, lambda tmp: write_json(tmp, report))
 
 
 def tables_file_name(tables: SubjectTables) -> str:

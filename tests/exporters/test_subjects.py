@@ -155,6 +155,7 @@ def test_add_and_remove_subjects_touch_only_the_tables_and_the_manifest(subject_
     manifest = json.loads((path / "manifest.json").read_text())
     assert manifest["unet"]["tables"]["file"] == tables_before and (path / tables_before).is_file()
     assert [s["identifier"] for s in manifest["subjects"]] == ["sks", "zwx"]
+    assert json.loads((path / "report.json").read_text())["subjects"] == ["sks", "zwx"]
     assert {name: sha(path / name) for name in untouched} == untouched
     assert sorted(p.name for p in path.glob("subjects-*")) == [tables_before]  # the old file went
 
