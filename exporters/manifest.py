@@ -277,10 +277,20 @@ class DeployManifest:
         Raises:
             QPDeployError: naming the first missing, resized or altered file.
         """
-        for name, record in self.data["files"].items():
-            path = self._existing(name, record)
-            if file_sha256(path) != record["sha256"]:
-                raise QPDeployError(f"{path} does not match its hash in {MANIFEST_FILE} (corrupted or replaced)")
+        for name in self.data["files"]:
+            self.verify_file(name)
+
+    def verify_file(self, name: str) -> Path:
+        """Check one listed file's size and SHA-256; returns its path.
+
+        Raises:
+            QPDeployError: the file is missing, resized or altered.
+        """
+        record = self.data["files"][name]
+        path = self._existing(name, record)
+        if file_sha256(path) != record["sha256"]:
+            raise QPDeployError(f"{path} does not match its hash in {MANIFEST_FILE} (corrupted or replaced)")
+        return path
 
     def _existing(self, name: str, record: dict) -> Path:
         path = self.file(name)
