@@ -123,25 +123,42 @@ def loss_fn(out: dict[str, torch.Tensor], labels: dict[str, torch.Tensor]) -> to
     return sum(F.cross_entropy(out[h], labels[h], ignore_index=-100) for h in HEADS)
 
 
-def generated_pool(pipeline_dir: Path, count: int, seed: int, work: Path | None = None):
-    """``count`` images the base model draws for ordinary captions (no identifier: never a
-    subject), and their prompted backgrounds: ``(images (G, 3, H, W) in [0, 1], background
-    label indices (G,))``. Cached in ``work`` (safetensors) when given."""
-    from safetensors.torch import load_file, save_file
-
-    from qpdeploy.miniworld.prompts import describe
-    from qpdeploy.miniworld.sampling import generate
+def generated_prompts(count: int, seed: int, class_share: float = 0.0) -> list:
+    """The captions of :func:`generated_pool`: ordinary scenes, and a ``class_share`` of the
+    subjects' class prompts (the subject's shape, no identifier, no colour) on their ``dev``
+    backgrounds and their own instance background, never a ``test`` background. Those teach
+    the instance embedding that the class as the base draws it is not the subject."""
+    from qpdeploy.miniworld.prompts import Prompt, describe
+    from qpdeploy.miniworld.subjects import PROMPT_TEMPLATES, SUBJECTS
     from qpdeploy.miniworld.world import random_scene, train_combos
 
-    cache = None if work is None else work / f"generated-{count}-{seed}.safetensors"
+    rng = np.random.default_rng(seed)
+    classes = sorted({Prompt(s.shape, background=b, template=t)
+                      for s in SUBJECTS.values()
+                      for b in [s.background] + [p.background for p in s.class_prompts("dev")]
+                      for t in PROMPT_TEMPLATES}, key=lambda p: p.text)
+    n_class = int(round(class_share * count))
+    ordinary = [describe(random_scene(rng, train_combos()), rng, drop_colour=0.5, drop_background=0.0)
+                for _ in range(count - n_class)]
+    return ordinary + [classes[i] for i in rng.integers(len(classes), size=n_class)]
+
+
+def generated_pool(pipeline_dir: Path, count: int, seed: int, work: Path | None = None, class_share: float = 0.0):
+    """``count`` images the base model draws for :func:`generated_prompts` (no identifier:
+    never a subject), and their prompted backgrounds: ``(images (G, 3, H, W) in [0, 1],
+    background label indices (G,))``. Cached in ``work`` (safetensors) when given."""
+    from safetensors.torch import load_file, save_file
+
+    from qpdeploy.miniworld.sampling import generate
+
+    tag = f"-class{class_share:g}" if class_share else ""
+    cache = None if work is None else work / f"generated-{count}-{seed}{tag}.safetensors"
     if cache is not None and cache.is_file():
         tensors = load_file(str(cache))
         return tensors["images"].float() / 255.0, tensors["background"]
     from diffusers import DiffusionPipeline
 
-    rng = np.random.default_rng(seed)
-    prompts = [describe(random_scene(rng, train_combos()), rng, drop_colour=0.5, drop_background=0.0)
-               for _ in range(count)]
+    prompts = generated_prompts(count, seed, class_share)
     pipe = DiffusionPipeline.from_pretrained(pipeline_dir, local_files_only=True, safety_checker=None)
     images = torch.from_numpy(generate(pipe, prompts, seed=seed)).permute(0, 3, 1, 2).contiguous()
     labels = EvaluatorConfig().labels["background"]
@@ -255,6 +272,9 @@ def main(argv=None) -> None:
                         help="a base pipeline whose generations of ordinary captions join training as non-subjects")
     parser.add_argument("--generated-count", type=int, default=2048)
     parser.add_argument("--generated-share", type=float, default=0.15, help="share of each batch from them")
+    parser.add_argument("--generated-class-share", type=float, default=0.0,
+                        help="share of the generations drawn for the subjects' class prompts (dev and instance "
+                             "backgrounds only)")
     parser.add_argument("--work", type=Path, default=Path("runs/miniworld-evaluator"),
                         help="loop checkpoints: rerun the same command to resume")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
@@ -271,7 +291,8 @@ def main(argv=None) -> None:
     bind_work(args.work, {k: v for k, v in vars(args).items() if k not in ("out", "work", "threads", "device")})
     generated = None
     if args.generated is not None:
-        generated = generated_pool(args.generated, args.generated_count, args.seed + 7, args.work)
+        generated = generated_pool(args.generated, args.generated_count, args.seed + 7, args.work,
+                                   args.generated_class_share)
     model = train(args.steps, args.batch_size, args.lr, args.seed, vae, args.trip, args.instance_dim,
                   checkpoint=LoopCheckpoint(args.work / "evaluator-loop", every=250), device=args.device,
                   generated=generated, generated_share=args.generated_share if generated is not None else 0.0)
@@ -286,7 +307,8 @@ def main(argv=None) -> None:
                   "vae": None if args.vae is None else str(args.vae), "trip": args.trip,
                   "instance_dim": args.instance_dim,
                   "generated": None if args.generated is None else {
-                      "pipeline": str(args.generated), "count": args.generated_count, "share": args.generated_share},
+                      "pipeline": str(args.generated), "count": args.generated_count, "share": args.generated_share,
+                      "class_share": args.generated_class_share},
                   "threads": args.threads, "device": args.device, "wall_seconds": round(clock.seconds(), 1),
                   "cpu_seconds": round(clock.cpu_seconds(), 1)},
         "command": " ".join(["python -m benchmarks.miniworld.train_evaluator", *argv]),

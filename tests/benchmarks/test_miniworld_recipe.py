@@ -91,3 +91,19 @@ def test_generated_negatives_replace_a_share_of_the_batch_as_positive_pairs_of_n
     assert torch.equal(keys[:4], keys[16:20]) and len(set(keys[:4].tolist())) == 4
     assert not set(keys[:4].tolist()) & set(keys[4:16].tolist())  # new identities
     assert not torch.equal(images[4:16], images[20:32])  # the rest of the batch is as it was
+
+
+def test_generated_class_prompts_never_use_a_test_background_or_an_identifier():
+    from benchmarks.miniworld import train_evaluator as T
+    from qpdeploy.miniworld.subjects import SUBJECTS
+
+    prompts = T.generated_prompts(400, seed=3, class_share=0.25)
+    assert len(prompts) == 400 and all(p.identifier is None for p in prompts)
+    tail = prompts[300:]  # the class share comes last
+    test_backgrounds = {(s.shape, p.background) for s in SUBJECTS.values() for p in s.class_prompts("test")}
+    allowed = {(s.shape, b) for s in SUBJECTS.values()
+               for b in [s.background] + [p.background for p in s.class_prompts("dev")]}
+    assert all((p.shape, p.background) in allowed and p.colour is None for p in tail)
+    assert not {(p.shape, p.background) for p in tail} & (test_backgrounds - allowed)
+    assert len({p.shape for p in tail}) == len({s.shape for s in SUBJECTS.values()})
+    assert T.generated_prompts(400, seed=3) == T.generated_prompts(400, seed=3, class_share=0.0)
