@@ -189,6 +189,13 @@ class DeployManifest:
         return self.unet["inputs"]
 
     @property
+    def call_inputs(self) -> list[dict]:
+        """The UNet inputs a caller feeds: every graph input but the selector, which the
+        runtime sets from each sample's interval (and subject)."""
+        selector = self.dispatch.selector
+        return [spec for spec in self.unet_inputs if spec["name"] != selector]
+
+    @property
     def unet_output(self) -> str:
         """Name of the UNet graphs' noise-prediction output."""
         return self.unet["outputs"][0]["name"]

@@ -479,6 +479,89 @@ def remove_subject(
     typer.echo(f"removed subject {subject} from {deploy}")
 
 
+_REPO_OPTIONS = {
+    "instances": typer.Option(4, "--instances", help="Pipeline instances: requests generated at once (their UNet "
+                              "calls are batched together)."),
+    "backend": typer.Option("ort", "--backend", help="Engines every model runs: ort, or trt (engines built on the "
+                            "serving machine)."),
+    "device": typer.Option("auto", "--device", help="auto, cpu or cuda[:N]."),
+    "threads": typer.Option(0, "--threads", help="ONNX Runtime threads per model (0: its default)."),
+    "delay": typer.Option(2000, "--max-queue-delay-us", help="How long the UNet's dynamic batcher waits for more "
+                          "requests (microseconds)."),
+}
+
+
+def _repository(deploy: Path, out: Path, force: bool, instances: int, backend: str, device: str, threads: int,
+                delay: int, deploy_path: Optional[str] = None) -> Path:
+    from .runtimes.triton import RepositoryConfig, write_repository
+
+    config = RepositoryConfig(instances=instances, max_queue_delay_us=delay, backend=backend, device=device,
+                              threads=threads, deploy_path=deploy_path)
+    return write_repository(deploy, out, config, force)
+
+
+@app.command()
+@cli_errors
+def triton(
+    deploy: Path = typer.Argument(..., help="Deploy directory to serve."),
+    out: Path = typer.Option(..., "--out", help="Model repository to write."),
+    deploy_path: Optional[str] = typer.Option(None, "--deploy-path", help="The deploy dir's path as the server "
+                                              "sees it (e.g. where a container mounts it); default: its path here."),
+    instances: int = _REPO_OPTIONS["instances"],
+    backend: str = _REPO_OPTIONS["backend"],
+    device: str = _REPO_OPTIONS["device"],
+    threads: int = _REPO_OPTIONS["threads"],
+    delay: int = _REPO_OPTIONS["delay"],
+    force: bool = typer.Option(False, "--force", help="Replace an existing repository written by this command."),
+):
+    """Write a Triton Inference Server model repository for a deploy dir (pipeline, unet,
+    text encoder and VAE decoder models), for tritonserver here, in a container or on Jetson."""
+    repo = _repository(deploy, out, force, instances, backend, device, threads, delay, deploy_path)
+    typer.echo(f"model repository -> {repo} (models: pipeline, unet, text_encoder, vae_decoder); run it with "
+               f"tritonserver --model-repository {repo}")
+
+
+@app.command()
+@cli_errors
+def serve(
+    deploy: Path = typer.Argument(..., help="Deploy directory to serve."),
+    repo: Path = typer.Option(..., "--repo", help="Model repository to write (and serve)."),
+    http_port: int = typer.Option(8000, "--http-port", help="HTTP port (gRPC takes the next one, metrics the one "
+                                  "after)."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0: every interface)."),
+    instances: int = _REPO_OPTIONS["instances"],
+    backend: str = _REPO_OPTIONS["backend"],
+    device: str = _REPO_OPTIONS["device"],
+    threads: int = _REPO_OPTIONS["threads"],
+    delay: int = _REPO_OPTIONS["delay"],
+    force: bool = typer.Option(False, "--force", help="Replace an existing repository written by qpdeploy."),
+):
+    """Write the Triton model repository of a deploy dir and serve it with tritonserver until
+    interrupted (the nvidia-pytriton wheel's binary: pip install -e ".[serve]")."""
+    import signal
+
+    from .runtimes.triton import TritonServer
+
+    repository = _repository(deploy, repo, force, instances, backend, device, threads, delay)
+    server = TritonServer(repository, http_port, http_port + 1, http_port + 2, address=host,
+                          log=repository / "tritonserver.log")
+    server.start()
+    typer.echo(f"serving {deploy} at http://{server.url} (model 'pipeline'); Ctrl-C stops")
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        status = server.process.wait()
+    except KeyboardInterrupt:
+        status = 0
+    finally:
+        server.stop()
+    if status:
+        raise QPDeployError(f"tritonserver stopped with status {status} (log: {server.log_path})")
+
+
+def _interrupt(*_) -> None:
+    raise KeyboardInterrupt
+
+
 def _sampling_defaults(deploy: Path, steps: int | None, guidance: float | None) -> tuple[int, float]:
     """Steps and guidance: the user's, else the deploy dir's recommendation, else 25 and 7.5."""
     from .exporters.manifest import read_manifest

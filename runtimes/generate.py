@@ -156,10 +156,20 @@ def _instance_prompt(manifest, subject: str) -> str | None:
 
 def generate_one(pipe, job: ImageJob, config: GenerateConfig, runtime: RuntimeConfig, manifest, context) -> dict:
     """Sample one image with ``pipe`` and write it and its record; returns the record."""
+    image, record = sample_image(pipe, job.prompt, job.seed, config, runtime, manifest, context, job.path.name)
+    write_file_atomic(job.path, lambda tmp: image.save(tmp, format="PNG"))
+    write_file_atomic(job.path.with_suffix(".json"), lambda tmp: write_json(tmp, record))
+    return record
+
+
+def sample_image(pipe, prompt: str, seed: int, config: GenerateConfig, runtime: RuntimeConfig, manifest, context,
+                 name: str | None = None):
+    """Sample one image with ``pipe``: ``(PIL image, its record)``. ``generate`` and the
+    Triton pipeline model both call this, so a served image is made as ``generate`` makes it."""
     import torch
 
     tokenizer = pipe.tokenizer or getattr(pipe, "tokenizer_2", None)  # SDXL's two share one limit: warn once
-    check_prompt_tokens(tokenizer, job.prompt)
+    check_prompt_tokens(tokenizer, prompt)
     check_prompt_tokens(tokenizer, config.negative_prompt, "negative prompt")
     schedule = copy.deepcopy(pipe.scheduler)
     schedule.set_timesteps(config.steps)
@@ -169,18 +179,15 @@ def generate_one(pipe, job: ImageJob, config: GenerateConfig, runtime: RuntimeCo
         module.seconds = 0.0
     pipe.unet.reset_history()
     start = time.perf_counter()
-    image = pipe(prompt=job.prompt, negative_prompt=config.negative_prompt, num_inference_steps=config.steps,
+    image = pipe(prompt=prompt, negative_prompt=config.negative_prompt, num_inference_steps=config.steps,
                  guidance_scale=config.guidance, height=context["size"][0], width=context["size"][1],
-                 generator=torch.Generator("cpu").manual_seed(job.seed)).images[0]
+                 generator=torch.Generator("cpu").manual_seed(seed)).images[0]
     total = time.perf_counter() - start
-    record = image_record(pipe, job, config, runtime, manifest, context, total)
-    write_file_atomic(job.path, lambda tmp: image.save(tmp, format="PNG"))
-    write_file_atomic(job.path.with_suffix(".json"), lambda tmp: write_json(tmp, record))
-    return record
+    return image, image_record(pipe, prompt, seed, name, config, runtime, manifest, context, total)
 
 
-def image_record(pipe, job: ImageJob, config: GenerateConfig, runtime: RuntimeConfig, manifest, context,
-                 total: float) -> dict:
+def image_record(pipe, prompt: str, seed: int, name: str | None, config: GenerateConfig, runtime: RuntimeConfig,
+                 manifest, context, total: float) -> dict:
     """The JSON record of one image (see module doc)."""
     from qpdeploy.memory import rss_bytes
 
@@ -190,10 +197,10 @@ def image_record(pipe, job: ImageJob, config: GenerateConfig, runtime: RuntimeCo
     denoise = total - text - vae
     steps = max(len(calls["interval_per_step"]), 1)
     return {
-        "image": job.path.name,
-        "prompt": job.prompt,
+        "image": name,
+        "prompt": prompt,
         "negative_prompt": config.negative_prompt,
-        "seed": job.seed,
+        "seed": seed,
         "steps": config.steps,
         "scheduler": type(pipe.scheduler).__name__,
         "guidance": config.guidance,

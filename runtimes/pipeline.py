@@ -149,12 +149,21 @@ def load_deploy_pipeline(manifest, config: RuntimeConfig, scheduler: str | None 
     Raises:
         QPDeployError: an unsupported pipeline class, or any runner that cannot load.
     """
-    import diffusers
-
     from .runners import check_backend, part_runner
 
     check_backend(manifest, config)
     manifest.subject_dispatch(subject)  # an unknown subject fails before anything loads
+    return assemble_pipeline(manifest, scheduler, lambda record: part_runner(manifest, record, config),
+                             lambda: EngineUNet.from_manifest(manifest, config, subject))
+
+
+def assemble_pipeline(manifest, scheduler: str | None, make_runner, make_unet):
+    """The diffusers pipeline of a deploy dir around runners made elsewhere: ``make_runner(part
+    record)`` gives each float part's runner, ``make_unet()`` the UNet module (an
+    :class:`EngineUNet`). :func:`load_deploy_pipeline` passes local engines; the Triton
+    pipeline model passes runners that call the repository's other models."""
+    import diffusers
+
     record = manifest.pipeline
     if record["class"] not in PIPELINES:
         raise QPDeployError(f"deploy dir {manifest.path} holds a {record['class']}; generate runs "
@@ -164,10 +173,10 @@ def load_deploy_pipeline(manifest, config: RuntimeConfig, scheduler: str | None 
         for entry in manifest.text_encoders:
             suffix = entry["name"].removeprefix("text_encoder")
             parts[f"tokenizer{suffix}"] = load_tokenizer(manifest.file(entry["tokenizer"]))
-            parts[entry["name"]] = OnnxTextEncoder(part_runner(manifest, entry, config), entry)
+            parts[entry["name"]] = OnnxTextEncoder(make_runner(entry), entry)
         vae = manifest.vae_decoder
-        parts["vae"] = OnnxVAEDecoder(part_runner(manifest, vae, config), vae)
-        parts["unet"] = EngineUNet.from_manifest(manifest, config, subject)
+        parts["vae"] = OnnxVAEDecoder(make_runner(vae), vae)
+        parts["unet"] = make_unet()
     except BaseException:
         _close_parts(parts)
         raise

@@ -3,7 +3,9 @@
 - ``sd1_s2``: tiny SD1, an S2 pack (4 scale sets) -> per-interval layout, 4 UNet graphs;
 - ``sd1_multi``: the same base and pack -> multi-expert layout (one graph, ``expert`` input);
 - ``sd1_masked``: the same base, an S1 pack tuned in intervals 1 and 2 -> masked layout;
-- ``sdxl_multi``: tiny SDXL, an S2 pack -> multi-expert layout.
+- ``sdxl_multi``: tiny SDXL, an S2 pack -> multi-expert layout;
+- ``sd1_subjects``: the SD1 base, two subjects (``sks``: S2 pack, ``zwx``: S1 pack) ->
+  multi-subject layout (one graph, scale tables as inputs).
 
 Every scale set is perturbed differently (as in the export tests), so a call that ran the
 wrong graph or fed the wrong selector value gives a visibly different output. The base and
@@ -11,6 +13,7 @@ pack directories are kept for the torch backend, which loads them and checks the
 """
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -25,7 +28,9 @@ DEPLOYS = {
     "sd1_multi": ("sd1", "s2", "multi-expert"),
     "sd1_masked": ("sd1", "s1", "masked"),
     "sdxl_multi": ("sdxl", "s2", "multi-expert"),
+    "sd1_subjects": ("sd1", ("s2", "s1"), "multi-subject"),
 }
+SUBJECT_IDS = ("sks", "zwx")
 
 
 def perturbed_pack(base, strategy: str, seed: int = 0):
@@ -98,9 +103,17 @@ def deploy(rt_base_dir, rt_pack_dir, tmp_path_factory):
         if name not in cache:
             family, strategy, layout = DEPLOYS[name]
             base = load_base(rt_base_dir(family))
-            pack = load_pack(rt_pack_dir(family, strategy))
             out = tmp_path_factory.mktemp(f"rt-{name}") / "deploy"
-            export_deploy(base, tiny_pipeline(family), out, ExportConfig(layout=layout, verify=False), pack)
+            if layout == "multi-subject":
+                from qpdeploy.exporters.export import export_subjects
+
+                packs = [(dataclasses.replace(load_pack(rt_pack_dir(family, s)),
+                                              meta={"identifier": i, "prompt": f"a photo of {i} dog"}), f"packs/{i}")
+                         for s, i in zip(strategy, SUBJECT_IDS)]
+                export_subjects(base, tiny_pipeline(family), out, ExportConfig(verify=False), packs)
+            else:
+                pack = load_pack(rt_pack_dir(family, strategy))
+                export_deploy(base, tiny_pipeline(family), out, ExportConfig(layout=layout, verify=False), pack)
             cache[name] = out
         return cache[name]
 

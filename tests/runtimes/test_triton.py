@@ -1,0 +1,132 @@
+"""Serving through Triton Inference Server: the model repository, and a real tritonserver
+(from the nvidia-pytriton wheel) on loopback ports, driven over HTTP with tritonclient."""
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from qpdeploy.errors import QPDeployError
+
+
+def test_the_repository_declares_batched_models_and_the_pipeline_entry_point(deploy, tmp_path):
+    from qpdeploy.runtimes.triton import RepositoryConfig, write_repository
+
+    source = deploy("sd1_subjects")
+    repo = write_repository(source, tmp_path / "repo", RepositoryConfig(instances=3, max_queue_delay_us=500))
+    assert sorted(p.name for p in repo.iterdir() if p.is_dir()) == ["pipeline", "text_encoder", "unet", "vae_decoder"]
+    unet = (repo / "unet" / "config.pbtxt").read_text()
+    assert "max_batch_size: 6" in unet and "max_queue_delay_microseconds: 500" in unet
+    assert 'name: "subject" data_type: TYPE_STRING dims: [ 1 ]' in unet
+    assert 'name: "sample" data_type: TYPE_FP32 dims: [ 4, 8, 8 ]' in unet
+    pipeline = (repo / "pipeline" / "config.pbtxt").read_text()
+    assert "max_batch_size: 0" in pipeline and "count: 3 kind: KIND_CPU" in pipeline
+    assert 'name: "seed" data_type: TYPE_INT64 dims: [ 1 ] optional: true' in pipeline
+    assert json.dumps(str(source.resolve())) in pipeline
+    info = json.loads((repo / "qpdeploy-triton.json").read_text())
+    assert info["subjects"] == ["sks", "zwx"] and info["layout"] == "multi-subject"
+    with pytest.raises(QPDeployError, match="already exists"):
+        write_repository(source, tmp_path / "repo")
+    with pytest.raises(QPDeployError, match="input"):
+        write_repository(source, source / "repo")
+    (tmp_path / "mine").mkdir()
+    with pytest.raises(QPDeployError, match="not a triton-repository"):
+        write_repository(source, tmp_path / "mine", force=True)  # --force replaces only a repository
+
+
+@pytest.fixture(scope="module")
+def server(deploy, tmp_path_factory):
+    """A tritonserver on the multi-subject deploy dir's repository (4 pipeline instances)."""
+    from qpdeploy.runtimes.triton import RepositoryConfig, TritonServer, write_repository
+
+    pytest.importorskip("tritonclient.http")
+    repo = write_repository(deploy("sd1_subjects"), tmp_path_factory.mktemp("triton") / "repo",
+                            RepositoryConfig(instances=4, threads=1, max_queue_delay_us=20000))
+    with TritonServer(repo, log=repo.parent / "server.log") as running:
+        yield running
+
+
+def infer(url, prompt, subject=None, seed=0, steps=3, guidance=4.0, **extra):
+    """One pipeline request over HTTP: ``(image uint8 (H, W, 3), record)``."""
+    import tritonclient.http as http
+
+    client = http.InferenceServerClient(url)
+    values = {"prompt": prompt, "seed": seed, "steps": steps, "guidance": guidance, **extra}
+    if subject is not None:
+        values["subject"] = subject
+    types = {str: ("BYTES", np.object_), bytes: ("BYTES", np.object_), int: ("INT64", np.int64),
+             float: ("FP32", np.float32)}
+    inputs = []
+    for name, value in values.items():
+        kind, dtype = ("INT32", np.int32) if name == "steps" else types[type(value)]
+        tensor = http.InferInput(name, [1], kind)
+        tensor.set_data_from_numpy(np.asarray([value.encode() if isinstance(value, str) else value], dtype=dtype))
+        inputs.append(tensor)
+    result = client.infer("pipeline", inputs)
+    return result.as_numpy("image"), json.loads(result.as_numpy("record")[0])
+
+
+@pytest.mark.slow  # a real tritonserver: about 40 s to start, shared by the module
+def test_served_images_equal_generate_and_unet_calls_are_batched(server, deploy, tmp_path, psnr):
+    from PIL import Image
+
+    from qpdeploy.runtimes.config import GenerateConfig, RuntimeConfig
+    from qpdeploy.runtimes.generate import generate
+
+    source = deploy("sd1_subjects")
+    jobs = [(f"a photo of {s} dog", s, seed) for seed in range(4) for s in ("sks", "zwx")]
+    with ThreadPoolExecutor(8) as pool:
+        served = list(pool.map(lambda job: infer(server.url, job[0], job[1], job[2]), jobs))
+    for (prompt, subject, seed), (image, record) in zip(jobs, served):
+        config = GenerateConfig(steps=3, guidance=4.0, seed=seed, subject=subject)
+        local = generate(source, [prompt], config, RuntimeConfig(threads=1), out=tmp_path / f"{subject}{seed}.png")[0]
+        assert psnr(image, np.asarray(Image.open(tmp_path / f"{subject}{seed}.png"))) >= 40
+        assert record["subject"] == subject and record["pack_hash"] == local["pack_hash"]
+        assert record["interval_per_step"] == local["interval_per_step"]
+    stats = server.model_stats("unet")
+    assert stats["execution_count"] < stats["requests"]  # requests were batched
+
+
+@pytest.mark.slow  # a real tritonserver: about 40 s to start, shared by the module
+def test_bad_requests_get_errors_and_the_server_keeps_serving(server):
+    from tritonclient.utils import InferenceServerException
+
+    with pytest.raises(InferenceServerException, match="no subject 'dog'.*subjects: sks, zwx"):
+        infer(server.url, "a photo of a dog", subject="dog")
+    with pytest.raises(InferenceServerException, match="steps must be in 1..1000"):
+        infer(server.url, "a photo of sks dog", subject="sks", steps=0)
+    with pytest.raises(InferenceServerException, match="prompt is not UTF-8"):
+        infer(server.url, b"a photo of \xff dog")
+    with pytest.raises(InferenceServerException, match="scheduler must be one of"):
+        infer(server.url, "a photo of sks dog", subject="sks", scheduler="warp")
+    image, record = infer(server.url, "a photo of sks dog", subject="sks", steps=2)
+    assert image.shape == (16, 16, 3) and image.dtype == np.uint8 and record["subject"] == "sks"
+    assert server.process.poll() is None  # still running
+
+
+@pytest.mark.slow  # a real tritonserver: about 40 s to start, shared by the module
+def test_sixty_four_requests_at_random_concurrency_lose_and_mix_nothing(server, psnr):
+    import random
+    import time
+
+    combos = [("sks", 0), ("zwx", 0), ("sks", 1), (None, 2)]
+    reference = {c: infer(server.url, f"a photo of {c[0] or 'a'} dog", c[0], c[1], steps=2)[0] for c in combos}
+    rng = random.Random(0)
+    order = [combos[rng.randrange(len(combos))] for _ in range(64)]
+
+    def one(combo):
+        time.sleep(rng.random() * 0.2)
+        return infer(server.url, f"a photo of {combo[0] or 'a'} dog", combo[0], combo[1], steps=2)
+
+    done = []
+    start = 0
+    while start < len(order):  # waves of 1 to 12 concurrent clients
+        size = rng.randint(1, 12)
+        with ThreadPoolExecutor(size) as pool:
+            done += list(pool.map(one, order[start:start + size]))
+        start += size
+    assert len(done) == 64
+    for combo, (image, record) in zip(order, done):
+        assert (record["subject"], record["seed"]) == combo
+        assert psnr(image, reference[combo]) >= 40  # its own image, not a neighbour's
