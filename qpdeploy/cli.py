@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import sys
 from pathlib import Path
 from typing import Literal, Optional
@@ -220,10 +221,22 @@ def train(
     config: Optional[Path] = typer.Option(None, "--config", help="Local diffusers directory giving the configs of a "
                                                                  "single-file MODEL."),
     device: str = typer.Option("auto", help="'auto', 'cpu', 'cuda' or 'cuda:N'."),
+    processes: int = typer.Option(1, "--processes", help="Data-parallel processes (accelerate launch; one GPU each, "
+                                  "or CPU processes): each step's --grad-accum micro-batches are split over them."),
     force: bool = typer.Option(False, "--force", help="Replace an existing --out (and the base --model writes)."),
 ):
     """Personalize a quantized base on a few images by training only its quantization scales."""
     from .config import TrainConfig
+    from .distributed import check_parallel, launch
+
+    check_parallel(processes, grad_accum, train_token, subjects is not None)
+    if processes > 1 and "WORLD_SIZE" not in os.environ:
+        if base is None or not base.exists():
+            raise QPDeployError("--processes trains over an existing --base (quantize first, or drop --processes)")
+        code = launch(["train", *_command_line(ctx, drop=("processes",))], processes)
+        if code:
+            raise typer.Exit(code)
+        return
 
     if subjects is not None:
         if images is not None or prompt is not None or model is not None or base is None:
@@ -270,8 +283,25 @@ def train(
     with _warnings_as_lines():
         path, report = train_pack(base_dir, images, out, cfg, source=source, config_dir=config, class_dir=class_dir,
                                   resume=resume, device=device, force=force, show_progress=cli_mode())
+    if path is None:  # a data-parallel process other than 0: process 0 reports
+        return
     print_train_summary(report)
     typer.echo(f"scale pack: {path}\nreport: {path / 'report.json'}")
+
+
+def _command_line(ctx: typer.Context, drop=()) -> list[str]:
+    """The options of the running command as command-line words (those in ``drop`` left
+    out), for re-running it in other processes."""
+    words = []
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name)
+        if param.name in drop or value is None or value == param.default or not param.opts:
+            continue
+        if param.is_flag:
+            words.append(param.opts[0] if value else param.secondary_opts[0])
+        else:
+            words += [param.opts[0], str(value)]
+    return [*words, *ctx.args]
 
 
 def _base_for_training(ctx: typer.Context, model, base, out: Path, images: Path, forwarded: list[str], force: bool,

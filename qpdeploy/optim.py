@@ -110,6 +110,24 @@ class ScaleSetOptimizer:
             scaler.step(self.optimizer)
         self.zero_grad()
 
+    def sum_gradients(self, trained: list[bool], sum_) -> None:
+        """Data parallel: sum the trained sets' gradients over processes (``sum_`` reduces a
+        flat tensor in place), in one buffer. Every process marks the same ``trained``."""
+        grads = []
+        for e, params in enumerate(self.sets):
+            if trained[e]:
+                for p in params:
+                    if p.grad is None:  # this process's micro-batches did not reach the layer
+                        p.grad = torch.zeros_like(p)
+                    grads.append(p.grad)
+        if not grads:
+            return
+        flat = sum_(torch.cat([g.reshape(-1) for g in grads]))
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
+
     def zero_grad(self) -> None:
         """Clear the sets' gradients."""
         self.optimizer.zero_grad(set_to_none=True)

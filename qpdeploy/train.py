@@ -26,6 +26,7 @@ uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import time
 from dataclasses import dataclass
@@ -41,6 +42,7 @@ from .checkpoint import (check_resumable, checkpoint_path, find_checkpoint, load
 from .config import TrainConfig
 from .data import (Examples, check_prompt, class_images, default_resolution, encode_examples, load_instance_images,
                    prompt_embeddings, readable_images)
+from .distributed import process_group
 from .errors import QPDeployError
 from .intervals import Intervals
 from .io import check_output, claim_output, read_json
@@ -155,10 +157,12 @@ class ScaleTrainer:
     """
 
     def __init__(self, base: QuantizedBase, examples: Examples, config: TrainConfig, scheduler_config: dict,
-                 device="cpu", pipe=None, lane: tuple[int, int, ScaleSetOptimizer | None] | None = None):
+                 device="cpu", pipe=None, lane: tuple[int, int, ScaleSetOptimizer | None] | None = None,
+                 group=None):
         from diffusers import DDPMScheduler
 
         self.base, self.config, self.device = base, config, torch.device(device)
+        self.group = group  # a data-parallel ProcessGroup (qpdeploy.distributed), or None
         self.intervals = config.make_intervals(base.intervals)
         self.schedule = DDPMScheduler.from_config(scheduler_config)
         if self.schedule.config.num_train_timesteps != self.intervals.num_train_timesteps:
@@ -273,10 +277,11 @@ class ScaleTrainer:
             get_router(self.unet).configure(self.intervals, self.optimizer.num_sets, self.set_map)
         for m in range(self.config.grad_accum):
             batch = self.make_batch(self.step * self.config.grad_accum + m)
-            loss = self.loss(batch) / self.config.grad_accum
-            self._trim_heap()
-            (loss if self.scaler is None else self.scaler.scale(loss)).backward()
-            total += float(loss.detach())
+            if self.group is None or self.group.owns(m):  # data parallel: every process draws every batch
+                loss = self.loss(batch) / self.config.grad_accum
+                self._trim_heap()
+                (loss if self.scaler is None else self.scaler.scale(loss)).backward()
+                total += float(loss.detach())
             trained[self.sets_routed(batch.timesteps).cpu()] = True
             for k in self.intervals.index(batch.timesteps.cpu()).tolist():
                 self.samples_per_interval[k] += 1
@@ -286,6 +291,9 @@ class ScaleTrainer:
         """One optimizer step over ``grad_accum`` micro-batches; returns the step's loss."""
         trained = torch.zeros(self.optimizer.num_sets + 1, dtype=torch.bool)
         total = self.accumulate(trained)
+        if self.group is not None:
+            self.optimizer.sum_gradients(trained[:-1].tolist(), self.group.sum_)
+            total = float(self.group.sum_(torch.tensor([total], dtype=torch.float64, device=self.device)))
         self.optimizer.step(trained[:-1].tolist(), self.scaler)
         if self.tuner is not None:
             self.tuner.step(self.scaler)
@@ -412,9 +420,13 @@ def train(base, images, out, config: TrainConfig, *, pipe=None, source=None, con
     inputs = [base_dir, images, source, config_dir, class_dir, resume]
     # 1. inputs: fail on bad ones before any long work
     check_train_inputs(images, config, out, force, inputs, run_dir, resume)
+    group = process_group()
+    if group is not None and not group.is_main:  # data parallel: process 0 writes everything
+        return _train(base, images, out, config, pipe, source, config_dir, run_dir, class_dir, resume, device,
+                      force, False, start, group)
     with claim_output(out, force, PACK_ARTIFACT, inputs):
         return _train(base, images, out, config, pipe, source, config_dir, run_dir, class_dir, resume, device,
-                      force, show_progress, start)
+                      force, show_progress, start, group)
 
 
 def check_train_inputs(images, config: TrainConfig, out, force: bool, inputs, run_dir=None, resume=None) -> None:
@@ -437,11 +449,12 @@ def check_train_inputs(images, config: TrainConfig, out, force: bool, inputs, ru
 
 
 def _train(base, images, out, config, pipe, source, config_dir, run_dir, class_dir, resume, device, force,
-           show_progress, start):
-    """The body of :func:`train`, run while the output is claimed."""
+           show_progress, start, group=None):
+    """The body of :func:`train`, run while the output is claimed (by process 0 of a
+    data-parallel ``group``; the others write nothing and return ``(None, report)``)."""
     # 1. inputs
     base = base if isinstance(base, QuantizedBase) else load_base(base)
-    device = resolve_device(device)
+    device = group.device if group is not None and str(device) == "auto" else resolve_device(device)
     autocast_dtype(config.precision, device)
     config.make_intervals(base.intervals)
     checkpoint = None
@@ -449,22 +462,25 @@ def _train(base, images, out, config, pipe, source, config_dir, run_dir, class_d
         checkpoint = find_checkpoint(resume)
         check_resumable(read_checkpoint_state(checkpoint), base.base_hash, config, checkpoint)
 
-    # 2. data, encoded once; the encoders are released with the pipeline
-    examples, scheduler_config, validator, resolution, pipe = prepare_data(
-        base, images, config, pipe, class_dir, device, show_progress, source, config_dir)
+    # 2. data, encoded once; the encoders are released with the pipeline (process 0 first: it
+    # fills the class-image cache the others then read)
+    with group.accelerator.main_process_first() if group is not None else contextlib.nullcontext():
+        examples, scheduler_config, validator, resolution, pipe = prepare_data(
+            base, images, config, pipe, class_dir, device, show_progress, source, config_dir)
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
     # 3. scale sets, optimizer, checkpoint
-    trainer = ScaleTrainer(base, examples, config, scheduler_config, device, pipe)
+    trainer = ScaleTrainer(base, examples, config, scheduler_config, device, pipe, group=group)
+    writer = group is None or group.is_main
     pipe = None  # the trainer keeps the text encoders it needs (pivotal tuning), nothing else
     resumed = load_checkpoint(trainer, checkpoint) if checkpoint is not None else None
 
     # 4. the loop
     memory = PeakMemory(device).reset()
     try:
-        run_training(trainer, run_dir, validator, show_progress)
+        run_training(trainer, run_dir, validator if writer else None, show_progress, checkpoints=writer)
         peak = memory.peak()
     finally:  # even when the loop stops (Ctrl-C, an error), the caller's base is left frozen and plain
         trainer.finish()
@@ -472,6 +488,10 @@ def _train(base, images, out, config, pipe, source, config_dir, run_dir, class_d
     # 5. the pack
     report = run_report(trainer, examples, resolution, device, time.perf_counter() - start, peak, memory.kind,
                         resumed)
+    if group is not None:
+        report["processes"] = group.world
+    if not writer:
+        return None, report
     path = save_pack(out, trainer.pack({"instance_images": examples.meta["instance_images"]}), report, force)
     return path, read_json(path / "report.json")
 
@@ -505,8 +525,10 @@ def run_report(trainer: ScaleTrainer, examples, resolution: int, device, seconds
     }
 
 
-def run_training(trainer: ScaleTrainer, run_dir: Path, validator=None, show_progress: bool | str = False) -> None:
-    """Step until ``config.steps``, writing checkpoints and validation grids on schedule."""
+def run_training(trainer: ScaleTrainer, run_dir: Path, validator=None, show_progress: bool | str = False,
+                 checkpoints: bool = True) -> None:
+    """Step until ``config.steps``, writing checkpoints (unless ``checkpoints`` is False: a
+    data-parallel process other than 0) and validation grids on schedule."""
     cfg = trainer.config
     with stage("train", cfg.steps, show_progress) as advance:
         advance(trainer.step)
@@ -514,7 +536,7 @@ def run_training(trainer: ScaleTrainer, run_dir: Path, validator=None, show_prog
             tick = time.perf_counter()
             loss = trainer.train_step()
             advance(loss=loss, it_s=1.0 / max(time.perf_counter() - tick, 1e-9))
-            if cfg.checkpoint_every and trainer.step % cfg.checkpoint_every == 0:
+            if checkpoints and cfg.checkpoint_every and trainer.step % cfg.checkpoint_every == 0:
                 save_checkpoint(trainer, checkpoint_path(run_dir, trainer.step))
             if validator is not None and trainer.step % cfg.validate_every == 0:
                 validator(trainer.unet, run_dir / "validation" / f"step-{trainer.step:06d}.png")

@@ -29,7 +29,6 @@ import importlib.util
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -38,6 +37,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from qpdeploy.distributed import free_port
 from qpdeploy.errors import QPDeployError
 
 MODEL_FILE = """\
@@ -199,13 +199,6 @@ def tritonserver_files() -> tuple[Path, Path, Path]:
     return files
 
 
-def free_port() -> int:
-    """A TCP port free on loopback now (the server binds it a moment later)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class TritonServer:
     """``tritonserver`` on a model repository, as a context manager.
 
@@ -244,7 +237,7 @@ class TritonServer:
         env = dict(os.environ)
         env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [_libpython_dir(), str(libs), env.get("LD_LIBRARY_PATH")]))
         env["QPDEPLOY_SITE_DIRS"] = os.pathsep.join(_site_dirs())
-        log_path = self.log or self._workspace / "tritonserver.log"
+        log_path = self.log or self._workspace / "tritonserver.log"  # the workspace goes at stop()
         self._log_file = open(log_path, "ab")
         command = [str(binary), "--model-repository", str(self.repository), "--backend-directory", str(backends),
                    "--http-address", self.address, "--http-port", str(self.http_port),
@@ -263,8 +256,9 @@ class TritonServer:
             if self.ready():
                 return self
             time.sleep(0.25)
+        tail = _tail(log_path)
         self.stop()
-        raise QPDeployError(f"tritonserver was not ready after {timeout:.0f} s (log: {log_path})")
+        raise QPDeployError(f"tritonserver was not ready after {timeout:.0f} s: {tail}")
 
     def ready(self) -> bool:
         try:
@@ -295,15 +289,16 @@ class TritonServer:
         if self._log_file is not None:
             self._log_file.close()
             self._log_file = None
-        if self._workspace is not None and self.log is None:
+        if self._workspace is not None:
             shutil.rmtree(self._workspace, ignore_errors=True)
             self._workspace = None
 
     def kill(self) -> None:
-        """End the server at once (SIGKILL), as a crash would."""
+        """End the server at once (SIGKILL), as a crash would; ``start()`` may follow."""
         if self.process is not None and self.process.poll() is None:
             self.process.kill()
             self.process.wait()
+        self.stop()
 
     def __enter__(self) -> "TritonServer":
         return self.start() if self.process is None else self
