@@ -25,6 +25,7 @@ def setup(threads: int, seed: int) -> None:
 def update_report(folder: Path, section: str, data: dict) -> Path:
     """Replace one section of ``folder/report.json`` (other sections are kept), atomically."""
     path = Path(folder) / REPORT_NAME
+    path.parent.mkdir(parents=True, exist_ok=True)
     report = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
     report[section] = data
     tmp = path.with_suffix(".json.tmp")
