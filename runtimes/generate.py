@@ -95,9 +95,7 @@ def generate(deploy, prompts: list[str], config: GenerateConfig, runtime: Runtim
 
     from .pipeline import close_pipeline, load_deploy_pipeline
 
-    for n, prompt in enumerate(prompts):
-        check_text(prompt, "--prompt" if len(prompts) == 1 else f"prompt {n + 1}")
-    check_text(config.negative_prompt, "--negative-prompt")
+    check_prompts(prompts, config)
     jobs = plan_images(prompts, config, out, out_dir, force)
     for job in jobs:
         check_output(job.path, force=True, inputs=[deploy, runtime.base, runtime.pack], directory=False)
@@ -106,11 +104,7 @@ def generate(deploy, prompts: list[str], config: GenerateConfig, runtime: Runtim
     start = time.perf_counter()
     manifest = read_manifest(deploy, verify_hashes=runtime.verify_hashes)
     height, width = check_size(manifest, config)
-    if config.steps > manifest.intervals.num_train_timesteps:
-        raise QPDeployError(f"steps must be at most the model's {manifest.intervals.num_train_timesteps} training "
-                            f"timesteps, got {config.steps}")
-    for prompt in prompts:
-        check_subject_prompt(manifest, config.subject, prompt)
+    check_request(manifest, prompts, config)
     pipe = load_deploy_pipeline(manifest, runtime, config.scheduler, config.subject)
     load_seconds = time.perf_counter() - start
     context = {"deploy_dir": str(manifest.path), "manifest_sha256": file_sha256(manifest.path / MANIFEST_FILE),
@@ -124,6 +118,28 @@ def generate(deploy, prompts: list[str], config: GenerateConfig, runtime: Runtim
         return records
     finally:
         close_pipeline(pipe)
+
+
+def check_prompts(prompts: list[str], config: GenerateConfig, name: str = "--prompt") -> None:
+    """Prompts and the negative prompt are text (one-line errors naming the bad one)."""
+    for n, prompt in enumerate(prompts):
+        check_text(prompt, name if len(prompts) == 1 else f"prompt {n + 1}")
+    check_text(config.negative_prompt, "--negative-prompt")
+
+
+def check_request(manifest, prompts: list[str], config: GenerateConfig) -> None:
+    """What a deploy dir accepts of a request: steps within the model's training timesteps,
+    a subject it holds; warnings where a prompt and the subject disagree. ``generate`` and
+    the Triton pipeline model both call it.
+
+    Raises:
+        QPDeployError: one line naming the problem.
+    """
+    if config.steps > manifest.intervals.num_train_timesteps:
+        raise QPDeployError(f"steps must be at most the model's {manifest.intervals.num_train_timesteps} training "
+                            f"timesteps, got {config.steps}")
+    for prompt in prompts:
+        check_subject_prompt(manifest, config.subject, prompt)
 
 
 def check_subject_prompt(manifest, subject: str | None, prompt: str) -> None:

@@ -284,18 +284,13 @@ class PipelineModel(_Model):
 
     def settings(self, request):
         """The request as ``(prompt, seed, GenerateConfig)``; bad values raise one line."""
-        from qpdeploy.prompts import check_text
-
         from .config import GenerateConfig
-        from .generate import check_subject_prompt
+        from .generate import check_prompts, check_request
 
         prompt = self._value(request, "prompt")
         if prompt is None:
             raise QPDeployError("prompt is required")
-        check_text(prompt, "prompt")
         negative = self._value(request, "negative_prompt") or None
-        if negative is not None:
-            check_text(negative, "negative_prompt")
         subject = self._value(request, "subject") or None
         recommended = self.manifest.sampling
         steps = self._value(request, "steps", recommended.get("steps", GenerateConfig.steps))
@@ -303,12 +298,10 @@ class PipelineModel(_Model):
         config = GenerateConfig(steps=int(steps), guidance=float(guidance),
                                 scheduler=self._value(request, "scheduler") or None,
                                 seed=int(self._value(request, "seed", 0)), negative_prompt=negative, subject=subject)
-        if config.steps > self.manifest.intervals.num_train_timesteps:
-            raise QPDeployError(f"steps must be at most the model's {self.manifest.intervals.num_train_timesteps} "
-                                f"training timesteps, got {config.steps}")
+        check_prompts([prompt], config, "prompt")
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            check_subject_prompt(self.manifest, subject, prompt)  # an unknown subject raises
+            check_request(self.manifest, [prompt], config)  # an unknown subject raises
         return prompt, config, [str(w.message) for w in caught]
 
     def serve(self, request):
