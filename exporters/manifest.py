@@ -48,7 +48,7 @@ UNet inputs: ``sample`` float32 (batch, 4, h, w); ``timestep`` float32 (batch,);
 and ``time_ids`` float32 (batch, 6); table layouts add the selector int32 (batch,). Output
 ``noise_pred`` float32 (batch, 4, h, w). Per step the runtime computes
 ``k = intervals.index(t)`` and runs ``graphs[graph_of_interval[k]]``, feeding
-``selector.values[k]`` to the selector input when there is one (:meth:`DeployManifest.unet_call`).
+``selector.values[k]`` to the selector input when there is one (:class:`Dispatch`, the one rule every reader uses).
 """
 
 from __future__ import annotations
@@ -253,17 +253,6 @@ class DeployManifest:
                 return Dispatch(dispatch.graph_of_interval, dispatch.selector, tuple(record["rows_of_interval"]))
         known = ", ".join(r["identifier"] for r in self.subjects) or "none"
         raise QPDeployError(f"no subject {subject!r} in deploy dir {self.path} (subjects: {known})")
-
-    def unet_call(self, timestep) -> tuple[dict, dict]:
-        """``(graph entry, extra int32 feeds)`` for a step at ``timestep`` (scalar).
-
-        The extra feeds map the selector input (if any) to its value for this interval;
-        the caller broadcasts the value to the batch.
-        """
-        k = self.intervals.index(timestep)
-        dispatch = self.dispatch
-        feed = {name: int(values[0]) for name, values in dispatch.selector_feed([k]).items()}
-        return self.unet["graphs"][dispatch.graph(k)], feed
 
     def referenced(self) -> tuple[list[str], list[str]]:
         """``(files, folders)`` the runtime may open: graphs, engines, the shared weights,

@@ -22,7 +22,6 @@ as written, ORT computes the graph's Q/DQ math in float, as torch does.
 from __future__ import annotations
 
 import math
-import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -230,42 +229,6 @@ def ort_session(path, threads: int = 1):
     return SessionFromOnnxPath(path, threads=threads, optimization=RuntimeConfig().ort_optimization)()
 
 
-def _torch_runner_class():
-    from polygraphy.backend.base import BaseRunner
-    from polygraphy.common import TensorMetadata
-
-    class TorchRunner(BaseRunner):
-        """Polygraphy runner for a CPU torch callable ``fn(feed: dict[str, Tensor]) -> dict``.
-
-        (Polygraphy's own PytRunner moves inputs to CUDA, so it cannot run here.)
-        """
-
-        def __init__(self, fn, specs, name="torch"):
-            super().__init__(name=name, prefix="torch-runner")
-            self.fn, self.specs = fn, specs
-
-        def activate_impl(self):
-            pass
-
-        def get_input_metadata_impl(self):
-            meta = TensorMetadata()
-            for spec in self.specs:
-                meta.add(spec.name, np.dtype(spec.dtype), list(spec.shape))
-            return meta
-
-        def infer_impl(self, feed_dict):
-            start = time.perf_counter()
-            with torch.no_grad():
-                out = self.fn({k: torch.from_numpy(np.asarray(v)) for k, v in feed_dict.items()})
-            self.inference_time = time.perf_counter() - start
-            return {k: v.detach().cpu().numpy() for k, v in out.items()}
-
-        def deactivate_impl(self):
-            pass
-
-    return TorchRunner
-
-
 class _SQNR:
     """A comparator verdict that carries its SQNR (truthy when above the threshold)."""
 
@@ -289,9 +252,12 @@ def compare_with_torch(unet, graph_files: list[Path], plan, inputs, outputs, int
     from polygraphy.comparator import Comparator
     from polygraphy.logger import G_LOGGER
 
-    from .unet import call_unet, example_inputs
+    from .unet import example_inputs
 
-    torch_runner = _torch_runner_class()(lambda feed: {outputs[0].name: call_unet(unet, feed)}, inputs)
+    from qpdeploy.runtimes.runners import TorchUNetRunner
+
+    specs = [spec.to_json() for spec in inputs]
+    torch_runner = TorchUNetRunner.from_unet(unet, specs, outputs[0].name)
     sessions = {}
     result = []
     dispatch = plan.dispatch

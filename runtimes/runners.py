@@ -164,40 +164,53 @@ def ort_runner(path, config: RuntimeConfig, shared: SharedWeights | None = None,
 # ------------------------------------------------------------------------------------
 
 class TorchUNetRunner(BaseRunner):
-    """The quantized PyTorch UNet with its pack applied, behind the runner interface.
+    """A quantized PyTorch UNet behind the runner interface: the runtime's torch backend and
+    export verification's reference both run through it.
 
     One runner serves every interval: the quantized model routes each call to its scale set
     by the timestep itself (the same :class:`~qpdeploy.intervals.Intervals`), so selector
-    feeds are ignored. Activation loads the base and pack and checks both hashes against
-    the manifest.
+    feeds are ignored. Build it with :meth:`from_deploy` (activation loads the base and pack
+    and checks both hashes against the manifest) or :meth:`from_unet` (a model in memory).
+    Feeds may be torch tensors or numpy arrays; outputs are torch tensors.
     """
 
-    def __init__(self, manifest, base_dir, pack_dir=None, device="cpu", name="torch"):
+    def __init__(self, load, specs: list[dict], output: str, device="cpu", name="torch"):
         super().__init__(name=name)
-        self.manifest, self.base_dir, self.pack_dir = manifest, base_dir, pack_dir
+        self.load, self.specs, self.output = load, specs, output
         self.device = torch.device(device)
 
+    @classmethod
+    def from_deploy(cls, manifest, base_dir, pack_dir=None, device="cpu", name="torch") -> "TorchUNetRunner":
+        """The deploy dir's base with its pack applied (loaded at activation)."""
+        return cls(lambda: load_reference_unet(manifest, base_dir, pack_dir, device), manifest.unet_inputs,
+                   manifest.unet_output, device, name)
+
+    @classmethod
+    def from_unet(cls, unet, specs: list[dict], output: str, name="torch") -> "TorchUNetRunner":
+        """A quantized UNet already in memory (its current pack and routing)."""
+        return cls(lambda: unet, specs, output, next(unet.parameters()).device, name)
+
     def activate_impl(self):
-        self.unet = load_reference_unet(self.manifest, self.base_dir, self.pack_dir, self.device)
+        self.unet = self.load()
 
     def get_input_metadata_impl(self):
         import numpy as np
         from polygraphy.common import TensorMetadata
 
         meta = TensorMetadata()
-        for spec in self.manifest.unet_inputs:
+        for spec in self.specs:
             meta.add(spec["name"], np.dtype(spec["dtype"]), [None if d == "batch" else d for d in spec["shape"]])
         return meta
 
     def infer_impl(self, feed_dict):
         from qpdeploy.exporters.unet import call_unet
 
-        feed = {k: v.to(self.device) for k, v in feed_dict.items()}
+        feed = {k: torch.as_tensor(v).to(self.device) for k, v in feed_dict.items()}
         start = time.perf_counter()
         with torch.no_grad():
             out = call_unet(self.unet, feed)
         self.inference_time = time.perf_counter() - start
-        return {self.manifest.unet_output: out}
+        return {self.output: out}
 
     def deactivate_impl(self):
         del self.unet
@@ -255,7 +268,7 @@ def unet_runners(manifest, config: RuntimeConfig) -> tuple[list[BaseRunner], lis
     if config.backend == "torch":
         from qpdeploy.ptq import resolve_device
 
-        runner = TorchUNetRunner(manifest, config.base, config.pack, resolve_device(config.device))
+        runner = TorchUNetRunner.from_deploy(manifest, config.base, config.pack, resolve_device(config.device))
         return [runner], [0] * manifest.intervals.k
     if config.backend == "trt":
         from .trt import check_engines, trt_runner

@@ -31,8 +31,10 @@ def test_engines_are_built_recorded_and_match_torch(packed_base, export_pipe, tm
     specs = unet_io(base.unet, _plan(base, layout), (8, 8), 16)[0]
     for k in range(base.intervals.k):
         lo, hi = base.intervals.bounds(k)
-        graph, extra = manifest.unet_call((lo + hi) / 2)
-        feed = example_inputs(specs, 2, seed=k, timestep=(lo + hi) / 2, selector_value=next(iter(extra.values()), 0))
+        graph = graphs[manifest.dispatch.graph(k)]
+        extra = manifest.dispatch.selector_feed([k])
+        feed = example_inputs(specs, 2, seed=k, timestep=(lo + hi) / 2,
+                              selector_value=int(next(iter(extra.values()), [0])[0]))
         with TrtRunner(EngineFromPath(str(path / graph["engine"]))) as runner:
             out = runner.infer({name: value.numpy() for name, value in feed.items()})["noise_pred"]
         with torch.no_grad():

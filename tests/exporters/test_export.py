@@ -61,8 +61,9 @@ def test_manifest_round_trip_and_interval_dispatch(deploy_dir, base_dir, pack_di
     assert unet["inputs"][0] == {"name": "sample", "dtype": "float32", "shape": ["batch", 4, 8, 8]}
     assert unet["outputs"] == [{"name": "noise_pred", "dtype": "float32", "shape": ["batch", 4, 8, 8]}]
     for t, k in [(0, 0), (249, 0), (250, 1), (999, 3), (999.5, 3)]:
-        graph, extra = manifest.unet_call(t)
-        assert graph["intervals"] == [k] and extra == {}
+        interval = manifest.intervals.index(t)
+        graph = unet["graphs"][manifest.dispatch.graph(interval)]
+        assert interval == k and graph["intervals"] == [k] and manifest.dispatch.selector_feed([k]) == {}
     for graph in unet["graphs"]:  # the graph files say which intervals they serve
         props = {p.key: p.value for p in onnx.load(str(deploy_dir / graph["onnx"]), load_external_data=False).metadata_props}
         assert props["qpdeploy.intervals"] == ",".join(map(str, graph["intervals"]))
