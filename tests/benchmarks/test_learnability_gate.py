@@ -35,6 +35,7 @@ def test_a_learnable_world_passes():
     assert set(result["per_subject"]) == {"sks", "zwx"}
 
 
+@pytest.mark.slow  # four gate runs; test_a_learnable_world_passes covers the path in the fast subset
 @pytest.mark.parametrize("field, value, check", [
     ("db_recognised", 0.45, "test_recognised"),
     ("db_own", 0.6, "instance_prompt_recognised"),

@@ -10,6 +10,7 @@ import pytest
 from qpdeploy.errors import QPDeployError
 
 
+@pytest.mark.slow  # exports the multi-subject deploy dir (shared with the server tests)
 def test_the_repository_declares_batched_models_and_the_pipeline_entry_point(deploy, tmp_path):
     from qpdeploy.runtimes.triton import RepositoryConfig, write_repository
 
