@@ -120,11 +120,12 @@ def generate(deploy, prompts: list[str], config: GenerateConfig, runtime: Runtim
         close_pipeline(pipe)
 
 
-def check_prompts(prompts: list[str], config: GenerateConfig, name: str = "--prompt") -> None:
-    """Prompts and the negative prompt are text (one-line errors naming the bad one)."""
+def check_prompts(prompts: list[str], config: GenerateConfig, names=("--prompt", "--negative-prompt")) -> None:
+    """Prompts and the negative prompt are text (one-line errors naming the bad one, by
+    ``names``: the command's options, or a request's input names)."""
     for n, prompt in enumerate(prompts):
-        check_text(prompt, name if len(prompts) == 1 else f"prompt {n + 1}")
-    check_text(config.negative_prompt, "--negative-prompt")
+        check_text(prompt, names[0] if len(prompts) == 1 else f"prompt {n + 1}")
+    check_text(config.negative_prompt, names[1])
 
 
 def check_request(manifest, prompts: list[str], config: GenerateConfig) -> None:

@@ -298,7 +298,7 @@ class PipelineModel(_Model):
         config = GenerateConfig(steps=int(steps), guidance=float(guidance),
                                 scheduler=self._value(request, "scheduler") or None,
                                 seed=int(self._value(request, "seed", 0)), negative_prompt=negative, subject=subject)
-        check_prompts([prompt], config, "prompt")
+        check_prompts([prompt], config, ("prompt", "negative_prompt"))
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             check_request(self.manifest, [prompt], config)  # an unknown subject raises

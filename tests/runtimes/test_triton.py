@@ -131,3 +131,25 @@ def test_sixty_four_requests_at_random_concurrency_lose_and_mix_nothing(server, 
     for combo, (image, record) in zip(order, done):
         assert (record["subject"], record["seed"]) == combo
         assert psnr(image, reference[combo]) >= 40  # its own image, not a neighbour's
+
+
+def test_the_triton_command_writes_a_repository_and_refuses_bad_input(deploy, tmp_path):
+    from typer.testing import CliRunner
+
+    from qpdeploy.cli import app
+
+    run = CliRunner().invoke
+    source = deploy("sd1_multi")  # multi-expert layout: one graph with an "expert" selector input, no subjects
+    result = run(app, ["triton", str(source), "--out", str(tmp_path / "repo"), "--instances", "2",
+                       "--deploy-path", "/deploy"])
+    assert result.exit_code == 0 and "model repository" in result.output, result.output
+    unet = (tmp_path / "repo" / "unet" / "config.pbtxt").read_text()
+    assert 'string_value: "/deploy"' in unet and "max_batch_size: 4" in unet
+    assert "expert" not in unet  # the selector is the model's business, not the client's
+    assert json.loads((tmp_path / "repo" / "qpdeploy-triton.json").read_text())["subjects"] == []
+    result = run(app, ["triton", str(tmp_path / "nowhere"), "--out", str(tmp_path / "r2")])
+    assert result.exit_code == 2 and "nowhere" in result.output and not (tmp_path / "r2").exists()
+    result = run(app, ["triton", str(source), "--out", str(tmp_path / "r3"), "--instances", "0"])
+    assert result.exit_code == 2 and "instances must be in 1..64" in result.output
+    result = run(app, ["serve", str(source), "--repo", str(tmp_path / "repo")])
+    assert result.exit_code == 2 and "already exists" in result.output  # never replaced without --force
