@@ -518,15 +518,18 @@ _REPO_OPTIONS = {
     "threads": typer.Option(0, "--threads", help="ONNX Runtime threads per model (0: its default)."),
     "delay": typer.Option(2000, "--max-queue-delay-us", help="How long the UNet's dynamic batcher waits for more "
                           "requests (microseconds)."),
+    "platform": typer.Option("python", "--platform", help="python (Python-backend models running qpdeploy's runners: "
+                             "every layout, every Triton build), onnxruntime or tensorrt (Triton's own backends, one "
+                             "model per UNet graph; not the multi-subject layout)."),
 }
 
 
 def _repository(deploy: Path, out: Path, force: bool, instances: int, backend: str, device: str, threads: int,
-                delay: int, deploy_path: Optional[str] = None) -> Path:
+                delay: int, platform: str, deploy_path: Optional[str] = None) -> Path:
     from .runtimes.triton import RepositoryConfig, write_repository
 
     config = RepositoryConfig(instances=instances, max_queue_delay_us=delay, backend=backend, device=device,
-                              threads=threads, deploy_path=deploy_path)
+                              threads=threads, deploy_path=deploy_path, platform=platform)
     return write_repository(deploy, out, config, force)
 
 
@@ -542,12 +545,14 @@ def triton(
     device: str = _REPO_OPTIONS["device"],
     threads: int = _REPO_OPTIONS["threads"],
     delay: int = _REPO_OPTIONS["delay"],
+    platform: str = _REPO_OPTIONS["platform"],
     force: bool = typer.Option(False, "--force", help="Replace an existing repository written by this command."),
 ):
     """Write a Triton Inference Server model repository for a deploy dir (pipeline, unet,
     text encoder and VAE decoder models), for tritonserver here, in a container or on Jetson."""
-    repo = _repository(deploy, out, force, instances, backend, device, threads, delay, deploy_path)
-    typer.echo(f"model repository -> {repo} (models: pipeline, unet, text_encoder, vae_decoder); run it with "
+    repo = _repository(deploy, out, force, instances, backend, device, threads, delay, platform, deploy_path)
+    models = sorted(p.name for p in repo.iterdir() if p.is_dir())
+    typer.echo(f"model repository -> {repo} (models: {', '.join(models)}); run it with "
                f"tritonserver --model-repository {repo}")
 
 
@@ -564,6 +569,7 @@ def serve(
     device: str = _REPO_OPTIONS["device"],
     threads: int = _REPO_OPTIONS["threads"],
     delay: int = _REPO_OPTIONS["delay"],
+    platform: str = _REPO_OPTIONS["platform"],
     force: bool = typer.Option(False, "--force", help="Replace an existing repository written by qpdeploy."),
 ):
     """Write the Triton model repository of a deploy dir and serve it with tritonserver until
@@ -572,7 +578,7 @@ def serve(
 
     from .runtimes.triton import TritonServer
 
-    repository = _repository(deploy, repo, force, instances, backend, device, threads, delay)
+    repository = _repository(deploy, repo, force, instances, backend, device, threads, delay, platform)
     server = TritonServer(repository, http_port, http_port + 1, http_port + 2, address=host,
                           log=repository / "tritonserver.log")
     server.start()

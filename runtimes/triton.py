@@ -54,6 +54,8 @@ sys.path[:] = [p for p in sys.path if p not in _before] + _before  # ahead of th
 from qpdeploy.runtimes.triton_models import {cls} as TritonPythonModel  # noqa: E402,F401
 """
 REPOSITORY_FILE = "qpdeploy-triton.json"  # what the repository serves (the server ignores files)
+PLATFORMS = ("python", "onnxruntime", "tensorrt")
+NATIVE = {"onnxruntime": ("onnxruntime_onnx", "onnx", "model.onnx"), "tensorrt": ("tensorrt_plan", "engine", "model.plan")}
 DTYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "int32": "TYPE_INT32", "int64": "TYPE_INT64"}
 
 
@@ -69,6 +71,13 @@ class RepositoryConfig:
         device: "auto", "cpu" or "cuda[:N]".
         threads: ONNX Runtime intra-op threads per model (0: its default).
         deploy_path: the deploy dir as the server sees it (default: its absolute path here).
+        platform: how the text encoder(s), VAE decoder and UNet graphs are served: "python"
+            (Python-backend models running qpdeploy's runners: everywhere, every layout),
+            "onnxruntime" (Triton's ONNX Runtime backend) or "tensorrt" (Triton's TensorRT
+            backend, the deploy dir's engines). Native platforms serve one model per UNet graph
+            (the pipeline picks the graph and selector value of each sample's interval) and
+            link the deploy dir's files into the repository; the multi-subject layout, whose
+            scale tables are graph inputs, is served by the python platform only.
     """
 
     instances: int = 4
@@ -77,6 +86,7 @@ class RepositoryConfig:
     device: str = "auto"
     threads: int = 0
     deploy_path: str | None = None
+    platform: str = "python"
 
     def __post_init__(self):
         from qpdeploy.config import check_all
@@ -87,6 +97,7 @@ class RepositoryConfig:
              f"max queue delay must be in 0..1000000 microseconds, got {self.max_queue_delay_us}"),
             (self.backend in ("ort", "trt"), f"backend must be ort or trt for serving, got {self.backend!r}"),
             (self.threads >= 0, f"threads must be >= 0, got {self.threads}"),
+            (self.platform in PLATFORMS, f"platform must be one of {', '.join(PLATFORMS)}, got {self.platform!r}"),
         ])
 
 
@@ -103,22 +114,46 @@ def write_repository(deploy, out, config: RepositoryConfig = RepositoryConfig(),
     manifest = read_manifest(deploy, verify_hashes=True)
     if manifest.pipeline["class"] not in ("StableDiffusionPipeline", "StableDiffusionXLPipeline"):
         raise QPDeployError(f"deploy dir {manifest.path} holds a {manifest.pipeline['class']}, which is not served")
+    native = config.platform != "python"
+    if native and manifest.layout == "multi-subject":
+        raise QPDeployError(f"deploy dir {manifest.path} has the multi-subject layout, whose scale tables are graph "
+                            "inputs: serve it with --platform python")
+    if config.platform == "tensorrt" and not manifest.data.get("engines"):
+        raise QPDeployError(f"deploy dir {manifest.path} has no TensorRT engines: export with --build-engines on the "
+                            "serving machine, or use --platform onnxruntime / python")
     where = config.deploy_path or str(manifest.path.resolve())
-    params = {"deploy_dir": where, "backend": config.backend, "device": config.device, "threads": str(config.threads)}
+    params = {"deploy_dir": where, "backend": config.backend, "device": config.device, "threads": str(config.threads),
+              "platform": config.platform}
     batch = 2 * config.instances  # classifier-free guidance: two samples per request
-    models = {}
-    for entry in manifest.text_encoders:
-        models[entry["name"]] = _part_config(entry["name"], entry, batch, {**params, "part": entry["name"]})
-    models["vae_decoder"] = _part_config("vae_decoder", manifest.vae_decoder, batch,
-                                         {**params, "part": "vae_decoder"})
-    models["unet"] = _unet_config(manifest, batch, config.max_queue_delay_us, params)
+    models, links = {}, {}
+    parts = [*manifest.text_encoders, manifest.vae_decoder]
+    for record in parts:
+        if native:
+            models[record["name"]] = _native_config(record["name"], config.platform, record["inputs"],
+                                                    record["outputs"], batch)
+            links[record["name"]] = [(NATIVE[config.platform][2], record[NATIVE[config.platform][1]])]
+        else:
+            models[record["name"]] = _part_config(record["name"], record, batch, {**params, "part": record["name"]})
+    if native:  # one model per UNet graph, named as the graph
+        for graph in manifest.unet["graphs"]:
+            models[graph["name"]] = _native_config(graph["name"], config.platform, manifest.unet_inputs,
+                                                   manifest.unet["outputs"], batch, config.max_queue_delay_us)
+            links[graph["name"]] = [(NATIVE[config.platform][2], graph[NATIVE[config.platform][1]])]
+            if config.platform == "onnxruntime" and manifest.unet.get("weights_file"):
+                links[graph["name"]].append((manifest.unet["weights_file"],) * 2)  # external data, beside the graph
+    else:
+        models["unet"] = _unet_config(manifest, batch, config.max_queue_delay_us, params)
     models["pipeline"] = _pipeline_config(config.instances, params)
     classes = {"unet": "UNetModel", "pipeline": "PipelineModel"}
     with atomic_dir(out, force, kind=(REPOSITORY_FILE, "triton-repository"), inputs=[deploy]) as tmp:
         for name, text in models.items():
             (tmp / name / "1").mkdir(parents=True)
             (tmp / name / "config.pbtxt").write_text(text)
-            (tmp / name / "1" / "model.py").write_text(MODEL_FILE.format(cls=classes.get(name, "PartModel")))
+            if name in links:
+                for link, target in links[name]:
+                    os.symlink(os.path.join(where, target), tmp / name / "1" / link)
+            else:
+                (tmp / name / "1" / "model.py").write_text(MODEL_FILE.format(cls=classes.get(name, "PartModel")))
         write_json(tmp / REPOSITORY_FILE, {"kind": "triton-repository", "deploy_dir": where,
                                            "layout": manifest.layout, "models": sorted(models),
                                            "subjects": [s["identifier"] for s in manifest.subjects],
@@ -134,6 +169,21 @@ def _parameters(params: dict) -> str:
 def _tensor(name: str, dtype: str, dims, optional: bool = False) -> str:
     extra = " optional: true" if optional else ""
     return f'  {{ name: "{name}" data_type: {dtype} dims: [ {", ".join(str(d) for d in dims)} ]{extra} }}'
+
+
+def _native_config(name: str, platform: str, inputs: list[dict], outputs: list[dict], batch: int,
+                   delay_us: int = 0) -> str:
+    """A model of Triton's own ONNX Runtime or TensorRT backend; a per-sample scalar input
+    (timestep, selector: shape ``[batch]``) is sent as ``[1]`` and reshaped to ``[]``."""
+    def tensor(spec):
+        line = _tensor(spec["name"], DTYPES[spec["dtype"]], _spec_dims(spec))
+        return line[:-2] + " reshape: { shape: [ ] } }" if len(spec["shape"]) == 1 else line
+
+    return "\n".join([
+        f'name: "{name}"', f'platform: "{NATIVE[platform][0]}"', f"max_batch_size: {batch}",
+        "input [\n" + ",\n".join(tensor(s) for s in inputs) + "\n]",
+        "output [\n" + ",\n".join(tensor(s) for s in outputs) + "\n]",
+        "instance_group [ { count: 1 } ]", f"dynamic_batching {{ max_queue_delay_microseconds: {delay_us} }}", ""])
 
 
 def _spec_dims(spec: dict) -> list:
@@ -233,6 +283,9 @@ class TritonServer:
         backends = self._workspace / "backends"
         shutil.copytree(backend, backends / "python", ignore=shutil.ignore_patterns("__pycache__"))
         shutil.copy2(stub, backends / "python" / stub.name)
+        for other in backend.parent.iterdir():  # native backends, where the installation has them
+            if other.is_dir() and other.name != "python":
+                os.symlink(other, backends / other.name)
         libs = binary.parents[3] / "nvidia_pytriton.libs"  # the wheel's bundled shared libraries
         env = dict(os.environ)
         env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [_libpython_dir(), str(libs), env.get("LD_LIBRARY_PATH")]))

@@ -192,13 +192,22 @@ class _RemoteRunner:
 
 
 class _RemoteEngines:
-    """What :class:`~.unet.EngineUNet` calls, answered by the repository's ``unet`` model:
-    every sample goes with the request's subject; the interval and engine the model reports
-    for each call are recorded as :class:`~.engines.EngineCall` for the image record."""
+    """What :class:`~.unet.EngineUNet` calls, answered by the repository's UNet model(s).
 
-    def __init__(self, pb, manifest):
-        self.runner = _RemoteRunner(pb, "unet", [manifest.unet_output, "interval", "engine"])
+    Python platform: one ``unet`` model; every sample goes with the request's subject, and
+    the model reports the interval and engine of each sample. Native platforms: one model per
+    UNet graph; the samples of each graph go to it with their selector values (the deploy
+    dir's :class:`~qpdeploy.exporters.manifest.Dispatch`). Calls are recorded as
+    :class:`~.engines.EngineCall` for the image record.
+    """
+
+    def __init__(self, pb, manifest, native: bool = False):
+        self.pb, self.manifest, self.native = pb, manifest, native
         self.output = manifest.unet_output
+        if native:
+            self.graphs = [_RemoteRunner(pb, g["name"], [self.output]) for g in manifest.unet["graphs"]]
+        else:
+            self.runner = _RemoteRunner(pb, "unet", [self.output, "interval", "engine"])
         self.history: list = []
         self.subject = ""
 
@@ -214,17 +223,37 @@ class _RemoteEngines:
         batch = timestep.shape[0]
         arrays = {n: v.cpu().numpy() for n, v in feeds.items()}
         arrays["timestep"] = timestep.to(torch.float32).numpy().reshape(batch, 1)
-        arrays["subject"] = np.asarray([self.subject.encode()] * batch, dtype=np.object_).reshape(batch, 1)
         start = time.perf_counter()
-        out = self.runner.call(arrays)
+        if self.native:
+            noise, intervals, engines = self._native(arrays, timestep)
+        else:
+            arrays["subject"] = np.asarray([self.subject.encode()] * batch, dtype=np.object_).reshape(batch, 1)
+            out = self.runner.call(arrays)
+            noise = np.array(out[self.output])
+            intervals = out["interval"].reshape(-1).tolist()
+            engines = [e.decode() for e in out["engine"].reshape(-1)]
         seconds = time.perf_counter() - start
-        intervals = out["interval"].reshape(-1).tolist()
-        engines = [e.decode() for e in out["engine"].reshape(-1)]
         t = [float(x) for x in timestep.tolist()]
         same = len(set(intervals)) == 1 and len(set(t)) == 1
         self.history.append(EngineCall(t[0] if same else t, intervals[0] if same else intervals,
                                        engines[0], seconds, 0.0, False))
-        return torch.from_numpy(np.array(out[self.output]))
+        return torch.from_numpy(noise)
+
+    def _native(self, arrays: dict[str, np.ndarray], timestep: torch.Tensor):
+        dispatch = self.manifest.dispatch
+        intervals = self.manifest.intervals.index(timestep).tolist()
+        graphs = [dispatch.graph(k) for k in intervals]
+        noise = None
+        for g in dict.fromkeys(graphs):
+            rows = [i for i, x in enumerate(graphs) if x == g]
+            part = {n: v[rows] for n, v in arrays.items()}
+            for name, value in dispatch.selector_feed([intervals[i] for i in rows]).items():
+                part[name] = value.numpy().reshape(-1, 1)
+            out = np.array(self.graphs[g].call(part)[self.output])
+            if noise is None:
+                noise = np.empty((len(graphs), *out.shape[1:]), dtype=out.dtype)
+            noise[rows] = out
+        return noise, intervals, [self.graphs[g].name for g in graphs]
 
     def summary(self) -> dict:
         from .engines import summarize
@@ -248,7 +277,7 @@ class PipelineModel(_Model):
         def make_runner(record):
             return _RemoteRunner(self.pb, record["name"], [s["name"] for s in record["outputs"]])
 
-        self.remote = _RemoteEngines(self.pb, self.manifest)
+        self.remote = _RemoteEngines(self.pb, self.manifest, native=self.params.get("platform", "python") != "python")
         self.pipe = assemble_pipeline(self.manifest, None, make_runner,
                                       lambda: EngineUNet(self.manifest, self.remote, "cpu", self.runtime))
         self.schedulers = {None: self.pipe.scheduler}

@@ -29,6 +29,8 @@ def test_the_repository_declares_batched_models_and_the_pipeline_entry_point(dep
     assert info["subjects"] == ["sks", "zwx"] and info["layout"] == "multi-subject"
     with pytest.raises(QPDeployError, match="already exists"):
         write_repository(source, tmp_path / "repo")
+    with pytest.raises(QPDeployError, match="multi-subject layout.*--platform python"):
+        write_repository(source, tmp_path / "native", RepositoryConfig(platform="onnxruntime"))
     with pytest.raises(QPDeployError, match="input"):
         write_repository(source, source / "repo")
     (tmp_path / "mine").mkdir()
@@ -153,3 +155,130 @@ def test_the_triton_command_writes_a_repository_and_refuses_bad_input(deploy, tm
     assert result.exit_code == 2 and "instances must be in 1..64" in result.output
     result = run(app, ["serve", str(source), "--repo", str(tmp_path / "repo")])
     assert result.exit_code == 2 and "already exists" in result.output  # never replaced without --force
+
+
+class _FakeBackend:
+    """Enough of ``triton_python_backend_utils`` to run the pipeline model in this process,
+    with each native model of the repository emulated by an ONNX Runtime session on the file
+    the repository links (Triton's reshape of ``[1]`` to ``[]`` included)."""
+
+    def __init__(self, repo):
+        import types
+
+        from qpdeploy.runtimes.runners import SessionFromOnnxPath
+
+        self.repo, self.sessions, self.calls = repo, {}, []
+        backend = self
+
+        class Tensor:
+            def __init__(self, name, array):
+                self.name, self.array = name, np.asarray(array)
+
+            def as_numpy(self):
+                return self.array
+
+        class InferenceResponse:
+            def __init__(self, output_tensors, error=None):
+                self.tensors, self._error = {t.name: t for t in output_tensors}, error
+
+            def has_error(self):
+                return self._error is not None
+
+            def error(self):
+                return self._error
+
+        class InferenceRequest:
+            def __init__(self, model_name, requested_output_names, inputs):
+                self.model, self.outputs, self.inputs = model_name, requested_output_names, inputs
+
+            def exec(self):
+                if self.model not in backend.sessions:
+                    backend.sessions[self.model] = SessionFromOnnxPath(repo / self.model / "1" / "model.onnx")()
+                session = backend.sessions[self.model]
+                ranks = {i.name: len(i.shape) for i in session.get_inputs()}
+                feed = {t.name: t.array.reshape(-1) if ranks[t.name] == 1 else t.array for t in self.inputs}
+                backend.calls.append((self.model, {n: v.copy() for n, v in feed.items() if n in ("expert", "tuned")}))
+                out = session.run(self.outputs, feed)
+                return InferenceResponse([Tensor(n, v) for n, v in zip(self.outputs, out)])
+
+        self.module = types.SimpleNamespace(
+            Tensor=Tensor, InferenceResponse=InferenceResponse, InferenceRequest=InferenceRequest,
+            TritonError=lambda message: types.SimpleNamespace(message=lambda: message),
+            get_input_tensor_by_name=lambda request, name: request.get(name),
+            get_output_tensor_by_name=lambda response, name: response.tensors[name])
+
+
+@pytest.mark.parametrize("name, graphs", [("sd1_s2", ["unet_0", "unet_1", "unet_2", "unet_3"]), ("sd1_multi", ["unet"])])
+def test_native_platform_pipeline_picks_each_steps_graph_and_selector(deploy, tmp_path, monkeypatch, psnr, name, graphs):
+    """The pipeline model of an ``onnxruntime``-platform repository, run here against emulated
+    native models, draws generate's image and sends each step to its interval's graph."""
+    import sys
+
+    from PIL import Image
+
+    from qpdeploy.exporters.manifest import read_manifest
+    from qpdeploy.runtimes.config import GenerateConfig, RuntimeConfig
+    from qpdeploy.runtimes.generate import generate
+    from qpdeploy.runtimes.triton import RepositoryConfig, write_repository
+    from qpdeploy.runtimes.triton_models import PipelineModel
+
+    source = deploy(name)
+    repo = write_repository(source, tmp_path / "repo", RepositoryConfig(platform="onnxruntime"))
+    assert sorted(p.name for p in repo.iterdir() if p.is_dir()) == sorted(["pipeline", "text_encoder", "vae_decoder",
+                                                                             *graphs])
+    for graph in graphs:
+        config = (repo / graph / "config.pbtxt").read_text()
+        assert 'platform: "onnxruntime_onnx"' in config and 'name: "timestep" data_type: TYPE_FP32 dims: [ 1 ] ' \
+            'reshape: { shape: [ ] } }' in config
+        assert (repo / graph / "1" / "model.onnx").resolve().parent == source.resolve()
+    fake = _FakeBackend(repo)
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", fake.module)
+    model = PipelineModel()
+    parameters = {"deploy_dir": str(source), "platform": "onnxruntime", "threads": "1"}  # as config.pbtxt says
+    assert all(f'key: "{k}" value: {{ string_value: "{v}" }}' in (repo / "pipeline" / "config.pbtxt").read_text()
+               for k, v in parameters.items() if k != "threads")
+    model.initialize({"model_config": json.dumps({"parameters": {k: {"string_value": v}
+                                                                 for k, v in parameters.items()}})})
+    request = {"prompt": fake.module.Tensor("prompt", np.asarray([b"a photo of a dog"], dtype=object)),
+               "seed": fake.module.Tensor("seed", np.asarray([5])), "steps": fake.module.Tensor("steps", np.asarray([8])),
+               "guidance": fake.module.Tensor("guidance", np.asarray([4.0], dtype=np.float32))}
+    response = model.execute([request])[0]
+    assert not response.has_error()
+    record = json.loads(response.tensors["record"].as_numpy()[0])
+    generate(source, ["a photo of a dog"], GenerateConfig(steps=8, guidance=4.0, seed=5), RuntimeConfig(threads=1),
+             out=tmp_path / "local.png")
+    local = json.loads((tmp_path / "local.json").read_text())
+    assert psnr(response.tensors["image"].as_numpy(), np.asarray(Image.open(tmp_path / "local.png"))) >= 40
+    assert record["interval_per_step"] == local["interval_per_step"]
+    unet_calls = [(m, sel) for m, sel in fake.calls if m not in ("text_encoder", "vae_decoder")]
+    manifest = read_manifest(source)
+    for (model_name, selector), k in zip(unet_calls, local["interval_per_step"]):
+        assert model_name == graphs[manifest.dispatch.graph(k)]  # the step's interval's graph
+        if manifest.dispatch.selector is not None:
+            assert selector[manifest.dispatch.selector].tolist() == [manifest.dispatch.selector_values[k]] * 2
+
+
+@pytest.mark.slow
+def test_a_native_onnxruntime_repository_serves_on_tritonserver(deploy, tmp_path, psnr):
+    """Runs where tritonserver has its ONNX Runtime backend (NVIDIA's container); the
+    nvidia-pytriton wheel ships the Python backend only."""
+    from qpdeploy.runtimes.triton import RepositoryConfig, TritonServer, tritonserver_files, write_repository
+
+    pytest.importorskip("tritonclient.http")
+    if not (tritonserver_files()[1].parent / "onnxruntime").is_dir():
+        pytest.skip("tritonserver onnxruntime backend not installed")
+    repo = write_repository(deploy("sd1_multi"), tmp_path / "repo", RepositoryConfig(platform="onnxruntime"))
+    with TritonServer(repo) as server:
+        first, record = infer(server.url, "a photo of a dog", seed=1)
+        again, _ = infer(server.url, "a photo of a dog", seed=1)
+    assert psnr(first, again) >= 40 and record["interval_per_step"]
+
+
+def test_native_platforms_refuse_what_they_cannot_serve(deploy, tmp_path):
+    from qpdeploy.runtimes.triton import RepositoryConfig, write_repository
+
+    with pytest.raises(QPDeployError, match="no TensorRT engines"):
+        write_repository(deploy("sd1_s2"), tmp_path / "r", RepositoryConfig(platform="tensorrt"))
+    with pytest.raises(QPDeployError, match="platform must be one of python, onnxruntime, tensorrt"):
+        RepositoryConfig(platform="tflite")
+    assert not (tmp_path / "r").exists()
