@@ -53,6 +53,15 @@ def test_two_processes_train_the_pack_of_one_process_with_the_same_global_batch(
     assert rb["final_loss"] == pytest.approx(ra["final_loss"], rel=1e-5)
     assert sorted(p.name for p in (tmp_path / "two.run" / "checkpoints").iterdir()) == \
         sorted(p.name for p in (tmp_path / "one.run" / "checkpoints").iterdir())
+    # stopped at step 2 and resumed in two processes: the pack of the uninterrupted run, bit for bit
+    resumed = tmp_path / "resumed"
+    run = subprocess.run([sys.executable, "-m", "qpdeploy.cli", *common, "--out", str(resumed), "--processes", "2",
+                          "--resume", str(tmp_path / "two.run" / "checkpoints" / "step-000002")],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    c = load_pack(resumed)
+    assert all(torch.equal(b.scales[name], c.scales[name]) for name in b.scales)
+    assert json.loads((resumed / "report.json").read_text())["resumed_from_step"] == 2
 
 
 @pytest.mark.parametrize("extra, message", [
