@@ -541,11 +541,11 @@ def triton(
     deploy_path: Optional[str] = typer.Option(None, "--deploy-path", help="The deploy dir's path as the server "
                                               "sees it (e.g. where a container mounts it); default: its path here."),
     instances: int = _REPO_OPTIONS["instances"],
-    backend: str = _REPO_OPTIONS["backend"],
+    backend: Literal["ort", "trt"] = _REPO_OPTIONS["backend"],
     device: str = _REPO_OPTIONS["device"],
     threads: int = _REPO_OPTIONS["threads"],
     delay: int = _REPO_OPTIONS["delay"],
-    platform: str = _REPO_OPTIONS["platform"],
+    platform: Literal["python", "onnxruntime", "tensorrt"] = _REPO_OPTIONS["platform"],
     force: bool = typer.Option(False, "--force", help="Replace an existing repository written by this command."),
 ):
     """Write a Triton Inference Server model repository for a deploy dir (pipeline, unet,
@@ -565,11 +565,11 @@ def serve(
                                   "after)."),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0: every interface)."),
     instances: int = _REPO_OPTIONS["instances"],
-    backend: str = _REPO_OPTIONS["backend"],
+    backend: Literal["ort", "trt"] = _REPO_OPTIONS["backend"],
     device: str = _REPO_OPTIONS["device"],
     threads: int = _REPO_OPTIONS["threads"],
     delay: int = _REPO_OPTIONS["delay"],
-    platform: str = _REPO_OPTIONS["platform"],
+    platform: Literal["python", "onnxruntime", "tensorrt"] = _REPO_OPTIONS["platform"],
     force: bool = typer.Option(False, "--force", help="Replace an existing repository written by qpdeploy."),
 ):
     """Write the Triton model repository of a deploy dir and serve it with tritonserver until
