@@ -127,13 +127,14 @@ class UNetModel(_Model):
                 subjects = self.pb.get_input_tensor_by_name(request, "subject").as_numpy().reshape(-1)
                 timesteps = values["timestep"].reshape(-1).astype(np.float32)
                 intervals = self.manifest.intervals.index(torch.from_numpy(timesteps)).tolist()
-                for s, k in zip(subjects, intervals):
-                    rows = self.rows(s.decode("utf-8"))
-                    if rows is not None:
-                        selector.append(rows[k])
+                if len(subjects) != len(intervals):
+                    raise QPDeployError(f"got {len(subjects)} subjects for {len(intervals)} samples")
+                rows = [self.rows(s.decode("utf-8")) for s in subjects]  # every sample checked first
             except (QPDeployError, UnicodeDecodeError, ValueError) as exc:
                 responses[i] = self.error(str(exc))
                 continue
+            if self.multi_subject:
+                selector += [r[k] for r, k in zip(rows, intervals)]
             values["timestep"] = timesteps
             good.append(i)
             feeds.append(values)

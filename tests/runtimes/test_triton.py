@@ -282,3 +282,43 @@ def test_native_platforms_refuse_what_they_cannot_serve(deploy, tmp_path):
     with pytest.raises(QPDeployError, match="platform must be one of python, onnxruntime, tensorrt"):
         RepositoryConfig(platform="tflite")
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.slow
+def test_the_unet_model_serves_a_mixed_batch_and_fails_only_the_bad_request(deploy, tmp_path, monkeypatch):
+    """Three requests in one execution (as the dynamic batcher merges them): subjects sks and
+    zwx at different steps, and one naming an unknown subject between them."""
+    import sys
+
+    import torch
+
+    from qpdeploy.runtimes import EngineUNet
+    from qpdeploy.runtimes.triton_models import UNetModel
+
+    source = deploy("sd1_subjects")
+    fake = _FakeBackend(tmp_path)
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", fake.module)
+    model = UNetModel()
+    model.initialize({"model_config": json.dumps({"parameters": {"deploy_dir": {"string_value": str(source)},
+                                                                 "threads": {"string_value": "1"}}})})
+    gen = torch.Generator().manual_seed(0)
+    jobs = [("sks", 100.0), ("dog", 500.0), ("zwx", 900.0)]
+    requests = []
+    for subject, t in jobs:
+        request = {"sample": torch.randn(2, 4, 8, 8, generator=gen).numpy(), "timestep": np.full((2, 1), t, np.float32),
+                   "encoder_hidden_states": torch.randn(2, 16, 32, generator=gen).numpy(),
+                   "subject": np.asarray([[subject.encode()]] * 2, dtype=object)}
+        requests.append({n: fake.module.Tensor(n, v) for n, v in request.items()})
+    responses = model.execute(requests)
+    assert responses[1].has_error() and "no subject 'dog'" in responses[1].error().message()
+    for (subject, t), request, response in zip(jobs, requests, responses):
+        if subject == "dog":
+            continue
+        alone = EngineUNet.from_deploy(source, subject=subject, threads=1)
+        feed = {n: torch.from_numpy(request[n].as_numpy()) for n in ("sample", "encoder_hidden_states")}
+        expected = alone(feed["sample"], torch.tensor([t, t]), feed["encoder_hidden_states"]).sample
+        alone.close()
+        got = torch.from_numpy(response.tensors["noise_pred"].as_numpy())
+        assert torch.allclose(got, expected, atol=1e-5)
+        assert response.tensors["interval"].as_numpy().reshape(-1).tolist() == [int(t) // 250] * 2
+    model.finalize()
