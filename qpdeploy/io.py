@@ -63,6 +63,8 @@ def _ordinary_permissions(root: Path) -> None:
     umask = os.umask(0)
     os.umask(umask)
     for path in [root, *root.rglob("*")]:
+        if path.is_symlink():  # a link into an input (a Triton repository's): never change its target
+            continue
         path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 

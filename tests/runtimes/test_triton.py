@@ -223,7 +223,11 @@ def test_native_platform_pipeline_picks_each_steps_graph_and_selector(deploy, tm
     from qpdeploy.runtimes.triton_models import PipelineModel
 
     source = deploy(name)
+    modes = {p: p.stat().st_mode for p in source.rglob("*")}
+    (source / "unet.weights").chmod(0o600)  # an unusual mode the repository's links must not change
+    modes[source / "unet.weights"] = (source / "unet.weights").stat().st_mode
     repo = write_repository(source, tmp_path / "repo", RepositoryConfig(platform="onnxruntime"))
+    assert {p: p.stat().st_mode for p in source.rglob("*")} == modes  # the deploy dir is an input: untouched
     assert sorted(p.name for p in repo.iterdir() if p.is_dir()) == sorted(["pipeline", "text_encoder", "vae_decoder",
                                                                              *graphs])
     for graph in graphs:
