@@ -105,6 +105,11 @@ def test_bad_requests_get_errors_and_the_server_keeps_serving(server):
         infer(server.url, "a photo of sks dog", subject="sks", scheduler="warp")
     image, record = infer(server.url, "a photo of sks dog", subject="sks", steps=2)
     assert image.shape == (16, 16, 3) and image.dtype == np.uint8 and record["subject"] == "sks"
+    _, record = infer(server.url, "a photo of sks dog", subject="sks", steps=2, scheduler="euler")
+    assert record["scheduler"] == "EulerDiscreteScheduler" and record["served_by"] == "triton"
+    _, record = infer(server.url, "a photo of zwx dog", subject="sks", steps=2)  # served, with the warning
+    assert record["warnings"] == ["prompt names subject 'zwx' but --subject is 'sks': one UNet call uses one "
+                                  "subject's scales"]
     assert server.process.poll() is None  # still running
 
 
