@@ -66,15 +66,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def process_group() -> ProcessGroup | None:
-    """The data-parallel group this process was launched in (None for a single process)."""
+def process_group(cpu: bool = False) -> ProcessGroup | None:
+    """The data-parallel group this process was launched in (None for a single process);
+    ``cpu``: train on CPU processes (gloo) even where GPUs exist."""
     global _GROUP
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return None
     if _GROUP is None:
         from accelerate import Accelerator
 
-        accelerator = Accelerator(cpu=not torch.cuda.is_available())  # gloo over CPU processes here
+        accelerator = Accelerator(cpu=cpu or not torch.cuda.is_available())  # gloo over CPU processes
         _GROUP = ProcessGroup(accelerator.process_index, accelerator.num_processes, accelerator)
     return _GROUP
 

@@ -420,7 +420,7 @@ def train(base, images, out, config: TrainConfig, *, pipe=None, source=None, con
     inputs = [base_dir, images, source, config_dir, class_dir, resume]
     # 1. inputs: fail on bad ones before any long work
     check_train_inputs(images, config, out, force, inputs, run_dir, resume)
-    group = process_group()
+    group = process_group(cpu=str(device) == "cpu")
     if group is not None and not group.is_main:  # data parallel: process 0 writes everything
         return _train(base, images, out, config, pipe, source, config_dir, run_dir, class_dir, resume, device,
                       force, False, start, group)
