@@ -278,6 +278,8 @@ class PipelineModel(_Model):
         def make_runner(record):
             return _RemoteRunner(self.pb, record["name"], [s["name"] for s in record["outputs"]])
 
+        _, folders = self.manifest.referenced()  # tokenizer(s) and scheduler: read here
+        self.verify(*[n for n in self.manifest.data["files"] if any(n.startswith(f"{f}/") for f in folders)])
         self.remote = _RemoteEngines(self.pb, self.manifest, native=self.params.get("platform", "python") != "python")
         self.pipe = assemble_pipeline(self.manifest, None, make_runner,
                                       lambda: EngineUNet(self.manifest, self.remote, "cpu", self.runtime))

@@ -331,3 +331,19 @@ def test_the_unet_model_serves_a_mixed_batch_and_fails_only_the_bad_request(depl
         assert torch.allclose(got, expected, atol=1e-5)
         assert response.tensors["interval"].as_numpy().reshape(-1).tolist() == [int(t) // 250] * 2
     model.finalize()
+
+
+def test_served_models_refuse_an_altered_deploy_dir(deploy, tmp_path, monkeypatch):
+    import shutil
+    import sys
+
+    from qpdeploy.runtimes.triton_models import PipelineModel
+
+    source = tmp_path / "deploy"
+    shutil.copytree(deploy("sd1_s2"), source)
+    config = source / "tokenizer" / "tokenizer_config.json"
+    config.write_text(config.read_text().replace("}", ', "padding_side": "left"}', 1))
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", _FakeBackend(tmp_path).module)
+    with pytest.raises(QPDeployError, match="tokenizer_config.json has [0-9]+ bytes, manifest.json says"):
+        PipelineModel().initialize({"model_config": json.dumps(
+            {"parameters": {"deploy_dir": {"string_value": str(source)}}})})
