@@ -9,7 +9,7 @@ repository ``qpdeploy triton`` writes (8 pipeline instances) on the ``tritonserv
 nvidia-pytriton wheel:
 
 - ``load``: at concurrency 1, 4 and 8, ``--requests`` requests (random subject and seed of
-  8 combinations); throughput (images/min), latency p50/p95 and mean with its 95% CI, and the
+  8 combinations); throughput (images/min), latency p50/p95 and mean with its 95% bootstrap interval, and the
   UNet model's executions per request (below 1: calls of concurrent requests were batched).
   Every image is checked against the same combination served alone (PSNR >= 40 dB).
 - ``restart``: 24 requests at concurrency 8; the server is killed (SIGKILL) once the first
@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import statistics
 import sys
 import threading
 import time
@@ -77,20 +76,9 @@ def psnr(a, b) -> float:
     return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
 
 
-def mean_ci(values: list[float]) -> dict:
-    n = len(values)
-    mean = statistics.fmean(values)
-    half = 0.0 if n < 2 else _t95(n - 1) * statistics.stdev(values) / n**0.5
-    return {"mean": mean, "ci95": [mean - half, mean + half], "n": n}
-
-
-def _t95(df: int) -> float:
-    table = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26, 10: 2.23,
-             15: 2.13, 20: 2.09, 30: 2.04, 60: 2.00}
-    return table[min((k for k in table if k >= df), default=60)]
-
-
 def load_level(server, combos, reference, concurrency: int, n: int, steps: int, seed: int) -> dict:
+    from qpdeploy.miniworld.stats import bootstrap_mean
+
     rng = random.Random(seed)
     order = [combos[rng.randrange(len(combos))] for _ in range(n)]
     before = server.model_stats("unet")
@@ -105,7 +93,7 @@ def load_level(server, combos, reference, concurrency: int, n: int, steps: int, 
     calls = after["requests"] - before["requests"]
     return {"concurrency": concurrency, "requests": n, "wall_seconds": wall, "images_per_minute": 60 * n / wall,
             "latency_p50": float(np.percentile(latencies, 50)), "latency_p95": float(np.percentile(latencies, 95)),
-            "latency_seconds": mean_ci(latencies), "unet_requests": calls, "unet_executions": executions,
+            "latency_seconds": bootstrap_mean([latencies]), "unet_requests": calls, "unet_executions": executions,
             "unet_executions_per_request": executions / calls, "worst_psnr_db_vs_alone": worst,
             "all_images_correct": worst >= MIN_PSNR}
 

@@ -525,12 +525,12 @@ _REPO_OPTIONS = {
 
 
 def _repository(deploy: Path, out: Path, force: bool, instances: int, backend: str, device: str, threads: int,
-                delay: int, platform: str, deploy_path: Optional[str] = None) -> Path:
+                delay: int, platform: str, deploy_path: Optional[str] = None, verify_hashes: bool = True) -> Path:
     from .runtimes.triton import RepositoryConfig, write_repository
 
     config = RepositoryConfig(instances=instances, max_queue_delay_us=delay, backend=backend, device=device,
                               threads=threads, deploy_path=deploy_path, platform=platform)
-    return write_repository(deploy, out, config, force)
+    return write_repository(deploy, out, config, force, verify_hashes)
 
 
 @app.command()
@@ -578,7 +578,9 @@ def serve(
 
     from .runtimes.triton import TritonServer
 
-    repository = _repository(deploy, repo, force, instances, backend, device, threads, delay, platform)
+    # the served models hash the files they open as they load: no second pass here
+    repository = _repository(deploy, repo, force, instances, backend, device, threads, delay, platform,
+                             verify_hashes=False)
     server = TritonServer(repository, http_port, http_port + 1, http_port + 2, address=host,
                           log=repository / "tritonserver.log")
     server.start()

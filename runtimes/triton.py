@@ -101,9 +101,12 @@ class RepositoryConfig:
         ])
 
 
-def write_repository(deploy, out, config: RepositoryConfig = RepositoryConfig(), force: bool = False) -> Path:
+def write_repository(deploy, out, config: RepositoryConfig = RepositoryConfig(), force: bool = False,
+                     verify_hashes: bool = True) -> Path:
     """Write the Triton model repository of ``deploy`` to ``out`` (atomically; an existing
     ``out`` needs ``force`` and must be such a repository). Returns ``out``.
+    ``verify_hashes=False`` skips hashing the deploy dir here (``qpdeploy serve``: each served
+    model checks the files it opens when it loads, so they are hashed once).
 
     Raises:
         QPDeployError: an unreadable or altered deploy dir, or a bad output path.
@@ -111,7 +114,7 @@ def write_repository(deploy, out, config: RepositoryConfig = RepositoryConfig(),
     from qpdeploy.exporters.manifest import read_manifest
     from qpdeploy.io import atomic_dir, write_json
 
-    manifest = read_manifest(deploy, verify_hashes=True)
+    manifest = read_manifest(deploy, verify_hashes=verify_hashes)
     if manifest.pipeline["class"] not in ("StableDiffusionPipeline", "StableDiffusionXLPipeline"):
         raise QPDeployError(f"deploy dir {manifest.path} holds a {manifest.pipeline['class']}, which is not served")
     native = config.platform != "python"
