@@ -200,14 +200,20 @@ class IntervalEngines:
         return out
 
     def _record(self, timesteps, intervals, unit, seconds, switch, switched) -> None:
-        t = [float(x) for x in timesteps.tolist()]
-        same = len(set(intervals)) == 1 and len(set(t)) == 1
-        self.history.append(EngineCall(t[0] if same else t, intervals[0] if same else intervals,
-                                     self.runners[unit].name, seconds, switch or 0.0, switched))
+        self.history.append(engine_call(timesteps, intervals, self.runners[unit].name, seconds, switch or 0.0,
+                                        switched))
 
     def summary(self) -> dict:
         """The recorded calls as a JSON-able dict (see :func:`summarize`)."""
         return summarize(self.history)
+
+
+def engine_call(timesteps, intervals: list[int], engine: str, seconds: float, switch: float = 0.0,
+                switched: bool = False) -> EngineCall:
+    """The record of one call; timestep and interval are scalars when the batch shares them."""
+    t = [float(x) for x in timesteps.tolist()]
+    same = len(set(intervals)) == 1 and len(set(t)) == 1
+    return EngineCall(t[0] if same else t, intervals[0] if same else intervals, engine, seconds, switch, switched)
 
 
 def run_in_batches(runner, feeds: dict[str, torch.Tensor], output: str, constants: dict | None = None) -> torch.Tensor:

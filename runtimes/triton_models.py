@@ -169,8 +169,9 @@ class UNetModel(_Model):
 class _RemoteRunner:
     """A runner whose ``infer`` is a call to another model of the repository (BLS)."""
 
-    def __init__(self, pb, model: str, outputs: list[str]):
+    def __init__(self, pb, model: str, outputs: list[str], scalars_as_columns: bool = False):
         self.pb, self.model, self.outputs, self.name = pb, model, outputs, model
+        self.scalars_as_columns = scalars_as_columns  # (B,) feeds sent as (B, 1): a native model's dims [1]
 
     def activate(self) -> None:
         pass
@@ -188,27 +189,22 @@ class _RemoteRunner:
         return {n: pb.get_output_tensor_by_name(response, n).as_numpy() for n in self.outputs}
 
     def infer(self, feeds: dict[str, torch.Tensor], check_inputs: bool = False) -> dict[str, torch.Tensor]:
-        out = self.call({n: v.cpu().numpy() for n, v in feeds.items()})
+        arrays = {n: v.cpu().numpy() for n, v in feeds.items()}
+        if self.scalars_as_columns:
+            arrays = {n: v.reshape(-1, 1) if v.ndim == 1 else v for n, v in arrays.items()}
+        out = self.call(arrays)
         return {n: torch.from_numpy(np.array(v)) for n, v in out.items()}
 
 
 class _RemoteEngines:
-    """What :class:`~.unet.EngineUNet` calls, answered by the repository's UNet model(s).
+    """What :class:`~.unet.EngineUNet` calls, answered by the repository's ``unet`` model (the
+    python platform): every sample goes with the request's subject, and the model reports the
+    interval and engine of each sample, recorded as :class:`~.engines.EngineCall`. (Native
+    platforms use :class:`~.engines.IntervalEngines` over one BLS runner per graph.)"""
 
-    Python platform: one ``unet`` model; every sample goes with the request's subject, and
-    the model reports the interval and engine of each sample. Native platforms: one model per
-    UNet graph; the samples of each graph go to it with their selector values (the deploy
-    dir's :class:`~qpdeploy.exporters.manifest.Dispatch`). Calls are recorded as
-    :class:`~.engines.EngineCall` for the image record.
-    """
-
-    def __init__(self, pb, manifest, native: bool = False):
-        self.pb, self.manifest, self.native = pb, manifest, native
+    def __init__(self, pb, manifest):
         self.output = manifest.unet_output
-        if native:
-            self.graphs = [_RemoteRunner(pb, g["name"], [self.output]) for g in manifest.unet["graphs"]]
-        else:
-            self.runner = _RemoteRunner(pb, "unet", [self.output, "interval", "engine"])
+        self.runner = _RemoteRunner(pb, "unet", [self.output, "interval", "engine"])
         self.history: list = []
         self.subject = ""
 
@@ -219,47 +215,35 @@ class _RemoteEngines:
         pass
 
     def __call__(self, feeds: dict[str, torch.Tensor], timestep: torch.Tensor, selector=None) -> torch.Tensor:
-        from .engines import EngineCall
+        from .engines import engine_call
 
         batch = timestep.shape[0]
         arrays = {n: v.cpu().numpy() for n, v in feeds.items()}
         arrays["timestep"] = timestep.to(torch.float32).numpy().reshape(batch, 1)
+        arrays["subject"] = np.asarray([self.subject.encode()] * batch, dtype=np.object_).reshape(batch, 1)
         start = time.perf_counter()
-        if self.native:
-            noise, intervals, engines = self._native(arrays, timestep)
-        else:
-            arrays["subject"] = np.asarray([self.subject.encode()] * batch, dtype=np.object_).reshape(batch, 1)
-            out = self.runner.call(arrays)
-            noise = np.array(out[self.output])
-            intervals = out["interval"].reshape(-1).tolist()
-            engines = [e.decode() for e in out["engine"].reshape(-1)]
-        seconds = time.perf_counter() - start
-        t = [float(x) for x in timestep.tolist()]
-        same = len(set(intervals)) == 1 and len(set(t)) == 1
-        self.history.append(EngineCall(t[0] if same else t, intervals[0] if same else intervals,
-                                       engines[0], seconds, 0.0, False))
-        return torch.from_numpy(noise)
-
-    def _native(self, arrays: dict[str, np.ndarray], timestep: torch.Tensor):
-        dispatch = self.manifest.dispatch
-        intervals = self.manifest.intervals.index(timestep).tolist()
-        graphs = [dispatch.graph(k) for k in intervals]
-        noise = None
-        for g in dict.fromkeys(graphs):
-            rows = [i for i, x in enumerate(graphs) if x == g]
-            part = {n: v[rows] for n, v in arrays.items()}
-            for name, value in dispatch.selector_feed([intervals[i] for i in rows]).items():
-                part[name] = value.numpy().reshape(-1, 1)
-            out = np.array(self.graphs[g].call(part)[self.output])
-            if noise is None:
-                noise = np.empty((len(graphs), *out.shape[1:]), dtype=out.dtype)
-            noise[rows] = out
-        return noise, intervals, [self.graphs[g].name for g in graphs]
+        out = self.runner.call(arrays)
+        engines = [e.decode() for e in out["engine"].reshape(-1)]
+        self.history.append(engine_call(timestep, out["interval"].reshape(-1).tolist(), engines[0],
+                                        time.perf_counter() - start))
+        return torch.from_numpy(np.array(out[self.output]))
 
     def summary(self) -> dict:
         from .engines import summarize
 
         return summarize(self.history)
+
+
+def _native_engines(pb, manifest):
+    """Native platforms: the runtime's own :class:`~.engines.IntervalEngines` (graph and
+    selector value per sample, call records) over one BLS runner per UNet graph model, whose
+    per-sample scalars (timestep, selector) travel as ``[batch, 1]``."""
+    from .engines import IntervalEngines
+
+    runners = [_RemoteRunner(pb, g["name"], [manifest.unet_output], scalars_as_columns=True)
+               for g in manifest.unet["graphs"]]
+    return IntervalEngines(manifest.intervals, runners, manifest.dispatch.graph_of_interval, manifest.dispatch,
+                           manifest.unet_output).open()
 
 
 class PipelineModel(_Model):
@@ -280,7 +264,8 @@ class PipelineModel(_Model):
 
         _, folders = self.manifest.referenced()  # tokenizer(s) and scheduler: read here
         self.verify(*[n for n in self.manifest.data["files"] if any(n.startswith(f"{f}/") for f in folders)])
-        self.remote = _RemoteEngines(self.pb, self.manifest, native=self.params.get("platform", "python") != "python")
+        native = self.params.get("platform", "python") != "python"
+        self.remote = _native_engines(self.pb, self.manifest) if native else _RemoteEngines(self.pb, self.manifest)
         self.pipe = assemble_pipeline(self.manifest, None, make_runner,
                                       lambda: EngineUNet(self.manifest, self.remote, "cpu", self.runtime))
         self.schedulers = {None: self.pipe.scheduler}
@@ -344,7 +329,8 @@ class PipelineModel(_Model):
         if config.scheduler not in self.schedulers:
             self.schedulers[config.scheduler] = load_scheduler(self.manifest.scheduler_folder, config.scheduler)
         self.pipe.scheduler = self.schedulers[config.scheduler]
-        self.remote.subject = config.subject or ""
+        if isinstance(self.remote, _RemoteEngines):  # native platforms serve no subjects
+            self.remote.subject = config.subject or ""
         image, record = sample_image(self.pipe, prompt, config.seed, config, self.runtime, self.manifest, self.context)
         record.update(served_by="triton", warnings=notes)
         pixels = np.asarray(image.convert("RGB"), dtype=np.uint8)
