@@ -5,7 +5,7 @@
 1. AutoencoderKL for reconstruction (32x32 RGB <-> 8x8x4 latents).
 2. Render the pretraining scenes (held-out combinations excluded), encode them once.
 3. Text encoder and UNet jointly, DDPM on latents with 10% empty captions (for CFG), then a
-   warm restart on fresh scenes.
+   warm restart on fresh scenes, then another on the first scenes (``--continue-steps``).
 4. Assemble a StableDiffusionPipeline (DDIM scheduler, no safety checker) and save it with
    ``save_pretrained`` (safetensors) to ``DIR/pipeline``.
 5. Measure the quality gate with the evaluator (when one is installed) into ``DIR/report.json``.
@@ -52,10 +52,11 @@ class BaseRecipe:
     unet_batch: int = 64
     unet_lr: float = 5e-4
     restart_steps: int = 4000  # a warm restart: fresh optimizer, schedule and scenes (0: none)
+    continue_steps: int = 3000  # then one more warm restart on phase 1's scenes (0: none): cleaner shapes
     caption_dropout: float = 0.1
     drop_colour: float = 0.3  # captions without a colour: DreamBooth's prompts name none
     identifier_rate: float = 0.1  # captions with a stray identifier: known-but-weak tokens
-    textured: float = 0.0  # share of pretraining scenes showing a two-colour decoy look (candidate: 0.3)
+    textured: float = 0.3  # share of pretraining scenes showing a two-colour decoy look (v2 world: 0)
     ema_decay: float = 0.999
     min_snr_gamma: float = 5.0
 
@@ -177,6 +178,20 @@ def train(recipe: BaseRecipe, reuse_vae: Path | None = None, init_from: Path | N
             recipe.min_snr_gamma, recipe.seed + 1, loop("phase2-loop"), _describe_options(recipe), device,
         )
         _keep(stage_dir("phase2"), text_encoder=text_encoder, unet=unet)
+    if recipe.continue_steps and init_from is None:
+        # Phase 3 (the shipped model's): 3000 more steps on phase 1's scenes drew held-out
+        # shapes right 0.95 of the time instead of 0.86. It runs exactly as a separate
+        # ``--init-from`` run of phase 2's pipeline would (same scenes, seeds and schedule).
+        done = _finished(stage_dir("phase3"), "text_encoder", "unet")
+        if not done:
+            data = pretraining_latents(vae, recipe.scenes, recipe.seed + 1, recipe.textured)
+            torch.manual_seed(recipe.seed)
+        text_encoder, unet = done or diffusion.train_diffusion(
+            data, tokenizer, text_encoder.requires_grad_(True), unet.requires_grad_(True), scaling,
+            recipe.continue_steps, recipe.unet_batch, recipe.unet_lr, recipe.caption_dropout, recipe.ema_decay,
+            recipe.min_snr_gamma, recipe.seed, loop("phase3-loop"), _describe_options(recipe), device,
+        )
+        _keep(stage_dir("phase3"), text_encoder=text_encoder, unet=unet)
     figures["diffusion"] = {"elapsed_wall_seconds": round(clock.seconds(), 1), "elapsed_cpu_seconds": round(clock.cpu_seconds(), 1)}
     # 4. Pipeline
     parts = {"unet": unet, "text_encoder": text_encoder, "vae": vae}
@@ -222,7 +237,7 @@ def _keep(folder: Path | None, **models) -> None:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     defaults = BaseRecipe()
-    for name in ("seed", "threads", "vae_steps", "scenes", "unet_steps", "unet_batch", "restart_steps"):
+    for name in ("seed", "threads", "vae_steps", "scenes", "unet_steps", "unet_batch", "restart_steps", "continue_steps"):
         parser.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(defaults, name))
     parser.add_argument("--unet-lr", type=float, default=defaults.unet_lr)
     parser.add_argument("--textured", type=float, default=defaults.textured,

@@ -82,6 +82,10 @@ class Evaluator(nn.Module):
         self.embed = nn.Linear(widths[-1], config.embed_dim)
         self.heads = nn.ModuleDict({h: nn.Linear(config.embed_dim, len(config.labels[h])) for h in HEADS})
         self.instance = nn.Linear(widths[-1], config.instance_dim) if config.instance_dim else None
+        # (N, instance_dim) instance embeddings of images the paired diffusion model draws for
+        # prompts without an identifier: the non-subjects that generated images are compared
+        # with (see ``metrics.instance_threshold``); None until ``save_null_bank`` wrote one.
+        self.generated_null: np.ndarray | None = None
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """images: (B, 3, H, W) in [0, 1]. Returns logits per head and ``embedding`` (B, D)."""
@@ -181,6 +185,21 @@ def save_evaluator(model: Evaluator, folder: str | os.PathLike) -> Path:
     return folder
 
 
+NULL_BANK = "generated_null.safetensors"
+
+
+def save_null_bank(folder: str | os.PathLike, embeddings: np.ndarray, metadata: dict[str, str]) -> Path:
+    """Write the instance embeddings of a model's identifier-free generations into an
+    evaluator folder (``generated_null.safetensors``; ``metadata``: where they came from)."""
+    from safetensors.numpy import save_file
+
+    path = Path(folder) / NULL_BANK
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({"instance": np.ascontiguousarray(embeddings, dtype=np.float32)}, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+    return path
+
+
 def load_evaluator(folder: str | os.PathLike | None = None) -> Evaluator:
     """Load the evaluator (default: the one bundled in ``qpdeploy/assets/miniworld/evaluator``),
     in eval mode on the CPU.
@@ -196,4 +215,12 @@ def load_evaluator(folder: str | os.PathLike | None = None) -> Evaluator:
         raise FileNotFoundError(f"no miniworld evaluator in {folder} (config.json and model.safetensors expected)")
     model = Evaluator(EvaluatorConfig.from_json(config_path.read_text(encoding="utf-8")))
     model.load_state_dict(load_file(str(weights_path)))
+    if (folder / NULL_BANK).is_file():
+        from safetensors.numpy import load_file as load_arrays
+
+        bank = load_arrays(str(folder / NULL_BANK))["instance"]
+        if model.instance is None or bank.ndim != 2 or bank.shape[1] != model.config.instance_dim:
+            raise ValueError(f"{folder / NULL_BANK} does not match the evaluator's instance embedding "
+                             f"({tuple(bank.shape)} vs (N, {model.config.instance_dim}))")
+        model.generated_null = bank
     return model.eval()

@@ -103,14 +103,25 @@ def subject_scores(evaluator: Evaluator, images, identifier: str, instance_image
 
 def instance_threshold(evaluator: Evaluator, centroid: np.ndarray, n: int = 1000, quantile: float = 0.99,
                        seed: int = 0) -> float:
-    """The instance-cosine above which an image counts as the subject: the ``quantile`` of the
-    cosine of ``n`` renders that are no subject (plain world objects and decoys on every
-    background, a fixed seed) to ``centroid``, so at most 1% of non-subjects pass."""
+    """The instance-cosine above which an image counts as the subject.
+
+    Two kinds of non-subject bound it: ``n`` renders that are no subject (plain world objects
+    and decoys on every background, a fixed seed), and, when the evaluator carries one
+    (``Evaluator.generated_null``), the images its diffusion model draws for prompts without
+    an identifier. The threshold is the larger of the two ``quantile``s of their cosine to
+    ``centroid``, so at most 1% of either kind passes. Generated images need the second
+    bound: a soft, off-distribution drawing of some shape can sit closer to a fine-detailed
+    subject's centroid than any crisp non-subject does.
+    """
     cache = evaluator.__dict__.setdefault("_non_subject_instances", {})
     if (n, seed) not in cache:
         scenes = mixed_scenes(np.random.default_rng(seed), n, plain=0.5, subjects=0.0)
         cache[n, seed] = evaluator.predict(render_batch(scenes)).instance
-    return float(np.quantile(cache[n, seed] @ centroid, quantile))
+    threshold = float(np.quantile(cache[n, seed] @ centroid, quantile))
+    bank = getattr(evaluator, "generated_null", None)
+    if bank is not None:
+        threshold = max(threshold, float(np.quantile(bank @ centroid, quantile)))
+    return threshold
 
 
 def _centroid(embeddings: np.ndarray) -> np.ndarray:

@@ -80,3 +80,30 @@ def test_predict_accepts_pil_arrays_and_tensors():
     b = model.predict([to_pil(im) for im in images]).embedding
     c = model.predict(as_batch(images)).embedding
     assert a.shape == (3, 64) and np.array_equal(a, b) and np.array_equal(a, c)
+
+
+def test_null_bank_round_trips_and_raises_the_instance_threshold(tmp_path):
+    from qpdeploy.miniworld.evaluator import load_evaluator, save_evaluator, save_null_bank
+
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    model = Evaluator(EvaluatorConfig(instance_dim=8)).eval()
+    save_evaluator(model, tmp_path)
+    centroid = metrics._centroid(model.predict(render_batch(SUBJECTS["pkd"].instance_scenes())).instance)
+    renders_only = metrics.instance_threshold(load_evaluator(tmp_path), centroid)
+    # a bank of embeddings at known cosines to the centroid: 1..100 % of the way to it
+    rng = np.random.default_rng(0)
+    away = rng.standard_normal((100, 8))
+    away -= np.outer(away @ centroid, centroid)
+    away /= np.linalg.norm(away, axis=1, keepdims=True)
+    cosines = np.linspace(0.01, 1.0, 100)
+    bank = (cosines[:, None] * centroid + np.sqrt(1 - cosines[:, None] ** 2) * away).astype(np.float32)
+    save_null_bank(tmp_path, bank, {"pipeline": "synthetic"})
+    loaded = load_evaluator(tmp_path)
+    np.testing.assert_array_equal(loaded.generated_null, bank)  # exact round trip
+    expected = max(renders_only, float(np.quantile(bank @ centroid, 0.99)))
+    assert metrics.instance_threshold(loaded, centroid) == pytest.approx(expected, abs=1e-12)
+    assert expected > renders_only  # the bank's 99th percentile (0.99) sits above the renders'
+    save_null_bank(tmp_path, bank[:, :4], {})
+    with pytest.raises(ValueError, match="does not match the evaluator's instance embedding"):
+        load_evaluator(tmp_path)
