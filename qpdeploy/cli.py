@@ -108,6 +108,8 @@ def quantize(
     calib_prompts: Optional[Path] = typer.Option(None, help="File with one calibration prompt per line."),
     calib_steps: int = typer.Option(20, help="DDIM steps of each full-precision calibration trajectory."),
     calib_samples: int = typer.Option(64, help="UNet calls used for calibration, spread over the schedule."),
+    calib_guidance: Optional[float] = typer.Option(None, help="Guidance scale of the calibration trajectories "
+                                                              "(default: the model's recommended guidance, else 7.5)."),
     resolution: Optional[int] = typer.Option(None, help="Image size of calibration trajectories (default: model's)."),
     seed: int = typer.Option(0, help="Seed of trajectories and sampling."),
     config: Optional[Path] = typer.Option(None, "--config", help="Local diffusers directory giving the configs of "
@@ -132,6 +134,7 @@ def quantize(
         calib_prompts=None if calib_prompts is None else tuple(read_prompt_file(calib_prompts)),
         calib_steps=calib_steps,
         calib_samples=calib_samples,
+        guidance=calib_guidance,
         resolution=resolution,
         seed=seed,
     )

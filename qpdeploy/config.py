@@ -144,7 +144,9 @@ class QuantizeConfig(ConfigBase):
         calib_steps: DDIM steps of each calibration trajectory.
         calib_samples: UNet calls (cond + uncond batches) used to calibrate, spread evenly
             over the whole schedule; ``holdout`` of the prompts are kept for the report.
-        guidance: classifier-free guidance scale of the calibration trajectories.
+        guidance: classifier-free guidance scale of the calibration trajectories (None: the
+            model folder's recommended guidance, ``qpdeploy_sampling.json``, else 7.5, the
+            scale Stable Diffusion samples at; a base records the value it used).
         resolution: image size of the calibration trajectories (None: the model's own).
         sample_values: activation values kept per sample and layer for the range search.
         seed: seeds trajectories and sampling, so calibration is deterministic.
@@ -164,7 +166,7 @@ class QuantizeConfig(ConfigBase):
     calib_steps: int = 20
     calib_samples: int = 64
     holdout: float = 0.25
-    guidance: float = 7.5
+    guidance: float | None = None
     resolution: int | None = None
     sample_values: int = 1024
     seed: int = 0
@@ -185,6 +187,7 @@ class QuantizeConfig(ConfigBase):
             (0 < self.holdout < 1, f"holdout fraction must be in (0, 1), got {self.holdout}"),
             (self.sample_values >= 16, f"sample values must be >= 16, got {self.sample_values}"),
             (self.calib_prompts is None or len(self.calib_prompts) >= 2, "give at least two calibration prompts"),
+            (self.guidance is None or 0 <= self.guidance <= 100, f"calibration guidance must be in 0..100, got {self.guidance}"),
         ]
         check_all(checks)
         for pattern in self.skip:

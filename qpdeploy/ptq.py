@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from .calibrate import (calibrate_activations, capture_trajectories, spread_over
                         unet_outputs)
 from .config import QuantizeConfig
 from .io import claim_output, read_json
-from .models import check_resolution, describe_source, load_pipeline, model_folder
+from .models import check_resolution, describe_source, load_pipeline, model_folder, model_sampling_defaults
 from .progress import stage
 from .prompts import CALIBRATION_FILE, CALIBRATION_PROMPTS, read_prompt_file
 from .qunet import convert_unet, float_weights_of, plan_layers, quantize_weights
@@ -24,6 +25,19 @@ def resolve_device(device: str = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
+
+
+DEFAULT_CALIB_GUIDANCE = 7.5  # a model folder without a recommendation: Stable Diffusion's usual scale
+
+
+def resolve_config(pipe, config: QuantizeConfig) -> QuantizeConfig:
+    """``config`` with its model-dependent defaults filled in: the calibration guidance (the
+    model folder's recommended guidance, else 7.5). Quantization samples its trajectories the
+    way the model will be sampled, so activation ranges are those the deployed model sees."""
+    if config.guidance is not None:
+        return config
+    guidance = model_sampling_defaults(pipe).get("guidance", DEFAULT_CALIB_GUIDANCE)
+    return dataclasses.replace(config, guidance=float(guidance))
 
 
 def quantize_pipeline(pipe, config: QuantizeConfig, device="cpu", show_progress: bool | str = False):
@@ -38,6 +52,7 @@ def quantize_pipeline(pipe, config: QuantizeConfig, device="cpu", show_progress:
         ``(qunet, intervals, plans, report)``; ``report`` holds the keys of report.json.
     """
     start = time.perf_counter()
+    config = resolve_config(pipe, config)
     torch.manual_seed(config.seed)
     pipe.to(device)
     fp_unet = pipe.unet.eval()
@@ -85,6 +100,7 @@ def quantize_pipeline(pipe, config: QuantizeConfig, device="cpu", show_progress:
         "seconds": time.perf_counter() - start,
         "intervals": intervals.to_json()["boundaries"],
         "calibration_calls": len(calib),
+        "calibration_guidance": config.guidance,
         "heldout_calls": len(held),
     }
     return qunet, intervals, plans, report
@@ -116,6 +132,7 @@ def quantize_model(model, out, config: QuantizeConfig, config_dir=None, device="
     with claim_output(out, force, BASE_ARTIFACT, inputs=[model, config_dir]):  # before any long work
         pipe = load_pipeline(model, config_dir)
         check_resolution(pipe, config.resolution, "resolution")
+        config = resolve_config(pipe, config)
         qunet, intervals, plans, report = quantize_pipeline(pipe, config, resolve_device(device), show_progress)
         meta = base_meta(plans, describe_source(model), source_hash(pipe))
         path = save_base(out, QuantizedBase(qunet.cpu(), config, intervals, meta), report, force=force)
@@ -124,6 +141,7 @@ def quantize_model(model, out, config: QuantizeConfig, config_dir=None, device="
 
 def base_from_pipeline(pipe, config: QuantizeConfig, device="cpu") -> QuantizedBase:
     """Quantize in memory (no files): the quantized base of ``pipe``, for tests and chaining."""
+    config = resolve_config(pipe, config)
     qunet, intervals, plans, report = quantize_pipeline(pipe, config, device)
     meta = {**base_meta(plans, {"kind": "memory"}, source_hash(pipe)), "report": report}
     return QuantizedBase(qunet, config, intervals, meta)

@@ -146,3 +146,30 @@ def test_activation_calibration_leaves_act_quant_enabled(tiny_base, tiny_pipe, q
     calls = capture_trajectories(pipe, ["a dog", "a cat"], steps=4, guidance=7.5, resolution=None, seed=0)
     calibrate_activations(base.unet, calls, quick_config(), "cpu")
     assert all(m.act_bits == 8 for m in base.unet.modules() if isinstance(m, QuantConv2d))
+
+
+def test_calibration_guidance_is_the_models_recommendation_unless_given(tiny_pipe, quick_config, tmp_path, monkeypatch):
+    """Trajectories are sampled at the guidance the model will be sampled at: the model
+    folder's qpdeploy_sampling.json, else 7.5; an explicit --calib-guidance wins. The base's
+    config and report record the value used."""
+    from qpdeploy import ptq
+    from qpdeploy.models import SAMPLING_FILE
+
+    used = []
+    real = ptq.capture_trajectories
+    monkeypatch.setattr(ptq, "capture_trajectories",
+                        lambda pipe, prompts, steps, guidance, *a: used.append(guidance) or real(pipe, prompts, steps, guidance, *a))
+    pipe = tiny_pipe("sd1")
+    pipe.register_to_config(_name_or_path=str(tmp_path))
+    config = quick_config(calib_steps=2, calib_samples=2, weight_search="minmax", act_search="minmax")
+    assert config.guidance is None
+    base = ptq.base_from_pipeline(pipe, config)
+    assert used == [7.5, 7.5] and base.config.guidance == 7.5 and base.meta["report"]["calibration_guidance"] == 7.5
+    (tmp_path / SAMPLING_FILE).write_text('{"guidance": 3, "steps": 25}')
+    used.clear()
+    base = ptq.base_from_pipeline(pipe, config)
+    assert used == [3.0, 3.0] and base.config.guidance == 3.0 and base.meta["report"]["calibration_guidance"] == 3.0
+    used.clear()
+    assert ptq.base_from_pipeline(pipe, config.replace(guidance=5.0)).config.guidance == 5.0 and used == [5.0, 5.0]
+    with pytest.raises(Exception, match="calibration guidance must be in 0..100"):
+        config.replace(guidance=-1.0)
