@@ -173,3 +173,25 @@ def test_calibration_guidance_is_the_models_recommendation_unless_given(tiny_pip
     assert ptq.base_from_pipeline(pipe, config.replace(guidance=5.0)).config.guidance == 5.0 and used == [5.0, 5.0]
     with pytest.raises(Exception, match="calibration guidance must be in 0..100"):
         config.replace(guidance=-1.0)
+
+
+@pytest.mark.parametrize("shape,bits", [((64, 32, 3, 3), 8), ((300, 700), 4), ((5, 200_000), 8)])
+def test_blocked_weight_search_is_bit_identical_to_the_whole_tensor_search(shape, bits):
+    """The blocked search (rows in cache-sized blocks, one reused buffer) picks exactly the
+    scales of the plain definition: every candidate alpha over the whole tensor at once."""
+    from qpdeploy.qunet import search_weight_scale, weight_qrange
+
+    torch.manual_seed(0)
+    weight = torch.randn(shape) * torch.rand(shape[0], *([1] * (len(shape) - 1))) ** 3
+    lo, hi = weight_qrange(bits)
+    w = weight.reshape(shape[0], -1)
+    amax = w.abs().amax(dim=1).clamp_min(1e-8)
+    best_err, expected = torch.full_like(amax, float("inf")), amax / hi
+    for alpha in torch.linspace(0.3, 1.0, 40).tolist():
+        scale = alpha * amax / hi
+        err = (w - torch.clamp(torch.round(w / scale[:, None]), lo, hi) * scale[:, None]).abs().pow(2.4).sum(dim=1)
+        better = err < best_err
+        best_err, expected = torch.where(better, err, best_err), torch.where(better, scale, expected)
+    for chunk in (1, 1 << 12, 1 << 16, 1 << 30):  # one row per block .. the whole tensor in one
+        assert torch.equal(search_weight_scale(weight, bits, chunk_elements=chunk), expected)
+    assert not torch.equal(expected, amax / hi)  # the search clipped some channels
