@@ -57,31 +57,14 @@ def quantize_pipeline(pipe, config: QuantizeConfig, device="cpu", show_progress:
     pipe.to(device)
     fp_unet = pipe.unet.eval()
     intervals = config.make_intervals(pipe.scheduler.config.num_train_timesteps)
-    prompts = list(config.calib_prompts or model_calibration_prompts(pipe) or CALIBRATION_PROMPTS)
-    n_hold = max(1, round(len(prompts) * config.holdout))
-    calib_prompts, held_prompts = prompts[:-n_hold], prompts[-n_hold:]
 
     # 1. full-precision trajectories (timestep-aware calibration data)
-    with stage("trajectories", len(prompts), show_progress) as advance:
-        calib = capture_trajectories(pipe, calib_prompts, config.calib_steps, config.guidance, config.resolution,
-                                     config.seed, advance)
-        held = capture_trajectories(pipe, held_prompts, config.calib_steps, config.guidance, config.resolution,
-                                    config.seed + 10_000, advance)
+    calib, held = record_calibration(pipe, config, show_progress)
     calib = spread_over_schedule(calib, config.calib_samples)
     held = spread_over_schedule(held, config.calib_samples)
 
-    # 2. structure and weights
-    plans = plan_layers(fp_unet, config)
-    qunet = copy.deepcopy(fp_unet)
-    convert_unet(qunet, config, intervals, plans)
-    qunet.to(device)
-    with stage("weights", sum(p.quantized for p in plans), show_progress) as advance:
-        quantize_weights(qunet, float_weights_of(fp_unet, plans), config, advance)
-
-    # 3. activation ranges
-    if config.act_bits is not None:
-        with stage("activations", len(calib), show_progress) as advance:
-            calibrate_activations(qunet, calib, config, device, advance)
+    # 2-3. structure, weights and activation ranges
+    qunet, plans = quantize_unet(fp_unet, config, intervals, calib, device, show_progress)
 
     # 4. fidelity on held-out calls
     with stage("evaluate", 2, show_progress) as advance:
@@ -104,6 +87,38 @@ def quantize_pipeline(pipe, config: QuantizeConfig, device="cpu", show_progress:
         "heldout_calls": len(held),
     }
     return qunet, intervals, plans, report
+
+
+def record_calibration(pipe, config: QuantizeConfig, show_progress: bool | str = False):
+    """Full-precision DDIM trajectories of the calibration prompts and of the held-out ones
+    (the last ``config.holdout`` of them, so the two sets share no prompt): every UNet call,
+    as ``(calibration_calls, heldout_calls)``. ``config`` must be resolved
+    (:func:`resolve_config`)."""
+    prompts = list(config.calib_prompts or model_calibration_prompts(pipe) or CALIBRATION_PROMPTS)
+    n_hold = max(1, round(len(prompts) * config.holdout))
+    calib_prompts, held_prompts = prompts[:-n_hold], prompts[-n_hold:]
+    with stage("trajectories", len(prompts), show_progress) as advance:
+        calib = capture_trajectories(pipe, calib_prompts, config.calib_steps, config.guidance, config.resolution,
+                                     config.seed, advance)
+        held = capture_trajectories(pipe, held_prompts, config.calib_steps, config.guidance, config.resolution,
+                                    config.seed + 10_000, advance)
+    return calib, held
+
+
+def quantize_unet(fp_unet, config: QuantizeConfig, intervals, calib, device="cpu", show_progress: bool | str = False):
+    """A quantized copy of ``fp_unet`` (left unchanged): layers converted by the plan, weights
+    quantized with the clipping search, activation ranges calibrated on the recorded UNet
+    calls ``calib``. Returns ``(qunet, plans)``."""
+    plans = plan_layers(fp_unet, config)
+    qunet = copy.deepcopy(fp_unet)
+    convert_unet(qunet, config, intervals, plans)
+    qunet.to(device)
+    with stage("weights", sum(p.quantized for p in plans), show_progress) as advance:
+        quantize_weights(qunet, float_weights_of(fp_unet, plans), config, advance)
+    if config.act_bits is not None:
+        with stage("activations", len(calib), show_progress) as advance:
+            calibrate_activations(qunet, calib, config, device, advance)
+    return qunet, plans
 
 
 def model_calibration_prompts(pipe) -> list[str] | None:

@@ -1,0 +1,214 @@
+"""Post-training quantization side by side: qpdeploy against NVIDIA Model Optimizer.
+
+    python benchmarks/ptq_peers.py [--model miniworld] [--calib-sizes 32,64,128] [--threads 2] \
+        --out benchmarks/results/ptq_peers.json
+
+One run records the float model's DDIM trajectories once (qpdeploy's calibration prompts and
+guidance; the held-out prompts are never calibrated on) and gives every row the same UNet
+calls: calibration calls spread over the schedule, ``--calib-sizes`` of them (three sizes show
+how stable each method is), and every call of the held-out trajectories for scoring. Each
+row reports the UNet-output SQNR against full precision overall and per timestep quarter,
+the number of quantized layers and its seconds; each peer row also gives qpdeploy's SQNR minus
+its own on the same calls, with a 95% paired bootstrap interval over the held-out calls.
+
+Rows:
+- ``qpdeploy``: ``quantize``'s W8A8 default (per-channel weights with the L2.4 clipping
+  search, per-tensor activations, shortcut split, the skip list).
+- ``modelopt_int8`` / ``modelopt_smoothquant``: Model Optimizer's ``INT8_DEFAULT_CFG`` and
+  ``INT8_SMOOTHQUANT_CFG`` as shipped (their own layer selection), and ``..._matched``: the
+  same algorithms on exactly the layers qpdeploy quantizes (every other quantizer off).
+
+Model Optimizer is optional (``pip install -e ".[peers]"``): without it its rows are listed
+under ``not_run`` with the reason. ONNX Runtime's static QDQ quantizer is not a row yet.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from qpdeploy.calibrate import sqnr_by_interval, spread_over_schedule, unet_outputs
+from qpdeploy.config import QuantizeConfig
+from qpdeploy.io import write_json
+from qpdeploy.models import load_pipeline
+from qpdeploy.ptq import quantize_unet, record_calibration, resolve_config
+
+MODELOPT_ROWS = ("modelopt_int8", "modelopt_int8_matched", "modelopt_smoothquant", "modelopt_smoothquant_matched")
+
+
+def modelopt_config(name: str, layers: list[str]) -> dict:
+    """The Model Optimizer config of a row: a shipped config, or its algorithm restricted to
+    ``layers`` (8-bit per-channel weights, 8-bit per-tensor inputs, as its INT8 configs)."""
+    import modelopt.torch.quantization as mtq
+
+    shipped = mtq.INT8_SMOOTHQUANT_CFG if "smoothquant" in name else mtq.INT8_DEFAULT_CFG
+    if not name.endswith("_matched"):
+        return copy.deepcopy(shipped)
+    entries = [{"quantizer_name": "*", "enable": False}]
+    for layer in layers:
+        entries.append({"quantizer_name": f"{layer}.weight_quantizer", "cfg": {"num_bits": 8, "axis": 0}})
+        entries.append({"quantizer_name": f"{layer}.input_quantizer", "cfg": {"num_bits": 8, "axis": None}})
+    return {"quant_cfg": entries, "algorithm": shipped["algorithm"]}
+
+
+def modelopt_quantize(fp_unet, name: str, layers: list[str], calib, device) -> tuple[torch.nn.Module, int]:
+    """A Model Optimizer fake-quantized copy of ``fp_unet`` calibrated on ``calib``, and how
+    many layers have an enabled weight quantizer."""
+    import modelopt.torch.quantization as mtq
+
+    model = copy.deepcopy(fp_unet).to(device)
+
+    def forward_loop(m):
+        for call in calib:
+            args, kwargs = call.to(device)
+            m(*args, **kwargs)
+
+    with torch.no_grad():
+        model = mtq.quantize(model, modelopt_config(name, layers), forward_loop)
+    quantized = sum(1 for n, m in model.named_modules() if n.endswith("weight_quantizer") and m.is_enabled)
+    return model, quantized
+
+
+BOOTSTRAP = 2000  # resamples of the held-out calls
+
+
+def score(fp_out, model, held, intervals, device) -> dict:
+    """SQNR overall and per quarter, and each held-out call's noise energy (for the paired
+    bootstrap of differences between rows)."""
+    with torch.no_grad():
+        out = unet_outputs(model, held, device)
+    overall, quarters = sqnr_by_interval(fp_out, out, held, intervals)
+    noise = [float(((r - t) ** 2).sum()) for r, t in zip(fp_out, out)]
+    return {"sqnr_db": round(overall, 3), "sqnr_db_per_quarter": [None if q is None else round(q, 3) for q in quarters],
+            "_noise": noise}
+
+
+def paired_difference(signal: list[float], a: list[float], b: list[float], seed: int = 0) -> dict:
+    """SQNR(a) - SQNR(b) in dB on the same held-out calls, with a 95% bootstrap interval over
+    the calls (resampled together for both rows: the comparison is paired)."""
+    import numpy as np
+
+    signal, a, b = map(np.asarray, (signal, a, b))
+    point = 10 * np.log10(b.sum() / a.sum())
+    idx = np.random.default_rng(seed).integers(0, len(signal), size=(BOOTSTRAP, len(signal)))
+    diffs = 10 * np.log10(b[idx].sum(axis=1) / a[idx].sum(axis=1))
+    low, high = np.quantile(diffs, [0.025, 0.975])
+    return {"mean": round(float(point), 3), "low": round(float(low), 3), "high": round(float(high), 3)}
+
+
+def run(args) -> dict:
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    pipe = load_pipeline(args.model)
+    config = resolve_config(pipe, QuantizeConfig(calib_steps=args.calib_steps, seed=args.seed))
+    pipe.to(device)
+    fp_unet = pipe.unet.eval()
+    quarters = QuantizeConfig(intervals=4).make_intervals(pipe.scheduler.config.num_train_timesteps)
+    start = time.perf_counter()
+    calib_all, held = record_calibration(pipe, config)
+    if args.heldout_calls:
+        held = spread_over_schedule(held, args.heldout_calls)
+    trajectory_seconds = time.perf_counter() - start
+    with torch.no_grad():
+        fp_out = unet_outputs(fp_unet, held, device)
+    signal = [float((r**2).sum()) for r in fp_out]
+    rows, not_run = [], {}
+    try:
+        import modelopt.torch.quantization  # noqa: F401
+        peers = [r for r in MODELOPT_ROWS if r in args.rows]
+    except ImportError:
+        peers = []
+        not_run.update({r: "nvidia-modelopt not installed" for r in MODELOPT_ROWS if r in args.rows})
+    for size in args.calib_sizes:
+        calib = spread_over_schedule(calib_all, size)
+        qconfig = config.replace(calib_samples=size)
+        t0 = time.perf_counter()
+        qunet, plans = quantize_unet(fp_unet, qconfig, config.make_intervals(pipe.scheduler.config.num_train_timesteps),
+                                     calib, device)
+        layers = [p.name for p in plans if p.quantized]
+        if "qpdeploy" in args.rows:
+            rows.append({"row": "qpdeploy", "calibration_calls": len(calib), "layers_quantized": len(layers),
+                         **score(fp_out, qunet, held, quarters, device), "seconds": round(time.perf_counter() - t0, 2)})
+            print(_line(rows[-1]), flush=True)
+        for name in peers:
+            t0 = time.perf_counter()
+            model, count = modelopt_quantize(fp_unet, name, layers, calib, device)
+            rows.append({"row": name, "calibration_calls": len(calib), "layers_quantized": count,
+                         **score(fp_out, model, held, quarters, device), "seconds": round(time.perf_counter() - t0, 2)})
+            print(_line(rows[-1]), flush=True)
+    for row in rows:  # qpdeploy minus each peer, same calibration size, same held-out calls
+        ours = next((r for r in rows if r["row"] == "qpdeploy" and r["calibration_calls"] == row["calibration_calls"]), None)
+        if ours is not None and row is not ours:
+            row["qpdeploy_minus_this_db"] = paired_difference(signal, ours["_noise"], row["_noise"])
+    for row in rows:
+        del row["_noise"]
+    return {
+        "command": "python benchmarks/ptq_peers.py " + " ".join(sys.argv[1:]),
+        "model": args.model,
+        "settings": {"calib_steps": config.calib_steps, "calib_guidance": config.guidance, "seed": config.seed,
+                     "calib_sizes": args.calib_sizes, "heldout_calls": len(held), "trajectory_calls": len(calib_all),
+                     "weights": "W8A8", "threads": args.threads, "device": str(device)},
+        "rows": rows,
+        "spread_db": spread(rows),
+        "not_run": not_run,
+        "trajectory_seconds": round(trajectory_seconds, 2),
+        "versions": _versions(),
+    }
+
+
+def spread(rows: list[dict]) -> dict[str, float]:
+    """Per row kind, max - min SQNR over the calibration sizes (stability)."""
+    out = {}
+    for name in dict.fromkeys(r["row"] for r in rows):
+        values = [r["sqnr_db"] for r in rows if r["row"] == name]
+        out[name] = round(max(values) - min(values), 3)
+    return out
+
+
+def _line(row: dict) -> str:
+    quarters = " ".join("-" if q is None else f"{q:5.1f}" for q in row["sqnr_db_per_quarter"])
+    return (f"{row['row']:>30} calib {row['calibration_calls']:4d}  layers {row['layers_quantized']:4d}  "
+            f"SQNR {row['sqnr_db']:6.2f} dB  quarters {quarters}  {row['seconds']:.1f} s")
+
+
+def _versions() -> dict:
+    out = {"python": platform.python_version(), "torch": torch.__version__}
+    try:
+        import modelopt
+
+        out["modelopt"] = modelopt.__version__
+    except ImportError:
+        pass
+    return out
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="miniworld")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--calib-sizes", default="32,64,128", help="calibration calls, comma-separated")
+    parser.add_argument("--calib-steps", type=int, default=20)
+    parser.add_argument("--heldout-calls", type=int, default=0, help="score on this many held-out calls (0: all)")
+    parser.add_argument("--rows", default=",".join(("qpdeploy", *MODELOPT_ROWS)))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+    args.calib_sizes = [int(v) for v in args.calib_sizes.split(",")]
+    args.rows = args.rows.split(",")
+    unknown = set(args.rows) - {"qpdeploy", *MODELOPT_ROWS}
+    if unknown:
+        parser.error(f"unknown rows: {', '.join(sorted(unknown))}")
+    report = run(args)
+    write_json(args.out, report)
+    print(f"report -> {args.out}")
+
+
+if __name__ == "__main__":
+    main()
