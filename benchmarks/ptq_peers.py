@@ -109,7 +109,9 @@ def run(args) -> dict:
     config = resolve_config(pipe, QuantizeConfig(calib_steps=args.calib_steps, seed=args.seed))
     pipe.to(device)
     fp_unet = pipe.unet.eval()
-    quarters = QuantizeConfig(intervals=4).make_intervals(pipe.scheduler.config.num_train_timesteps)
+    timesteps = pipe.scheduler.config.num_train_timesteps
+    intervals = config.make_intervals(timesteps)
+    quarters = config.replace(intervals=4).make_intervals(timesteps)
     start = time.perf_counter()
     calib_all, held = record_calibration(pipe, config)
     if args.heldout_calls:
@@ -129,8 +131,7 @@ def run(args) -> dict:
         calib = spread_over_schedule(calib_all, size)
         qconfig = config.replace(calib_samples=size)
         t0 = time.perf_counter()
-        qunet, plans = quantize_unet(fp_unet, qconfig, config.make_intervals(pipe.scheduler.config.num_train_timesteps),
-                                     calib, device)
+        qunet, plans = quantize_unet(fp_unet, qconfig, intervals, calib, device)
         layers = [p.name for p in plans if p.quantized]
         if "qpdeploy" in args.rows:
             rows.append({"row": "qpdeploy", "calibration_calls": len(calib), "layers_quantized": len(layers),

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -25,8 +26,8 @@ from qpdeploy.miniworld import metrics
 from qpdeploy.miniworld.evaluator import load_evaluator, save_null_bank
 from qpdeploy.miniworld.prompts import TEMPLATES, Prompt
 from qpdeploy.miniworld.sampling import generate
-from qpdeploy.miniworld.subjects import SUBJECTS, get_subject
-from qpdeploy.miniworld.world import BACKGROUNDS, SHAPES, render_batch
+from qpdeploy.miniworld.subjects import SUBJECTS
+from qpdeploy.miniworld.world import BACKGROUNDS, SHAPES
 
 from .common import Clock, setup, update_report
 
@@ -48,11 +49,7 @@ def build_null_bank(pipe, evaluator, count: int = 1024, seed: int = SEED) -> np.
 
 def thresholds(evaluator, identifiers=tuple(SUBJECTS)) -> dict[str, float]:
     """Each subject's instance threshold as the evaluator now sets it."""
-    out = {}
-    for identifier in identifiers:
-        reference = evaluator.predict(render_batch(get_subject(identifier).instance_scenes())).instance
-        out[identifier] = metrics.instance_threshold(evaluator, metrics._centroid(reference))
-    return out
+    return {identifier: metrics.subject_threshold(evaluator, identifier) for identifier in identifiers}
 
 
 def main(argv=None) -> None:
@@ -79,7 +76,7 @@ def main(argv=None) -> None:
     section = {
         "count": args.count, "seed": args.seed, "pipeline": str(args.pipeline),
         "instance_threshold_renders_only": before, "instance_threshold": after,
-        "command": "python -m benchmarks.miniworld.null_bank " + " ".join(argv if argv is not None else __import__("sys").argv[1:]),
+        "command": "python -m benchmarks.miniworld.null_bank " + " ".join(sys.argv[1:] if argv is None else argv),
         "wall_seconds": round(clock.seconds(), 1),
     }
     update_report(args.evaluator.parent, "null_bank", section)

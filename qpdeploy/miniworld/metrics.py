@@ -128,6 +128,13 @@ def _centroid(embeddings: np.ndarray) -> np.ndarray:
     return unit_rows(unit_rows(embeddings).mean(axis=0))
 
 
+def subject_threshold(evaluator: Evaluator, identifier: str) -> float:
+    """The instance-cosine threshold :func:`subject_scores` applies to bundled subject
+    ``identifier`` (its own instance images' centroid, :func:`instance_threshold`)."""
+    reference = evaluator.predict(render_batch(get_subject(identifier).instance_scenes())).instance
+    return instance_threshold(evaluator, _centroid(reference))
+
+
 def preservation(evaluator: Evaluator, images, prompts: Sequence[Prompt]) -> dict[str, float]:
     """Class-prompt behaviour: attribute accuracy (as ``attribute_accuracy``) and
     ``subject_leak``, the mean probability that an image shows any subject at all."""
