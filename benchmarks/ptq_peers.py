@@ -78,15 +78,14 @@ def modelopt_quantize(fp_unet, name: str, layers: list[str], calib, device) -> t
 BOOTSTRAP = 2000  # resamples of the held-out calls
 
 
-def score(fp_out, model, held, intervals, device) -> dict:
+def score(fp_out, model, held, intervals, device) -> tuple[dict, list[float]]:
     """SQNR overall and per quarter, and each held-out call's noise energy (for the paired
     bootstrap of differences between rows)."""
     with torch.no_grad():
         out = unet_outputs(model, held, device)
     overall, quarters = sqnr_by_interval(fp_out, out, held, intervals)
     noise = [float(((r - t) ** 2).sum()) for r, t in zip(fp_out, out)]
-    return {"sqnr_db": round(overall, 3), "sqnr_db_per_quarter": [None if q is None else round(q, 3) for q in quarters],
-            "_noise": noise}
+    return {"sqnr_db": round(overall, 3), "sqnr_db_per_quarter": [None if q is None else round(q, 3) for q in quarters]}, noise
 
 
 def paired_difference(signal: list[float], a: list[float], b: list[float], seed: int = 0) -> dict:
@@ -133,22 +132,20 @@ def run(args) -> dict:
         t0 = time.perf_counter()
         qunet, plans = quantize_unet(fp_unet, qconfig, intervals, calib, device)
         layers = [p.name for p in plans if p.quantized]
+        scores, ours = score(fp_out, qunet, held, quarters, device)
         if "qpdeploy" in args.rows:
             rows.append({"row": "qpdeploy", "calibration_calls": len(calib), "layers_quantized": len(layers),
-                         **score(fp_out, qunet, held, quarters, device), "seconds": round(time.perf_counter() - t0, 2)})
+                         **scores, "seconds": round(time.perf_counter() - t0, 2)})
             print(_line(rows[-1]), flush=True)
         for name in peers:
             t0 = time.perf_counter()
             model, count = modelopt_quantize(fp_unet, name, layers, calib, device)
+            scores, theirs = score(fp_out, model, held, quarters, device)
             rows.append({"row": name, "calibration_calls": len(calib), "layers_quantized": count,
-                         **score(fp_out, model, held, quarters, device), "seconds": round(time.perf_counter() - t0, 2)})
+                         **scores, "seconds": round(time.perf_counter() - t0, 2)})
+            if "qpdeploy" in args.rows:  # same calibration calls, same held-out calls: a paired comparison
+                rows[-1]["qpdeploy_minus_this_db"] = paired_difference(signal, ours, theirs)
             print(_line(rows[-1]), flush=True)
-    for row in rows:  # qpdeploy minus each peer, same calibration size, same held-out calls
-        ours = next((r for r in rows if r["row"] == "qpdeploy" and r["calibration_calls"] == row["calibration_calls"]), None)
-        if ours is not None and row is not ours:
-            row["qpdeploy_minus_this_db"] = paired_difference(signal, ours["_noise"], row["_noise"])
-    for row in rows:
-        del row["_noise"]
     return {
         "command": "python benchmarks/ptq_peers.py " + " ".join(sys.argv[1:]),
         "model": args.model,
