@@ -14,9 +14,18 @@ its own on the same calls, with a 95% paired bootstrap interval over the held-ou
 Rows:
 - ``qpdeploy``: ``quantize``'s W8A8 default (per-channel weights with the L2.4 clipping
   search, per-tensor activations, shortcut split, the skip list).
+- ``qpdeploy_w4a8`` / ``qpdeploy_w4a16``: INT4 per-channel weights with the same search, INT8
+  or float activations, weights rounded to nearest; ``..._block``: the same with learned
+  rounding (``quantize --rounding block``: BRECQ with AdaRound, ``qpdeploy.reconstruct``).
 - ``modelopt_int8`` / ``modelopt_smoothquant``: Model Optimizer's ``INT8_DEFAULT_CFG`` and
   ``INT8_SMOOTHQUANT_CFG`` as shipped (their own layer selection), and ``..._matched``: the
   same algorithms on exactly the layers qpdeploy quantizes (every other quantizer off).
+- ``modelopt_int4_awq`` (``_matched``): Model Optimizer's ``INT4_AWQ_CFG``, INT4 weights in
+  blocks of 128 input channels (a scale per block: finer than qpdeploy's per-channel INT4),
+  float activations; compared with ``qpdeploy_w4a16_block``.
+
+Each row that has a reference row (``REFERENCE``) run on the same calls gets
+``<reference>_minus_this_db``: the reference's SQNR minus its own, with the paired interval.
 
 Model Optimizer is optional (``pip install -e ".[peers]"``): without it its rows are listed
 under ``not_run`` with the reason. ONNX Runtime's static QDQ quantizer is not a row yet.
@@ -38,20 +47,43 @@ from qpdeploy.config import QuantizeConfig
 from qpdeploy.io import write_json
 from qpdeploy.models import load_pipeline
 from qpdeploy.ptq import quantize_unet, record_calibration, resolve_config
+from qpdeploy.qunet import plan_layers
 
-MODELOPT_ROWS = ("modelopt_int8", "modelopt_int8_matched", "modelopt_smoothquant", "modelopt_smoothquant_matched")
+# qpdeploy's rows: QuantizeConfig changes from quantize's defaults.
+QPDEPLOY_ROWS = {
+    "qpdeploy": {},
+    "qpdeploy_w4a8": {"weight_bits": 4},
+    "qpdeploy_w4a8_block": {"weight_bits": 4, "rounding": "block"},
+    "qpdeploy_w4a16": {"weight_bits": 4, "act_bits": None},
+    "qpdeploy_w4a16_block": {"weight_bits": 4, "act_bits": None, "rounding": "block"},
+}
+MODELOPT_ROWS = ("modelopt_int8", "modelopt_int8_matched", "modelopt_smoothquant", "modelopt_smoothquant_matched",
+                 "modelopt_int4_awq", "modelopt_int4_awq_matched")
+# The row each row is compared with (paired, same calls), when both ran: "<that>_minus_this_db".
+REFERENCE = {
+    **{name: "qpdeploy" for name in MODELOPT_ROWS[:4]},
+    "qpdeploy_w4a8": "qpdeploy_w4a8_block",  # what learned rounding adds
+    "qpdeploy_w4a16": "qpdeploy_w4a16_block",
+    "modelopt_int4_awq": "qpdeploy_w4a16_block",  # weight-only INT4 against weight-only INT4
+    "modelopt_int4_awq_matched": "qpdeploy_w4a16_block",
+}
 
 
 def modelopt_config(name: str, layers: list[str]) -> dict:
     """The Model Optimizer config of a row: a shipped config, or its algorithm restricted to
-    ``layers`` (8-bit per-channel weights, 8-bit per-tensor inputs, as its INT8 configs)."""
+    ``layers`` (the shipped config's weight and input quantizers on those layers only)."""
     import modelopt.torch.quantization as mtq
 
-    shipped = mtq.INT8_SMOOTHQUANT_CFG if "smoothquant" in name else mtq.INT8_DEFAULT_CFG
+    shipped = (mtq.INT4_AWQ_CFG if "awq" in name else mtq.INT8_SMOOTHQUANT_CFG if "smoothquant" in name
+               else mtq.INT8_DEFAULT_CFG)
     if not name.endswith("_matched"):
         return copy.deepcopy(shipped)
     entries = [{"quantizer_name": "*", "enable": False}]
     for layer in layers:
+        if "awq" in name:  # INT4 weights in blocks of 128 input channels, float inputs, as shipped
+            entries.append({"quantizer_name": f"{layer}.weight_quantizer",
+                            "cfg": {"num_bits": 4, "block_sizes": {-1: 128, "type": "static"}}})
+            continue
         entries.append({"quantizer_name": f"{layer}.weight_quantizer", "cfg": {"num_bits": 8, "axis": 0}})
         entries.append({"quantizer_name": f"{layer}.input_quantizer", "cfg": {"num_bits": 8, "axis": None}})
     return {"quant_cfg": entries, "algorithm": shipped["algorithm"]}
@@ -76,6 +108,11 @@ def modelopt_quantize(fp_unet, name: str, layers: list[str], calib, device) -> t
 
 
 BOOTSTRAP = 2000  # resamples of the held-out calls
+
+
+def quantized_layers(fp_unet, config: QuantizeConfig) -> list[str]:
+    """The layers ``quantize`` quantizes with ``config`` (the matched peers' layer set)."""
+    return [p.name for p in plan_layers(fp_unet, config) if p.quantized]
 
 
 def score(fp_out, model, held, intervals, device) -> tuple[dict, list[float]]:
@@ -128,30 +165,35 @@ def run(args) -> dict:
         not_run.update({r: "nvidia-modelopt not installed" for r in MODELOPT_ROWS if r in args.rows})
     for size in args.calib_sizes:
         calib = spread_over_schedule(calib_all, size)
-        qconfig = config.replace(calib_samples=size)
-        t0 = time.perf_counter()
-        qunet, plans = quantize_unet(fp_unet, qconfig, intervals, calib, device)
-        layers = [p.name for p in plans if p.quantized]
-        scores, ours = score(fp_out, qunet, held, quarters, device)
-        if "qpdeploy" in args.rows:
-            rows.append({"row": "qpdeploy", "calibration_calls": len(calib), "layers_quantized": len(layers),
-                         **scores, "seconds": round(time.perf_counter() - t0, 2)})
-            print(_line(rows[-1]), flush=True)
+        noise, layers = {}, None
+        for name in [r for r in QPDEPLOY_ROWS if r in args.rows]:
+            t0 = time.perf_counter()
+            info = {}
+            qunet, plans = quantize_unet(fp_unet, config.replace(calib_samples=size, **QPDEPLOY_ROWS[name]),
+                                         intervals, calib, device, info=info)
+            layers = [p.name for p in plans if p.quantized]
+            scores, noise[name] = score(fp_out, qunet, held, quarters, device)
+            rows.append({"row": name, "calibration_calls": len(calib), "layers_quantized": len(layers),
+                         **scores, "seconds": round(time.perf_counter() - t0, 2),
+                         **({"rounding": info["rounding"]} if "rounding" in info else {})})
         for name in peers:
             t0 = time.perf_counter()
-            model, count = modelopt_quantize(fp_unet, name, layers, calib, device)
-            scores, theirs = score(fp_out, model, held, quarters, device)
+            model, count = modelopt_quantize(fp_unet, name, layers or quantized_layers(fp_unet, config), calib, device)
+            scores, noise[name] = score(fp_out, model, held, quarters, device)
             rows.append({"row": name, "calibration_calls": len(calib), "layers_quantized": count,
                          **scores, "seconds": round(time.perf_counter() - t0, 2)})
-            if "qpdeploy" in args.rows:  # same calibration calls, same held-out calls: a paired comparison
-                rows[-1]["qpdeploy_minus_this_db"] = paired_difference(signal, ours, theirs)
-            print(_line(rows[-1]), flush=True)
+        for row in rows:
+            reference = REFERENCE.get(row["row"])
+            if row["calibration_calls"] == len(calib) and reference in noise:  # same calls: a paired comparison
+                row[f"{reference}_minus_this_db"] = paired_difference(signal, noise[reference], noise[row["row"]])
+        for row in rows[-len(noise):]:
+            print(_line(row), flush=True)
     return {
         "command": "python benchmarks/ptq_peers.py " + " ".join(sys.argv[1:]),
         "model": args.model,
         "settings": {"calib_steps": config.calib_steps, "calib_guidance": config.guidance, "seed": config.seed,
                      "calib_sizes": args.calib_sizes, "heldout_calls": len(held), "trajectory_calls": len(calib_all),
-                     "weights": "W8A8", "threads": args.threads, "device": str(device)},
+                     "threads": args.threads, "device": str(device)},
         "rows": rows,
         "spread_db": spread(rows),
         "not_run": not_run,
@@ -200,7 +242,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     args.calib_sizes = [int(v) for v in args.calib_sizes.split(",")]
     args.rows = args.rows.split(",")
-    unknown = set(args.rows) - {"qpdeploy", *MODELOPT_ROWS}
+    unknown = set(args.rows) - {*QPDEPLOY_ROWS, *MODELOPT_ROWS}
     if unknown:
         parser.error(f"unknown rows: {', '.join(sorted(unknown))}")
     report = run(args)

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from .layers import ACT_QMAX, ACT_QMIN, quant_layers
+from .memory import release_free_heap
 
 
 @dataclass
@@ -52,9 +53,13 @@ def _tree_to(obj, device):
 _KEEP_KWARGS = ("encoder_hidden_states", "added_cond_kwargs", "timestep_cond", "class_labels")
 
 
+class _TrajectoryDone(Exception):
+    """Raised by the recording hook once a trajectory has no more calls to keep."""
+
+
 @torch.no_grad()
 def capture_trajectories(pipe, prompts, steps: int, guidance: float, resolution: int | None,
-                         seed: int, progress=None) -> list[UNetCall]:
+                         seed: int, progress=None, keep: int | None = None) -> list[UNetCall]:
     """Run the float pipeline on each prompt and record every UNet call.
 
     Args:
@@ -62,18 +67,30 @@ def capture_trajectories(pipe, prompts, steps: int, guidance: float, resolution:
         prompts: one trajectory per prompt, seeded with ``seed + index``.
         steps, guidance, resolution: DDIM steps, CFG scale, image size (None: model default).
         progress: optional callable invoked once per trajectory.
+        keep: record only the calls ``spread_over_schedule(all_calls, keep)`` would pick
+            (None: all). A trajectory stops after the last call it contributes, and a prompt
+            that contributes none is not run, so the result is exactly that selection, in its
+            order, at a fraction of the cost.
 
     Returns:
-        The recorded calls, in (prompt, step) order.
+        The recorded calls, in (prompt, step) order (with ``keep``: in
+        :func:`spread_over_schedule`'s order).
     """
     from diffusers import DDIMScheduler
 
+    wanted = None if keep is None else schedule_picks(len(prompts), steps, keep)
+    last = {} if wanted is None else {p: max(s for q, s in wanted if q == p) for p, _ in wanted}
     original_scheduler = pipe.scheduler
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     calls: list[UNetCall] = []
     state = {"prompt": 0, "step": 0}
 
     def record(_module, args, kwargs):
+        if wanted is not None and (state["prompt"], state["step"]) not in wanted:
+            if state["step"] > last[state["prompt"]]:
+                raise _TrajectoryDone
+            state["step"] += 1
+            return
         kept = {k: v for k, v in kwargs.items() if k in _KEEP_KWARGS and v is not None}
         timestep = args[1] if len(args) > 1 else kwargs["timestep"]
         sample = args[0] if args else kwargs["sample"]
@@ -89,23 +106,37 @@ def capture_trajectories(pipe, prompts, steps: int, guidance: float, resolution:
         for i, prompt in enumerate(prompts):
             state.update(prompt=i, step=0)
             generator = torch.Generator("cpu").manual_seed(seed + i)
-            pipe(prompt, num_inference_steps=steps, guidance_scale=guidance, output_type="latent",
-                 generator=generator, **size)
+            if wanted is None or i in last:
+                try:
+                    pipe(prompt, num_inference_steps=steps, guidance_scale=guidance, output_type="latent",
+                         generator=generator, **size)
+                except _TrajectoryDone:
+                    pass
             if progress is not None:
                 progress()
     finally:
         handle.remove()
         pipe.scheduler = original_scheduler
-    return calls
+    return calls if keep is None else spread_over_schedule(calls, keep)
 
 
 def spread_over_schedule(calls: list[UNetCall], count: int) -> list[UNetCall]:
     """Pick ``count`` calls spread evenly over the schedule (all steps), cycling prompts."""
     ordered = sorted(calls, key=lambda c: (c.step, c.prompt))
-    if count >= len(ordered):
-        return ordered
-    idx = torch.linspace(0, len(ordered) - 1, count).round().long().unique().tolist()
-    return [ordered[i] for i in idx]
+    return [ordered[i] for i in _spread(len(ordered), count)]
+
+
+def schedule_picks(prompts: int, steps: int, count: int) -> set[tuple[int, int]]:
+    """The ``(prompt, step)`` of the calls :func:`spread_over_schedule` keeps of ``prompts``
+    trajectories of ``steps`` calls each (known before any is run)."""
+    ordered = sorted(((p, s) for p in range(prompts) for s in range(steps)), key=lambda ps: (ps[1], ps[0]))
+    return {ordered[i] for i in _spread(len(ordered), count)}
+
+
+def _spread(n: int, count: int) -> list[int]:
+    if count >= n:
+        return list(range(n))
+    return torch.linspace(0, n - 1, count).round().long().unique().tolist()
 
 
 # ------------------------------------------------------------------------------------
@@ -206,6 +237,7 @@ def calibrate_activations(qunet: nn.Module, calls: list[UNetCall], config, devic
         for call in calls:
             args, kwargs = call.to(device)
             qunet(*args, **kwargs)
+            release_free_heap()  # the per-layer float weights of the call leave holes in the heap
             if progress is not None:
                 progress()
     finally:
@@ -257,6 +289,7 @@ def unet_outputs(unet: nn.Module, calls: list[UNetCall], device) -> list[torch.T
     for call in calls:
         args, kwargs = call.to(device)
         outputs.append(unet(*args, **kwargs, return_dict=False)[0].float().cpu())
+        release_free_heap()
     return outputs
 
 

@@ -111,6 +111,10 @@ def quantize(
     calib_guidance: Optional[float] = typer.Option(None, help="Guidance scale of the calibration trajectories "
                                                               "(default: the model's recommended guidance, else 7.5)."),
     resolution: Optional[int] = typer.Option(None, help="Image size of calibration trajectories (default: model's)."),
+    rounding: Literal["nearest", "block"] = typer.Option(
+        "nearest", help="Weight rounding: 'nearest', or 'block' (learned per weight, block by block against the "
+                        "float model's outputs: BRECQ with AdaRound; worth it for --weight-bits 4)."),
+    rounding_steps: int = typer.Option(500, help="Optimizer steps per block of --rounding block."),
     seed: int = typer.Option(0, help="Seed of trajectories and sampling."),
     config: Optional[Path] = typer.Option(None, "--config", help="Local diffusers directory giving the configs of "
                                                                  "a single-file checkpoint."),
@@ -136,6 +140,8 @@ def quantize(
         calib_samples=calib_samples,
         guidance=calib_guidance,
         resolution=resolution,
+        rounding=rounding,
+        rounding_steps=rounding_steps,
         seed=seed,
     )
     from .ptq import quantize_model

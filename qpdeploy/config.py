@@ -39,6 +39,8 @@ DEFAULT_SKIP = (
 )
 
 
+ROUNDINGS = ("nearest", "block")  # how weights round to integers (QuantizeConfig.rounding)
+
 VERSION_KEY = "config_version"
 
 
@@ -149,6 +151,11 @@ class QuantizeConfig(ConfigBase):
             scale Stable Diffusion samples at; a base records the value it used).
         resolution: image size of the calibration trajectories (None: the model's own).
         sample_values: activation values kept per sample and layer for the range search.
+        rounding: "nearest" (round every weight to the nearest integer on its searched
+            scale) or "block" (learn each weight's rounding, block by block, against the
+            float block's output on the calibration calls: BRECQ with AdaRound,
+            :mod:`qpdeploy.reconstruct`).
+        rounding_steps: Adam steps per block of the "block" rounding.
         seed: seeds trajectories and sampling, so calibration is deterministic.
     """
 
@@ -169,11 +176,15 @@ class QuantizeConfig(ConfigBase):
     guidance: float | None = None
     resolution: int | None = None
     sample_values: int = 1024
+    rounding: str = "nearest"
+    rounding_steps: int = 500
     seed: int = 0
 
     def __post_init__(self):
         checks = [
             (self.weight_bits in (4, 8), f"weight bits must be 4 or 8, got {self.weight_bits}"),
+            (self.rounding in ROUNDINGS, f"rounding must be one of {', '.join(ROUNDINGS)}, got {self.rounding!r}"),
+            (1 <= self.rounding_steps <= 1_000_000, f"rounding steps must be in 1..1000000, got {self.rounding_steps}"),
             (self.act_bits in (8, None), f"activation bits must be 8 or none, got {self.act_bits}"),
             (self.act_scales in ("global", "per-interval"), f"act scales must be global or per-interval, got {self.act_scales!r}"),
             (self.weight_search in ("lp", "minmax"), f"weight search must be lp or minmax, got {self.weight_search!r}"),

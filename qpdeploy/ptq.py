@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import copy
+import contextlib
 import dataclasses
 import time
 from pathlib import Path
@@ -10,14 +10,14 @@ from pathlib import Path
 import torch
 
 from .base import BASE_ARTIFACT, REPORT_FILE, QuantizedBase, base_meta, save_base, source_hash
-from .calibrate import (calibrate_activations, capture_trajectories, spread_over_schedule, sqnr_by_interval,
-                        unet_outputs)
+from .calibrate import calibrate_activations, capture_trajectories, sqnr_by_interval, unet_outputs
 from .config import QuantizeConfig
 from .io import claim_output, read_json
 from .models import check_resolution, describe_source, load_pipeline, model_folder, model_sampling_defaults
 from .progress import stage
 from .prompts import CALIBRATION_FILE, CALIBRATION_PROMPTS, read_prompt_file
-from .qunet import convert_unet, float_weights_of, plan_layers, quantize_weights
+from .qunet import float_weights_of, plan_layers, quantize_weights, quantized_copy
+from .reconstruct import reconstruct_blocks
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -58,16 +58,18 @@ def quantize_pipeline(pipe, config: QuantizeConfig, device="cpu", show_progress:
     fp_unet = pipe.unet.eval()
     intervals = config.make_intervals(pipe.scheduler.config.num_train_timesteps)
 
+    info: dict = {"stage_seconds": {}}
+    seconds = info["stage_seconds"]
+
     # 1. full-precision trajectories (timestep-aware calibration data)
-    calib, held = record_calibration(pipe, config, show_progress)
-    calib = spread_over_schedule(calib, config.calib_samples)
-    held = spread_over_schedule(held, config.calib_samples)
+    with _timed(seconds, "trajectories"):
+        calib, held = record_calibration(pipe, config, show_progress, keep=config.calib_samples)
 
     # 2-3. structure, weights and activation ranges
-    qunet, plans = quantize_unet(fp_unet, config, intervals, calib, device, show_progress)
+    qunet, plans = quantize_unet(fp_unet, config, intervals, calib, device, show_progress, info)
 
     # 4. fidelity on held-out calls
-    with stage("evaluate", 2, show_progress) as advance:
+    with _timed(seconds, "evaluate"), stage("evaluate", 2, show_progress) as advance:
         reference = unet_outputs(fp_unet, held, device)
         advance()
         test = unet_outputs(qunet, held, device)
@@ -81,6 +83,7 @@ def quantize_pipeline(pipe, config: QuantizeConfig, device="cpu", show_progress:
         "weight_bytes_fp": _tensor_bytes(fp_unet.state_dict()),
         "weight_bytes_quant": _tensor_bytes(qunet.state_dict()),
         "seconds": time.perf_counter() - start,
+        **info,
         "intervals": intervals.to_json()["boundaries"],
         "calibration_calls": len(calib),
         "calibration_guidance": config.guidance,
@@ -89,36 +92,56 @@ def quantize_pipeline(pipe, config: QuantizeConfig, device="cpu", show_progress:
     return qunet, intervals, plans, report
 
 
-def record_calibration(pipe, config: QuantizeConfig, show_progress: bool | str = False):
+def record_calibration(pipe, config: QuantizeConfig, show_progress: bool | str = False, keep: int | None = None):
     """Full-precision DDIM trajectories of the calibration prompts and of the held-out ones
     (the last ``config.holdout`` of them, so the two sets share no prompt): every UNet call,
-    as ``(calibration_calls, heldout_calls)``. ``config`` must be resolved
-    (:func:`resolve_config`)."""
+    as ``(calibration_calls, heldout_calls)``, or with ``keep`` only the ``keep`` calls of each
+    set that :func:`spread_over_schedule` picks (the trajectories stop early). ``config``
+    must be resolved (:func:`resolve_config`)."""
     prompts = list(config.calib_prompts or model_calibration_prompts(pipe) or CALIBRATION_PROMPTS)
     n_hold = max(1, round(len(prompts) * config.holdout))
     calib_prompts, held_prompts = prompts[:-n_hold], prompts[-n_hold:]
     with stage("trajectories", len(prompts), show_progress) as advance:
         calib = capture_trajectories(pipe, calib_prompts, config.calib_steps, config.guidance, config.resolution,
-                                     config.seed, advance)
+                                     config.seed, advance, keep)
         held = capture_trajectories(pipe, held_prompts, config.calib_steps, config.guidance, config.resolution,
-                                    config.seed + 10_000, advance)
+                                    config.seed + 10_000, advance, keep)
     return calib, held
 
 
-def quantize_unet(fp_unet, config: QuantizeConfig, intervals, calib, device="cpu", show_progress: bool | str = False):
+def quantize_unet(fp_unet, config: QuantizeConfig, intervals, calib, device="cpu", show_progress: bool | str = False,
+                  info: dict | None = None):
     """A quantized copy of ``fp_unet`` (left unchanged): layers converted by the plan, weights
-    quantized with the clipping search, activation ranges calibrated on the recorded UNet
-    calls ``calib``. Returns ``(qunet, plans)``."""
+    quantized with the clipping search (and, with ``config.rounding == "block"``, their
+    rounding learned block by block), activation ranges calibrated on the recorded UNet
+    calls ``calib``. Returns ``(qunet, plans)``; ``info``, when given, receives
+    ``stage_seconds`` (wall seconds per stage) and, for learned rounding, ``rounding`` (its
+    summary, :func:`~qpdeploy.reconstruct.reconstruct_blocks`)."""
+    info = {} if info is None else info
+    seconds = info.setdefault("stage_seconds", {})
     plans = plan_layers(fp_unet, config)
-    qunet = copy.deepcopy(fp_unet)
-    convert_unet(qunet, config, intervals, plans)
-    qunet.to(device)
-    with stage("weights", sum(p.quantized for p in plans), show_progress) as advance:
-        quantize_weights(qunet, float_weights_of(fp_unet, plans), config, advance)
+    with _timed(seconds, "convert"):
+        qunet = quantized_copy(fp_unet, config, intervals, plans).to(device)
+    float_weights = float_weights_of(fp_unet, plans)
+    with _timed(seconds, "weights"), stage("weights", sum(p.quantized for p in plans), show_progress) as advance:
+        quantize_weights(qunet, float_weights, config, advance)
+    if config.rounding == "block":
+        with _timed(seconds, "rounding"), stage("rounding", None, show_progress) as advance:
+            info["rounding"] = reconstruct_blocks(qunet, fp_unet, float_weights, calib, config.rounding_steps,
+                                                  seed=config.seed, device=device, progress=advance)
     if config.act_bits is not None:
-        with stage("activations", len(calib), show_progress) as advance:
+        with _timed(seconds, "activations"), stage("activations", len(calib), show_progress) as advance:
             calibrate_activations(qunet, calib, config, device, advance)
     return qunet, plans
+
+
+@contextlib.contextmanager
+def _timed(seconds: dict[str, float], name: str):
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - start
 
 
 def model_calibration_prompts(pipe) -> list[str] | None:

@@ -9,6 +9,7 @@ search. Activation scales come later, from calibration (:mod:`qpdeploy.calibrate
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -93,17 +94,33 @@ def convert_unet(unet: nn.Module, config: QuantizeConfig, intervals, plans: list
         The list of :class:`LayerPlan` applied.
     """
     plans = plan_layers(unet, config) if plans is None else plans
-    act_sets = intervals.k if config.act_scales == "per-interval" else 1
     for plan in plans:
-        if not plan.quantized:
-            continue
-        parent, child = _parent(unet, plan.name)
-        float_layer = getattr(parent, child)
-        cls = QuantConv2d if plan.kind == "conv" else QuantLinear
-        layer = cls.from_float(float_layer, config.weight_bits, config.act_bits, act_sets, plan.split)
-        setattr(parent, child, layer)
+        if plan.quantized:
+            parent, child = _parent(unet, plan.name)
+            setattr(parent, child, _quant_layer(getattr(parent, child), plan, config, intervals))
     attach_router(unet, ScaleRouter(intervals))
     return plans
+
+
+def quantized_copy(unet: nn.Module, config: QuantizeConfig, intervals, plans: list[LayerPlan]) -> nn.Module:
+    """What ``convert_unet(copy.deepcopy(unet), ...)`` returns, without ever copying the float
+    weights of the layers the plan quantizes: the copy takes the new quantized layers in
+    their place. On an SD 1.5 UNet this keeps a second 3.4 GB float copy out of memory."""
+    memo = {}
+    for plan in plans:
+        if plan.quantized:
+            float_layer = unet.get_submodule(plan.name)
+            memo[id(float_layer)] = _quant_layer(float_layer, plan, config, intervals)
+    qunet = copy.deepcopy(unet, memo)
+    attach_router(qunet, ScaleRouter(intervals))
+    return qunet
+
+
+def _quant_layer(float_layer: nn.Module, plan: LayerPlan, config: QuantizeConfig, intervals) -> nn.Module:
+    """The uncalibrated quantized replacement of one planned float layer."""
+    act_sets = intervals.k if config.act_scales == "per-interval" else 1
+    cls = QuantConv2d if plan.kind == "conv" else QuantLinear
+    return cls.from_float(float_layer, config.weight_bits, config.act_bits, act_sets, plan.split)
 
 
 def attach_router(unet: nn.Module, router: ScaleRouter) -> ScaleRouter:

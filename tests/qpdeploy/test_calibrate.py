@@ -195,3 +195,62 @@ def test_blocked_weight_search_is_bit_identical_to_the_whole_tensor_search(shape
     for chunk in (1, 1 << 12, 1 << 16, 1 << 30):  # one row per block .. the whole tensor in one
         assert torch.equal(search_weight_scale(weight, bits, chunk_elements=chunk), expected)
     assert not torch.equal(expected, amax / hi)  # the search clipped some channels
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_quantized_copy_equals_converting_a_deep_copy_and_never_copies_quantized_float_weights(tiny_pipe, quick_config,
+                                                                                               family):
+    """quantize_unet builds its quantized UNet with quantized_copy: the same modules and
+    state as convert_unet on a full deep copy, while the float weights of the layers it
+    quantizes are never copied (only skipped layers own a copied float weight)."""
+    import copy
+
+    from qpdeploy.qunet import convert_unet, plan_layers, quantized_copy
+
+    unet = tiny_pipe(family).unet
+    config = quick_config(act_scales="per-interval")
+    intervals = config.make_intervals(1000)
+    plans = plan_layers(unet, config)
+    before = {k: v.clone() for k, v in unet.state_dict().items()}
+    expected = copy.deepcopy(unet)
+    convert_unet(expected, config, intervals, plans)
+    got = quantized_copy(unet, config, intervals, plans)
+    assert [(n, type(m)) for n, m in got.named_modules()] == [(n, type(m)) for n, m in expected.named_modules()]
+    assert got.state_dict().keys() == expected.state_dict().keys()
+    assert all(torch.equal(got.state_dict()[k], v) for k, v in expected.state_dict().items())
+    assert all(torch.equal(unet.state_dict()[k], v) for k, v in before.items())  # the float UNet is unchanged
+    source = {p.untyped_storage().data_ptr() for p in unet.parameters()}
+    assert not source & {p.untyped_storage().data_ptr() for p in got.parameters()}  # nothing shared with the source
+    float_params = sum(p.numel() for p in got.parameters())
+    skipped = sum(unet.get_submodule(p.name).weight.numel() for p in plans if not p.quantized)
+    assert sum(p.quantized for p in plans) > 10 and float_params < sum(p.numel() for p in unet.parameters()) - 10_000
+    assert float_params >= skipped
+
+
+@pytest.mark.parametrize("keep", [1, 7, 30])
+def test_trajectories_that_keep_only_the_picked_calls_record_exactly_those_and_run_fewer_unet_calls(tiny_pipe, keep):
+    """capture_trajectories(keep=n) equals spread_over_schedule over every call (same calls,
+    bit for bit), while it runs only the trajectory steps those calls need."""
+    pipe = tiny_pipe("sd1")
+    prompts = ["a dog", "a cat", "a red car", "a bowl of fruit", "a tree", "a house"]
+    runs = []
+    handle = pipe.unet.register_forward_pre_hook(lambda *_: runs.append(1))
+    try:
+        every = capture_trajectories(pipe, prompts, steps=5, guidance=7.5, resolution=None, seed=3)
+        full_runs = len(runs)
+        runs.clear()
+        kept = capture_trajectories(pipe, prompts, steps=5, guidance=7.5, resolution=None, seed=3, keep=keep)
+    finally:
+        handle.remove()
+    expected = spread_over_schedule(every, keep)
+    assert full_runs == 30 and len(expected) == min(keep, 30)
+    assert [(c.prompt, c.step) for c in kept] == [(c.prompt, c.step) for c in expected]  # same calls, same order
+    for got, want in zip(kept, expected):
+        assert got.timestep == want.timestep
+        assert all(torch.equal(a, b) for a, b in zip(got.args, want.args))
+        assert torch.equal(got.kwargs["encoder_hidden_states"], want.kwargs["encoder_hidden_states"])
+    last = {p: max(c.step for c in expected if c.prompt == p) for p in {c.prompt for c in expected}}
+    # a trajectory computes up to its last picked step; one that stops early is stopped in the
+    # next step's pre-hook, before that step computes anything
+    assert len(runs) == sum(s + 1 for s in last.values()) + sum(s < 4 for s in last.values())
+    assert (len(runs) < full_runs) == (keep < 30)

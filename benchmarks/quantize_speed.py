@@ -1,0 +1,142 @@
+"""Time and memory of ``qpdeploy quantize`` on the Stable Diffusion 1.5 architecture.
+
+Builds a diffusers folder with SD 1.5's UNet (its published config, 859.5M parameters),
+a text encoder of CLIP ViT-L/14's shape (12 layers, width 768, 77 tokens) and SD 1.5's VAE,
+all with random weights (no download; a word-level tokenizer over the calibration
+prompts' words stands in for CLIP's BPE, which changes only the size of the embedding
+table). Then quantizes it in a fresh process, the way a user would
+(``quantize_model``, what ``qpdeploy quantize`` runs), and reports that process's CPU
+seconds (user + system), wall seconds, peak resident memory, the seconds of each stage
+(trajectories, weights, activations, evaluate; from the base's report) and the SQNR.
+
+Random weights make the SQNR a plumbing figure, not a quality one; time and memory are
+those of the real architecture.
+
+    python -m benchmarks.quantize_speed --out benchmarks/results/quantize_speed.json
+
+Defaults: 256 px, 10 calibration steps, 16 calibration samples, W8A8, 2 threads (the
+setting of the issue that asked for it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks.train_memory import SD15_SCHEDULER, SD15_UNET
+
+# SD 1.5's VAE (its published vae/config.json).
+SD15_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, norm_num_groups=32,
+                block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+                up_block_types=("UpDecoderBlock2D",) * 4, sample_size=512, act_fn="silu")
+# CLIP ViT-L/14's text tower (SD 1.5's text encoder), vocabulary aside.
+CLIP_L_TEXT = dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
+                   max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768)
+
+
+def build_sd15(folder: Path, seed: int = 0) -> None:
+    """Write a random-weight SD 1.5-architecture pipeline to ``folder`` (diffusers format)."""
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from qpdeploy.prompts import CALIBRATION_PROMPTS
+    from qpdeploy.tokenizer import build_word_tokenizer
+
+    words = sorted({w.strip(",.") for p in CALIBRATION_PROMPTS for w in p.split()})
+    tokenizer = build_word_tokenizer(words, max_length=77)
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        **CLIP_L_TEXT, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+    pipe = StableDiffusionPipeline(
+        vae=AutoencoderKL(**SD15_VAE), text_encoder=text_encoder, tokenizer=tokenizer,
+        unet=UNet2DConditionModel(**SD15_UNET),
+        scheduler=DDIMScheduler(**SD15_SCHEDULER, set_alpha_to_one=False, steps_offset=1),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(folder)
+
+
+def child(model: Path, out: Path, args) -> dict:
+    """Quantize ``model`` into ``out`` in this process; its own rusage is the measurement."""
+    import torch
+
+    from qpdeploy.config import QuantizeConfig
+    from qpdeploy.ptq import quantize_model
+
+    torch.set_num_threads(args.threads)
+    config = QuantizeConfig(weight_bits=args.weight_bits, calib_steps=args.calib_steps,
+                            calib_samples=args.calib_samples, resolution=args.resolution)
+    start = time.perf_counter()
+    _, report = quantize_model(model, out, config, device="cpu", force=True, show_progress="lines")
+    wall = time.perf_counter() - start
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return {
+        "wall_seconds": wall,
+        "cpu_seconds": usage.ru_utime + usage.ru_stime,
+        "peak_rss_bytes": usage.ru_maxrss * 1024,  # Linux reports KiB
+        "stage_seconds": report.get("stage_seconds"),
+        "sqnr_db": report["sqnr_db"],
+        "layers_quantized": report["layers_quantized"],
+        "calibration_calls": report["calibration_calls"],
+        "heldout_calls": report["heldout_calls"],
+    }
+
+
+def run(args) -> dict:
+    scratch = Path(args.scratch) if args.scratch else Path(tempfile.mkdtemp(prefix="qp-speed-"))
+    model = scratch / "sd15-random"
+    if not (model / "model_index.json").is_file():
+        print(f"building the SD 1.5-architecture model in {model}", file=sys.stderr, flush=True)
+        build_sd15(model)
+    out = scratch / "base"
+    command = [sys.executable, "-m", "benchmarks.quantize_speed", "--child", str(model), str(out),
+               "--threads", str(args.threads), "--weight-bits", str(args.weight_bits),
+               "--calib-steps", str(args.calib_steps), "--calib-samples", str(args.calib_samples),
+               "--resolution", str(args.resolution)]
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "QPDEPLOY_PROGRESS_SECONDS": "60"}
+    done = subprocess.run(command, env=env, stdout=subprocess.PIPE, check=True, text=True)
+    measured = json.loads(done.stdout.strip().splitlines()[-1])
+    return {
+        "benchmark": "quantize_speed",
+        "command": "python -m benchmarks.quantize_speed " + " ".join(sys.argv[1:]),
+        "model": "SD 1.5 architecture, random weights (UNet 859.5M parameters)",
+        "settings": {"resolution": args.resolution, "calib_steps": args.calib_steps,
+                     "calib_samples": args.calib_samples, "weight_bits": args.weight_bits, "act_bits": 8,
+                     "threads": args.threads},
+        "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
+        **measured,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, help="JSON report to write")
+    parser.add_argument("--scratch", help="folder for the built model and the base (default: a new temp folder)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--weight-bits", type=int, default=8)
+    parser.add_argument("--calib-steps", type=int, default=10)
+    parser.add_argument("--calib-samples", type=int, default=16)
+    parser.add_argument("--resolution", type=int, default=256)
+    parser.add_argument("--child", nargs=2, metavar=("MODEL", "OUT"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(child(Path(args.child[0]), Path(args.child[1]), args)))
+        return
+    report = run(args)
+    text = json.dumps(report, indent=2)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
