@@ -21,8 +21,9 @@ Rows:
   ``INT8_SMOOTHQUANT_CFG`` as shipped (their own layer selection), and ``..._matched``: the
   same algorithms on exactly the layers qpdeploy quantizes (every other quantizer off).
 - ``modelopt_int4_awq`` (``_matched``): Model Optimizer's ``INT4_AWQ_CFG``, INT4 weights in
-  blocks of 128 input channels (a scale per block: finer than qpdeploy's per-channel INT4),
-  float activations; compared with ``qpdeploy_w4a16_block``.
+  blocks of 128 along a weight's last axis (128 inputs of a linear layer, but one kernel row
+  of a 3x3 convolution), float activations; compared with ``qpdeploy_w4a16_block``. Every
+  row reports ``weights_per_scale``, so such differences in format are visible.
 
 Each row that has a reference row (``REFERENCE``) run on the same calls gets
 ``<reference>_minus_this_db``: the reference's SQNR minus its own, with the paired interval.
@@ -107,6 +108,22 @@ def modelopt_quantize(fp_unet, name: str, layers: list[str], calib, device) -> t
     return model, quantized
 
 
+def weights_per_scale(model) -> float:
+    """Quantized weights per weight scale: a per-output-channel scale covers a whole row
+    (C_in x kernel weights); Model Optimizer's INT4 blocks of 128 along a weight's last axis
+    cover 128 inputs of a linear layer but only one kernel row (3 weights) of a 3x3 conv."""
+    from qpdeploy.layers import QuantLayer
+
+    weights = scales = 0
+    for module in model.modules():
+        if isinstance(module, QuantLayer):
+            weights, scales = weights + module.weight_shape.numel(), scales + module.s_ptq.numel()
+        quantizer = getattr(module, "weight_quantizer", None)
+        if quantizer is not None and quantizer.is_enabled and getattr(quantizer, "amax", None) is not None:
+            weights, scales = weights + module.weight.numel(), scales + quantizer.amax.numel()
+    return round(weights / max(scales, 1), 1)
+
+
 BOOTSTRAP = 2000  # resamples of the held-out calls
 
 
@@ -174,14 +191,16 @@ def run(args) -> dict:
             layers = [p.name for p in plans if p.quantized]
             scores, noise[name] = score(fp_out, qunet, held, quarters, device)
             rows.append({"row": name, "calibration_calls": len(calib), "layers_quantized": len(layers),
-                         **scores, "seconds": round(time.perf_counter() - t0, 2),
+                         "weights_per_scale": weights_per_scale(qunet), **scores,
+                         "seconds": round(time.perf_counter() - t0, 2),
                          **({"rounding": info["rounding"]} if "rounding" in info else {})})
         for name in peers:
             t0 = time.perf_counter()
             model, count = modelopt_quantize(fp_unet, name, layers or quantized_layers(fp_unet, config), calib, device)
             scores, noise[name] = score(fp_out, model, held, quarters, device)
             rows.append({"row": name, "calibration_calls": len(calib), "layers_quantized": count,
-                         **scores, "seconds": round(time.perf_counter() - t0, 2)})
+                         "weights_per_scale": weights_per_scale(model), **scores,
+                         "seconds": round(time.perf_counter() - t0, 2)})
         for row in rows:
             reference = REFERENCE.get(row["row"])
             if row["calibration_calls"] == len(calib) and reference in noise:  # same calls: a paired comparison

@@ -12,7 +12,11 @@ seconds (user + system), wall seconds, peak resident memory, the seconds of each
 Random weights make the SQNR a plumbing figure, not a quality one; time and memory are
 those of the real architecture.
 
-    python -m benchmarks.quantize_speed --out benchmarks/results/quantize_speed.json
+    python -m benchmarks.quantize_speed --out benchmarks/results/quantize_speed.json [--compare-ref COMMIT]
+
+With ``--compare-ref``, the same measurement also runs on the qpdeploy of that git commit
+(checked out into a temporary worktree), one after the other on the same built model, so the
+report holds both and their ratios from one run.
 
 Defaults: 256 px, 10 calibration steps, 16 calibration samples, W8A8, 2 threads (the
 setting of the issue that asked for it).
@@ -78,7 +82,10 @@ def child(model: Path, out: Path, args) -> dict:
     _, report = quantize_model(model, out, config, device="cpu", force=True, show_progress="lines")
     wall = time.perf_counter() - start
     usage = resource.getrusage(resource.RUSAGE_SELF)
+    import qpdeploy
+
     return {
+        "qpdeploy": str(Path(qpdeploy.__file__).parent),
         "wall_seconds": wall,
         "cpu_seconds": usage.ru_utime + usage.ru_stime,
         "peak_rss_bytes": usage.ru_maxrss * 1024,  # Linux reports KiB
@@ -90,21 +97,26 @@ def child(model: Path, out: Path, args) -> dict:
     }
 
 
+def measure(model: Path, out: Path, args, source: Path | None = None) -> dict:
+    """One quantization in a fresh process: this checkout's qpdeploy, or the one at ``source``."""
+    command = [sys.executable, str(Path(__file__).resolve()), "--child", str(model), str(out),
+               "--threads", str(args.threads), "--weight-bits", str(args.weight_bits),
+               "--calib-steps", str(args.calib_steps), "--calib-samples", str(args.calib_samples),
+               "--resolution", str(args.resolution)]
+    root = source if source is not None else Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "QPDEPLOY_PROGRESS_SECONDS": "60",
+           "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run(command, env=env, stdout=subprocess.PIPE, check=True, text=True, cwd=root)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def run(args) -> dict:
     scratch = Path(args.scratch) if args.scratch else Path(tempfile.mkdtemp(prefix="qp-speed-"))
     model = scratch / "sd15-random"
     if not (model / "model_index.json").is_file():
         print(f"building the SD 1.5-architecture model in {model}", file=sys.stderr, flush=True)
         build_sd15(model)
-    out = scratch / "base"
-    command = [sys.executable, "-m", "benchmarks.quantize_speed", "--child", str(model), str(out),
-               "--threads", str(args.threads), "--weight-bits", str(args.weight_bits),
-               "--calib-steps", str(args.calib_steps), "--calib-samples", str(args.calib_samples),
-               "--resolution", str(args.resolution)]
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "QPDEPLOY_PROGRESS_SECONDS": "60"}
-    done = subprocess.run(command, env=env, stdout=subprocess.PIPE, check=True, text=True)
-    measured = json.loads(done.stdout.strip().splitlines()[-1])
-    return {
+    report = {
         "benchmark": "quantize_speed",
         "command": "python -m benchmarks.quantize_speed " + " ".join(sys.argv[1:]),
         "model": "SD 1.5 architecture, random weights (UNet 859.5M parameters)",
@@ -112,8 +124,22 @@ def run(args) -> dict:
                      "calib_samples": args.calib_samples, "weight_bits": args.weight_bits, "act_bits": 8,
                      "threads": args.threads},
         "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
-        **measured,
+        **measure(model, scratch / "base", args),
     }
+    if args.compare_ref:
+        root = Path(__file__).resolve().parents[1]
+        commit = subprocess.run(["git", "rev-parse", args.compare_ref], cwd=root, check=True, text=True,
+                                stdout=subprocess.PIPE).stdout.strip()
+        worktree = scratch / f"ref-{commit[:12]}"
+        subprocess.run(["git", "worktree", "add", "--detach", str(worktree), commit], cwd=root, check=True)
+        try:
+            ref = measure(model, scratch / "base-ref", args, source=worktree)
+        finally:
+            subprocess.run(["git", "worktree", "remove", "--force", str(worktree)], cwd=root, check=True)
+        report["reference"] = {"commit": commit, **ref}
+        report["ratios"] = {k: round(report[k] / ref[k], 3) for k in ("wall_seconds", "cpu_seconds", "peak_rss_bytes")}
+        report["sqnr_db_difference"] = report["sqnr_db"] - ref["sqnr_db"]
+    return report
 
 
 def main() -> None:
@@ -125,6 +151,7 @@ def main() -> None:
     parser.add_argument("--calib-steps", type=int, default=10)
     parser.add_argument("--calib-samples", type=int, default=16)
     parser.add_argument("--resolution", type=int, default=256)
+    parser.add_argument("--compare-ref", help="also measure the qpdeploy of this git commit, in the same run")
     parser.add_argument("--child", nargs=2, metavar=("MODEL", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:

@@ -37,16 +37,17 @@ class UNetCall:
 
     def to(self, device) -> tuple[tuple, dict]:
         """The call's arguments moved to ``device``."""
-        return _tree_to(self.args, device), _tree_to(self.kwargs, device)
+        return tree_to(self.args, device), tree_to(self.kwargs, device)
 
 
-def _tree_to(obj, device):
+def tree_to(obj, device):
+    """``obj`` (a tensor, or dicts, lists and tuples of them) with every tensor moved to ``device``."""
     if isinstance(obj, torch.Tensor):
         return obj.to(device)
     if isinstance(obj, dict):
-        return {k: _tree_to(v, device) for k, v in obj.items()}
+        return {k: tree_to(v, device) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return type(obj)(_tree_to(v, device) for v in obj)
+        return type(obj)(tree_to(v, device) for v in obj)
     return obj
 
 
@@ -94,8 +95,8 @@ def capture_trajectories(pipe, prompts, steps: int, guidance: float, resolution:
         kept = {k: v for k, v in kwargs.items() if k in _KEEP_KWARGS and v is not None}
         timestep = args[1] if len(args) > 1 else kwargs["timestep"]
         sample = args[0] if args else kwargs["sample"]
-        calls.append(UNetCall((_tree_to(sample, "cpu").clone(), _tree_to(torch.as_tensor(timestep), "cpu")),
-                              _tree_to(kept, "cpu"), float(torch.as_tensor(timestep).float().mean()),
+        calls.append(UNetCall((tree_to(sample, "cpu").clone(), tree_to(torch.as_tensor(timestep), "cpu")),
+                              tree_to(kept, "cpu"), float(torch.as_tensor(timestep).float().mean()),
                               state["step"], state["prompt"]))
         state["step"] += 1
 

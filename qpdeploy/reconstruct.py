@@ -32,7 +32,7 @@ import math
 import torch
 from torch import nn
 
-from .calibrate import UNetCall, _tree_to
+from .calibrate import UNetCall, tree_to
 from .layers import QuantLayer, quant_layers, weight_qrange
 
 BLOCK_TYPES = ("ResnetBlock2D", "Transformer2DModel", "Downsample2D", "Upsample2D")
@@ -79,7 +79,7 @@ def _capture(unet: nn.Module, name: str, calls: list[UNetCall], device, what: st
     got = []
 
     def before(_module, args, kwargs):
-        got.append((_tree_to(args, device), _tree_to(kwargs, device)))
+        got.append((tree_to(args, device), tree_to(kwargs, device)))
         raise _Stop
 
     def after(_module, _args, _kwargs, output):

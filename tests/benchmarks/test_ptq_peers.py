@@ -34,6 +34,13 @@ def test_the_qpdeploy_row_is_what_quantize_reports(tmp_path):
     assert rows[1]["sqnr_db"] == round(quantized["sqnr_db"], 3)  # same calls, same method: the same number
     assert rows[1]["layers_quantized"] == quantized["layers_quantized"]
     assert report["spread_db"]["qpdeploy"] == round(abs(rows[0]["sqnr_db"] - rows[1]["sqnr_db"]), 3)
+    from qpdeploy.ptq import base_from_pipeline
+
+    layers = [m for m in base_from_pipeline(tiny_pipeline("sd1"), QuantizeConfig(calib_steps=2, calib_samples=2,
+                                                                                 weight_search="minmax")).unet.modules()
+              if hasattr(m, "w_int")]
+    per_scale = sum(m.weight_shape.numel() for m in layers) / sum(m.out_features for m in layers)
+    assert rows[0]["weights_per_scale"] == round(per_scale, 1)  # one scale per output channel
 
 
 @pytest.mark.slow
@@ -44,6 +51,7 @@ def test_model_optimizer_rows_on_the_matched_layer_set(tmp_path):
                     "--threads", "1", "--rows", "qpdeploy,modelopt_int8_matched", "--out", str(out)])
     ours, peer = json.loads(out.read_text())["rows"]
     assert peer["row"] == "modelopt_int8_matched" and peer["layers_quantized"] == ours["layers_quantized"]
+    assert peer["weights_per_scale"] == ours["weights_per_scale"]  # INT8 per channel on both sides
     d = peer["qpdeploy_minus_this_db"]
     assert d["low"] <= d["mean"] <= d["high"]
     assert d["mean"] == pytest.approx(ours["sqnr_db"] - peer["sqnr_db"], abs=2e-3)

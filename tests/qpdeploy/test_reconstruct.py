@@ -86,3 +86,24 @@ def test_rounding_settings_are_validated(quick_config):
         quick_config(rounding_steps=0)
     config = quick_config(rounding="block", rounding_steps=7)
     assert type(config).from_json(config.to_json()) == config
+
+
+def test_quantize_command_records_learned_rounding_in_the_base(tmp_path):
+    from typer.testing import CliRunner
+
+    from qpdeploy.base import load_base
+    from qpdeploy.cli import app
+    from qpdeploy.io import read_json
+
+    out = tmp_path / "base4"
+    result = CliRunner().invoke(app, ["quantize", "tiny-sd1", "--out", str(out), "--weight-bits", "4", "--rounding",
+                                      "block", "--rounding-steps", "5", "--calib-steps", "3", "--calib-samples", "4"])
+    assert result.exit_code == 0, result.output
+    config = read_json(out / "quant_config.json")
+    report = read_json(out / "report.json")
+    assert config["quantize"]["rounding"] == "block" and config["quantize"]["rounding_steps"] == 5
+    assert report["rounding"]["steps"] == 5 and report["rounding"]["blocks"] >= 6
+    assert set(report["stage_seconds"]) == {"trajectories", "convert", "weights", "rounding", "activations", "evaluate"}
+    assert load_base(out).config.rounding == "block"  # an ordinary base that loads
+    bad = CliRunner().invoke(app, ["quantize", "tiny-sd1", "--out", str(tmp_path / "x"), "--rounding", "adaround"])
+    assert bad.exit_code != 0 and "adaround" in bad.output and not (tmp_path / "x").exists()
