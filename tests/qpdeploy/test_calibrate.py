@@ -197,7 +197,7 @@ def test_blocked_weight_search_is_bit_identical_to_the_whole_tensor_search(shape
     assert not torch.equal(expected, amax / hi)  # the search clipped some channels
 
 
-@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+@pytest.mark.parametrize("family", ["sd1", pytest.param("sdxl", marks=pytest.mark.slow)])
 def test_quantized_copy_equals_converting_a_deep_copy_and_never_copies_quantized_float_weights(tiny_pipe, quick_config,
                                                                                                family):
     """quantize_unet builds its quantized UNet with quantized_copy: the same modules and

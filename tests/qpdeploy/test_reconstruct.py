@@ -27,6 +27,7 @@ def _quantize(w4_setup, rounding):
     return qunet, info
 
 
+@pytest.mark.slow
 def test_blocks_are_the_unets_resnets_transformers_and_samplers_in_call_order(w4_setup):
     qunet, _ = _quantize(w4_setup, "nearest")
     names = reconstruction_blocks(qunet, w4_setup[2][0])
@@ -68,6 +69,7 @@ def test_learned_rounding_is_deterministic(w4_setup):
         assert torch.equal(x.w_int, y.w_int), name
 
 
+@pytest.mark.slow
 def test_reconstruction_refuses_a_unet_with_scale_sets(w4_setup):
     fp, config, calib, _ = w4_setup
     qunet, _ = _quantize(w4_setup, "nearest")
@@ -88,6 +90,7 @@ def test_rounding_settings_are_validated(quick_config):
     assert type(config).from_json(config.to_json()) == config
 
 
+@pytest.mark.slow
 def test_quantize_command_records_learned_rounding_in_the_base(tmp_path):
     from typer.testing import CliRunner
 
