@@ -173,7 +173,14 @@ def print_quantize_summary(report: dict) -> None:
     for k, value in enumerate(report["sqnr_db_per_interval"]):
         shown = "no held-out call" if value is None else f"{value:.2f} dB"
         table.add_row(f"  interval {k} [{bounds[k]},{bounds[k + 1]})", shown)
-    table.add_row("seconds", f"{report['seconds']:.1f}")
+    rounding = report.get("rounding")
+    if rounding:
+        error = rounding["relative_error"]
+        table.add_row("learned rounding", f"{rounding['blocks']} blocks, block error {error['nearest']:.2e} -> "
+                                          f"{error['learned']:.2e}, {100 * rounding['moved']:.1f}% of weights moved")
+    stages = report.get("stage_seconds") or {}
+    table.add_row("seconds", f"{report['seconds']:.1f}" + (
+        " (" + ", ".join(f"{name} {value:.1f}" for name, value in stages.items()) + ")" if stages else ""))
     Console().print(table)
 
 

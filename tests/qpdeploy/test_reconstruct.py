@@ -102,6 +102,7 @@ def test_quantize_command_records_learned_rounding_in_the_base(tmp_path):
     result = CliRunner().invoke(app, ["quantize", "tiny-sd1", "--out", str(out), "--weight-bits", "4", "--rounding",
                                       "block", "--rounding-steps", "5", "--calib-steps", "3", "--calib-samples", "4"])
     assert result.exit_code == 0, result.output
+    assert "learned rounding" in result.output and "% of weights moved" in result.output
     config = read_json(out / "quant_config.json")
     report = read_json(out / "report.json")
     assert config["quantize"]["rounding"] == "block" and config["quantize"]["rounding_steps"] == 5
