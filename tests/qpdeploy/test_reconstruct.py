@@ -20,10 +20,11 @@ def w4_setup(tiny_pipe, quick_config):
     return pipe.unet.eval(), config, spread_over_schedule(calls, 12), held
 
 
-def _quantize(w4_setup, rounding):
+def _quantize(w4_setup, rounding, **changes):
     fp, config, calib, _ = w4_setup
     info = {}
-    qunet, _ = quantize_unet(fp, config.replace(rounding=rounding), config.make_intervals(1000), calib, info=info)
+    qunet, _ = quantize_unet(fp, config.replace(rounding=rounding, **changes), config.make_intervals(1000), calib,
+                             info=info)
     return qunet, info
 
 
@@ -63,8 +64,8 @@ def test_learned_rounding_lowers_block_and_unet_error_and_changes_only_integer_w
 
 @pytest.mark.slow
 def test_learned_rounding_is_deterministic(w4_setup):
-    first, _ = _quantize(w4_setup, "block")
-    second, _ = _quantize(w4_setup, "block")
+    first, _ = _quantize(w4_setup, "block", rounding_steps=30)
+    second, _ = _quantize(w4_setup, "block", rounding_steps=30)
     for (name, x), (_, y) in zip(quant_layers(first), quant_layers(second)):
         assert torch.equal(x.w_int, y.w_int), name
 
