@@ -80,7 +80,9 @@ def capture_trajectories(pipe, prompts, steps: int, guidance: float, resolution:
     from diffusers import DDIMScheduler
 
     wanted = None if keep is None else schedule_picks(len(prompts), steps, keep)
-    last = {} if wanted is None else {p: max(s for q, s in wanted if q == p) for p, _ in wanted}
+    last: dict[int, int] = {}  # prompt -> its last kept step
+    for prompt, step in wanted or ():
+        last[prompt] = max(last.get(prompt, step), step)
     original_scheduler = pipe.scheduler
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     calls: list[UNetCall] = []

@@ -173,7 +173,8 @@ def reconstruct_blocks(qunet: nn.Module, fp_unet: nn.Module, float_weights: dict
     for layer in layers.values():
         layer.act_bits = None
     generator = torch.Generator().manual_seed(seed)
-    summary = {"nearest": [], "learned": [], "moved": [], "undecided": [], "weights": []}
+    errors = {"nearest": [], "learned": []}
+    weights = moved = undecided = 0.0
     try:
         for name in reconstruction_blocks(qunet, calls[0], device):
             block = qunet.get_submodule(name)
@@ -181,25 +182,24 @@ def reconstruct_blocks(qunet: nn.Module, fp_unet: nn.Module, float_weights: dict
                               _capture(fp_unet, name, calls, device, "outputs"), router, device)
             members = [(name, block)] if isinstance(block, QuantLayer) else \
                 [(f"{name}.{sub}", layer) for sub, layer in quant_layers(block)]
-            summary["nearest"].append(data.error(block))
+            errors["nearest"].append(data.error(block))
             soft = [_SoftRounding(layer, float_weights[full]) for full, layer in members]
             _train(block, soft, data, steps, lr, weight, generator)
             for rounding in soft:
-                stats = rounding.finish()
-                summary["weights"].append(rounding.floor.numel())
-                summary["moved"].append(stats["moved"] * rounding.floor.numel())
-                summary["undecided"].append(stats["undecided"] * rounding.floor.numel())
-            summary["learned"].append(data.error(block))
+                stats, count = rounding.finish(), rounding.floor.numel()
+                weights, moved, undecided = weights + count, moved + stats["moved"] * count, \
+                    undecided + stats["undecided"] * count
+            errors["learned"].append(data.error(block))
             if progress is not None:
                 progress()
     finally:
         for name, layer in layers.items():
             layer.act_bits = saved_bits[name]
             layer.__dict__.pop("forward", None)
-    n_blocks, n_weights = len(summary["learned"]), max(sum(summary["weights"]), 1)
-    return {"blocks": n_blocks, "steps": steps,
-            "relative_error": {k: sum(summary[k]) / max(n_blocks, 1) for k in ("nearest", "learned")},
-            "moved": sum(summary["moved"]) / n_weights, "undecided": sum(summary["undecided"]) / n_weights}
+    blocks = len(errors["learned"])
+    return {"blocks": blocks, "steps": steps,
+            "relative_error": {k: sum(v) / max(blocks, 1) for k, v in errors.items()},
+            "moved": moved / max(weights, 1), "undecided": undecided / max(weights, 1)}
 
 
 class _BlockData:
