@@ -22,8 +22,11 @@ Rows:
   same algorithms on exactly the layers qpdeploy quantizes (every other quantizer off).
 - ``modelopt_int4_awq`` (``_matched``): Model Optimizer's ``INT4_AWQ_CFG``, INT4 weights in
   blocks of 128 along a weight's last axis (128 inputs of a linear layer, but one kernel row
-  of a 3x3 convolution), float activations; compared with ``qpdeploy_w4a16_block``. Every
-  row reports ``weights_per_scale``, so such differences in format are visible.
+  of a 3x3 convolution), float activations; compared with ``qpdeploy_w4a16_block``.
+  ``modelopt_int4_awq_matched_in128``: the same on qpdeploy's layers with the blocks along the
+  input channels (128 weights per scale for convolutions and linear layers alike, the usual
+  meaning of INT4 with group size 128). Every row reports ``weights_per_scale``, so such
+  differences in format are visible.
 
 Each row that has a reference row (``REFERENCE``) run on the same calls gets
 ``<reference>_minus_this_db``: the reference's SQNR minus its own, with the paired interval.
@@ -59,7 +62,7 @@ QPDEPLOY_ROWS = {
     "qpdeploy_w4a16_block": {"weight_bits": 4, "act_bits": None, "rounding": "block"},
 }
 MODELOPT_ROWS = ("modelopt_int8", "modelopt_int8_matched", "modelopt_smoothquant", "modelopt_smoothquant_matched",
-                 "modelopt_int4_awq", "modelopt_int4_awq_matched")
+                 "modelopt_int4_awq", "modelopt_int4_awq_matched", "modelopt_int4_awq_matched_in128")
 # The row each row is compared with (paired, same calls), when both ran: "<that>_minus_this_db".
 REFERENCE = {
     **{name: "qpdeploy" for name in MODELOPT_ROWS[:4]},
@@ -67,6 +70,7 @@ REFERENCE = {
     "qpdeploy_w4a16": "qpdeploy_w4a16_block",
     "modelopt_int4_awq": "qpdeploy_w4a16_block",  # weight-only INT4 against weight-only INT4
     "modelopt_int4_awq_matched": "qpdeploy_w4a16_block",
+    "modelopt_int4_awq_matched_in128": "qpdeploy_w4a16_block",
 }
 
 
@@ -77,13 +81,14 @@ def modelopt_config(name: str, layers: list[str]) -> dict:
 
     shipped = (mtq.INT4_AWQ_CFG if "awq" in name else mtq.INT8_SMOOTHQUANT_CFG if "smoothquant" in name
                else mtq.INT8_DEFAULT_CFG)
-    if not name.endswith("_matched"):
+    if "_matched" not in name:
         return copy.deepcopy(shipped)
     entries = [{"quantizer_name": "*", "enable": False}]
     for layer in layers:
-        if "awq" in name:  # INT4 weights in blocks of 128 input channels, float inputs, as shipped
+        if "awq" in name:  # INT4 weights in blocks of 128 along the last axis as shipped, or the input channels
+            axis = 1 if name.endswith("_in128") else -1
             entries.append({"quantizer_name": f"{layer}.weight_quantizer",
-                            "cfg": {"num_bits": 4, "block_sizes": {-1: 128, "type": "static"}}})
+                            "cfg": {"num_bits": 4, "block_sizes": {axis: 128, "type": "static"}}})
             continue
         entries.append({"quantizer_name": f"{layer}.weight_quantizer", "cfg": {"num_bits": 8, "axis": 0}})
         entries.append({"quantizer_name": f"{layer}.input_quantizer", "cfg": {"num_bits": 8, "axis": None}})
