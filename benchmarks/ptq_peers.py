@@ -31,19 +31,30 @@ Rows:
 Each row that has a reference row (``REFERENCE``) run on the same calls gets
 ``<reference>_minus_this_db``: the reference's SQNR minus its own, with the paired interval.
 
+- ``ort_qdq`` / ``ort_qdq_matched``: ONNX Runtime's static quantizer
+  (``onnxruntime.quantization.quantize_static``, QDQ format, INT8 weights per channel and INT8
+  activations, MinMax calibration on the same calls) on the float UNet exported to ONNX, its
+  default operator set (every operator it can quantize) or only the Conv / MatMul / Gemm nodes
+  of qpdeploy's layers; scored by running the QDQ graph in ONNX Runtime (its integer kernels
+  on a CPU). SD 1.x / 2.x UNets (no added conditioning inputs).
+
 Model Optimizer is optional (``pip install -e ".[peers]"``): without it its rows are listed
-under ``not_run`` with the reason. ONNX Runtime's static QDQ quantizer is not a row yet.
+under ``not_run`` with the reason. ONNX Runtime is a dependency of qpdeploy.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import logging
 import platform
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from qpdeploy.calibrate import sqnr_by_interval, spread_over_schedule, unet_outputs
@@ -63,9 +74,10 @@ QPDEPLOY_ROWS = {
 }
 MODELOPT_ROWS = ("modelopt_int8", "modelopt_int8_matched", "modelopt_smoothquant", "modelopt_smoothquant_matched",
                  "modelopt_int4_awq", "modelopt_int4_awq_matched", "modelopt_int4_awq_matched_in128")
+ORT_ROWS = ("ort_qdq", "ort_qdq_matched")
 # The row each row is compared with (paired, same calls), when both ran: "<that>_minus_this_db".
 REFERENCE = {
-    **{name: "qpdeploy" for name in MODELOPT_ROWS if "int4" not in name},  # the INT8 peers
+    **{name: "qpdeploy" for name in (*MODELOPT_ROWS, *ORT_ROWS) if "int4" not in name},  # the INT8 peers
     "qpdeploy_w4a8": "qpdeploy_w4a8_block",  # what learned rounding adds
     "qpdeploy_w4a16": "qpdeploy_w4a16_block",
     "modelopt_int4_awq": "qpdeploy_w4a16_block",  # weight-only INT4 against weight-only INT4
@@ -129,6 +141,116 @@ def weights_per_scale(model) -> float:
     return round(weights / max(scales, 1), 1)
 
 
+class OrtUNet:
+    """A UNet-shaped callable over an ONNX Runtime session of ``(sample, timestep,
+    encoder_hidden_states) -> noise``, so :func:`unet_outputs` scores it like a torch model."""
+
+    def __init__(self, path: Path, threads: int):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+    def __call__(self, sample, timestep, encoder_hidden_states=None, return_dict=False, **extra):
+        if extra:
+            raise ValueError(f"ONNX Runtime rows take SD 1.x / 2.x UNet calls; this one also has {sorted(extra)}")
+        feed = {"sample": sample.float().numpy(), "timestep": torch.as_tensor(timestep).numpy(),
+                "encoder_hidden_states": encoder_hidden_states.float().numpy()}
+        return (torch.from_numpy(self.session.run(None, feed)[0]),)
+
+
+class _FloatUNet(torch.nn.Module):
+    def __init__(self, unet):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, sample, timestep, encoder_hidden_states):
+        return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
+
+
+def ort_float_graph(fp_unet, call, folder: Path) -> Path:
+    """The float UNet as ONNX (traced on ``call``'s shapes, batch dynamic), shape-inferred and
+    pre-processed for quantization (``quant_pre_process``)."""
+    import onnx
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    from qpdeploy.exporters.tracing import torchscript_export
+
+    (sample, timestep), kwargs = call.args, call.kwargs
+    if set(kwargs) != {"encoder_hidden_states"}:
+        raise ValueError(f"ONNX Runtime rows take SD 1.x / 2.x UNets; calls carry {sorted(kwargs)}")
+    names = ["sample", "timestep", "encoder_hidden_states"]
+    cpu_unet = fp_unet if next(fp_unet.parameters()).device.type == "cpu" else copy.deepcopy(fp_unet).cpu()
+    graph = torchscript_export(_FloatUNet(cpu_unet), (sample, timestep, kwargs["encoder_hidden_states"]),
+                               names, ["noise"], 17, folder,
+                               dynamic_axes={"sample": {0: "batch"}, "encoder_hidden_states": {0: "batch"},
+                                             "noise": {0: "batch"}})
+    raw, prepared = folder / "unet_float_raw.onnx", folder / "unet_float.onnx"
+    onnx.save(graph, str(raw))
+    quant_pre_process(str(raw), str(prepared), skip_symbolic_shape=True)
+    return prepared
+
+
+def ort_layer_nodes(graph_path: Path, layers: list[str]) -> list[str]:
+    """The Conv / MatMul / Gemm nodes that compute ``layers`` (TorchScript names a node
+    ``/unet/<module path with / for .>/<op>``)."""
+    import onnx
+
+    wanted = set(layers)
+    nodes = []
+    for node in onnx.load(str(graph_path), load_external_data=False).graph.node:
+        scope = node.name.rsplit("/", 1)[0].removeprefix("/unet/").replace("/", ".")
+        if node.op_type in ("Conv", "MatMul", "Gemm") and scope in wanted:
+            nodes.append(node.name)
+    return nodes
+
+
+def ort_quantize(name: str, graph_path: Path, layers: list[str], calib, threads: int) -> tuple[OrtUNet, int, float]:
+    """ONNX Runtime's static QDQ quantization of the float graph calibrated on ``calib``: the
+    session, how many Conv / MatMul / Gemm nodes got quantized weights, and weights per scale."""
+    import onnx
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.calls = iter(calib)
+
+        def get_next(self):
+            call = next(self.calls, None)
+            if call is None:
+                return None
+            (sample, timestep), kwargs = call.args, call.kwargs
+            return {"sample": sample.float().numpy(), "timestep": torch.as_tensor(timestep).numpy(),
+                    "encoder_hidden_states": kwargs["encoder_hidden_states"].float().numpy()}
+
+    out = graph_path.with_name(f"{name}.onnx")
+    matched = name.endswith("_matched")
+    nodes = ort_layer_nodes(graph_path, layers) if matched else None
+    if matched and len(nodes) != len(layers):
+        raise RuntimeError(f"found {len(nodes)} ONNX nodes for qpdeploy's {len(layers)} layers")
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # per-channel axis warnings for every 1-D constant of a norm layer
+    try:
+        quantize_static(str(graph_path), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, nodes_to_quantize=nodes,
+                        op_types_to_quantize=["Conv", "MatMul", "Gemm"] if matched else None)
+    finally:
+        root.setLevel(level)
+    graph = onnx.load(str(out)).graph
+    sizes = {i.name: int(np.prod(i.dims)) for i in graph.initializer}
+    producers = {o: n for n in graph.node for o in n.output}
+    weighted = weights = scales = 0
+    for node in graph.node:
+        if node.op_type not in ("Conv", "MatMul", "Gemm") or len(node.input) < 2:
+            continue
+        dq = producers.get(node.input[1])
+        if dq is not None and dq.op_type == "DequantizeLinear" and dq.input[0] in sizes:  # a constant weight
+            weighted, weights, scales = weighted + 1, weights + sizes[dq.input[0]], scales + sizes[dq.input[1]]
+    return OrtUNet(out, threads), weighted, round(weights / max(scales, 1), 1)
+
+
 BOOTSTRAP = 2000  # resamples of the held-out calls
 
 
@@ -150,8 +272,6 @@ def score(fp_out, model, held, intervals, device) -> tuple[dict, list[float]]:
 def paired_difference(signal: list[float], a: list[float], b: list[float], seed: int = 0) -> dict:
     """SQNR(a) - SQNR(b) in dB on the same held-out calls, with a 95% bootstrap interval over
     the calls (resampled together for both rows: the comparison is paired)."""
-    import numpy as np
-
     signal, a, b = map(np.asarray, (signal, a, b))
     point = 10 * np.log10(b.sum() / a.sum())
     idx = np.random.default_rng(seed).integers(0, len(signal), size=(BOOTSTRAP, len(signal)))
@@ -185,33 +305,48 @@ def run(args) -> dict:
     except ImportError:
         peers = []
         not_run.update({r: "nvidia-modelopt not installed" for r in MODELOPT_ROWS if r in args.rows})
-    for size in args.calib_sizes:
-        calib = spread_over_schedule(calib_all, size)
-        noise, layers = {}, None
-        for name in [r for r in QPDEPLOY_ROWS if r in args.rows]:
-            t0 = time.perf_counter()
-            info = {}
-            qunet, plans = quantize_unet(fp_unet, config.replace(calib_samples=size, **QPDEPLOY_ROWS[name]),
-                                         intervals, calib, device, info=info)
-            layers = [p.name for p in plans if p.quantized]
-            scores, noise[name] = score(fp_out, qunet, held, quarters, device)
-            rows.append({"row": name, "calibration_calls": len(calib), "layers_quantized": len(layers),
-                         "weights_per_scale": weights_per_scale(qunet), **scores,
-                         "seconds": round(time.perf_counter() - t0, 2),
-                         **({"rounding": info["rounding"]} if "rounding" in info else {})})
-        for name in peers:
-            t0 = time.perf_counter()
-            model, count = modelopt_quantize(fp_unet, name, layers or quantized_layers(fp_unet, config), calib, device)
-            scores, noise[name] = score(fp_out, model, held, quarters, device)
-            rows.append({"row": name, "calibration_calls": len(calib), "layers_quantized": count,
-                         "weights_per_scale": weights_per_scale(model), **scores,
-                         "seconds": round(time.perf_counter() - t0, 2)})
-        for row in rows:
-            reference = REFERENCE.get(row["row"])
-            if row["calibration_calls"] == len(calib) and reference in noise:  # same calls: a paired comparison
-                row[f"{reference}_minus_this_db"] = paired_difference(signal, noise[reference], noise[row["row"]])
-        for row in rows[-len(noise):]:
-            print(_line(row), flush=True)
+    scratch = Path(tempfile.mkdtemp(prefix="ptq-peers-"))  # the ONNX Runtime rows' graphs
+    graph_path = None
+    try:
+        for size in args.calib_sizes:
+            calib = spread_over_schedule(calib_all, size)
+            noise, layers = {}, None
+            for name in [r for r in QPDEPLOY_ROWS if r in args.rows]:
+                t0 = time.perf_counter()
+                info = {}
+                qunet, plans = quantize_unet(fp_unet, config.replace(calib_samples=size, **QPDEPLOY_ROWS[name]),
+                                             intervals, calib, device, info=info)
+                layers = [p.name for p in plans if p.quantized]
+                scores, noise[name] = score(fp_out, qunet, held, quarters, device)
+                rows.append({"row": name, "calibration_calls": len(calib), "layers_quantized": len(layers),
+                             "weights_per_scale": weights_per_scale(qunet), **scores,
+                             "seconds": round(time.perf_counter() - t0, 2),
+                             **({"rounding": info["rounding"]} if "rounding" in info else {})})
+            for name in [r for r in ORT_ROWS if r in args.rows]:
+                t0 = time.perf_counter()
+                if graph_path is None:
+                    graph_path = ort_float_graph(fp_unet, calib_all[0], scratch)
+                model, count, per_scale = ort_quantize(name, graph_path, layers or quantized_layers(fp_unet, config),
+                                                       calib, args.threads)
+                scores, noise[name] = score(fp_out, model, held, quarters, device)
+                rows.append({"row": name, "calibration_calls": len(calib), "layers_quantized": count,
+                             "weights_per_scale": per_scale, **scores, "seconds": round(time.perf_counter() - t0, 2)})
+                del model
+            for name in peers:
+                t0 = time.perf_counter()
+                model, count = modelopt_quantize(fp_unet, name, layers or quantized_layers(fp_unet, config), calib, device)
+                scores, noise[name] = score(fp_out, model, held, quarters, device)
+                rows.append({"row": name, "calibration_calls": len(calib), "layers_quantized": count,
+                             "weights_per_scale": weights_per_scale(model), **scores,
+                             "seconds": round(time.perf_counter() - t0, 2)})
+            for row in rows:
+                reference = REFERENCE.get(row["row"])
+                if row["calibration_calls"] == len(calib) and reference in noise:  # same calls: a paired comparison
+                    row[f"{reference}_minus_this_db"] = paired_difference(signal, noise[reference], noise[row["row"]])
+            for row in rows[-len(noise):]:
+                print(_line(row), flush=True)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     return {
         "command": "python benchmarks/ptq_peers.py " + " ".join(sys.argv[1:]),
         "model": args.model,
@@ -266,7 +401,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     args.calib_sizes = [int(v) for v in args.calib_sizes.split(",")]
     args.rows = args.rows.split(",")
-    unknown = set(args.rows) - {*QPDEPLOY_ROWS, *MODELOPT_ROWS}
+    unknown = set(args.rows) - {*QPDEPLOY_ROWS, *MODELOPT_ROWS, *ORT_ROWS}
     if unknown:
         parser.error(f"unknown rows: {', '.join(sorted(unknown))}")
     report = run(args)

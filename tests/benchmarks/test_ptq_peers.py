@@ -24,10 +24,10 @@ def test_the_qpdeploy_row_is_what_quantize_reports(tmp_path):
 
     out = tmp_path / "peers.json"
     ptq_peers.main(["--model", "tiny-sd1", "--calib-sizes", "8,16", "--calib-steps", "4", "--heldout-calls", "16",
-                    "--threads", "1", "--rows", "qpdeploy", "--out", str(out)])
+                    "--threads", "1", "--rows", "qpdeploy,ort_qdq_matched", "--out", str(out)])
     report = json.loads(out.read_text())
-    rows = report["rows"]
-    assert [r["calibration_calls"] for r in rows] == [8, 16] and all(r["row"] == "qpdeploy" for r in rows)
+    rows = [r for r in report["rows"] if r["row"] == "qpdeploy"]
+    assert [r["calibration_calls"] for r in rows] == [8, 16]
     assert all(len(r["sqnr_db_per_quarter"]) == 4 and r["sqnr_db"] > 20 for r in rows)
     assert report["settings"]["heldout_calls"] == 16 and report["settings"]["calib_guidance"] == 7.5
     _, _, _, quantized = quantize_pipeline(tiny_pipeline("sd1"), QuantizeConfig(calib_steps=4, calib_samples=16))
@@ -41,6 +41,17 @@ def test_the_qpdeploy_row_is_what_quantize_reports(tmp_path):
               if hasattr(m, "w_int")]
     per_scale = sum(m.weight_shape.numel() for m in layers) / sum(m.out_features for m in layers)
     assert rows[0]["weights_per_scale"] == round(per_scale, 1)  # one scale per output channel
+
+    # ONNX Runtime's static QDQ quantizer on exactly qpdeploy's layers, scored on the same calls
+    ort = [r for r in report["rows"] if r["row"] == "ort_qdq_matched"]
+    assert [r["calibration_calls"] for r in ort] == [8, 16]
+    for ours, peer in zip(rows, ort):
+        assert peer["layers_quantized"] == ours["layers_quantized"]  # every layer's Conv/MatMul/Gemm got a weight DQ
+        assert peer["weights_per_scale"] == ours["weights_per_scale"]  # INT8 per output channel on both sides
+        d = peer["qpdeploy_minus_this_db"]
+        assert d["low"] <= d["mean"] <= d["high"]
+        assert d["mean"] == pytest.approx(ours["sqnr_db"] - peer["sqnr_db"], abs=2e-3)
+        assert 10 < peer["sqnr_db"] < 60  # quantized, and not broken
 
 
 @pytest.mark.slow
