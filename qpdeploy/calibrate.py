@@ -27,13 +27,15 @@ from .memory import release_free_heap
 
 @dataclass
 class UNetCall:
-    """One recorded UNet call: positional/keyword arguments, on the CPU, plus its origin."""
+    """One recorded UNet call: positional/keyword arguments, on the CPU, plus its origin, and
+    (when recorded with ``outputs=True``) the float UNet's own output of that call."""
 
     args: tuple
     kwargs: dict
     timestep: float
     step: int
     prompt: int
+    output: torch.Tensor | None = None
 
     def to(self, device) -> tuple[tuple, dict]:
         """The call's arguments moved to ``device``."""
@@ -60,7 +62,7 @@ class _TrajectoryDone(Exception):
 
 @torch.no_grad()
 def capture_trajectories(pipe, prompts, steps: int, guidance: float, resolution: int | None,
-                         seed: int, progress=None, keep: int | None = None) -> list[UNetCall]:
+                         seed: int, progress=None, keep: int | None = None, outputs: bool = False) -> list[UNetCall]:
     """Run the float pipeline on each prompt and record every UNet call.
 
     Args:
@@ -72,6 +74,8 @@ def capture_trajectories(pipe, prompts, steps: int, guidance: float, resolution:
             (None: all). A trajectory stops after the last call it contributes, and a prompt
             that contributes none is not run, so the result is exactly that selection, in its
             order, at a fraction of the cost.
+        outputs: also keep each recorded call's output (float32, CPU) as ``call.output``: the
+            reference a held-out evaluation needs, without running those calls again.
 
     Returns:
         The recorded calls, in (prompt, step) order (with ``keep``: in
@@ -101,8 +105,15 @@ def capture_trajectories(pipe, prompts, steps: int, guidance: float, resolution:
                               tree_to(kept, "cpu"), float(torch.as_tensor(timestep).float().mean()),
                               state["step"], state["prompt"]))
         state["step"] += 1
+        state["pending"] = calls[-1]
+
+    def keep_output(_module, _args, _kwargs, output):
+        call, state["pending"] = state.pop("pending", None), None
+        if call is not None:
+            call.output = (output[0] if isinstance(output, tuple) else output.sample).detach().float().cpu().clone()
 
     handle = pipe.unet.register_forward_pre_hook(record, with_kwargs=True)
+    out_handle = pipe.unet.register_forward_hook(keep_output, with_kwargs=True) if outputs else None
     size = {} if resolution is None else {"height": resolution, "width": resolution}
     try:
         pipe.set_progress_bar_config(disable=True)
@@ -119,6 +130,8 @@ def capture_trajectories(pipe, prompts, steps: int, guidance: float, resolution:
                 progress()
     finally:
         handle.remove()
+        if out_handle is not None:
+            out_handle.remove()
         pipe.scheduler = original_scheduler
     return calls if keep is None else spread_over_schedule(calls, keep)
 

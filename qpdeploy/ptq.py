@@ -69,9 +69,8 @@ def quantize_pipeline(pipe, config: QuantizeConfig, device="cpu", show_progress:
     qunet, plans = quantize_unet(fp_unet, config, intervals, calib, device, show_progress, info)
 
     # 4. fidelity on held-out calls
-    with _timed(seconds, "evaluate"), stage("evaluate", 2, show_progress) as advance:
-        reference = unet_outputs(fp_unet, held, device)
-        advance()
+    with _timed(seconds, "evaluate"), stage("evaluate", 1, show_progress) as advance:
+        reference = [call.output for call in held]  # the float UNet's own outputs, kept while recording
         test = unet_outputs(qunet, held, device)
         advance()
     overall, per_interval = sqnr_by_interval(reference, test, held, intervals)
@@ -96,8 +95,9 @@ def record_calibration(pipe, config: QuantizeConfig, show_progress: bool | str =
     """Full-precision DDIM trajectories of the calibration prompts and of the held-out ones
     (the last ``config.holdout`` of them, so the two sets share no prompt): every UNet call,
     as ``(calibration_calls, heldout_calls)``, or with ``keep`` only the ``keep`` calls of each
-    set that :func:`spread_over_schedule` picks (the trajectories stop early). ``config``
-    must be resolved (:func:`resolve_config`)."""
+    set that :func:`spread_over_schedule` picks (the trajectories stop early). Held-out calls
+    carry the float UNet's output (``call.output``), the reference they are scored against.
+    ``config`` must be resolved (:func:`resolve_config`)."""
     prompts = list(config.calib_prompts or model_calibration_prompts(pipe) or CALIBRATION_PROMPTS)
     n_hold = max(1, round(len(prompts) * config.holdout))
     calib_prompts, held_prompts = prompts[:-n_hold], prompts[-n_hold:]
@@ -105,7 +105,7 @@ def record_calibration(pipe, config: QuantizeConfig, show_progress: bool | str =
         calib = capture_trajectories(pipe, calib_prompts, config.calib_steps, config.guidance, config.resolution,
                                      config.seed, advance, keep)
         held = capture_trajectories(pipe, held_prompts, config.calib_steps, config.guidance, config.resolution,
-                                    config.seed + 10_000, advance, keep)
+                                    config.seed + 10_000, advance, keep, outputs=True)
     return calib, held
 
 

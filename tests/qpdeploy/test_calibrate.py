@@ -15,7 +15,7 @@ from ..conftest import family_params
 from torch import nn
 
 from qpdeploy.calibrate import (calibrate_activations, capture_trajectories, search_act_scale, sqnr_db,
-                                spread_over_schedule)
+                                spread_over_schedule, unet_outputs)
 from qpdeploy.layers import QuantConv2d
 from qpdeploy.models import TINY_FAMILIES as FAMILIES
 from qpdeploy.qunet import shortcut_splits
@@ -158,7 +158,8 @@ def test_calibration_guidance_is_the_models_recommendation_unless_given(tiny_pip
     used = []
     real = ptq.capture_trajectories
     monkeypatch.setattr(ptq, "capture_trajectories",
-                        lambda pipe, prompts, steps, guidance, *a: used.append(guidance) or real(pipe, prompts, steps, guidance, *a))
+                        lambda pipe, prompts, steps, guidance, *a, **k: used.append(guidance) or real(pipe, prompts, steps, guidance,
+                                                                                          *a, **k))
     pipe = tiny_pipe("sd1")
     pipe.register_to_config(_name_or_path=str(tmp_path))
     config = quick_config(calib_steps=2, calib_samples=2, weight_search="minmax", act_search="minmax")
@@ -254,3 +255,18 @@ def test_trajectories_that_keep_only_the_picked_calls_record_exactly_those_and_r
     # next step's pre-hook, before that step computes anything
     assert len(runs) == sum(s + 1 for s in last.values()) + sum(s < 4 for s in last.values())
     assert (len(runs) < full_runs) == (keep < 30)
+
+
+@pytest.mark.parametrize("name", ["sd1", "sdxl"])
+def test_outputs_kept_while_recording_equal_running_those_calls_again(tiny_pipe, name):
+    """capture_trajectories(outputs=True) keeps each kept call's float output: bit for bit what
+    unet_outputs computes from the recorded arguments, so the held-out evaluation need not run
+    the float UNet again."""
+    pipe = tiny_pipe(name)
+    calls = capture_trajectories(pipe, ["a dog", "a cat"], steps=5, guidance=7.5, resolution=None, seed=1,
+                                 keep=6, outputs=True)
+    assert len(calls) == 6 and all(c.output is not None for c in calls)
+    with torch.no_grad():
+        again = unet_outputs(pipe.unet, calls, "cpu")
+    assert all(torch.equal(c.output, a) for c, a in zip(calls, again))
+    assert capture_trajectories(pipe, ["a dog"], steps=2, guidance=7.5, resolution=None, seed=1)[0].output is None
