@@ -14,6 +14,8 @@ its own on the same calls, with a 95% paired bootstrap interval over the held-ou
 Rows:
 - ``qpdeploy``: ``quantize``'s W8A8 default (per-channel weights with the L2.4 clipping
   search, per-tensor activations, shortcut split, the skip list).
+- ``qpdeploy_act_output``: the same with ``--act-search output`` (each activation range
+  refined against its layer's output error).
 - ``qpdeploy_w4a8`` / ``qpdeploy_w4a16``: INT4 per-channel weights with the same search, INT8
   or float activations, weights rounded to nearest; ``..._block``: the same with learned
   rounding (``quantize --rounding block``: BRECQ with AdaRound, ``qpdeploy.reconstruct``).
@@ -61,12 +63,14 @@ from qpdeploy.calibrate import sqnr_by_interval, spread_over_schedule, unet_outp
 from qpdeploy.config import QuantizeConfig
 from qpdeploy.io import write_json
 from qpdeploy.models import load_pipeline
-from qpdeploy.ptq import quantize_unet, record_calibration, resolve_config
+from qpdeploy.prompts import CALIBRATION_PROMPTS
+from qpdeploy.ptq import model_calibration_prompts, quantize_unet, record_calibration, resolve_config
 from qpdeploy.qunet import plan_layers
 
 # qpdeploy's rows: QuantizeConfig changes from quantize's defaults.
 QPDEPLOY_ROWS = {
     "qpdeploy": {},
+    "qpdeploy_act_output": {"act_search": "output"},
     "qpdeploy_w4a8": {"weight_bits": 4},
     "qpdeploy_w4a8_block": {"weight_bits": 4, "rounding": "block"},
     "qpdeploy_w4a16": {"weight_bits": 4, "act_bits": None},
@@ -78,6 +82,7 @@ ORT_ROWS = ("ort_qdq", "ort_qdq_matched")
 # The row each row is compared with (paired, same calls), when both ran: "<that>_minus_this_db".
 REFERENCE = {
     **{name: "qpdeploy" for name in (*MODELOPT_ROWS, *ORT_ROWS) if "int4" not in name},  # the INT8 peers
+    "qpdeploy_act_output": "qpdeploy",  # what the output-error activation search adds (negative: a gain)
     "qpdeploy_w4a8": "qpdeploy_w4a8_block",  # what learned rounding adds
     "qpdeploy_w4a16": "qpdeploy_w4a16_block",
     "modelopt_int4_awq": "qpdeploy_w4a16_block",  # weight-only INT4 against weight-only INT4
@@ -285,6 +290,9 @@ def run(args) -> dict:
     device = torch.device(args.device)
     pipe = load_pipeline(args.model)
     config = resolve_config(pipe, QuantizeConfig(calib_steps=args.calib_steps, seed=args.seed))
+    if args.split == "dev":  # the held-out prompts stay unseen: score on the last calibration prompts instead
+        prompts = list(config.calib_prompts or model_calibration_prompts(pipe) or CALIBRATION_PROMPTS)
+        config = config.replace(calib_prompts=tuple(prompts[: -max(1, round(len(prompts) * config.holdout))]))
     pipe.to(device)
     fp_unet = pipe.unet.eval()
     timesteps = pipe.scheduler.config.num_train_timesteps
@@ -349,7 +357,7 @@ def run(args) -> dict:
     return {
         "command": "python benchmarks/ptq_peers.py " + " ".join(sys.argv[1:]),
         "model": args.model,
-        "settings": {"calib_steps": config.calib_steps, "calib_guidance": config.guidance, "seed": config.seed,
+        "settings": {"split": args.split, "calib_steps": config.calib_steps, "calib_guidance": config.guidance, "seed": config.seed,
                      "calib_sizes": args.calib_sizes, "heldout_calls": len(held), "trajectory_calls": len(calib_all),
                      "threads": args.threads, "device": str(device)},
         "rows": rows,
@@ -395,6 +403,9 @@ def main(argv=None) -> None:
     parser.add_argument("--heldout-calls", type=int, default=0, help="score on this many held-out calls (0: all)")
     parser.add_argument("--rows", default=",".join(("qpdeploy", *MODELOPT_ROWS)))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--split", choices=("test", "dev"), default="test",
+                        help="test: score on the held-out prompts; dev: on the last of the calibration prompts "
+                             "(calibrating on the others), for choosing settings")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)

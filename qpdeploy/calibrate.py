@@ -20,8 +20,9 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
-from .layers import ACT_QMAX, ACT_QMIN, quant_layers
+from .layers import ACT_QMAX, ACT_QMIN, QuantConv2d, quant_layers
 from .memory import release_free_heap
 
 
@@ -164,14 +165,20 @@ class ActivationSampler:
 
     Values are kept per (layer, interval, part): ``part`` 1 holds the skip-connection half
     of a split input. The running absolute maximum is tracked exactly, the sample is
-    uniform over elements (so L_p errors measured on it are unbiased estimates).
+    uniform over elements (so L_p errors measured on it are unbiased estimates). With
+    ``rows_per_sample`` it also keeps that many whole input rows per sample and layer (a
+    linear layer's tokens, a convolution's receptive-field patches): what the layer's weight
+    multiplies, for the output-error search.
     """
 
-    def __init__(self, unet: nn.Module, values_per_sample: int, seed: int):
+    def __init__(self, unet: nn.Module, values_per_sample: int, seed: int, rows_per_sample: int = 0):
         self.values_per_sample = values_per_sample
+        self.rows_per_sample = rows_per_sample
         self.generator = torch.Generator().manual_seed(seed)
+        self.row_generator = torch.Generator().manual_seed(seed + 1)  # own stream: the value sample stays as with "lp"
         self.samples: dict[tuple[str, int, int], list[torch.Tensor]] = defaultdict(list)
         self.amax: dict[tuple[str, int, int], float] = defaultdict(float)
+        self.rows: dict[tuple[str, int], list[torch.Tensor]] = defaultdict(list)
         self.handles = [layer.register_forward_pre_hook(self._hook(name, layer)) for name, layer in quant_layers(unet)]
 
     def _hook(self, name, layer):
@@ -185,7 +192,19 @@ class ActivationSampler:
             for b, interval in enumerate(intervals):
                 for part, values in enumerate(parts):
                     self._keep((name, interval, part), values[b].reshape(-1))
+                if self.rows_per_sample:
+                    self._keep_rows((name, interval), layer, x[b : b + 1])
         return hook
+
+    def _keep_rows(self, key, layer, x: torch.Tensor) -> None:
+        if isinstance(layer, QuantConv2d):
+            if layer.groups != 1:
+                return  # grouped convolutions keep the L_p range
+            rows = F.unfold(x.float(), layer.weight_shape[2:], layer.dilation, layer.padding, layer.stride)[0].T
+        else:
+            rows = x.float().reshape(-1, x.shape[-1])
+        idx = torch.randperm(rows.shape[0], generator=self.row_generator)[: self.rows_per_sample]
+        self.rows[key].append(rows[idx].cpu())
 
     def _keep(self, key, values: torch.Tensor) -> None:
         self.amax[key] = max(self.amax[key], float(values.abs().max()))
@@ -248,7 +267,8 @@ def calibrate_activations(qunet: nn.Module, calls: list[UNetCall], config, devic
     saved_bits = {name: layer.act_bits for name, layer in layers.items()}
     for layer in layers.values():
         layer.act_bits = None
-    sampler = ActivationSampler(qunet, config.sample_values, config.seed)
+    sampler = ActivationSampler(qunet, config.sample_values, config.seed,
+                                OUTPUT_SEARCH_ROWS if config.act_search == "output" else 0)
     try:
         for call in calls:
             args, kwargs = call.to(device)
@@ -265,6 +285,7 @@ def calibrate_activations(qunet: nn.Module, calls: list[UNetCall], config, devic
 
 
 def _layer_scales(name, layer, sampler: ActivationSampler, config) -> torch.Tensor:
+    method = "lp" if config.act_search == "output" else config.act_search
     sets, parts = layer.act_scale.shape
     table = torch.empty(sets, parts)
     for part in range(parts):
@@ -273,16 +294,61 @@ def _layer_scales(name, layer, sampler: ActivationSampler, config) -> torch.Tens
             table[:, part] = 1.0
             continue
         pooled = torch.cat([torch.cat(sampler.samples[k]) for k in keys])
-        global_scale = search_act_scale(pooled, max(sampler.amax[k] for k in keys), config.act_search, config.lp_norm)
+        global_scale = search_act_scale(pooled, max(sampler.amax[k] for k in keys), method, config.lp_norm)
         for interval in range(sets):
             key = (name, interval, part)
             if sets == 1 or key not in sampler.samples:
                 table[interval, part] = global_scale
             else:
                 table[interval, part] = search_act_scale(
-                    torch.cat(sampler.samples[key]), sampler.amax[key], config.act_search, config.lp_norm
+                    torch.cat(sampler.samples[key]), sampler.amax[key], method, config.lp_norm
                 )
+    if config.act_search == "output":
+        table = _refine_on_output(name, layer, sampler, table)
     return table
+
+
+OUTPUT_SEARCH_ROWS = 8  # whole input rows kept per sample and layer for act_search="output"
+OUTPUT_SEARCH_FACTORS = (1.0, 0.5, 0.6, 0.7, 0.8, 0.9, 1.1, 1.2, 1.35, 1.5)  # x the L_p scale (1.0 first: kept on ties)
+OUTPUT_SEARCH_MAX_ROWS = 2048  # rows per search (an even stride through the kept ones)
+
+
+def _refine_on_output(name, layer, sampler: ActivationSampler, table: torch.Tensor) -> torch.Tensor:
+    """Each activation scale of ``table`` (from the L_p search) multiplied by the factor of
+    ``OUTPUT_SEARCH_FACTORS`` that minimises the layer's output error ``|R W^T - Q(R) W^T|^2``
+    on the kept input rows R of its interval (all intervals for a global row), with the
+    layer's quantized weight W. A split input's parts are refined in turn, the other part
+    quantized at its current scale."""
+    keys = sorted(k for k in sampler.rows if k[0] == name)
+    if not keys:
+        return table
+    weight = layer.dequantized_weight(layer.w_int, layer.s_ptq, torch.float32).reshape(layer.out_features, -1).cpu()
+    per_channel = weight.shape[1] // layer.in_features  # conv patches: C_in x kernel, channel-major
+    bounds = [(0, weight.shape[1])] if not layer.split else [
+        (0, layer.split * per_channel), (layer.split * per_channel, weight.shape[1])]
+    table = table.clone()
+    sets = table.shape[0]
+    for interval in range(sets):
+        chosen = [(name, interval)] if sets > 1 and (name, interval) in sampler.rows else keys
+        rows = torch.cat([torch.cat(sampler.rows[k]) for k in chosen])
+        rows = rows[:: -(-rows.shape[0] // OUTPUT_SEARCH_MAX_ROWS)]
+        reference = rows @ weight.T
+        scales = table[interval].tolist()
+        for part, (lo, hi) in enumerate(bounds):
+            best, best_err = scales[part], None
+            for factor in OUTPUT_SEARCH_FACTORS:
+                trial = scales[:part] + [scales[part] * factor] + scales[part + 1 :]
+                quantized = torch.cat([_quantize_act(rows[:, a:b], s) for (a, b), s in zip(bounds, trial)], dim=1)
+                err = float(((quantized @ weight.T - reference) ** 2).sum())
+                if best_err is None or err < best_err:
+                    best, best_err = trial[part], err
+            scales[part] = best
+        table[interval] = torch.tensor(scales)
+    return table
+
+
+def _quantize_act(x: torch.Tensor, scale: float) -> torch.Tensor:
+    return torch.clamp(torch.round(x / scale), ACT_QMIN, ACT_QMAX) * scale
 
 
 # ------------------------------------------------------------------------------------

@@ -105,6 +105,9 @@ def quantize(
     no_skip: bool = typer.Option(False, "--no-skip", help="Quantize every Conv2d/Linear (empty skip list)."),
     shortcut_split: bool = typer.Option(True, help="Quantize the two halves of skip-connection inputs separately."),
     calib_method: Literal["lp", "minmax"] = typer.Option("lp", help="Clipping search for weights and activations: 'lp' or 'minmax'."),
+    act_search: Optional[str] = typer.Option(None, help="Activation range search: 'lp', 'minmax' or 'output' (the "
+                                                        "L_p range refined against each layer's output error); "
+                                                        "default: --calib-method."),
     calib_prompts: Optional[Path] = typer.Option(None, help="File with one calibration prompt per line."),
     calib_steps: int = typer.Option(20, help="DDIM steps of each full-precision calibration trajectory."),
     calib_samples: int = typer.Option(64, help="UNet calls used for calibration, spread over the schedule."),
@@ -134,7 +137,7 @@ def quantize(
         skip=() if no_skip else tuple(skip) if skip else DEFAULT_SKIP,
         shortcut_split=shortcut_split,
         weight_search=calib_method,
-        act_search=calib_method,
+        act_search=act_search or calib_method,
         calib_prompts=None if calib_prompts is None else tuple(read_prompt_file(calib_prompts)),
         calib_steps=calib_steps,
         calib_samples=calib_samples,

@@ -39,6 +39,7 @@ DEFAULT_SKIP = (
 )
 
 
+ACT_SEARCHES = ("lp", "minmax", "output")
 ROUNDINGS = ("nearest", "block")  # how weights round to integers (QuantizeConfig.rounding)
 
 VERSION_KEY = "config_version"
@@ -141,7 +142,9 @@ class QuantizeConfig(ConfigBase):
         skip: regular expressions on module names kept in floating point.
         shortcut_split: quantize the two halves of skip-connection concatenations separately.
         weight_search / act_search: "lp" (search the clipping range minimising the L_p
-            error, p = ``lp_norm``) or "minmax" (no clipping).
+            error, p = ``lp_norm``) or "minmax" (no clipping); ``act_search`` also "output":
+            the L_p range refined against the layer's output error (its quantized weight
+            applied to sampled whole input rows / conv patches).
         calib_prompts: prompts of the full-precision trajectories (None: built-in list).
         calib_steps: DDIM steps of each calibration trajectory.
         calib_samples: UNet calls (cond + uncond batches) used to calibrate, spread evenly
@@ -188,7 +191,7 @@ class QuantizeConfig(ConfigBase):
             (self.act_bits in (8, None), f"activation bits must be 8 or none, got {self.act_bits}"),
             (self.act_scales in ("global", "per-interval"), f"act scales must be global or per-interval, got {self.act_scales!r}"),
             (self.weight_search in ("lp", "minmax"), f"weight search must be lp or minmax, got {self.weight_search!r}"),
-            (self.act_search in ("lp", "minmax"), f"activation search must be lp or minmax, got {self.act_search!r}"),
+            (self.act_search in ACT_SEARCHES, f"activation search must be one of {', '.join(ACT_SEARCHES)}, got {self.act_search!r}"),
             (self.lp_norm > 0, f"lp norm must be positive, got {self.lp_norm}"),
             (1 <= self.intervals <= MAX_STEPS, f"intervals must be in 1..{MAX_STEPS}, got {self.intervals}"),
             (2 <= self.calib_steps <= MAX_STEPS, f"calibration steps must be in 2..{MAX_STEPS}, got {self.calib_steps}"),

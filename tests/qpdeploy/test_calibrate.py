@@ -270,3 +270,62 @@ def test_outputs_kept_while_recording_equal_running_those_calls_again(tiny_pipe,
         again = unet_outputs(pipe.unet, calls, "cpu")
     assert all(torch.equal(c.output, a) for c, a in zip(calls, again))
     assert capture_trajectories(pipe, ["a dog"], steps=2, guidance=7.5, resolution=None, seed=1)[0].output is None
+
+
+def test_output_search_keeps_the_clipping_range_with_the_least_layer_output_error(tiny_base, tiny_pipe, quick_config,
+                                                                                    monkeypatch):
+    """act_search="output" refines each L_p range by a factor of OUTPUT_SEARCH_FACTORS against
+    the layer's output error. With every input row kept, the error it minimises is exactly the
+    layer's: recomputed here with the layer's own conv / linear on its whole recorded inputs,
+    the chosen range beats every other factor (a split input: each part in turn)."""
+    import copy
+
+    from qpdeploy import calibrate
+    from qpdeploy.layers import quant_layers
+
+    monkeypatch.setattr(calibrate, "OUTPUT_SEARCH_ROWS", 10**6)
+    monkeypatch.setattr(calibrate, "OUTPUT_SEARCH_MAX_ROWS", 10**9)
+    base = tiny_base("sd1", fresh=True)
+    calls = capture_trajectories(tiny_pipe("sd1"), ["a dog", "a cat"], steps=3, guidance=7.5, resolution=None, seed=0)
+    lp_unet = copy.deepcopy(base.unet)
+    calibrate_activations(lp_unet, calls, quick_config(act_scales="global"), "cpu")
+    calibrate_activations(base.unet, calls, quick_config(act_scales="global", act_search="output"), "cpu")
+
+    inputs = {}
+    layers = dict(quant_layers(base.unet))
+    hooks = [layer.register_forward_pre_hook(lambda m, a, n=name: inputs.setdefault(n, []).append(a[0]))
+             for name, layer in layers.items()]
+    bits = {name: layer.act_bits for name, layer in layers.items()}
+    for layer in layers.values():
+        layer.act_bits = None
+    with torch.no_grad():
+        for call in calls:
+            args, kwargs = call.to("cpu")
+            base.unet(*args, **kwargs)
+    for hook in hooks:
+        hook.remove()
+    for name, layer in layers.items():
+        layer.act_bits = bits[name]
+
+    def error(layer, x, scales):
+        weight = layer.dequantized_weight(layer.w_int, layer.s_ptq, torch.float32)
+        parts = list(x.split([layer.split, x.shape[layer.channel_dim] - layer.split], dim=layer.channel_dim)
+                     if layer.split else [x])
+        quantized = torch.cat([calibrate._quantize_act(p, s) for p, s in zip(parts, scales)], dim=layer.channel_dim)
+        return float(((layer.apply_weight(quantized, weight) - layer.apply_weight(x, weight)) ** 2).sum(dtype=torch.float64))
+
+    lp_layers = dict(quant_layers(lp_unet))
+    changed = checked_split = 0
+    for name, layer in layers.items():
+        x = torch.cat(inputs[name])
+        chosen, lp = layer.act_scale[0].tolist(), lp_layers[name].act_scale[0].tolist()
+        factors = [c / s for c, s in zip(chosen, lp)]
+        assert all(min(abs(f - g) for g in calibrate.OUTPUT_SEARCH_FACTORS) < 1e-5 for f in factors)
+        changed += any(abs(f - 1) > 1e-5 for f in factors)
+        first = [error(layer, x, [lp[0] * f, *lp[1:]]) for f in calibrate.OUTPUT_SEARCH_FACTORS]
+        assert error(layer, x, [chosen[0], *lp[1:]]) <= min(first) * (1 + 1e-5)
+        if layer.split:
+            second = [error(layer, x, [chosen[0], lp[1] * f]) for f in calibrate.OUTPUT_SEARCH_FACTORS]
+            assert error(layer, x, chosen) <= min(second) * (1 + 1e-5)
+            checked_split += 1
+    assert changed >= 5 and checked_split >= 2  # the search moves some ranges (14 of 105 here); split layers checked
