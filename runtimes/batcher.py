@@ -11,8 +11,9 @@ UNet call is what :class:`diffusers.StableDiffusionPipeline` does for one reques
 image made in a mixed batch equals the image generated alone, up to the UNet engine's
 arithmetic on a different batch size (tests assert >= 60 dB PSNR).
 
-Stable Diffusion 1.x/2.x deploy dirs only (SDXL adds pooled embeddings and time ids per
-request: not done).
+Stable Diffusion 1.x, 2.x and XL deploy dirs: an SDXL request also carries its pooled text
+embeddings and size conditioning (``time_ids``), batched beside its latents, as
+:class:`diffusers.StableDiffusionXLPipeline` prepares them (no refiner, no size overrides).
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ class _Active:
     embeds: torch.Tensor  # (2 or 1, L, D): [negative, positive] with guidance
     extra: dict
     rows: tuple[int, ...] | None  # scale row per interval (multi-subject), else None
+    added: dict | None = None  # SDXL: text_embeds (pooled) and time_ids, one row per UNet sample
     index: int = 0
     started: float = field(default_factory=time.perf_counter)
 
@@ -68,11 +70,12 @@ class StepBatcher:
     """
 
     def __init__(self, pipe, max_requests: int = 8):
-        from diffusers import StableDiffusionPipeline
+        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-        if not isinstance(pipe, StableDiffusionPipeline):
-            raise QPDeployError(f"the step batcher runs Stable Diffusion 1.x/2.x deploy dirs, not {type(pipe).__name__}")
+        if not isinstance(pipe, (StableDiffusionPipeline, StableDiffusionXLPipeline)):
+            raise QPDeployError(f"the step batcher runs Stable Diffusion 1.x/2.x/XL deploy dirs, not {type(pipe).__name__}")
         self.pipe, self.max_requests = pipe, max_requests
+        self.xl = isinstance(pipe, StableDiffusionXLPipeline)
         self.manifest = pipe.unet.manifest
         self.multi_subject = self.manifest.layout == "multi-subject"
         self.waiting: list[tuple[int, Request]] = []
@@ -93,17 +96,30 @@ class StepBatcher:
     def _start(self, ticket: int, request: Request) -> _Active:
         pipe = self.pipe
         guided = request.guidance > 1.0
-        positive, negative = pipe.encode_prompt(request.prompt, torch.device("cpu"), 1, guided, request.negative_prompt)
+        h, w = self.manifest.size
+        added = None
+        if self.xl:
+            positive, negative, pooled, negative_pooled = pipe.encode_prompt(
+                prompt=request.prompt, device=torch.device("cpu"), num_images_per_prompt=1,
+                do_classifier_free_guidance=guided, negative_prompt=request.negative_prompt)
+            projection = (int(pooled.shape[-1]) if pipe.text_encoder_2 is None
+                          else pipe.text_encoder_2.config.projection_dim)
+            time_ids = pipe._get_add_time_ids((h, w), (0, 0), (h, w), dtype=positive.dtype,
+                                              text_encoder_projection_dim=projection)
+            added = {"text_embeds": torch.cat([negative_pooled, pooled]) if guided else pooled,
+                     "time_ids": torch.cat([time_ids, time_ids]) if guided else time_ids}
+        else:
+            positive, negative = pipe.encode_prompt(request.prompt, torch.device("cpu"), 1, guided,
+                                                    request.negative_prompt)
         embeds = torch.cat([negative, positive]) if guided else positive
         scheduler = copy.deepcopy(pipe.scheduler)
         scheduler.set_timesteps(request.steps, device="cpu")
         generator = torch.Generator("cpu").manual_seed(request.seed)
-        h, w = self.manifest.size
         latents = pipe.prepare_latents(1, pipe.unet.config.in_channels, h, w, embeds.dtype, torch.device("cpu"),
                                        generator, None)
         extra = pipe.prepare_extra_step_kwargs(generator, 0.0)
         rows = self.manifest.subject_dispatch(request.subject).selector_values if self.multi_subject else None
-        return _Active(ticket, request, scheduler, list(scheduler.timesteps), latents, embeds, extra, rows)
+        return _Active(ticket, request, scheduler, list(scheduler.timesteps), latents, embeds, extra, rows, added)
 
     def tick(self) -> list[tuple[int, object]]:
         """Admit waiting requests (up to ``max_requests`` active), run one UNet call for the
@@ -113,7 +129,7 @@ class StepBatcher:
             self.active.append(self._start(*self.waiting.pop(0)))
         if not self.active:
             return []
-        inputs, timesteps, embeds, selector = [], [], [], []
+        inputs, timesteps, embeds, selector, added = [], [], [], [], []
         intervals = self.manifest.intervals
         for job in self.active:
             t = job.timesteps[job.index]
@@ -122,12 +138,16 @@ class StepBatcher:
             inputs.append(model_input)
             timesteps += [float(t)] * copies
             embeds.append(job.embeds)
+            if job.added is not None:
+                added.append(job.added)
             if job.rows is not None:
                 selector += [job.rows[intervals.index(float(t))]] * copies
         unet = self.pipe.unet
         feeds = {"sample": unet._feed("sample", torch.cat(inputs)),
                  "timestep": torch.tensor(timesteps, dtype=torch.float32),
                  "encoder_hidden_states": unet._feed("encoder_hidden_states", torch.cat(embeds))}
+        if added:
+            feeds.update({name: unet._feed(name, torch.cat([a[name] for a in added])) for name in ("text_embeds", "time_ids")})
         noise = unet.engines(feeds, feeds["timestep"], selector=selector if self.multi_subject else None)
         self.calls += 1
         self.samples += noise.shape[0]
@@ -149,7 +169,15 @@ class StepBatcher:
 
     def _decode(self, latents: torch.Tensor):
         pipe = self.pipe
-        image = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False)[0]
+        config = pipe.vae.config
+        mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
+        if self.xl and mean is not None and std is not None:  # as the SDXL pipeline un-normalizes
+            latents = latents * torch.tensor(std).view(1, -1, 1, 1) / config.scaling_factor + torch.tensor(mean).view(1, -1, 1, 1)
+        else:
+            latents = latents / config.scaling_factor
+        image = pipe.vae.decode(latents, return_dict=False)[0]
+        if getattr(pipe, "watermark", None) is not None:
+            image = pipe.watermark.apply_watermark(image)
         return pipe.image_processor.postprocess(image, output_type="pil", do_denormalize=[True])[0]
 
     def run(self, requests: list[Request]) -> list:

@@ -5,7 +5,8 @@
 - ``sd1_masked``: the same base, an S1 pack tuned in intervals 1 and 2 -> masked layout;
 - ``sdxl_multi``: tiny SDXL, an S2 pack -> multi-expert layout;
 - ``sd1_subjects``: the SD1 base, two subjects (``sks``: S2 pack, ``zwx``: S1 pack) ->
-  multi-subject layout (one graph, scale tables as inputs).
+  multi-subject layout (one graph, scale tables as inputs); ``sdxl_subjects``: the same on
+  tiny SDXL.
 
 Every scale set is perturbed differently (as in the export tests), so a call that ran the
 wrong graph or fed the wrong selector value gives a visibly different output. The base and
@@ -29,6 +30,7 @@ DEPLOYS = {
     "sd1_masked": ("sd1", "s1", "masked"),
     "sdxl_multi": ("sdxl", "s2", "multi-expert"),
     "sd1_subjects": ("sd1", ("s2", "s1"), "multi-subject"),
+    "sdxl_subjects": ("sdxl", ("s2", "s1"), "multi-subject"),
 }
 SUBJECT_IDS = ("sks", "zwx")
 
