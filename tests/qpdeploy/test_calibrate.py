@@ -257,7 +257,7 @@ def test_trajectories_that_keep_only_the_picked_calls_record_exactly_those_and_r
     assert (len(runs) < full_runs) == (keep < 30)
 
 
-@pytest.mark.parametrize("name", ["sd1", "sdxl"])
+@pytest.mark.parametrize("name", family_params("sd1", "sdxl"))
 def test_outputs_kept_while_recording_equal_running_those_calls_again(tiny_pipe, name):
     """capture_trajectories(outputs=True) keeps each kept call's float output: bit for bit what
     unet_outputs computes from the recorded arguments, so the held-out evaluation need not run
