@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import dataclasses
 import time
 from pathlib import Path
@@ -13,6 +14,7 @@ from .base import BASE_ARTIFACT, REPORT_FILE, QuantizedBase, base_meta, save_bas
 from .calibrate import calibrate_activations, capture_trajectories, sqnr_by_interval, unet_outputs
 from .config import QuantizeConfig
 from .io import claim_output, read_json
+from .memory import release_free_heap
 from .models import check_resolution, describe_source, load_pipeline, model_folder, model_sampling_defaults
 from .progress import stage
 from .prompts import CALIBRATION_FILE, CALIBRATION_PROMPTS, read_prompt_file
@@ -40,8 +42,12 @@ def resolve_config(pipe, config: QuantizeConfig) -> QuantizeConfig:
     return dataclasses.replace(config, guidance=float(guidance))
 
 
-def quantize_pipeline(pipe, config: QuantizeConfig, device="cpu", show_progress: bool | str = False):
-    """Quantize ``pipe.unet`` after Q-Diffusion; the float pipeline is left unchanged.
+def quantize_pipeline(pipe, config: QuantizeConfig, device="cpu", show_progress: bool | str = False,
+                      release_parts: bool = False):
+    """Quantize ``pipe.unet`` after Q-Diffusion; the float pipeline is left unchanged, unless
+    ``release_parts``: then its text encoder(s) and VAE are dropped (set to None) once the
+    trajectories are recorded, so they do not add to the peak memory of the later stages
+    (for callers that own ``pipe`` and need only its UNet afterwards).
 
     Steps: (1) record full-precision DDIM trajectories on calibration and held-out
     prompts, (2) convert the UNet and quantize its weights with a clipping search,
@@ -64,6 +70,12 @@ def quantize_pipeline(pipe, config: QuantizeConfig, device="cpu", show_progress:
     # 1. full-precision trajectories (timestep-aware calibration data)
     with _timed(seconds, "trajectories"):
         calib, held = record_calibration(pipe, config, show_progress, keep=config.calib_samples)
+    if release_parts:
+        for part in ("text_encoder", "text_encoder_2", "vae"):
+            if getattr(pipe, part, None) is not None:
+                setattr(pipe, part, None)
+        gc.collect()
+        release_free_heap()
 
     # 2-3. structure, weights and activation ranges
     qunet, plans = quantize_unet(fp_unet, config, intervals, calib, device, show_progress, info)
@@ -171,8 +183,10 @@ def quantize_model(model, out, config: QuantizeConfig, config_dir=None, device="
         pipe = load_pipeline(model, config_dir)
         check_resolution(pipe, config.resolution, "resolution")
         config = resolve_config(pipe, config)
-        qunet, intervals, plans, report = quantize_pipeline(pipe, config, resolve_device(device), show_progress)
-        meta = base_meta(plans, describe_source(model), source_hash(pipe))
+        source = source_hash(pipe)  # before the text encoders and VAE are released
+        qunet, intervals, plans, report = quantize_pipeline(pipe, config, resolve_device(device), show_progress,
+                                                            release_parts=True)
+        meta = base_meta(plans, describe_source(model), source)
         path = save_base(out, QuantizedBase(qunet.cpu(), config, intervals, meta), report, force=force)
     return path, read_json(path / REPORT_FILE)
 

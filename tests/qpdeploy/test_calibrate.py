@@ -329,3 +329,17 @@ def test_output_search_keeps_the_clipping_range_with_the_least_layer_output_erro
             assert error(layer, x, chosen) <= min(second) * (1 + 1e-5)
             checked_split += 1
     assert changed >= 5 and checked_split >= 2  # the search moves some ranges (14 of 105 here); split layers checked
+
+
+def test_quantize_can_release_the_parts_it_no_longer_needs(tiny_pipe, quick_config):
+    """quantize_model drops the text encoders and VAE once the trajectories are recorded (its
+    peak memory on SD 1.5 is in the later stages); the result does not change."""
+    from qpdeploy.ptq import quantize_pipeline
+
+    config = quick_config(calib_steps=2, calib_samples=2, weight_search="minmax", act_search="minmax")
+    kept, released = tiny_pipe("sd1"), tiny_pipe("sd1")
+    *_, a = quantize_pipeline(kept, config)
+    *_, b = quantize_pipeline(released, config, release_parts=True)
+    assert kept.text_encoder is not None and kept.vae is not None  # the default leaves the pipeline whole
+    assert released.text_encoder is None and released.vae is None and released.unet is not None
+    assert a["sqnr_db"] == b["sqnr_db"] and a["layers_quantized"] == b["layers_quantized"]
