@@ -14,6 +14,10 @@ those of the real architecture.
 
     python -m benchmarks.quantize_speed --out benchmarks/results/quantize_speed.json [--compare-ref COMMIT]
 
+With ``--batch-sizes 2,8`` it also times the float UNet's forward pass at those batch sizes
+(fresh process, same threads, latents of ``--resolution``): what batching the calibration
+trajectories (several prompts per UNet call) could save on this machine.
+
 With ``--compare-ref``, the same measurement also runs on the qpdeploy of that git commit
 (checked out into a temporary worktree), one after the other on the same built model, so the
 report holds both and their ratios from one run.
@@ -110,6 +114,32 @@ def measure(model: Path, out: Path, args, source: Path | None = None) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def unet_probe(model: Path, args, repeats: int = 3) -> dict:
+    """Seconds per UNet sample of the float UNet at each of ``args.batch_sizes`` (median of
+    ``repeats`` calls after one warm-up call)."""
+    import statistics
+
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    torch.set_num_threads(args.threads)
+    unet = UNet2DConditionModel.from_pretrained(model / "unet", local_files_only=True).eval()
+    side = args.resolution // 8
+    out = {}
+    with torch.no_grad():
+        for batch in [int(b) for b in args.batch_sizes.split(",")]:
+            sample = torch.randn(batch, unet.config.in_channels, side, side)
+            context = torch.randn(batch, 77, unet.config.cross_attention_dim)
+            timestep = torch.full((batch,), 500)
+            seconds = []
+            for _ in range(repeats + 1):
+                start = time.perf_counter()
+                unet(sample, timestep, encoder_hidden_states=context)
+                seconds.append(time.perf_counter() - start)
+            out[str(batch)] = statistics.median(seconds[1:]) / batch
+    return {"seconds_per_sample": out}
+
+
 def run(args) -> dict:
     scratch = Path(args.scratch) if args.scratch else Path(tempfile.mkdtemp(prefix="qp-speed-"))
     model = scratch / "sd15-random"
@@ -139,6 +169,16 @@ def run(args) -> dict:
         report["reference"] = {"commit": commit, **ref}
         report["ratios"] = {k: round(report[k] / ref[k], 3) for k in ("wall_seconds", "cpu_seconds", "peak_rss_bytes")}
         report["sqnr_db_difference"] = report["sqnr_db"] - ref["sqnr_db"]
+    if args.batch_sizes:
+        command = [sys.executable, str(Path(__file__).resolve()), "--unet-probe", str(model), "--threads",
+                   str(args.threads), "--resolution", str(args.resolution), "--batch-sizes", args.batch_sizes]
+        env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+        done = subprocess.run(command, env=env, stdout=subprocess.PIPE, check=True, text=True,
+                              cwd=Path(__file__).resolve().parents[1])
+        probe = json.loads(done.stdout.strip().splitlines()[-1])["seconds_per_sample"]
+        smallest = probe[min(probe, key=int)]
+        report["unet_batching"] = {"seconds_per_sample": probe,
+                                   "speedup_over_smallest": {b: round(smallest / v, 3) for b, v in probe.items()}}
     return report
 
 
@@ -152,10 +192,15 @@ def main() -> None:
     parser.add_argument("--calib-samples", type=int, default=16)
     parser.add_argument("--resolution", type=int, default=256)
     parser.add_argument("--compare-ref", help="also measure the qpdeploy of this git commit, in the same run")
+    parser.add_argument("--batch-sizes", default="", help="also time the float UNet at these batch sizes, e.g. 2,8")
+    parser.add_argument("--unet-probe", metavar="MODEL", help=argparse.SUPPRESS)
     parser.add_argument("--child", nargs=2, metavar=("MODEL", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(child(Path(args.child[0]), Path(args.child[1]), args)))
+        return
+    if args.unet_probe:
+        print(json.dumps(unet_probe(Path(args.unet_probe), args)))
         return
     report = run(args)
     text = json.dumps(report, indent=2)
