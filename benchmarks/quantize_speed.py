@@ -172,9 +172,10 @@ def run(args) -> dict:
     if args.batch_sizes:
         command = [sys.executable, str(Path(__file__).resolve()), "--unet-probe", str(model), "--threads",
                    str(args.threads), "--resolution", str(args.resolution), "--batch-sizes", args.batch_sizes]
-        env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
-        done = subprocess.run(command, env=env, stdout=subprocess.PIPE, check=True, text=True,
-                              cwd=Path(__file__).resolve().parents[1])
+        root = Path(__file__).resolve().parents[1]
+        env = {**os.environ, "OMP_NUM_THREADS": str(args.threads),
+               "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+        done = subprocess.run(command, env=env, stdout=subprocess.PIPE, check=True, text=True, cwd=root)
         probe = json.loads(done.stdout.strip().splitlines()[-1])["seconds_per_sample"]
         smallest = probe[min(probe, key=int)]
         report["unet_batching"] = {"seconds_per_sample": probe,
