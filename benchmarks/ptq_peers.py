@@ -63,8 +63,7 @@ from qpdeploy.calibrate import sqnr_by_interval, spread_over_schedule, unet_outp
 from qpdeploy.config import QuantizeConfig
 from qpdeploy.io import write_json
 from qpdeploy.models import load_pipeline
-from qpdeploy.prompts import CALIBRATION_PROMPTS
-from qpdeploy.ptq import model_calibration_prompts, quantize_unet, record_calibration, resolve_config
+from qpdeploy.ptq import calibration_prompts, quantize_unet, record_calibration, resolve_config
 from qpdeploy.qunet import plan_layers
 
 # qpdeploy's rows: QuantizeConfig changes from quantize's defaults.
@@ -146,6 +145,12 @@ def weights_per_scale(model) -> float:
     return round(weights / max(scales, 1), 1)
 
 
+def ort_feed(sample, timestep, encoder_hidden_states) -> dict:
+    """A UNet call's arguments as the float graph's numpy inputs."""
+    return {"sample": sample.float().numpy(), "timestep": torch.as_tensor(timestep).numpy(),
+            "encoder_hidden_states": encoder_hidden_states.float().numpy()}
+
+
 class OrtUNet:
     """A UNet-shaped callable over an ONNX Runtime session of ``(sample, timestep,
     encoder_hidden_states) -> noise``, so :func:`unet_outputs` scores it like a torch model."""
@@ -160,9 +165,7 @@ class OrtUNet:
     def __call__(self, sample, timestep, encoder_hidden_states=None, return_dict=False, **extra):
         if extra:
             raise ValueError(f"ONNX Runtime rows take SD 1.x / 2.x UNet calls; this one also has {sorted(extra)}")
-        feed = {"sample": sample.float().numpy(), "timestep": torch.as_tensor(timestep).numpy(),
-                "encoder_hidden_states": encoder_hidden_states.float().numpy()}
-        return (torch.from_numpy(self.session.run(None, feed)[0]),)
+        return (torch.from_numpy(self.session.run(None, ort_feed(sample, timestep, encoder_hidden_states))[0]),)
 
 
 class _FloatUNet(torch.nn.Module):
@@ -226,8 +229,7 @@ def ort_quantize(name: str, graph_path: Path, layers: list[str], calib, threads:
             if call is None:
                 return None
             (sample, timestep), kwargs = call.args, call.kwargs
-            return {"sample": sample.float().numpy(), "timestep": torch.as_tensor(timestep).numpy(),
-                    "encoder_hidden_states": kwargs["encoder_hidden_states"].float().numpy()}
+            return ort_feed(sample, timestep, kwargs["encoder_hidden_states"])
 
     out = graph_path.with_name(f"{name}.onnx")
     matched = name.endswith("_matched")
@@ -291,8 +293,7 @@ def run(args) -> dict:
     pipe = load_pipeline(args.model)
     config = resolve_config(pipe, QuantizeConfig(calib_steps=args.calib_steps, seed=args.seed))
     if args.split == "dev":  # the held-out prompts stay unseen: score on the last calibration prompts instead
-        prompts = list(config.calib_prompts or model_calibration_prompts(pipe) or CALIBRATION_PROMPTS)
-        config = config.replace(calib_prompts=tuple(prompts[: -max(1, round(len(prompts) * config.holdout))]))
+        config = config.replace(calib_prompts=tuple(calibration_prompts(pipe, config)[0]))
     pipe.to(device)
     fp_unet = pipe.unet.eval()
     timesteps = pipe.scheduler.config.num_train_timesteps

@@ -107,8 +107,12 @@ def measure(model: Path, out: Path, args, source: Path | None = None) -> dict:
                "--threads", str(args.threads), "--weight-bits", str(args.weight_bits),
                "--calib-steps", str(args.calib_steps), "--calib-samples", str(args.calib_samples),
                "--resolution", str(args.resolution)]
-    root = source if source is not None else Path(__file__).resolve().parents[1]
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "QPDEPLOY_PROGRESS_SECONDS": "60",
+    return _run_child(command, source if source is not None else Path(__file__).resolve().parents[1], args.threads)
+
+
+def _run_child(command: list[str], root: Path, threads: int) -> dict:
+    """Run ``command`` with ``root`` (a qpdeploy checkout) first on the path; its last stdout line, parsed."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "QPDEPLOY_PROGRESS_SECONDS": "60",
            "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run(command, env=env, stdout=subprocess.PIPE, check=True, text=True, cwd=root)
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -172,11 +176,7 @@ def run(args) -> dict:
     if args.batch_sizes:
         command = [sys.executable, str(Path(__file__).resolve()), "--unet-probe", str(model), "--threads",
                    str(args.threads), "--resolution", str(args.resolution), "--batch-sizes", args.batch_sizes]
-        root = Path(__file__).resolve().parents[1]
-        env = {**os.environ, "OMP_NUM_THREADS": str(args.threads),
-               "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
-        done = subprocess.run(command, env=env, stdout=subprocess.PIPE, check=True, text=True, cwd=root)
-        probe = json.loads(done.stdout.strip().splitlines()[-1])["seconds_per_sample"]
+        probe = _run_child(command, Path(__file__).resolve().parents[1], args.threads)["seconds_per_sample"]
         smallest = probe[min(probe, key=int)]
         report["unet_batching"] = {"seconds_per_sample": probe,
                                    "speedup_over_smallest": {b: round(smallest / v, 3) for b, v in probe.items()}}

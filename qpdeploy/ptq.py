@@ -110,15 +110,21 @@ def record_calibration(pipe, config: QuantizeConfig, show_progress: bool | str =
     set that :func:`spread_over_schedule` picks (the trajectories stop early). Held-out calls
     carry the float UNet's output (``call.output``), the reference they are scored against.
     ``config`` must be resolved (:func:`resolve_config`)."""
-    prompts = list(config.calib_prompts or model_calibration_prompts(pipe) or CALIBRATION_PROMPTS)
-    n_hold = max(1, round(len(prompts) * config.holdout))
-    calib_prompts, held_prompts = prompts[:-n_hold], prompts[-n_hold:]
-    with stage("trajectories", len(prompts), show_progress) as advance:
+    calib_prompts, held_prompts = calibration_prompts(pipe, config)
+    with stage("trajectories", len(calib_prompts) + len(held_prompts), show_progress) as advance:
         calib = capture_trajectories(pipe, calib_prompts, config.calib_steps, config.guidance, config.resolution,
                                      config.seed, advance, keep)
         held = capture_trajectories(pipe, held_prompts, config.calib_steps, config.guidance, config.resolution,
                                     config.seed + 10_000, advance, keep, outputs=True)
     return calib, held
+
+
+def calibration_prompts(pipe, config: QuantizeConfig) -> tuple[list[str], list[str]]:
+    """``(calibration, held_out)`` prompts: ``config.calib_prompts``, else the model's own, else
+    the built-in list; the last ``config.holdout`` of them are held out for the report."""
+    prompts = list(config.calib_prompts or model_calibration_prompts(pipe) or CALIBRATION_PROMPTS)
+    n_hold = max(1, round(len(prompts) * config.holdout))
+    return prompts[:-n_hold], prompts[-n_hold:]
 
 
 def quantize_unet(fp_unet, config: QuantizeConfig, intervals, calib, device="cpu", show_progress: bool | str = False,
