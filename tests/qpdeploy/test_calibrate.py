@@ -257,7 +257,8 @@ def test_trajectories_that_keep_only_the_picked_calls_record_exactly_those_and_r
     assert (len(runs) < full_runs) == (keep < 30)
 
 
-@pytest.mark.parametrize("name", family_params("sd1", "sdxl"))
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["sd1", "sdxl"])
 def test_outputs_kept_while_recording_equal_running_those_calls_again(tiny_pipe, name):
     """capture_trajectories(outputs=True) keeps each kept call's float output: bit for bit what
     unet_outputs computes from the recorded arguments, so the held-out evaluation need not run
@@ -272,6 +273,7 @@ def test_outputs_kept_while_recording_equal_running_those_calls_again(tiny_pipe,
     assert capture_trajectories(pipe, ["a dog"], steps=2, guidance=7.5, resolution=None, seed=1)[0].output is None
 
 
+@pytest.mark.slow  # about 5 s: the fast subset has no room left
 def test_output_search_keeps_the_clipping_range_with_the_least_layer_output_error(tiny_base, tiny_pipe, quick_config,
                                                                                     monkeypatch):
     """act_search="output" refines each L_p range by a factor of OUTPUT_SEARCH_FACTORS against
@@ -331,6 +333,7 @@ def test_output_search_keeps_the_clipping_range_with_the_least_layer_output_erro
     assert changed >= 5 and checked_split >= 2  # the search moves some ranges (14 of 105 here); split layers checked
 
 
+@pytest.mark.slow
 def test_quantize_can_release_the_parts_it_no_longer_needs(tiny_pipe, quick_config):
     """quantize_model drops the text encoders and VAE once the trajectories are recorded (its
     peak memory on SD 1.5 is in the later stages); the result does not change."""
