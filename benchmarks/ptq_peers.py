@@ -78,6 +78,7 @@ QPDEPLOY_ROWS = {
 MODELOPT_ROWS = ("modelopt_int8", "modelopt_int8_matched", "modelopt_smoothquant", "modelopt_smoothquant_matched",
                  "modelopt_int4_awq", "modelopt_int4_awq_matched", "modelopt_int4_awq_matched_in128")
 ORT_ROWS = ("ort_qdq", "ort_qdq_matched")
+ORT_WEIGHTED_OPS = ("Conv", "MatMul", "Gemm")  # the nodes that carry a layer's weight
 # The row each row is compared with (paired, same calls), when both ran: "<that>_minus_this_db".
 REFERENCE = {
     **{name: "qpdeploy" for name in (*MODELOPT_ROWS, *ORT_ROWS) if "int4" not in name},  # the INT8 peers
@@ -156,6 +157,9 @@ class OrtUNet:
     encoder_hidden_states) -> noise``, so :func:`unet_outputs` scores it like a torch model."""
 
     def __init__(self, path: Path, threads: int):
+        # ONNX Runtime's own default session (its fused integer kernels), as its users run a QDQ
+        # graph; not qpdeploy's runtime settings (exporters.verify.ort_session), chosen to
+        # compute the graph's Q/DQ math exactly
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -209,7 +213,7 @@ def ort_layer_nodes(graph_path: Path, layers: list[str]) -> list[str]:
     nodes = []
     for node in onnx.load(str(graph_path), load_external_data=False).graph.node:
         scope = node.name.rsplit("/", 1)[0].removeprefix("/unet/").replace("/", ".")
-        if node.op_type in ("Conv", "MatMul", "Gemm") and scope in wanted:
+        if node.op_type in ORT_WEIGHTED_OPS and scope in wanted:
             nodes.append(node.name)
     return nodes
 
@@ -242,7 +246,7 @@ def ort_quantize(name: str, graph_path: Path, layers: list[str], calib, threads:
     try:
         quantize_static(str(graph_path), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, nodes_to_quantize=nodes,
-                        op_types_to_quantize=["Conv", "MatMul", "Gemm"] if matched else None)
+                        op_types_to_quantize=list(ORT_WEIGHTED_OPS) if matched else None)
     finally:
         root.setLevel(level)
     graph = onnx.load(str(out)).graph
@@ -250,7 +254,7 @@ def ort_quantize(name: str, graph_path: Path, layers: list[str], calib, threads:
     producers = {o: n for n in graph.node for o in n.output}
     weighted = weights = scales = 0
     for node in graph.node:
-        if node.op_type not in ("Conv", "MatMul", "Gemm") or len(node.input) < 2:
+        if node.op_type not in ORT_WEIGHTED_OPS or len(node.input) < 2:
             continue
         dq = producers.get(node.input[1])
         if dq is not None and dq.op_type == "DequantizeLinear" and dq.input[0] in sizes:  # a constant weight
