@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -86,6 +87,9 @@ class Evaluator(nn.Module):
         # prompts without an identifier: the non-subjects that generated images are compared
         # with (see ``metrics.instance_threshold``); None until ``save_null_bank`` wrote one.
         self.generated_null: np.ndarray | None = None
+        # (N,) the class noun (shape) each bank image was prompted with; None for a bank
+        # written without them (then only the pooled bound applies)
+        self.generated_null_shapes: np.ndarray | None = None
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """images: (B, 3, H, W) in [0, 1]. Returns logits per head and ``embedding`` (B, D)."""
@@ -188,14 +192,24 @@ def save_evaluator(model: Evaluator, folder: str | os.PathLike) -> Path:
 NULL_BANK = "generated_null.safetensors"
 
 
-def save_null_bank(folder: str | os.PathLike, embeddings: np.ndarray, metadata: dict[str, str]) -> Path:
+def save_null_bank(folder: str | os.PathLike, embeddings: np.ndarray, metadata: dict[str, str],
+                   shapes: Sequence[str] | None = None) -> Path:
     """Write the instance embeddings of a model's identifier-free generations into an
-    evaluator folder (``generated_null.safetensors``; ``metadata``: where they came from)."""
+    evaluator folder (``generated_null.safetensors``; ``metadata``: where they came from;
+    ``shapes``: the class noun each image was prompted with, for per-class thresholds)."""
     from safetensors.numpy import save_file
 
+    arrays = {"instance": np.ascontiguousarray(embeddings, dtype=np.float32)}
+    metadata = dict(metadata)
+    if shapes is not None:
+        if len(shapes) != len(embeddings):
+            raise ValueError(f"{len(shapes)} shapes for {len(embeddings)} bank embeddings")
+        names = sorted(set(shapes))
+        arrays["shape"] = np.array([names.index(s) for s in shapes], dtype=np.int32)
+        metadata["shapes"] = ",".join(names)
     path = Path(folder) / NULL_BANK
     tmp = path.with_name(path.name + ".tmp")
-    save_file({"instance": np.ascontiguousarray(embeddings, dtype=np.float32)}, str(tmp), metadata=metadata)
+    save_file(arrays, str(tmp), metadata=metadata)
     os.replace(tmp, path)
     return path
 
@@ -216,11 +230,20 @@ def load_evaluator(folder: str | os.PathLike | None = None) -> Evaluator:
     model = Evaluator(EvaluatorConfig.from_json(config_path.read_text(encoding="utf-8")))
     model.load_state_dict(load_file(str(weights_path)))
     if (folder / NULL_BANK).is_file():
+        from safetensors import safe_open
         from safetensors.numpy import load_file as load_arrays
 
-        bank = load_arrays(str(folder / NULL_BANK))["instance"]
+        arrays = load_arrays(str(folder / NULL_BANK))
+        bank = arrays["instance"]
         if model.instance is None or bank.ndim != 2 or bank.shape[1] != model.config.instance_dim:
             raise ValueError(f"{folder / NULL_BANK} does not match the evaluator's instance embedding "
                              f"({tuple(bank.shape)} vs (N, {model.config.instance_dim}))")
         model.generated_null = bank
+        if "shape" in arrays:
+            with safe_open(str(folder / NULL_BANK), framework="numpy") as f:
+                names = np.array((f.metadata() or {}).get("shapes", "").split(","))
+            index = arrays["shape"]
+            if index.shape != (len(bank),) or index.min(initial=0) < 0 or index.max(initial=0) >= len(names):
+                raise ValueError(f"{folder / NULL_BANK}: its 'shape' labels do not match its embeddings or its metadata")
+            model.generated_null_shapes = names[index]
     return model.eval()

@@ -21,7 +21,7 @@ import numpy as np
 
 from .evaluator import NO_SUBJECT, Evaluator, Predictions
 from .prompts import Prompt
-from .subjects import get_subject, mixed_scenes
+from .subjects import SUBJECTS, get_subject, mixed_scenes
 from .world import render_batch
 
 ATTRIBUTES = ("background", "shape", "colour")
@@ -64,7 +64,8 @@ def prompt_fidelity(evaluator: Evaluator, images, prompts: Sequence[Prompt]) -> 
     return attribute_accuracy(evaluator, images, prompts)["all"]
 
 
-def subject_fidelity(evaluator: Evaluator, images, identifier: str, instance_images=None) -> dict[str, float]:
+def subject_fidelity(evaluator: Evaluator, images, identifier: str, instance_images=None,
+                     shape: str | None = None) -> dict[str, float]:
     """How much images look like subject ``identifier``: the means of :func:`subject_scores`.
 
     Returns:
@@ -77,13 +78,19 @@ def subject_fidelity(evaluator: Evaluator, images, identifier: str, instance_ima
         :func:`instance_threshold`. The classifier head needs the subject's exact shape; the
         instance embedding also recognises the imperfect subjects a personalized model draws.
     """
-    return {k: float(v.mean()) for k, v in subject_scores(evaluator, images, identifier, instance_images).items()}
+    scores = subject_scores(evaluator, images, identifier, instance_images, shape)
+    return {k: float(v.mean()) for k, v in scores.items()}
 
 
-def subject_scores(evaluator: Evaluator, images, identifier: str, instance_images=None) -> dict[str, np.ndarray]:
+def subject_scores(evaluator: Evaluator, images, identifier: str, instance_images=None,
+                   shape: str | None = None) -> dict[str, np.ndarray]:
     """Per image, the scores :func:`subject_fidelity` averages (each an (N,) float array).
     ``instance_images`` default to the bundled subject's own; given, ``identifier`` may name
-    a subject the evaluator's subject head does not know (its ``recognised`` is then 0)."""
+    a subject the evaluator's subject head does not know (its ``recognised`` is then 0).
+    ``shape``: the subject's class noun, for the per-class bound of :func:`instance_threshold`
+    (default: the bundled subject's)."""
+    if shape is None and identifier in SUBJECTS:
+        shape = SUBJECTS[identifier].shape
     if instance_images is None:
         instance_images = render_batch(get_subject(identifier).instance_scenes())
     predictions = evaluator.predict(images)
@@ -97,21 +104,26 @@ def subject_scores(evaluator: Evaluator, images, identifier: str, instance_image
         centroid = _centroid(reference.instance)
         similarity = predictions.instance @ centroid
         result["instance_cosine"] = similarity.astype(np.float64)
-        result["instance_recognised"] = (similarity > instance_threshold(evaluator, centroid)).astype(np.float64)
+        threshold = instance_threshold(evaluator, centroid, shape=shape)
+        result["instance_recognised"] = (similarity > threshold).astype(np.float64)
     return result
 
 
 def instance_threshold(evaluator: Evaluator, centroid: np.ndarray, n: int = 1000, quantile: float = 0.99,
-                       seed: int = 0) -> float:
+                       seed: int = 0, shape: str | None = None) -> float:
     """The instance-cosine above which an image counts as the subject.
 
-    Two kinds of non-subject bound it: ``n`` renders that are no subject (plain world objects
-    and decoys on every background, a fixed seed), and, when the evaluator carries one
+    Non-subjects of three kinds bound it: ``n`` renders that are no subject (plain world
+    objects and decoys on every background, a fixed seed); when the evaluator carries one
     (``Evaluator.generated_null``), the images its diffusion model draws for prompts without
-    an identifier. The threshold is the larger of the two ``quantile``s of their cosine to
-    ``centroid``, so at most 1% of either kind passes. Generated images need the second
-    bound: a soft, off-distribution drawing of some shape can sit closer to a fine-detailed
-    subject's centroid than any crisp non-subject does.
+    an identifier; and, given the subject's class noun ``shape`` and a bank that records
+    each image's, the bank's images of that class alone. The threshold is the largest of
+    their ``quantile``s of cosine to ``centroid``, so at most 1% of each kind passes.
+    Generated images need the second bound: a soft, off-distribution drawing of some shape
+    can sit closer to a fine-detailed subject's centroid than any crisp non-subject does.
+    The third is the question a user asks ("is this my square, or just a square?"): pooled
+    over every shape, the bank's 99th percentile let 9% of a model's plain squares pass as
+    an orange square with a blue dot.
     """
     cache = evaluator.__dict__.setdefault("_non_subject_instances", {})
     if (n, seed) not in cache:
@@ -121,6 +133,11 @@ def instance_threshold(evaluator: Evaluator, centroid: np.ndarray, n: int = 1000
     bank = getattr(evaluator, "generated_null", None)
     if bank is not None:
         threshold = max(threshold, float(np.quantile(bank @ centroid, quantile)))
+        shapes = getattr(evaluator, "generated_null_shapes", None)
+        if shape is not None and shapes is not None:
+            own = bank[shapes == shape]
+            if len(own):
+                threshold = max(threshold, float(np.quantile(own @ centroid, quantile)))
     return threshold
 
 
@@ -131,8 +148,9 @@ def _centroid(embeddings: np.ndarray) -> np.ndarray:
 def subject_threshold(evaluator: Evaluator, identifier: str) -> float:
     """The instance-cosine threshold :func:`subject_scores` applies to bundled subject
     ``identifier`` (its own instance images' centroid, :func:`instance_threshold`)."""
-    reference = evaluator.predict(render_batch(get_subject(identifier).instance_scenes())).instance
-    return instance_threshold(evaluator, _centroid(reference))
+    subject = get_subject(identifier)
+    reference = evaluator.predict(render_batch(subject.instance_scenes())).instance
+    return instance_threshold(evaluator, _centroid(reference), shape=subject.shape)
 
 
 def preservation(evaluator: Evaluator, images, prompts: Sequence[Prompt]) -> dict[str, float]:

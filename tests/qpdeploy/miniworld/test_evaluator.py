@@ -19,13 +19,16 @@ def test_config_round_trips_through_json():
 
 
 def test_accuracy_on_fresh_renders(evaluator):
+    """Every head on 400 renders it never saw. The shipped report gives 98.8% (shape, the
+    weakest head) on 2000 held-out renders; 400 images put a 95% interval of about +-1.1
+    points around that, hence the 97% floor."""
     scenes = mixed_scenes(np.random.default_rng(FRESH_SEED), 400)
     out = evaluator(as_batch(render_batch(scenes)))
     labels = scene_labels(scenes, evaluator.config)
     for head in HEADS:
         known = labels[head] != -100
         accuracy = float((out[head].argmax(-1)[known] == labels[head][known]).float().mean())
-        assert accuracy >= 0.98, (head, accuracy)
+        assert accuracy >= 0.97, (head, accuracy)
 
 
 def test_subject_fidelity_separates_subjects_from_their_class(evaluator):
@@ -106,4 +109,44 @@ def test_null_bank_round_trips_and_raises_the_instance_threshold(tmp_path):
     assert expected > renders_only  # the bank's 99th percentile (0.99) sits above the renders'
     save_null_bank(tmp_path, bank[:, :4], {})
     with pytest.raises(ValueError, match="does not match the evaluator's instance embedding"):
+        load_evaluator(tmp_path)
+
+
+def test_null_bank_keeps_each_shape_and_bounds_a_subject_by_its_own_class(tmp_path):
+    from qpdeploy.miniworld.evaluator import NULL_BANK, load_evaluator, save_evaluator, save_null_bank
+
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    model = Evaluator(EvaluatorConfig(instance_dim=8)).eval()
+    save_evaluator(model, tmp_path)
+    centroid = metrics._centroid(model.predict(render_batch(SUBJECTS["zwx"].instance_scenes())).instance)
+    renders_only = metrics.instance_threshold(load_evaluator(tmp_path), centroid)
+    rng = np.random.default_rng(1)
+    away = rng.standard_normal((300, 8))
+    away -= np.outer(away @ centroid, centroid)
+    away /= np.linalg.norm(away, axis=1, keepdims=True)
+    # 200 circles far from the subject, 100 squares close to it (cosines 0.9..1.0)
+    cosines = np.concatenate([np.linspace(-0.5, renders_only - 0.05, 200), np.linspace(0.9, 1.0, 100)])
+    bank = (cosines[:, None] * centroid + np.sqrt(1 - cosines[:, None] ** 2) * away).astype(np.float32)
+    shapes = ["circle"] * 200 + ["square"] * 100
+    save_null_bank(tmp_path, bank, {"pipeline": "synthetic"}, shapes=shapes)
+    loaded = load_evaluator(tmp_path)
+    assert list(loaded.generated_null_shapes) == shapes  # exact round trip of the labels
+    similarity = bank @ centroid
+    pooled = max(renders_only, float(np.quantile(similarity, 0.99)))
+    own = float(np.quantile(similarity[200:], 0.99))
+    assert metrics.instance_threshold(loaded, centroid) == pytest.approx(pooled, abs=1e-12)
+    assert metrics.instance_threshold(loaded, centroid, shape="square") == pytest.approx(max(pooled, own), abs=1e-12)
+    assert metrics.instance_threshold(loaded, centroid, shape="triangle") == pytest.approx(pooled, abs=1e-12)
+    # the bundled subject's own shape is used: zwx is a square
+    assert metrics.subject_threshold(loaded, "zwx") == pytest.approx(max(pooled, own), abs=1e-6)
+    # only 1% of the squares pass the per-class bound, against 99% kept under the pooled one
+    assert (similarity[200:] > max(pooled, own)).mean() <= 0.01 < (similarity[200:] > pooled).mean()
+    with pytest.raises(ValueError, match="3 shapes for 300"):
+        save_null_bank(tmp_path, bank, {}, shapes=shapes[:3])
+    from safetensors.numpy import save_file
+
+    save_file({"instance": bank, "shape": np.full(300, 5, dtype=np.int32)}, str(tmp_path / NULL_BANK),
+              metadata={"shapes": "circle,square"})
+    with pytest.raises(ValueError, match="'shape' labels do not match"):
         load_evaluator(tmp_path)
