@@ -303,7 +303,8 @@ def merge(paths: list[Path], out: Path) -> None:
     print(f"report -> {out}")
 
 
-def main(argv=None) -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The benchmark's options (also read by the miniworld recipes that reuse its rows)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="JSON report to write")
     parser.add_argument("--merge", type=Path, nargs="+", help="merge these reports into --out instead of running")
@@ -332,6 +333,11 @@ def main(argv=None) -> None:
     parser.add_argument("--instance-images", type=int, default=16, help="images of the instance prompt per run")
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return parser
+
+
+def main(argv=None) -> None:
+    parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     if args.merge:
