@@ -100,7 +100,10 @@ class MiniworldScorer:
         specs = [parse_prompt(p) for p in prompts]
         out = {"prompt_match": metrics.prompt_matches(self.evaluator, images, specs)}
         if identifier is not None:
-            scores = metrics.subject_scores(self.evaluator, images, identifier, instance_images)
+            # a subject the package does not ship is bounded by its class when the prompts name one
+            shapes = {spec.shape for spec in specs}
+            shape = shapes.pop() if len(shapes) == 1 else None
+            scores = metrics.subject_scores(self.evaluator, images, identifier, instance_images, shape=shape)
             out["subject_recognised"] = scores.get("instance_recognised", scores["recognised"])
             out["subject_cosine"] = scores.get("instance_cosine", scores["cosine"])
         return out

@@ -86,17 +86,19 @@ def subject_scores(evaluator: Evaluator, images, identifier: str, instance_image
                    shape: str | None = None) -> dict[str, np.ndarray]:
     """Per image, the scores :func:`subject_fidelity` averages (each an (N,) float array).
     ``instance_images`` default to the bundled subject's own; given, ``identifier`` may name
-    a subject the evaluator's subject head does not know (its ``recognised`` is then 0).
-    ``shape``: the subject's class noun, for the per-class bound of :func:`instance_threshold`
-    (default: the bundled subject's)."""
-    if shape is None and identifier in SUBJECTS:
+    a subject the evaluator's subject head does not know (its ``probability`` and
+    ``recognised`` are then 0).
+    ``shape``: the class noun of a subject the package does not ship, for the per-class
+    bound of :func:`instance_threshold` (a bundled subject's own class always applies)."""
+    if identifier in SUBJECTS:
         shape = SUBJECTS[identifier].shape
     if instance_images is None:
         instance_images = render_batch(get_subject(identifier).instance_scenes())
     predictions = evaluator.predict(images)
     reference = evaluator.predict(instance_images)
     result = {
-        "probability": predictions.probability("subject", identifier).astype(np.float64),
+        "probability": (predictions.probability("subject", identifier).astype(np.float64)
+                        if identifier in predictions.labels["subject"] else np.zeros(len(predictions.names("subject")))),
         "recognised": np.array([n == identifier for n in predictions.names("subject")], dtype=np.float64),
         "cosine": _cosine(predictions.embedding, reference.embedding).mean(axis=1).astype(np.float64),
     }

@@ -26,3 +26,27 @@ def test_miniworld_metrics_read_real_renders(evaluator):
         scorer.check(["a photo of a dog"], None, None)
     with pytest.raises(QPDeployError, match="'xyz' is not a bundled miniworld subject"):
         scorer.check(prompts, "xyz", None)
+
+
+def test_a_subject_the_package_does_not_ship_is_bounded_by_the_class_its_prompts_name(evaluator, monkeypatch):
+    from qpdeploy.miniworld import metrics
+    from qpdeploy.miniworld.prompts import Prompt
+    from qpdeploy.miniworld.subjects import UNSEEN_SUBJECTS
+    from qpdeploy.miniworld.world import render_batch
+
+    shapes = []
+    threshold = metrics.instance_threshold
+    monkeypatch.setattr(metrics, "instance_threshold",
+                        lambda *args, **kwargs: shapes.append(kwargs.get("shape")) or threshold(*args, **kwargs))
+    square = next(s for s in UNSEEN_SUBJECTS if s.shape == "square")
+    instances = render_batch(square.instance_scenes())
+    scorer = MiniworldScorer(evaluator)
+    prompts = [Prompt("square", background=b, identifier="vyt").text for b in ("sand", "night")]
+    images = render_batch([square.scene(np.random.default_rng(i), b) for i, b in enumerate(("sand", "night"))])
+    scores = scorer.score(images, prompts, "vyt", instances)
+    assert scores["subject_recognised"].tolist() == [1.0, 1.0]  # renders of the subject itself
+    mixed = [Prompt("square", background="sand", identifier="vyt").text, Prompt("circle", background="sand").text]
+    scorer.score(images, mixed, "vyt", instances)
+    scorer.score(images, [Prompt("circle", background="sand", identifier="sks").text] * 2, "sks", None)
+    # the prompts' one class; none when they name two; a bundled subject always its own
+    assert shapes == ["square", None, "circle"]
