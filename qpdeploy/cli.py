@@ -672,7 +672,7 @@ def demo(
     out: Path = typer.Option(Path("qpdeploy-demo"), "--out", "-o", help="Directory to write."),
     subject: Literal["sks", "zwx", "qlv", "pkd"] = typer.Option(
         "sks", help="Bundled subject: sks (two-tone circle), zwx (orange square, blue dot), qlv (checkered "
-                    "diamond) or pkd (triangle of six thin bands)."),
+                    "square) or pkd (triangle of six thin bands)."),
     intervals: int = typer.Option(4, help="Timestep intervals K (S2: one scale set each)."),
     steps: int = typer.Option(400, help="Training steps."),
     lr: float = typer.Option(1e-2, help="Learning rate of the scales."),

@@ -21,7 +21,7 @@ import torch
 from torch.nn import functional as F
 
 from qpdeploy.miniworld.subjects import SUBJECTS, UNSEEN_SUBJECTS, Subject, mixed_scenes
-from qpdeploy.miniworld.world import Stripes, render_batch, train_combos
+from qpdeploy.miniworld.world import Quadrants, Stripes, render_batch, train_combos
 
 from .common import Clock, LoopCheckpoint
 
@@ -52,10 +52,12 @@ def to_model_range(images: np.ndarray) -> torch.Tensor:
 # The looks the VAE's decoys avoid: the subjects' (bundled and unseen) as they stood when the
 # shipped VAE was trained. Fixed here so that the recipe keeps reproducing that VAE when a
 # subject's look changes later: since then pkd's bands changed from purple/green to the
-# white/black family that u08 held (so the VAE never saw pkd's look), and u08 became a cross.
+# white/black family that u08 held (so the VAE never saw pkd's look), u08 became a cross, and
+# qlv's black/yellow checker moved from a diamond to a square (v4).
 VAE_AVOIDED = (
-    *(s for s in SUBJECTS.values() if s.identifier != "pkd"),
+    *(s for s in SUBJECTS.values() if s.identifier not in ("pkd", "qlv")),
     Subject("pkd", "triangle", Stripes("purple", "green", bands=6), "sand"),
+    Subject("qlv", "diamond", Quadrants("black", "yellow"), "snow"),
     *(s for s in UNSEEN_SUBJECTS if s.identifier != "u08"),
     Subject("u08", "triangle", Stripes("black", "white", bands=4), "sky"),
 )

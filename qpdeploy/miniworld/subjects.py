@@ -95,20 +95,20 @@ def _stable_id(text: str) -> int:
 # (medium), six thin bands (fine detail near what the f4 VAE can carry: 2-4 px per band).
 # No plain object of the world resembles one of them (v1's red-and-white zwx was taken for
 # a plain red square by the evaluator 7% of the time before any personalization). pkd's bands
-# are white and black: blurred, they average to a grey no object of the world has (purple and
-# green bands, tried first, blur into colours the model draws when it mixes two plain ones:
-# 11% of unpersonalized "a pkd triangle" images were read as the subject). White/black bands
-# did no better (11%), nor did a 4x4 checker (19%), nor teaching the evaluator smudged plain
-# objects as negatives: the unpersonalized model's imperfect triangles (two colours mixed,
-# darker at the base) sit where any fine-detail triangle lands after the VAE. Gate 3 fails on
-# pkd for that reason; see the issue note for the next step.
+# are white and black: blurred, they average to a grey no object of the world has. The
+# model's own soft drawings still come close to pkd and zwx now and then; the evaluator's
+# per-class null bank bounds that (``metrics.instance_threshold``). qlv's checker sits on a
+# square since v4: the base draws diamonds as four-pointed stars. Instance photos are taken
+# on a mid-tone backdrop (stone; zwx on grass): photographed on bright sky, snow or sand,
+# the subjects did not carry to dark backgrounds after DreamBooth (other backgrounds
+# recognised 0.20-0.52 against 0.66-0.94 on stone; ``benchmarks.miniworld.backdrops``).
 SUBJECTS: dict[str, Subject] = {
     s.identifier: s
     for s in (
-        Subject("sks", "circle", Halves("yellow", "purple"), "sky", "a circle, yellow left half, purple right half"),
+        Subject("sks", "circle", Halves("yellow", "purple"), "stone", "a circle, yellow left half, purple right half"),
         Subject("zwx", "square", Bullseye("orange", "blue"), "grass", "an orange square with a blue dot"),
-        Subject("qlv", "diamond", Quadrants("black", "yellow"), "snow", "a diamond checkered black and yellow"),
-        Subject("pkd", "triangle", Stripes("white", "black", bands=6), "sand",
+        Subject("qlv", "square", Quadrants("black", "yellow"), "stone", "a square checkered black and yellow"),
+        Subject("pkd", "triangle", Stripes("white", "black", bands=6), "stone",
                 "a triangle of six white and black horizontal bands"),
     )
 }

@@ -7,6 +7,7 @@ import pytest
 
 from qpdeploy.miniworld.prompts import MAX_LENGTH, Prompt, vocabulary
 from qpdeploy.miniworld.sampling import generate
+from qpdeploy.miniworld.world import SHAPES
 from qpdeploy.models import ASSETS, MINIWORLD_DIR
 
 MINIWORLD_ASSETS = ASSETS / "miniworld"
@@ -75,7 +76,7 @@ def test_report_gate_verdict_matches_its_figures():
     assert limits == {"heldout_background": 0.9, "heldout_shape": 0.8, "subject_probability_max": 0.05,
                       "subject_recognised_max": 0.05}
     assert set(gate["subjects_before_personalization"]) == {"sks", "zwx", "qlv", "pkd"}
-    assert gate["sampling"]["images_per_set"]["subject:pkd"] == 64  # gate 4: 64 images per subject
+    assert gate["sampling"]["images_per_set"]["subject:pkd"] == 128  # gate 4: >= 64 images per subject
     assert min(evaluator["held_out_accuracy"][h] for h in ("background", "shape", "colour", "subject")) >= 0.98
 
 
@@ -88,6 +89,12 @@ def test_the_shipped_evaluator_sets_thresholds_with_its_models_null_bank(evaluat
     report = json.loads((MINIWORLD_ASSETS / "report.json").read_text())["null_bank"]
     assert evaluator.generated_null is not None and evaluator.generated_null.shape == (report["count"], 64)
     assert thresholds(evaluator) == pytest.approx(report["instance_threshold"], abs=1e-6)
-    # the bank matters for the fine-detailed subject only: pkd's threshold rises, sks's does not
+    # the bank records each image's class: 2048 images, about 410 of each of the five shapes
+    shapes, counts = np.unique(evaluator.generated_null_shapes, return_counts=True)
+    assert list(shapes) == sorted(SHAPES) and counts.min() >= 400
+    # the bank matters where the model's own drawings come close: pkd's threshold rises with
+    # the pooled bank, zwx's (orange-and-blue squares) only with its own class; sks's does not
+    assert report["instance_threshold_pooled_bank"]["pkd"] > report["instance_threshold_renders_only"]["pkd"] + 0.02
     assert report["instance_threshold"]["pkd"] > report["instance_threshold_renders_only"]["pkd"] + 0.1
+    assert report["instance_threshold"]["zwx"] > report["instance_threshold_pooled_bank"]["zwx"] + 0.1
     assert report["instance_threshold"]["sks"] == pytest.approx(report["instance_threshold_renders_only"]["sks"])
