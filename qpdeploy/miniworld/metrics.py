@@ -88,12 +88,14 @@ def subject_scores(evaluator: Evaluator, images, identifier: str, instance_image
     ``instance_images`` default to the bundled subject's own; given, ``identifier`` may name
     a subject the evaluator's subject head does not know (its ``probability`` and
     ``recognised`` are then 0).
-    ``shape``: the class noun of a subject the package does not ship, for the per-class
-    bound of :func:`instance_threshold` (a bundled subject's own class always applies)."""
-    if identifier in SUBJECTS:
-        shape = SUBJECTS[identifier].shape
+    ``shape``: the subject's class noun, for the per-class bound of :func:`instance_threshold`
+    (with the bundled subject's own instance images, always its class; with given ones,
+    ``shape`` or else the bundled class of ``identifier``)."""
     if instance_images is None:
-        instance_images = render_batch(get_subject(identifier).instance_scenes())
+        subject = get_subject(identifier)
+        shape, instance_images = subject.shape, render_batch(subject.instance_scenes())
+    elif shape is None and identifier in SUBJECTS:
+        shape = SUBJECTS[identifier].shape
     predictions = evaluator.predict(images)
     reference = evaluator.predict(instance_images)
     result = {
