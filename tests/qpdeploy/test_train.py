@@ -243,6 +243,7 @@ def run(cheap_base, tiny_pipe, images, out, family="sd1", base=None, **kwargs):
     return train(base or cheap_base(family), images, out, config, pipe=tiny_pipe(family), device="cpu", **kwargs)
 
 
+@pytest.mark.slow  # 4 s; the full suite runs it
 def test_a_run_stopped_and_resumed_ends_bit_identical(cheap_base, tiny_pipe, instance_dir, tmp_path):
     # S2 with B < K (experts skip steps), accumulation, input scales, decay, random crops
     settings = dict(strategy="s2", intervals=4, batch_size=1, grad_accum=2, train_input_scales=True, lr=0.02,

@@ -112,6 +112,7 @@ def test_null_bank_round_trips_and_raises_the_instance_threshold(tmp_path):
         load_evaluator(tmp_path)
 
 
+@pytest.mark.slow  # the round trip above covers the bank in the fast subset
 def test_null_bank_keeps_each_shape_and_bounds_a_subject_by_its_own_class(tmp_path):
     from qpdeploy.miniworld.evaluator import NULL_BANK, load_evaluator, save_evaluator, save_null_bank
 
