@@ -231,18 +231,16 @@ def load_evaluator(folder: str | os.PathLike | None = None) -> Evaluator:
     model.load_state_dict(load_file(str(weights_path)))
     if (folder / NULL_BANK).is_file():
         from safetensors import safe_open
-        from safetensors.numpy import load_file as load_arrays
 
-        arrays = load_arrays(str(folder / NULL_BANK))
-        bank = arrays["instance"]
+        with safe_open(str(folder / NULL_BANK), framework="numpy") as f:
+            bank = f.get_tensor("instance")
+            index = f.get_tensor("shape") if "shape" in f.keys() else None
+            names = np.array((f.metadata() or {}).get("shapes", "").split(","))
         if model.instance is None or bank.ndim != 2 or bank.shape[1] != model.config.instance_dim:
             raise ValueError(f"{folder / NULL_BANK} does not match the evaluator's instance embedding "
                              f"({tuple(bank.shape)} vs (N, {model.config.instance_dim}))")
         model.generated_null = bank
-        if "shape" in arrays:
-            with safe_open(str(folder / NULL_BANK), framework="numpy") as f:
-                names = np.array((f.metadata() or {}).get("shapes", "").split(","))
-            index = arrays["shape"]
+        if index is not None:
             if index.shape != (len(bank),) or index.min(initial=0) < 0 or index.max(initial=0) >= len(names):
                 raise ValueError(f"{folder / NULL_BANK}: its 'shape' labels do not match its embeddings or its metadata")
             model.generated_null_shapes = names[index]

@@ -85,22 +85,33 @@ def test_predict_accepts_pil_arrays_and_tensors():
     assert a.shape == (3, 64) and np.array_equal(a, b) and np.array_equal(a, c)
 
 
-def test_null_bank_round_trips_and_raises_the_instance_threshold(tmp_path):
-    from qpdeploy.miniworld.evaluator import load_evaluator, save_evaluator, save_null_bank
+def _random_evaluator_and_centroid(folder, identifier):
+    """A random evaluator saved in ``folder``, the centroid of ``identifier``'s instance
+    embeddings, and its threshold from renders alone (no bank yet)."""
+    from qpdeploy.miniworld.evaluator import load_evaluator, save_evaluator
 
     torch = pytest.importorskip("torch")
     torch.manual_seed(0)
     model = Evaluator(EvaluatorConfig(instance_dim=8)).eval()
-    save_evaluator(model, tmp_path)
-    centroid = metrics._centroid(model.predict(render_batch(SUBJECTS["pkd"].instance_scenes())).instance)
-    renders_only = metrics.instance_threshold(load_evaluator(tmp_path), centroid)
-    # a bank of embeddings at known cosines to the centroid: 1..100 % of the way to it
-    rng = np.random.default_rng(0)
-    away = rng.standard_normal((100, 8))
+    save_evaluator(model, folder)
+    centroid = metrics._centroid(model.predict(render_batch(SUBJECTS[identifier].instance_scenes())).instance)
+    return centroid, metrics.instance_threshold(load_evaluator(folder), centroid)
+
+
+def _bank_at_cosines(centroid, cosines, seed):
+    """Unit embeddings whose cosines to ``centroid`` are exactly ``cosines``."""
+    away = np.random.default_rng(seed).standard_normal((len(cosines), len(centroid)))
     away -= np.outer(away @ centroid, centroid)
     away /= np.linalg.norm(away, axis=1, keepdims=True)
-    cosines = np.linspace(0.01, 1.0, 100)
-    bank = (cosines[:, None] * centroid + np.sqrt(1 - cosines[:, None] ** 2) * away).astype(np.float32)
+    return (cosines[:, None] * centroid + np.sqrt(1 - cosines[:, None] ** 2) * away).astype(np.float32)
+
+
+def test_null_bank_round_trips_and_raises_the_instance_threshold(tmp_path):
+    from qpdeploy.miniworld.evaluator import load_evaluator, save_null_bank
+
+    centroid, renders_only = _random_evaluator_and_centroid(tmp_path, "pkd")
+    # a bank of embeddings at known cosines to the centroid: 1..100 % of the way to it
+    bank = _bank_at_cosines(centroid, np.linspace(0.01, 1.0, 100), seed=0)
     save_null_bank(tmp_path, bank, {"pipeline": "synthetic"})
     loaded = load_evaluator(tmp_path)
     np.testing.assert_array_equal(loaded.generated_null, bank)  # exact round trip
@@ -114,21 +125,12 @@ def test_null_bank_round_trips_and_raises_the_instance_threshold(tmp_path):
 
 @pytest.mark.slow  # the round trip above covers the bank in the fast subset
 def test_null_bank_keeps_each_shape_and_bounds_a_subject_by_its_own_class(tmp_path):
-    from qpdeploy.miniworld.evaluator import NULL_BANK, load_evaluator, save_evaluator, save_null_bank
+    from qpdeploy.miniworld.evaluator import NULL_BANK, load_evaluator, save_null_bank
 
-    torch = pytest.importorskip("torch")
-    torch.manual_seed(0)
-    model = Evaluator(EvaluatorConfig(instance_dim=8)).eval()
-    save_evaluator(model, tmp_path)
-    centroid = metrics._centroid(model.predict(render_batch(SUBJECTS["zwx"].instance_scenes())).instance)
-    renders_only = metrics.instance_threshold(load_evaluator(tmp_path), centroid)
-    rng = np.random.default_rng(1)
-    away = rng.standard_normal((300, 8))
-    away -= np.outer(away @ centroid, centroid)
-    away /= np.linalg.norm(away, axis=1, keepdims=True)
+    centroid, renders_only = _random_evaluator_and_centroid(tmp_path, "zwx")
     # 200 circles far from the subject, 100 squares close to it (cosines 0.9..1.0)
     cosines = np.concatenate([np.linspace(-0.5, renders_only - 0.05, 200), np.linspace(0.9, 1.0, 100)])
-    bank = (cosines[:, None] * centroid + np.sqrt(1 - cosines[:, None] ** 2) * away).astype(np.float32)
+    bank = _bank_at_cosines(centroid, cosines, seed=1)
     shapes = ["circle"] * 200 + ["square"] * 100
     save_null_bank(tmp_path, bank, {"pipeline": "synthetic"}, shapes=shapes)
     loaded = load_evaluator(tmp_path)
