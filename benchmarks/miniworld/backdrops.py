@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import sys
 import tempfile
 import time
@@ -33,16 +34,12 @@ from qpdeploy.miniworld import subjects as subject_registry
 from qpdeploy.miniworld.stats import bootstrap_mean
 from qpdeploy.miniworld.world import BACKGROUNDS
 
-PHRASINGS = (0, 2)  # the personalization prompt sets' phrasings (subjects.PROMPT_TEMPLATES)
-
-
 @contextlib.contextmanager
 def photographed_on(identifier: str, background: str):
     """Bundled subject ``identifier`` with its instance images on ``background`` for the
     duration (the registry entry every metric reads is swapped, then restored)."""
     original = subject_registry.SUBJECTS[identifier]
-    subject_registry.SUBJECTS[identifier] = subject_registry.Subject(
-        original.identifier, original.shape, original.look, background, original.description)
+    subject_registry.SUBJECTS[identifier] = dataclasses.replace(original, background=background)
     try:
         yield subject_registry.SUBJECTS[identifier]
     finally:
@@ -58,7 +55,7 @@ def recognition_by_background(pipe, evaluator, subject, images_per_prompt: int, 
     out = {}
     for background in BACKGROUNDS:
         prompts = [Prompt(subject.shape, background=background, identifier=subject.identifier, template=t)
-                   for t in PHRASINGS for _ in range(images_per_prompt)]
+                   for t in subject_registry.PROMPT_TEMPLATES for _ in range(images_per_prompt)]
         images = generate(pipe, prompts, seed=1000 + seed)
         out[background] = subject_scores(evaluator, images, subject.identifier)["instance_recognised"].tolist()
     return out

@@ -100,7 +100,7 @@ def subject_scores(evaluator: Evaluator, images, identifier: str, instance_image
     reference = evaluator.predict(instance_images)
     result = {
         "probability": (predictions.probability("subject", identifier).astype(np.float64)
-                        if identifier in predictions.labels["subject"] else np.zeros(len(predictions.names("subject")))),
+                        if identifier in predictions.labels["subject"] else np.zeros(len(predictions.embedding))),
         "recognised": np.array([n == identifier for n in predictions.names("subject")], dtype=np.float64),
         "cosine": _cosine(predictions.embedding, reference.embedding).mean(axis=1).astype(np.float64),
     }
