@@ -97,8 +97,11 @@ class Bench:
 
     def base_dir(self, bits: int) -> Path:
         if bits not in self.bases:
-            path = self.workdir / f"base-w{bits}a8"
-            quantize_model(self.args.model, path, QuantizeConfig(weight_bits=bits, intervals=4), device=self.args.device)
+            root = self.args.bases or self.workdir
+            path = root / f"base-w{bits}a8"
+            if not (self.args.bases and path.is_dir()):  # a kept base is reused (quantization is deterministic)
+                quantize_model(self.args.model, path, QuantizeConfig(weight_bits=bits, intervals=4),
+                               device=self.args.device)
             self.bases[bits] = path
         return self.bases[bits]
 
@@ -153,7 +156,8 @@ class Bench:
     def scale_row(self, bits, strategy, k, s1, input_scales, subject, images, seed, split, token=False) -> dict:
         config = TrainConfig(prompt=subject.instance_prompt().text, identifier=subject.identifier, strategy=strategy,
                              intervals=k, s1_intervals=tuple(s1), train_input_scales=input_scales,
-                             steps=self.args.steps, lr=self.args.lr, batch_size=self.args.batch_size, seed=seed,
+                             steps=self.args.steps, lr=self.args.lr, weight_decay=self.args.weight_decay,
+                             batch_size=self.args.batch_size, seed=seed,
                              guidance=GUIDANCE, train_token=token, token_lr=self.args.token_lr,
                              **self.prior_options(subject))
         base = load_base(self.base_dir(bits))
@@ -315,10 +319,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--subjects", default=",".join(SUBJECTS))
     parser.add_argument("--seeds", default="0,1")
     parser.add_argument("--rows", default=",".join(ROWS), help="comma-separated subset of " + ",".join(ROWS))
-    parser.add_argument("--steps", type=int, default=400, help="training steps of every personalized row")
+    parser.add_argument("--steps", type=int, default=TrainConfig.steps, help="training steps of every personalized row")
     parser.add_argument("--batch-size", type=int, default=4, help="instance samples per step, every row alike")
-    parser.add_argument("--lr", type=float, default=1e-2, help="learning rate of the scales (relative units)")
-    parser.add_argument("--token-lr", type=float, default=5e-3, help="identifier row learning rate of +token rows")
+    parser.add_argument("--lr", type=float, default=TrainConfig.lr, help="learning rate of the scales (relative units)")
+    parser.add_argument("--weight-decay", type=float, default=TrainConfig.weight_decay,
+                        help="AdamW weight decay of the scales (towards the post-training scales)")
+    parser.add_argument("--token-lr", type=float, default=TrainConfig.token_lr, help="identifier row learning rate of +token rows")
     parser.add_argument("--dreambooth-lr", type=float, default=1e-4)
     parser.add_argument("--dreambooth-text-encoder-lr", type=float, default=0.0,
                         help="> 0: full-precision DreamBooth also trains the text encoder at this learning rate")
@@ -331,6 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--images-per-prompt", type=int, default=8,
                         help="images per test prompt (8 prompts per subject: 64 images per subject, seed and row)")
     parser.add_argument("--instance-images", type=int, default=16, help="images of the instance prompt per run")
+    parser.add_argument("--bases", type=Path, default=None,
+                        help="keep the quantized bases in this folder and reuse them when present (sweeps)")
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return parser

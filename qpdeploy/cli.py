@@ -17,7 +17,7 @@ from typing import Literal, Optional
 import typer
 from typer.core import TyperGroup
 
-from .config import PRECISIONS, TRAIN_STRATEGIES
+from .config import PRECISIONS, TRAIN_STRATEGIES, TrainConfig
 from .errors import QPDeployError
 from .exporters.config import LAYOUTS
 from .intervals import Intervals
@@ -207,26 +207,27 @@ def train(
                                                               "--act-bits, --act-scales, --skip, --no-skip, "
                                                               "--shortcut-split, --calib-method, --calib-prompts, "
                                                               "--calib-steps, --calib-samples."),
-    strategy: Literal[TRAIN_STRATEGIES] = typer.Option("s2", help="baseline (one scale set), s1 (one set in chosen intervals) or s2 "
+    strategy: Literal[TRAIN_STRATEGIES] = typer.Option(TrainConfig.strategy, help="baseline (one scale set), s1 (one set in chosen intervals) or s2 "
                                             "(one set per interval)."),
     intervals: Optional[int] = typer.Option(None, help="Number of uniform timestep intervals (default: the base's)."),
     boundaries: Optional[str] = typer.Option(None, help="Explicit interval boundaries, e.g. 0,300,600,1000."),
     s1_intervals: Optional[str] = typer.Option(None, help="S1: the intervals it trains and applies in, e.g. 0,1."),
-    train_input_scales: bool = typer.Option(False, "--train-input-scales", help="Train input-channel scales s_in too."),
-    steps: int = typer.Option(400, help="Optimizer steps."),
+    train_input_scales: bool = typer.Option(TrainConfig.train_input_scales, "--train-input-scales/--no-train-input-scales",
+                                             help="Train input-channel scales s_in too."),
+    steps: int = typer.Option(TrainConfig.steps, help="Optimizer steps."),
     batch_size: Optional[int] = typer.Option(None, help="Instance samples per batch (default: K for s2, else 1)."),
     grad_accum: int = typer.Option(1, help="Batches accumulated per optimizer step."),
-    lr: float = typer.Option(1e-3, help="AdamW learning rate, relative to the post-training scales."),
-    weight_decay: float = typer.Option(0.0, help="AdamW weight decay (towards the post-training scales)."),
+    lr: float = typer.Option(TrainConfig.lr, help="AdamW learning rate, relative to the post-training scales."),
+    weight_decay: float = typer.Option(TrainConfig.weight_decay, help="AdamW weight decay (towards the post-training scales)."),
     resolution: Optional[int] = typer.Option(None, help="Training image size (default: the model's)."),
     crop: Literal["center", "random"] = typer.Option("center", help="center or random (random crops are drawn once per image, up front)."),
     identifier: str = typer.Option("sks", help="The subject's identifier word (warns if the prompt lacks it)."),
     train_token: bool = typer.Option(False, "--train-token", help="Pivotal tuning: also train the identifier's "
                                      "token embedding (it must be one token); it travels in the pack."),
-    token_lr: float = typer.Option(5e-3, help="Learning rate of the identifier's embedding (--train-token)."),
+    token_lr: float = typer.Option(TrainConfig.token_lr, help="Learning rate of the identifier's embedding (--train-token)."),
     class_prompt: Optional[str] = typer.Option(None, help="Prior preservation: class prompt, e.g. 'a photo of a dog'."),
     prior_images: int = typer.Option(0, help="Prior preservation: number of class images (generated once, cached)."),
-    prior_weight: float = typer.Option(1.0, help="Weight of the prior-preservation loss."),
+    prior_weight: float = typer.Option(TrainConfig.prior_weight, help="Weight of the prior-preservation loss."),
     class_dir: Optional[Path] = typer.Option(None, help="Class-image cache root (default ~/.cache/qpdeploy/class-images)."),
     sample_steps: int = typer.Option(25, help="Sampling steps of class and validation images."),
     gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing",
@@ -674,8 +675,8 @@ def demo(
         "sks", help="Bundled subject: sks (two-tone circle), zwx (orange square, blue dot), qlv (checkered "
                     "square) or pkd (triangle of six thin bands)."),
     intervals: int = typer.Option(4, help="Timestep intervals K (S2: one scale set each)."),
-    steps: int = typer.Option(400, help="Training steps."),
-    lr: float = typer.Option(1e-2, help="Learning rate of the scales."),
+    steps: int = typer.Option(TrainConfig.steps, help="Training steps."),
+    lr: float = typer.Option(TrainConfig.lr, help="Learning rate of the scales."),
     seeds: int = typer.Option(2, help="Images per prompt and model."),
     threads: int = typer.Option(0, help="ONNX Runtime threads (0: all cores)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing --out."),

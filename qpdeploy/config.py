@@ -281,7 +281,7 @@ class TrainConfig(ConfigBase):
     steps: int = 400
     batch_size: int | None = None
     grad_accum: int = 1
-    lr: float = 1e-3
+    lr: float = 1e-2
     weight_decay: float = 0.0
     resolution: int | None = None
     crop: str = "center"

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from statistics import fmean
 
-from .config import ConfigBase, check_all
+from .config import ConfigBase, TrainConfig, check_all
 from .errors import QPDeployError
 from .io import atomic_dir, write_json
 
@@ -46,8 +46,8 @@ class DemoConfig(ConfigBase):
 
     subject: str = "sks"
     intervals: int = 4
-    steps: int = 400
-    lr: float = 1e-2
+    steps: int = TrainConfig.steps
+    lr: float = TrainConfig.lr
     seeds: int = 2
     sample_steps: int = 25
     guidance: float = 4.0
@@ -96,7 +96,7 @@ def run_demo(out, config: DemoConfig = DemoConfig(), force: bool = False, show_p
 
 
 def _quantize_and_train(tmp: Path, config: DemoConfig, show_progress: bool | str, lap):
-    from .config import QuantizeConfig, TrainConfig
+    from .config import QuantizeConfig
     from .miniworld.subjects import get_subject, write_instance_images
     from .ptq import quantize_model
     from .train import train

@@ -39,3 +39,25 @@ def test_check_all_raises_the_first_failed_message():
         DemoConfig(lr=0)
     with pytest.raises(QPDeployError, match="images per prompt must be in 1..1024"):
         EvaluateConfig(images_per_prompt=0)
+
+
+def test_training_defaults_agree_everywhere():
+    """``qpdeploy train``, ``qpdeploy demo``, the demo's config and the fidelity benchmark all
+    take their training defaults from TrainConfig (chosen by the dev sweep, README)."""
+    import typer
+
+    from benchmarks.fidelity import build_parser
+    from qpdeploy.cli import app
+    from qpdeploy.config import TrainConfig
+    from qpdeploy.demo import DemoConfig
+
+    commands = typer.main.get_command(app).commands
+    train = {p.name: p.default for p in commands["train"].params}
+    for name in ("strategy", "steps", "lr", "weight_decay", "token_lr", "train_input_scales", "prior_weight"):
+        assert train[name] == getattr(TrainConfig, name), name
+    demo = {p.name: p.default for p in commands["demo"].params}
+    assert demo["steps"] == DemoConfig.steps == TrainConfig.steps
+    assert demo["lr"] == DemoConfig.lr == TrainConfig.lr
+    bench = vars(build_parser().parse_args(["--out", "x.json"]))
+    assert (bench["lr"], bench["steps"], bench["token_lr"], bench["weight_decay"]) == (
+        TrainConfig.lr, TrainConfig.steps, TrainConfig.token_lr, TrainConfig.weight_decay)

@@ -1,0 +1,116 @@
+"""Choose scale training's settings on ``dev`` prompts (never ``test``): a grid over
+``benchmarks/fidelity.py`` options, resumable.
+
+    python -m benchmarks.scale_sweep --rows baseline,s2_k2 --grid "lr=1e-2,3e-2,1e-1" "steps=400" \
+        --work /tmp/sweep --out benchmarks/results/scale_dev_sweep.json [--seeds 0] [--jobs 2]
+
+Every (setting, subject) pair is one ``fidelity.py --split dev`` process (one torch thread;
+``--jobs`` at a time) whose report is kept in ``--work``: an interrupted sweep run again with
+the same ``--work`` runs only what is missing. Quantized bases are made once, in ``--work``,
+and shared. The report gives, per setting and row, subject recognition on the dev
+backgrounds, prompt fidelity, the instance prompt and preservation (mean and 95% bootstrap
+interval over images and runs), and training seconds and peak memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from qpdeploy.config import QuantizeConfig
+from qpdeploy.io import write_file_atomic, write_json
+from qpdeploy.miniworld.subjects import SUBJECTS
+
+from .fidelity import SCALE_ROWS, summarize
+from .miniworld.dev_sweep import combinations
+
+SHOWN = ("subject_recognised", "prompt_fidelity", "instance_prompt_recognised", "preservation")
+
+
+def job_name(rows: str, setting: dict[str, str], subject: str, seeds: str) -> str:
+    """A stable file name for one (rows, setting, subject, seeds) run."""
+    key = json.dumps([rows, sorted(setting.items()), subject, seeds])
+    return f"{subject}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+
+
+def ensure_bases(rows: list[str], model: str, bases: Path) -> None:
+    """Quantize the bases the rows need once, before the jobs share them."""
+    from qpdeploy.ptq import quantize_model
+
+    bits = {SCALE_ROWS[r][0] for r in rows if r in SCALE_ROWS} | ({8} if "w8a8_ptq" in rows else set())
+    for b in sorted(bits):
+        path = bases / f"base-w{b}a8"
+        if not path.is_dir():
+            print(f"quantizing the W{b}A8 base -> {path}", flush=True)
+            quantize_model(model, path, QuantizeConfig(weight_bits=b, intervals=4))
+
+
+def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", default="baseline", help="fidelity.py rows, comma-separated")
+    parser.add_argument("--grid", nargs="+", required=True, help="fidelity.py options, name=v1,v2 each")
+    parser.add_argument("--subjects", default=",".join(SUBJECTS))
+    parser.add_argument("--seeds", default="0")
+    parser.add_argument("--model", default="miniworld")
+    parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--work", type=Path, required=True, help="kept runs (resume) and shared bases")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+    rows = args.rows.split(",")
+    settings = combinations(args.grid)
+    runs_dir = args.work / "runs"
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    ensure_bases(rows, args.model, args.work / "bases")
+    start = time.perf_counter()
+    todo = []
+    for setting in settings:
+        for subject in args.subjects.split(","):
+            path = runs_dir / job_name(args.rows, setting, subject, args.seeds)
+            if path.is_file():
+                continue
+            options = [x for k, v in setting.items() for x in (f"--{k}", v)]
+            todo.append([sys.executable, "benchmarks/fidelity.py", "--rows", args.rows, "--split", "dev",
+                         "--subjects", subject, "--seeds", args.seeds, "--model", args.model, "--threads", "1",
+                         "--bases", str(args.work / "bases"), *options, "--out", str(path)])
+    print(f"{len(settings)} settings x {len(args.subjects.split(','))} subjects: {len(todo)} runs to do", flush=True)
+    running: list[subprocess.Popen] = []
+    for i, command in enumerate(todo):
+        while sum(p.poll() is None for p in running) >= args.jobs:
+            time.sleep(2)
+        print(f"[{(time.perf_counter() - start) / 60:6.1f} min] run {i + 1}/{len(todo)}: {command[-1]}", flush=True)
+        running.append(subprocess.Popen(command, stdout=subprocess.DEVNULL))
+    failed = [p.args for p in running if p.wait() != 0]
+    if failed:
+        raise SystemExit(f"error: {len(failed)} sweep run(s) failed, e.g. {' '.join(map(str, failed[0]))}")
+    results = []
+    for setting in settings:
+        runs = []
+        for subject in args.subjects.split(","):
+            path = runs_dir / job_name(args.rows, setting, subject, args.seeds)
+            runs += json.loads(path.read_text(encoding="utf-8"))["runs"]
+        table = summarize(runs)
+        results.append({"setting": setting, "table": {row: {k: v for k, v in columns.items() if k != "pack_bytes"}
+                                                      for row, columns in table.items()},
+                        "per_subject": {f"{r['row']}/{r['subject']}/{r['seed']}": {k: r[k] for k in SHOWN}
+                                        for r in runs}})
+    report = {"command": "python -m benchmarks.scale_sweep " + " ".join(argv), "split": "dev",
+              "rows": rows, "subjects": args.subjects.split(","), "seeds": args.seeds, "results": results,
+              "seconds": round(time.perf_counter() - start, 1)}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    write_file_atomic(args.out, lambda t: write_json(t, report))
+    for r in results:
+        for row, t in r["table"].items():
+            cells = "  ".join(f"{k.split('_')[0]} {t[k]['mean']:.2f} [{t[k]['low']:.2f},{t[k]['high']:.2f}]"
+                              for k in SHOWN if k in t)
+            print(f"{r['setting']} {row}: {cells}")
+    print(f"-> {args.out}")
+
+
+if __name__ == "__main__":
+    main()
