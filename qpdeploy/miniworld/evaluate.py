@@ -22,6 +22,8 @@ def evaluate_prompts(
     seed: int = 0,
     steps: int | None = None,
     guidance: float | None = None,
+    instance_images=None,
+    shape: str | None = None,
 ) -> dict:
     """Generate ``images_per_prompt`` images of every prompt and measure them.
 
@@ -32,6 +34,9 @@ def evaluate_prompts(
         identifier: the subject the prompts name (adds ``subject_fidelity``).
         class_prompts: the prompts' class twins (adds ``preservation``).
         seed, steps, guidance: sampling (defaults: the gate's settings).
+        instance_images, shape: the subject's instance images (uint8, N x H x W x 3)
+            and class noun, for a subject the package does not ship (default: the bundled
+            subject's, see :func:`qpdeploy.miniworld.metrics.subject_scores`).
 
     Returns:
         ``prompt_fidelity`` (share matching every named attribute), ``attributes`` (per
@@ -58,7 +63,7 @@ def evaluate_prompts(
         "images": len(images),
     }
     if identifier is not None:
-        scores = subject_scores(evaluator, images, identifier)
+        scores = subject_scores(evaluator, images, identifier, instance_images, shape)
         result["subject_fidelity"] = {k: float(v.mean()) for k, v in scores.items()}
         per_image["subject_probability"] = scores["probability"]
         if "instance_recognised" in scores:

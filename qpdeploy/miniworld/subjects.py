@@ -136,14 +136,15 @@ def get_subject(identifier: str) -> Subject:
 
 
 def write_instance_images(
-    identifier: str, folder: str | os.PathLike, n: int = 5, seed: int = 0, size: int = 32
+    identifier: str | Subject, folder: str | os.PathLike, n: int = 5, seed: int = 0, size: int = 32
 ) -> list[Path]:
     """Write a subject's ``n`` instance images as PNGs (``00.png``, ``01.png``...) into ``folder``.
+    ``identifier``: a bundled subject's, or a :class:`Subject` the package does not ship.
 
     Returns:
         The written paths, in order. The same arguments always write the same pixels.
     """
-    subject = get_subject(identifier)
+    subject = identifier if isinstance(identifier, Subject) else get_subject(identifier)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
