@@ -1,15 +1,15 @@
-"""Choose scale training's settings on ``dev`` prompts (never ``test``): a grid over
-``benchmarks/fidelity.py`` options, resumable.
+"""Choose scale training's settings on ``dev`` prompts: a grid over ``benchmarks/fidelity.py``
+options, resumable; with ``--split test``, the same runner measures the reported table.
 
     python -m benchmarks.scale_sweep --rows baseline,s2_k2 --grid "lr=1e-2,3e-2,1e-1" "steps=400" \
         --work /tmp/sweep --out benchmarks/results/scale_dev_sweep.json [--seeds 0] [--jobs 2]
 
-Every (setting, subject) pair is one ``fidelity.py --split dev`` process (one torch thread;
-``--jobs`` at a time) whose report is kept in ``--work``: an interrupted sweep run again with
-the same ``--work`` runs only what is missing. Quantized bases are made once, in ``--work``,
-and shared. The report gives, per setting and row, subject recognition on the dev
+Every (setting, subject, seed) is one ``fidelity.py`` process (one torch thread; ``--jobs``
+at a time) whose report is kept in ``--work``: an interrupted sweep run again with the same
+``--work`` runs only what is missing. Quantized bases are made once, in ``--work``, and
+shared. The report gives, per setting and row, subject recognition on the split's
 backgrounds, prompt fidelity, the instance prompt and preservation (mean and 95% bootstrap
-interval over images and runs), and training seconds and peak memory.
+interval over images and runs), training seconds and peak memory, and every run.
 """
 
 from __future__ import annotations
@@ -32,9 +32,9 @@ from .miniworld.dev_sweep import combinations
 SHOWN = ("subject_recognised", "prompt_fidelity", "instance_prompt_recognised", "preservation")
 
 
-def job_name(rows: str, setting: dict[str, str], subject: str, seeds: str) -> str:
-    """A stable file name for one (rows, setting, subject, seeds) run."""
-    key = json.dumps([rows, sorted(setting.items()), subject, seeds])
+def job_name(rows: str, setting: dict[str, str], subject: str, seed: str, split: str = "dev") -> str:
+    """A stable file name for one (rows, setting, subject, seed, split) run."""
+    key = json.dumps([rows, sorted(setting.items()), subject, seed] + ([split] if split != "dev" else []))
     return f"{subject}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
 
 
@@ -57,6 +57,8 @@ def main(argv=None) -> None:
     parser.add_argument("--grid", nargs="+", required=True, help="fidelity.py options, name=v1,v2 each")
     parser.add_argument("--subjects", default=",".join(SUBJECTS))
     parser.add_argument("--seeds", default="0")
+    parser.add_argument("--split", choices=("dev", "test"), default="dev",
+                        help="dev to choose settings; test only to report the chosen ones")
     parser.add_argument("--model", default="miniworld")
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--work", type=Path, required=True, help="kept runs (resume) and shared bases")
@@ -68,17 +70,19 @@ def main(argv=None) -> None:
     runs_dir.mkdir(parents=True, exist_ok=True)
     ensure_bases(rows, args.model, args.work / "bases")
     start = time.perf_counter()
+    subjects, seeds = args.subjects.split(","), args.seeds.split(",")
+    jobs = [(setting, subject, seed) for setting in settings for seed in seeds for subject in subjects]
     todo = []
-    for setting in settings:
-        for subject in args.subjects.split(","):
-            path = runs_dir / job_name(args.rows, setting, subject, args.seeds)
-            if path.is_file():
-                continue
-            options = [x for k, v in setting.items() for x in (f"--{k}", v)]
-            todo.append([sys.executable, "benchmarks/fidelity.py", "--rows", args.rows, "--split", "dev",
-                         "--subjects", subject, "--seeds", args.seeds, "--model", args.model, "--threads", "1",
-                         "--bases", str(args.work / "bases"), *options, "--out", str(path)])
-    print(f"{len(settings)} settings x {len(args.subjects.split(','))} subjects: {len(todo)} runs to do", flush=True)
+    for setting, subject, seed in jobs:
+        path = runs_dir / job_name(args.rows, setting, subject, seed, args.split)
+        if path.is_file():
+            continue
+        options = [x for k, v in setting.items() for x in (f"--{k}", v)]
+        todo.append([sys.executable, "benchmarks/fidelity.py", "--rows", args.rows, "--split", args.split,
+                     "--subjects", subject, "--seeds", seed, "--model", args.model, "--threads", "1",
+                     "--bases", str(args.work / "bases"), *options, "--out", str(path)])
+    print(f"{len(settings)} settings x {len(subjects)} subjects x {len(seeds)} seeds: {len(todo)} runs to do",
+          flush=True)
     running: list[subprocess.Popen] = []
     for i, command in enumerate(todo):
         while sum(p.poll() is None for p in running) >= args.jobs:
@@ -91,16 +95,15 @@ def main(argv=None) -> None:
     results = []
     for setting in settings:
         runs = []
-        for subject in args.subjects.split(","):
-            path = runs_dir / job_name(args.rows, setting, subject, args.seeds)
+        for _, subject, seed in [job for job in jobs if job[0] is setting]:
+            path = runs_dir / job_name(args.rows, setting, subject, seed, args.split)
             runs += json.loads(path.read_text(encoding="utf-8"))["runs"]
         table = summarize(runs)
         results.append({"setting": setting, "table": {row: {k: v for k, v in columns.items() if k != "pack_bytes"}
                                                       for row, columns in table.items()},
-                        "per_subject": {f"{r['row']}/{r['subject']}/{r['seed']}": {k: r[k] for k in SHOWN}
-                                        for r in runs}})
-    report = {"command": "python -m benchmarks.scale_sweep " + " ".join(argv), "split": "dev",
-              "rows": rows, "subjects": args.subjects.split(","), "seeds": args.seeds, "results": results,
+                        "runs": runs})
+    report = {"command": "python -m benchmarks.scale_sweep " + " ".join(argv), "split": args.split,
+              "rows": rows, "subjects": subjects, "seeds": seeds, "results": results,
               "seconds": round(time.perf_counter() - start, 1)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write_file_atomic(args.out, lambda t: write_json(t, report))

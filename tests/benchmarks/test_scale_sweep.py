@@ -1,0 +1,42 @@
+"""The resumable sweep runner: stable job names, and a rerun that finds every run done
+launches nothing and pools the kept runs per setting."""
+
+import json
+
+import pytest
+
+from benchmarks.scale_sweep import job_name, main
+
+
+def test_job_names_are_stable_and_tell_every_axis_apart():
+    a = job_name("baseline", {"lr": "1e-2"}, "sks", "0")
+    assert a == job_name("baseline", {"lr": "1e-2"}, "sks", "0", "dev") and a.startswith("sks-")
+    others = [job_name("s2_k2", {"lr": "1e-2"}, "sks", "0"), job_name("baseline", {"lr": "3e-2"}, "sks", "0"),
+              job_name("baseline", {"lr": "1e-2"}, "zwx", "0"), job_name("baseline", {"lr": "1e-2"}, "sks", "1"),
+              job_name("baseline", {"lr": "1e-2"}, "sks", "0", "test")]
+    assert len({a, *others}) == 6
+
+
+def test_a_sweep_whose_runs_are_kept_only_pools_them(tmp_path, monkeypatch):
+    def run(subject, seed, recognised):
+        per_image = {"subject_recognised": [recognised] * 4, "prompt_fidelity": [1.0] * 4,
+                     "instance_prompt_recognised": [1.0] * 2, "preservation": [0.5] * 4}
+        return {"row": "fp", "subject": subject, "seed": seed, "subject_recognised": recognised,
+                "prompt_fidelity": 1.0, "preservation": 0.5, "per_image": per_image}
+
+    runs = tmp_path / "work" / "runs"
+    runs.mkdir(parents=True)
+    for lr, value in (("1e-2", 1.0), ("3e-2", 0.0)):
+        for subject in ("sks", "zwx"):
+            name = job_name("fp", {"lr": lr}, subject, "0", "test")
+            (runs / name).write_text(json.dumps({"runs": [run(subject, 0, value)]}))
+    monkeypatch.setattr("subprocess.Popen", lambda *a, **k: pytest.fail("a kept run was launched again"))
+    out = tmp_path / "sweep.json"
+    main(["--rows", "fp", "--grid", "lr=1e-2,3e-2", "--subjects", "sks,zwx", "--split", "test",
+          "--work", str(tmp_path / "work"), "--out", str(out)])
+    report = json.loads(out.read_text())
+    assert report["split"] == "test" and [r["setting"] for r in report["results"]] == [{"lr": "1e-2"}, {"lr": "3e-2"}]
+    first, second = (r["table"]["fp"] for r in report["results"])
+    assert first["subject_recognised"]["mean"] == 1.0 and second["subject_recognised"]["mean"] == 0.0
+    assert first["subject_recognised"]["n"] == 8 and first["preservation"]["mean"] == 0.5
+    assert [r["subject"] for r in report["results"][0]["runs"]] == ["sks", "zwx"]
