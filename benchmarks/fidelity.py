@@ -8,6 +8,8 @@ evaluator on the subject's ``test`` prompts (choices such as S1's intervals are 
 - ``fp_dreambooth``: full-precision DreamBooth (every UNet weight trains, AdamW);
 - ``fp_lora``: full-precision LoRA DreamBooth (rank 4 on the attention projections, peft);
 - ``fp_ti``: textual inversion: only the identifier's token embedding trains (lr ``--token-lr``);
+- ``w8a8_lora``: QLoRA-style: the same LoRA on the frozen W8A8 base (peft adapters around
+  the quantized attention projections, whose weights stay int8 in memory), lr ``--lora-lr``;
 - ``w8a8_ptq``: the W8A8 post-training model, not personalized;
 - ``baseline``, ``s1``, ``s2_k2``, ``s2_k4``: scale training (PEQA) with one scale set, S1
   (intervals picked on dev among ``S1_CANDIDATES``) and S2 with K = 2 and 4, each also
@@ -40,6 +42,7 @@ import os
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -103,7 +106,8 @@ SCALE_ROWS = {
 }
 SCALE_ROWS.update({f"{row}+token": spec for row, spec in SCALE_ROWS.items()
                    if row in ("baseline", "s2_k2", "s2_k4", "w4a8_s2_k4")})  # pivotal tuning (--train-token)
-ROWS = ("fp", "fp_dreambooth", "fp_lora", "fp_ti", "w8a8_ptq", *SCALE_ROWS)
+ADAPTER_ROWS = ("fp_dreambooth", "fp_lora", "fp_ti", "w8a8_lora")  # trained outside qpdeploy.train
+ROWS = ("fp", *ADAPTER_ROWS[:3], "w8a8_ptq", "w8a8_lora", *SCALE_ROWS)
 # per-image values of evaluate_prompts -> the table's column names
 PER_IMAGE = {"subject_probability": "subject_fidelity", "subject_recognised": "subject_recognised",
              "prompt_match": "prompt_fidelity", "preservation_match": "preservation", "subject_leak": "subject_leak"}
@@ -163,7 +167,7 @@ class Bench:
             write_instance_images(subject, images)
         if row == "fp":
             return {**self.evaluate(self.pipe, subject, self.args.split, seed), "trainable_params": 0, "pack_bytes": 0}
-        if row in ("fp_dreambooth", "fp_lora", "fp_ti"):
+        if row in ADAPTER_ROWS:
             return self.float_row(row, subject, images, seed)
         if row == "w8a8_ptq":
             base = load_base(self.base_dir(8))
@@ -222,17 +226,14 @@ class Bench:
         from diffusers import DDPMScheduler
 
         pipe = self.pipe
-        unet = copy.deepcopy(pipe.unet)
+        unet = load_base(self.base_dir(8)).unet if row == "w8a8_lora" else copy.deepcopy(pipe.unet)
         unet.requires_grad_(False)
         tuner = None
         if row == "fp_ti":
             tuner = TokenTuner(pipe, subject.identifier, self.args.token_lr)
             lr = self.args.token_lr
-        elif row == "fp_lora":
-            from peft import LoraConfig
-
-            unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
-                                        target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+        elif row in ("fp_lora", "w8a8_lora"):
+            add_lora(unet)
             lr = self.args.lora_lr
         else:
             unet.requires_grad_(True)
@@ -297,6 +298,22 @@ class Bench:
             result = self.evaluate(quantized_pipeline(pipe, unet), subject, self.args.split, seed)
         return {**result, "trainable_params": trained, "pack_bytes": 4 * trained, "train_seconds": seconds,
                 "peak_memory_bytes": peak}
+
+
+def add_lora(unet) -> None:
+    """LoRA rank 4 (peft, as diffusers' DreamBooth LoRA script) on the attention projections.
+    On a quantized UNet peft's own LoRA linear wraps qpdeploy's ``QuantLinear`` (its integer
+    weight stays as it is, frozen): the QLoRA recipe on qpdeploy's W8A8 base."""
+    from peft import LoraConfig
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    from qpdeploy.layers import QuantLinear
+
+    config = LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+    config._register_custom_module({QuantLinear: LoraLinear})  # peft's extension point for other layer types
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Unsupported layer type")
+        unet.add_adapter(config)
 
 
 def summarize(runs: list[dict]) -> dict:
