@@ -1,5 +1,6 @@
 """The fidelity benchmark's QLoRA-style row: peft LoRA around qpdeploy's quantized linears."""
 
+import pytest
 import torch
 
 from benchmarks.fidelity import add_lora
@@ -11,8 +12,9 @@ def _call(unet):
     return unet(torch.randn(2, 4, 8, 8, generator=g), torch.tensor([10, 900]), torch.randn(2, 5, 32, generator=g)).sample
 
 
+@pytest.mark.slow
 def test_lora_on_the_w8a8_base_trains_adapters_only_and_keeps_integer_weights(tiny_base):
-    base = tiny_base("sd1", fresh=True)
+    base = tiny_base("sd1", fresh=True, calib_steps=2, calib_samples=4)  # quality does not matter here
     unet = base.unet.eval().requires_grad_(False)
     before = _call(unet).detach()
     w_int = [layer.w_int.clone() for _, layer in quant_layers(unet)]
