@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from .errors import QPDeployError
 
 STRATEGIES: dict[str, "Strategy"] = {}
+DEFAULT_BATCH = 4  # instance samples per micro-batch by default (README, "Training defaults")
 
 
 def register(cls: type["Strategy"]) -> type["Strategy"]:
@@ -63,8 +64,8 @@ class Strategy:
         return list(range(k))
 
     def default_batch(self, k: int) -> int:
-        """Instance samples per micro-batch when the user gives none."""
-        return 1
+        """Instance samples per micro-batch when the user gives none (the dev sweep's batch)."""
+        return DEFAULT_BATCH
 
 
 @register
@@ -102,4 +103,4 @@ class S2(Strategy):
         return list(range(k))
 
     def default_batch(self, k):
-        return k  # every step trains every set once
+        return k * -(-DEFAULT_BATCH // k)  # a multiple of K: every step trains every set equally

@@ -37,7 +37,7 @@ def test_a_new_strategy_is_one_registered_class():
 
     try:
         config = TrainConfig("a photo of sks dog", strategy="halves-test")
-        assert config.batch_for(4) == 1 and num_sets_for("halves-test", 4) == 2
+        assert config.batch_for(4) == 4 and num_sets_for("halves-test", 4) == 2
         assert set_map("halves-test", 4) == [0, 0, 1, 1]
         import torch
 

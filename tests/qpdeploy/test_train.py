@@ -77,7 +77,7 @@ def test_config_round_trips_through_json():
     config = TrainConfig(PROMPT, strategy="s1", s1_intervals=(0, 2), boundaries=(0, 200, 600, 1000), lr=3e-3)
     assert TrainConfig.from_json(config.to_json()) == config
     assert config.make_intervals(Intervals.uniform(4)).boundaries == (0, 200, 600, 1000)
-    assert config.batch_for(3) == 1 and TrainConfig(PROMPT).batch_for(3) == 3
+    assert config.batch_for(3) == 4 and TrainConfig(PROMPT).batch_for(3) == 6 and TrainConfig(PROMPT).batch_for(2) == 4
 
 
 # ------------------------------------------------------------------------------------
@@ -264,7 +264,7 @@ def test_a_run_stopped_and_resumed_ends_bit_identical(cheap_base, tiny_pipe, ins
 
 
 def test_resume_refuses_other_settings_and_other_bases(cheap_base, tiny_pipe, instance_dir, tmp_path):
-    run(cheap_base, tiny_pipe, instance_dir, tmp_path / "p", steps=2, checkpoint_every=2, strategy="baseline")
+    run(cheap_base, tiny_pipe, instance_dir, tmp_path / "p", steps=2, checkpoint_every=2, strategy="baseline", lr=1e-3)
     with pytest.raises(QPDeployError, match="trained with lr=0.001, this run has 0.5"):
         run(cheap_base, tiny_pipe, instance_dir, tmp_path / "q", steps=4, lr=0.5, strategy="baseline",
             resume=tmp_path / "p.run")
@@ -288,7 +288,7 @@ def test_report_holds_the_issue_keys_with_true_numbers(cheap_base, tiny_pipe, in
     per_set = sum(layer.out_features + layer.in_features for _, layer in quant_layers(base.unet))
     assert report["trainable_params"] == 2 * per_set
     assert report["pack_bytes"] == sum(p.stat().st_size for p in path.iterdir() if p.name != "report.json")
-    assert report["steps"] == 3 and report["samples_per_interval"] == [3, 3]  # B = K = 2, 3 steps
+    assert report["steps"] == 3 and report["samples_per_interval"] == [6, 6]  # B = 4 (2 per interval), 3 steps
     assert report["peak_memory_bytes"] > 0 and report["final_loss"] > 0
     assert sorted(p.name for p in path.iterdir()) == ["pack.json", "report.json", "scales.safetensors"]
 
