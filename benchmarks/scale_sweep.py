@@ -2,7 +2,8 @@
 options, resumable; with ``--split test``, the same runner measures the reported table.
 
     python -m benchmarks.scale_sweep --rows baseline,s2_k2 --grid "lr=1e-2,3e-2,1e-1" "steps=400" \
-        --work /tmp/sweep --out benchmarks/results/scale_dev_sweep.json [--seeds 0] [--jobs 2]
+        --work /tmp/sweep --out sweep.json [--seeds 0] [--jobs 2]
+    python -m benchmarks.scale_sweep --collect a.json b.json --out all.json
 
 Every (setting, subject, seed) is one ``fidelity.py`` process (one torch thread; ``--jobs``
 at a time) whose report is kept in ``--work``: an interrupted sweep run again with the same
@@ -50,20 +51,33 @@ def ensure_bases(rows: list[str], model: str, bases: Path) -> None:
             quantize_model(model, path, QuantizeConfig(weight_bits=b, intervals=4))
 
 
+def collect(paths: list[Path], out: Path) -> None:
+    """Several sweep reports in one file, each as written (its command, split and results)."""
+    reports = [json.loads(Path(p).read_text(encoding="utf-8")) for p in paths]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_file_atomic(out, lambda t: write_json(t, {"sweeps": reports}))
+    print(f"{len(reports)} sweeps -> {out}")
+
+
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--collect", type=Path, nargs="+", help="gather these sweep reports into --out and stop")
     parser.add_argument("--rows", default="baseline", help="fidelity.py rows, comma-separated")
-    parser.add_argument("--grid", nargs="+", required=True, help="fidelity.py options, name=v1,v2 each")
+    parser.add_argument("--grid", nargs="+", help="fidelity.py options, name=v1,v2 each")
     parser.add_argument("--subjects", default=",".join(SUBJECTS))
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--split", choices=("dev", "test"), default="dev",
                         help="dev to choose settings; test only to report the chosen ones")
     parser.add_argument("--model", default="miniworld")
     parser.add_argument("--jobs", type=int, default=2)
-    parser.add_argument("--work", type=Path, required=True, help="kept runs (resume) and shared bases")
+    parser.add_argument("--work", type=Path, help="kept runs (resume) and shared bases")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
+    if args.collect:
+        return collect(args.collect, args.out)
+    if not args.grid or not args.work:
+        parser.error("a sweep needs --grid and --work")
     rows = args.rows.split(",")
     settings = combinations(args.grid)
     runs_dir = args.work / "runs"

@@ -277,11 +277,11 @@ class TrainConfig(ConfigBase):
     intervals: int | None = None
     boundaries: tuple[int, ...] | None = None
     s1_intervals: tuple[int, ...] = ()
-    train_input_scales: bool = False
-    steps: int = 400
+    train_input_scales: bool = True
+    steps: int = 1600
     batch_size: int | None = None
     grad_accum: int = 1
-    lr: float = 1e-2
+    lr: float = 5e-3
     weight_decay: float = 0.0
     resolution: int | None = None
     crop: str = "center"

@@ -40,3 +40,15 @@ def test_a_sweep_whose_runs_are_kept_only_pools_them(tmp_path, monkeypatch):
     assert first["subject_recognised"]["mean"] == 1.0 and second["subject_recognised"]["mean"] == 0.0
     assert first["subject_recognised"]["n"] == 8 and first["preservation"]["mean"] == 0.5
     assert [r["subject"] for r in report["results"][0]["runs"]] == ["sks", "zwx"]
+
+
+def test_collect_keeps_every_report_as_written(tmp_path):
+    reports = [{"command": f"sweep {i}", "split": "dev", "results": [{"setting": {"lr": str(i)}}]} for i in range(2)]
+    paths = []
+    for i, report in enumerate(reports):
+        paths.append(tmp_path / f"{i}.json")
+        paths[-1].write_text(json.dumps(report))
+    main(["--collect", *map(str, paths), "--out", str(tmp_path / "all.json")])
+    assert json.loads((tmp_path / "all.json").read_text()) == {"sweeps": reports}
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path / "x.json")])  # neither a sweep nor a collection

@@ -32,6 +32,19 @@ def test_train_on_a_base_writes_a_pack_that_applies(cheap_saved_base, instance_d
     assert all(layer.num_sets == 1 for _, layer in quant_layers(base.unet))
 
 
+def test_input_scales_train_by_default_and_can_be_turned_off(cheap_saved_base, instance_dir, tmp_path):
+    base_dir = cheap_saved_base("sd1")
+    layers = len(list(quant_layers(load_base(base_dir).unet)))
+    for flag, with_inputs in ((), True), (("--no-train-input-scales",), False):
+        out = tmp_path / f"pack{len(flag)}"
+        result = invoke("--base", base_dir, "--images", instance_dir, "--prompt", "a photo of sks dog", "--out", out,
+                        "--steps", "1", "--device", "cpu", *flag)
+        assert result.exit_code == 0, result.output
+        pack = load_pack(out)
+        assert pack.input_scales is with_inputs
+        assert sum(k.endswith(".s_in") for k in pack.scales) == (layers if with_inputs else 0)
+
+
 def test_model_is_quantized_first_with_quantize_options(instance_dir, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a photo of a dog\na cat on a sofa\n")
