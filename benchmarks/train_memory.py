@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import hashlib
 import json
 import os
 import subprocess
@@ -269,7 +270,8 @@ def worker(args) -> dict:
 # The quantized bases (built once, in their own process: the float UNet is 3.4 GB)
 # --------------------------------------------------------------------------------------
 
-def prepare_base(bits: int, out: Path, threads: int) -> None:
+def prepare_base(bits: int, out: Path, threads: int, unet_config: dict = SD15_UNET) -> None:
+    """A quantized base of a random UNet of ``unet_config`` (memory and time only)."""
     from diffusers import UNet2DConditionModel
 
     from qpdeploy.base import QuantizedBase, base_meta, save_base
@@ -279,7 +281,7 @@ def prepare_base(bits: int, out: Path, threads: int) -> None:
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(**SD15_UNET).eval()
+    unet = UNet2DConditionModel(**unet_config).eval()
     config = QuantizeConfig(weight_bits=bits, weight_search="minmax", act_search="minmax", calib_samples=4)
     intervals = config.make_intervals(1000)
     plans = plan_layers(unet, config)
@@ -290,11 +292,14 @@ def prepare_base(bits: int, out: Path, threads: int) -> None:
     gc.collect()
     g = torch.Generator().manual_seed(1)
     calls = [UNetCall((torch.randn(1, 4, 32, 32, generator=g), torch.tensor([t])),
-                      {"encoder_hidden_states": torch.randn(1, TEXT_TOKENS, TEXT_WIDTH, generator=g)}, t, i, 0)
+                      {"encoder_hidden_states": torch.randn(1, TEXT_TOKENS, unet.config.cross_attention_dim,
+                                                            generator=g)}, t, i, 0)
              for i, t in enumerate((100, 350, 600, 850))]
     calibrate_activations(unet, calls, config, "cpu")
     report = {"note": "random SD 1.5 UNet; min/max weight scales; activations calibrated on 4 random calls"}
-    meta = base_meta(plans, {"kind": "benchmark", "name": "sd15-random"}, "none")
+    # no source pipeline (no text encoder or VAE): the source hash names the architecture
+    architecture = hashlib.sha256(json.dumps(unet_config, sort_keys=True).encode()).hexdigest()
+    meta = base_meta(plans, {"kind": "benchmark", "name": "sd15-random"}, architecture)
     save_base(out, QuantizedBase(unet, config, intervals, meta), report, force=True)
 
 
