@@ -18,6 +18,7 @@ import typer
 from typer.core import TyperGroup
 
 from .config import PRECISIONS, TRAIN_STRATEGIES, TrainConfig
+from .strategies import get_strategy
 from .errors import QPDeployError
 from .exporters.config import LAYOUTS
 from .intervals import Intervals
@@ -209,7 +210,8 @@ def train(
                                                               "--calib-steps, --calib-samples."),
     strategy: Literal[TRAIN_STRATEGIES] = typer.Option(TrainConfig.strategy, help="baseline (one scale set), s1 (one set in chosen intervals) or s2 "
                                             "(one set per interval)."),
-    intervals: Optional[int] = typer.Option(None, help="Number of uniform timestep intervals (default: the base's)."),
+    intervals: Optional[int] = typer.Option(None, help="Number of uniform timestep intervals (default: 2 for s2, "
+                                                       "else the base's)."),
     boundaries: Optional[str] = typer.Option(None, help="Explicit interval boundaries, e.g. 0,300,600,1000."),
     s1_intervals: Optional[str] = typer.Option(None, help="S1: the intervals it trains and applies in, e.g. 0,1."),
     train_input_scales: bool = typer.Option(TrainConfig.train_input_scales, "--train-input-scales/--no-train-input-scales",
@@ -674,7 +676,8 @@ def demo(
     subject: Literal["sks", "zwx", "qlv", "pkd"] = typer.Option(
         "sks", help="Bundled subject: sks (two-tone circle), zwx (orange square, blue dot), qlv (checkered "
                     "square) or pkd (triangle of six thin bands)."),
-    intervals: int = typer.Option(4, help="Timestep intervals K (S2: one scale set each)."),
+    intervals: int = typer.Option(get_strategy("s2").default_intervals,
+                                  help="Timestep intervals K (S2: one scale set each)."),
     steps: int = typer.Option(TrainConfig.steps, help="Training steps."),
     lr: float = typer.Option(TrainConfig.lr, help="Learning rate of the scales."),
     seeds: int = typer.Option(2, help="Images per prompt and model."),

@@ -245,7 +245,7 @@ class TrainConfig(ConfigBase):
         strategy: "baseline" (one set, all timesteps), "s1" (one set, trained and applied
             only in ``s1_intervals``) or "s2" (one set per interval).
         intervals / boundaries: the timestep partition, K uniform intervals or explicit
-            boundaries "0,...,T"; both None: the base's own partition.
+            boundaries "0,...,T"; both None: the strategy's default K (S2: 2), else the base's partition.
         s1_intervals: interval indices S1 trains and applies its set in.
         train_input_scales: train ``s_in`` as well as ``s_out`` (multi-channel update).
         steps: optimizer steps. batch_size: instance samples per micro-batch (None: K for
@@ -352,16 +352,20 @@ class TrainConfig(ConfigBase):
         check_all(checks)
 
     def make_intervals(self, base_intervals):
-        """The training partition: explicit boundaries, K uniform intervals, or the base's."""
+        """The training partition: explicit boundaries, K uniform intervals, the strategy's
+        default K (S2: 2), or the base's."""
         from .intervals import Intervals
 
         t = base_intervals.num_train_timesteps
+        default_k = get_strategy(self.strategy).default_intervals
         if self.boundaries is not None:
             iv = Intervals(self.boundaries)
             if iv.num_train_timesteps != t:
                 raise QPDeployError(f"boundaries end at {iv.num_train_timesteps} but the model has {t} timesteps")
         elif self.intervals is not None:
             iv = Intervals.uniform(self.intervals, t)
+        elif default_k is not None:
+            iv = Intervals.uniform(default_k, t)
         else:
             iv = base_intervals
         bad = [i for i in self.s1_intervals if i >= iv.k]

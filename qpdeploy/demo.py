@@ -23,6 +23,7 @@ from pathlib import Path
 from statistics import fmean
 
 from .config import ConfigBase, TrainConfig, check_all
+from .strategies import get_strategy
 from .errors import QPDeployError
 from .io import atomic_dir, write_json
 
@@ -45,7 +46,7 @@ class DemoConfig(ConfigBase):
     """
 
     subject: str = "sks"
-    intervals: int = 4
+    intervals: int = get_strategy("s2").default_intervals
     steps: int = TrainConfig.steps
     lr: float = TrainConfig.lr
     seeds: int = 2
@@ -107,7 +108,7 @@ def _quantize_and_train(tmp: Path, config: DemoConfig, show_progress: bool | str
     subject = get_subject(config.subject)
     write_instance_images(subject.identifier, tmp / "instance")
     train_config = TrainConfig(prompt=subject.instance_prompt().text, identifier=subject.identifier, strategy="s2",
-                               steps=config.steps, lr=config.lr, seed=config.seed, guidance=config.guidance)
+                               intervals=config.intervals, steps=config.steps, lr=config.lr, seed=config.seed, guidance=config.guidance)
     train(tmp / "base", tmp / "instance", tmp / "pack", train_config, run_dir=tmp / "pack.run", device="cpu",
           show_progress=show_progress)
     lap("train")

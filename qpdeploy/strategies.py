@@ -50,6 +50,7 @@ class Strategy:
     needs_chosen: bool = False  # the user must choose intervals (--s1-intervals)
     layout: str = "per-interval"  # default export layout
     balanced_intervals: bool = False  # training cycles through intervals instead of uniform timesteps
+    default_intervals: int | None = None  # K when the user gives none (None: the base's partition)
 
     def num_sets(self, k: int) -> int:
         """Trainable scale sets of a pack."""
@@ -95,6 +96,7 @@ class S1(Strategy):
 class S2(Strategy):
     name = "s2"
     balanced_intervals = True
+    default_intervals = 2  # the paper's best K, and the dev sweep's (README, "Training defaults")
 
     def num_sets(self, k):
         return k
