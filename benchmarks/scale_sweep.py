@@ -71,6 +71,8 @@ def main(argv=None) -> None:
                         help="dev to choose settings; test only to report the chosen ones")
     parser.add_argument("--model", default="miniworld")
     parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--kept-only", action="store_true",
+                        help="launch nothing: report the runs already kept (a sweep still under way, or cut short)")
     parser.add_argument("--work", type=Path, help="kept runs (resume) and shared bases")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
@@ -82,7 +84,8 @@ def main(argv=None) -> None:
     settings = combinations(args.grid)
     runs_dir = args.work / "runs"
     runs_dir.mkdir(parents=True, exist_ok=True)
-    ensure_bases(rows, args.model, args.work / "bases")
+    if not args.kept_only:
+        ensure_bases(rows, args.model, args.work / "bases")
     start = time.perf_counter()
     subjects, seeds = args.subjects.split(","), args.seeds.split(",")
     jobs = [(setting, subject, seed) for setting in settings for seed in seeds for subject in subjects]
@@ -97,8 +100,9 @@ def main(argv=None) -> None:
                      "--bases", str(args.work / "bases"), *options, "--out", str(path)])
     print(f"{len(settings)} settings x {len(subjects)} subjects x {len(seeds)} seeds: {len(todo)} runs to do",
           flush=True)
+    missing = [command[-1] for command in todo] if args.kept_only else []
     running: list[subprocess.Popen] = []
-    for i, command in enumerate(todo):
+    for i, command in enumerate([] if args.kept_only else todo):
         while sum(p.poll() is None for p in running) >= args.jobs:
             time.sleep(2)
         print(f"[{(time.perf_counter() - start) / 60:6.1f} min] run {i + 1}/{len(todo)}: {command[-1]}", flush=True)
@@ -111,13 +115,17 @@ def main(argv=None) -> None:
         runs = []
         for _, subject, seed in [job for job in jobs if job[0] is setting]:
             path = runs_dir / job_name(args.rows, setting, subject, seed, args.split)
-            runs += json.loads(path.read_text(encoding="utf-8"))["runs"]
+            if path.is_file():
+                runs += json.loads(path.read_text(encoding="utf-8"))["runs"]
+        if not runs:
+            continue
         table = summarize(runs)
         results.append({"setting": setting, "table": {row: {k: v for k, v in columns.items() if k != "pack_bytes"}
                                                       for row, columns in table.items()},
                         "runs": runs})
     report = {"command": "python -m benchmarks.scale_sweep " + " ".join(argv), "split": args.split,
               "rows": rows, "subjects": subjects, "seeds": seeds, "results": results,
+              "missing_runs": len(missing),
               "seconds": round(time.perf_counter() - start, 1)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write_file_atomic(args.out, lambda t: write_json(t, report))

@@ -52,3 +52,19 @@ def test_collect_keeps_every_report_as_written(tmp_path):
     assert json.loads((tmp_path / "all.json").read_text()) == {"sweeps": reports}
     with pytest.raises(SystemExit):
         main(["--out", str(tmp_path / "x.json")])  # neither a sweep nor a collection
+
+
+def test_kept_only_reports_what_is_there_and_counts_the_rest(tmp_path, monkeypatch):
+    runs = tmp_path / "work" / "runs"
+    runs.mkdir(parents=True)
+    per_image = {"subject_recognised": [1.0, 0.0], "prompt_fidelity": [1.0, 1.0]}
+    (runs / job_name("fp", {"lr": "1e-2"}, "sks", "0", "test")).write_text(json.dumps(
+        {"runs": [{"row": "fp", "subject": "sks", "seed": 0, "subject_recognised": 0.5, "prompt_fidelity": 1.0,
+                   "preservation": 1.0, "per_image": per_image}]}))
+    monkeypatch.setattr("subprocess.Popen", lambda *a, **k: pytest.fail("--kept-only launched a run"))
+    out = tmp_path / "partial.json"
+    main(["--rows", "fp", "--grid", "lr=1e-2", "--subjects", "sks,zwx", "--seeds", "0,1", "--split", "test",
+          "--work", str(tmp_path / "work"), "--out", str(out), "--kept-only"])
+    report = json.loads(out.read_text())
+    assert report["missing_runs"] == 3
+    assert report["results"][0]["table"]["fp"]["subject_recognised"]["mean"] == 0.5
