@@ -120,9 +120,7 @@ def main(argv=None) -> None:
         if not runs:
             continue
         table = summarize(runs)
-        results.append({"setting": setting, "table": {row: {k: v for k, v in columns.items() if k != "pack_bytes"}
-                                                      for row, columns in table.items()},
-                        "runs": runs})
+        results.append({"setting": setting, "table": table, "runs": runs})
     report = {"command": "python -m benchmarks.scale_sweep " + " ".join(argv), "split": args.split,
               "rows": rows, "subjects": subjects, "seeds": seeds, "results": results,
               "missing_runs": len(missing),
