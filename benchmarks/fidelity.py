@@ -61,6 +61,7 @@ from qpdeploy.miniworld.world import render_batch
 from qpdeploy.models import load_pipeline
 from qpdeploy.pack import load_pack
 from qpdeploy.quiet import quiet_third_party
+from qpdeploy.strategies import DEFAULT_BATCH
 from qpdeploy.token import TokenTuner, tokens_applied
 from qpdeploy.ptq import quantize_model
 from qpdeploy.train import train
@@ -107,12 +108,17 @@ SCALE_ROWS = {
 SCALE_ROWS.update({f"{row}+token": spec for row, spec in SCALE_ROWS.items()
                    if row in ("baseline", "s2_k2", "s2_k4", "w4a8_s2_k4")})  # pivotal tuning (--train-token)
 ADAPTER_ROWS = ("fp_dreambooth", "fp_lora", "fp_ti", "w8a8_lora")  # trained outside qpdeploy.train
-ROWS = ("fp", *ADAPTER_ROWS[:3], "w8a8_ptq", "w8a8_lora", *SCALE_ROWS)
+ROWS = ("fp", "fp_dreambooth", "fp_lora", "fp_ti", "w8a8_ptq", "w8a8_lora", *SCALE_ROWS)
 # per-image values of evaluate_prompts -> the table's column names
 PER_IMAGE = {"subject_probability": "subject_fidelity", "subject_recognised": "subject_recognised",
              "prompt_match": "prompt_fidelity", "preservation_match": "preservation", "subject_leak": "subject_leak"}
 CI_COLUMNS = (*PER_IMAGE.values(), "instance_prompt_recognised")  # mean [95% CI] over images and runs
 COLUMNS = ("subject_cosine", "frechet", "trainable_params", "pack_bytes", "train_seconds", "peak_memory_bytes")  # mean, std
+
+
+def quantize_base(model: str, path: Path, bits: int, device: str = "cpu") -> None:
+    """The benchmark's base: W``bits``A8 with K = 4 activation intervals."""
+    quantize_model(model, path, QuantizeConfig(weight_bits=bits, intervals=4), device=device)
 
 
 class Bench:
@@ -130,8 +136,7 @@ class Bench:
             root = self.args.bases or self.workdir
             path = root / f"base-w{bits}a8"
             if not (self.args.bases and path.is_dir()):  # a kept base is reused (quantization is deterministic)
-                quantize_model(self.args.model, path, QuantizeConfig(weight_bits=bits, intervals=4),
-                               device=self.args.device)
+                quantize_base(self.args.model, path, bits, self.args.device)
             self.bases[bits] = path
         return self.bases[bits]
 
@@ -366,7 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seeds", default="0,1")
     parser.add_argument("--rows", default=",".join(ROWS), help="comma-separated subset of " + ",".join(ROWS))
     parser.add_argument("--steps", type=int, default=TrainConfig.steps, help="training steps of every personalized row")
-    parser.add_argument("--batch-size", type=int, default=4, help="instance samples per step, every row alike")
+    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH, help="instance samples per step, every row alike")
     parser.add_argument("--lr", type=float, default=TrainConfig.lr, help="learning rate of the scales (relative units)")
     parser.add_argument("--weight-decay", type=float, default=TrainConfig.weight_decay,
                         help="AdamW weight decay of the scales (towards the post-training scales)")

@@ -23,11 +23,10 @@ import sys
 import time
 from pathlib import Path
 
-from qpdeploy.config import QuantizeConfig
 from qpdeploy.io import write_file_atomic, write_json
 from qpdeploy.miniworld.subjects import SUBJECTS
 
-from .fidelity import SCALE_ROWS, summarize
+from .fidelity import SCALE_ROWS, quantize_base, summarize
 from .miniworld.dev_sweep import combinations
 
 SHOWN = ("subject_recognised", "prompt_fidelity", "instance_prompt_recognised", "preservation")
@@ -41,14 +40,12 @@ def job_name(rows: str, setting: dict[str, str], subject: str, seed: str, split:
 
 def ensure_bases(rows: list[str], model: str, bases: Path) -> None:
     """Quantize the bases the rows need once, before the jobs share them."""
-    from qpdeploy.ptq import quantize_model
-
     bits = {SCALE_ROWS[r][0] for r in rows if r in SCALE_ROWS} | ({8} if "w8a8_ptq" in rows else set())
     for b in sorted(bits):
         path = bases / f"base-w{b}a8"
         if not path.is_dir():
             print(f"quantizing the W{b}A8 base -> {path}", flush=True)
-            quantize_model(model, path, QuantizeConfig(weight_bits=b, intervals=4))
+            quantize_base(model, path, b)
 
 
 def collect(paths: list[Path], out: Path) -> None:
@@ -100,7 +97,6 @@ def main(argv=None) -> None:
                      "--bases", str(args.work / "bases"), *options, "--out", str(path)])
     print(f"{len(settings)} settings x {len(subjects)} subjects x {len(seeds)} seeds: {len(todo)} runs to do",
           flush=True)
-    missing = [command[-1] for command in todo] if args.kept_only else []
     running: list[subprocess.Popen] = []
     for i, command in enumerate([] if args.kept_only else todo):
         while sum(p.poll() is None for p in running) >= args.jobs:
@@ -123,7 +119,7 @@ def main(argv=None) -> None:
         results.append({"setting": setting, "table": table, "runs": runs})
     report = {"command": "python -m benchmarks.scale_sweep " + " ".join(argv), "split": args.split,
               "rows": rows, "subjects": subjects, "seeds": seeds, "results": results,
-              "missing_runs": len(missing),
+              "missing_runs": len(todo) if args.kept_only else 0,
               "seconds": round(time.perf_counter() - start, 1)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write_file_atomic(args.out, lambda t: write_json(t, report))

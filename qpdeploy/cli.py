@@ -217,7 +217,7 @@ def train(
     train_input_scales: bool = typer.Option(TrainConfig.train_input_scales, "--train-input-scales/--no-train-input-scales",
                                              help="Train input-channel scales s_in too."),
     steps: int = typer.Option(TrainConfig.steps, help="Optimizer steps."),
-    batch_size: Optional[int] = typer.Option(None, help="Instance samples per batch (default: K for s2, else 1)."),
+    batch_size: Optional[int] = typer.Option(None, help="Instance samples per batch (default: 4; s2 rounds it up to a multiple of K)."),
     grad_accum: int = typer.Option(1, help="Batches accumulated per optimizer step."),
     lr: float = typer.Option(TrainConfig.lr, help="AdamW learning rate, relative to the post-training scales."),
     weight_decay: float = typer.Option(TrainConfig.weight_decay, help="AdamW weight decay (towards the post-training scales)."),
