@@ -248,9 +248,9 @@ class TrainConfig(ConfigBase):
             boundaries "0,...,T"; both None: the strategy's default K (S2: 2), else the base's partition.
         s1_intervals: interval indices S1 trains and applies its set in.
         train_input_scales: train ``s_in`` as well as ``s_out`` (multi-channel update).
-        steps: optimizer steps. batch_size: instance samples per micro-batch (None: K for
-            S2, so that every step trains every set once, else 1). grad_accum: micro-batches
-            per step.
+        steps: optimizer steps. batch_size: instance samples per micro-batch (None: the
+            strategy's default, 4; S2 rounds it up to a multiple of K so that every step
+            trains every set equally). grad_accum: micro-batches per step.
         lr: AdamW learning rate in relative units: scales are trained as
             ``s_out = s_ptq * (1 + delta)``, ``s_in = 1 + delta``, so lr is the size of a step
             as a fraction of the post-training scale. weight_decay pulls ``delta`` to 0,
@@ -357,14 +357,13 @@ class TrainConfig(ConfigBase):
         from .intervals import Intervals
 
         t = base_intervals.num_train_timesteps
-        default_k = get_strategy(self.strategy).default_intervals
         if self.boundaries is not None:
             iv = Intervals(self.boundaries)
             if iv.num_train_timesteps != t:
                 raise QPDeployError(f"boundaries end at {iv.num_train_timesteps} but the model has {t} timesteps")
         elif self.intervals is not None:
             iv = Intervals.uniform(self.intervals, t)
-        elif default_k is not None:
+        elif (default_k := get_strategy(self.strategy).default_intervals) is not None:
             iv = Intervals.uniform(default_k, t)
         else:
             iv = base_intervals
@@ -374,7 +373,7 @@ class TrainConfig(ConfigBase):
         return iv
 
     def batch_for(self, k: int) -> int:
-        """Instance samples per micro-batch: ``batch_size``, or K for S2 and 1 otherwise."""
+        """Instance samples per micro-batch: ``batch_size``, or the strategy's default."""
         if self.batch_size is not None:
             return self.batch_size
         return get_strategy(self.strategy).default_batch(k)
