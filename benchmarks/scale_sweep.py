@@ -4,11 +4,14 @@ options, resumable; with ``--split test``, the same runner measures the reported
     python -m benchmarks.scale_sweep --rows baseline,s2_k2 --grid "lr=1e-2,3e-2,1e-1" "steps=400" \
         --work /tmp/sweep --out sweep.json [--seeds 0] [--jobs 2]
     python -m benchmarks.scale_sweep --collect a.json b.json --out all.json
+    python -m benchmarks.scale_sweep ... --reuse benchmarks/results/fidelity_v4_test.json
 
 Every (setting, subject, seed) is one ``fidelity.py`` process (one torch thread; ``--jobs``
 at a time) whose report is kept in ``--work``: an interrupted sweep run again with the same
-``--work`` runs only what is missing. Quantized bases are made once, in ``--work``, and
-shared. The report gives, per setting and row, subject recognition on the split's
+``--work`` runs only what is missing. ``--reuse`` first files the runs of earlier reports (a
+sweep report, or a ``--collect`` of them) into ``--work``, so that a fresh machine extends a
+published table (another seed, another subject) without redoing what it holds. Quantized
+bases are made once, in ``--work``, and shared. The report gives, per setting and row, subject recognition on the split's
 backgrounds, prompt fidelity, the instance prompt and preservation (mean and 95% bootstrap
 interval over images and runs), training seconds and peak memory, and every run.
 """
@@ -48,6 +51,32 @@ def ensure_bases(rows: list[str], model: str, bases: Path) -> None:
             quantize_base(model, path, b)
 
 
+def reuse(paths: list[Path], runs_dir: Path) -> int:
+    """File the runs of earlier sweep reports as kept runs; return how many files were written.
+
+    A run is filed under the job it came from (the report's rows, setting, split, and the
+    run's subject and seed); a kept run already there is left as it is.
+    """
+    written = 0
+    for path in paths:
+        report = json.loads(Path(path).read_text(encoding="utf-8"))
+        for sweep in report.get("sweeps", [report]):
+            if "runs" not in sweep["results"][0]:
+                raise SystemExit(f"error: {path}: a sweep report without its runs cannot be reused")
+            rows = ",".join(sweep["rows"])
+            for result in sweep["results"]:
+                jobs: dict[str, list[dict]] = {}
+                for run in result["runs"]:
+                    name = job_name(rows, result["setting"], run["subject"], str(run["seed"]), sweep["split"])
+                    jobs.setdefault(name, []).append(run)
+                for name, runs in jobs.items():
+                    target = runs_dir / name
+                    if not target.is_file():
+                        write_file_atomic(target, lambda t, runs=runs: write_json(t, {"runs": runs}))
+                        written += 1
+    return written
+
+
 def collect(paths: list[Path], out: Path) -> None:
     """Several sweep reports in one file, each as written (its command, split and results)."""
     reports = [json.loads(Path(p).read_text(encoding="utf-8")) for p in paths]
@@ -71,6 +100,8 @@ def main(argv=None) -> None:
     parser.add_argument("--kept-only", action="store_true",
                         help="launch nothing: report the runs already kept (a sweep still under way, or cut short)")
     parser.add_argument("--work", type=Path, help="kept runs (resume) and shared bases")
+    parser.add_argument("--reuse", type=Path, nargs="+", default=[],
+                        help="earlier sweep reports whose runs count as kept (extend a published table)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     if args.collect:
@@ -81,6 +112,8 @@ def main(argv=None) -> None:
     settings = combinations(args.grid)
     runs_dir = args.work / "runs"
     runs_dir.mkdir(parents=True, exist_ok=True)
+    if args.reuse:
+        print(f"{reuse(args.reuse, runs_dir)} kept runs filed from {len(args.reuse)} report(s)", flush=True)
     if not args.kept_only:
         ensure_bases(rows, args.model, args.work / "bases")
     start = time.perf_counter()

@@ -68,3 +68,28 @@ def test_kept_only_reports_what_is_there_and_counts_the_rest(tmp_path, monkeypat
     report = json.loads(out.read_text())
     assert report["missing_runs"] == 3
     assert report["results"][0]["table"]["fp"]["subject_recognised"]["mean"] == 0.5
+
+
+def test_reuse_files_a_published_reports_runs_so_only_the_new_seed_runs(tmp_path, monkeypatch):
+    per_image = {"subject_recognised": [1.0, 0.0], "prompt_fidelity": [1.0, 1.0]}
+
+    def run(subject, seed):
+        return {"row": "fp", "subject": subject, "seed": seed, "subject_recognised": 0.5, "prompt_fidelity": 1.0,
+                "preservation": 1.0, "per_image": per_image}
+
+    published = {"rows": ["fp"], "split": "test",
+                 "results": [{"setting": {"lr": "1e-2"}, "runs": [run(s, seed) for seed in (0, 1) for s in ("sks", "zwx")]}]}
+    (tmp_path / "published.json").write_text(json.dumps({"sweeps": [published]}))
+    monkeypatch.setattr("subprocess.Popen", lambda *a, **k: pytest.fail("--kept-only launched a run"))
+    out = tmp_path / "r.json"
+    main(["--rows", "fp", "--grid", "lr=1e-2", "--subjects", "sks,zwx", "--seeds", "0,1,2", "--split", "test",
+          "--work", str(tmp_path / "work"), "--reuse", str(tmp_path / "published.json"), "--out", str(out), "--kept-only"])
+    report = json.loads(out.read_text())
+    assert len(list((tmp_path / "work" / "runs").iterdir())) == 4 and report["missing_runs"] == 2
+    assert report["results"][0]["table"]["fp"]["subject_recognised"]["n"] == 8
+    # the same report reused again writes nothing new; a report without runs is refused
+    from benchmarks.scale_sweep import reuse
+    assert reuse([tmp_path / "published.json"], tmp_path / "work" / "runs") == 0
+    (tmp_path / "bare.json").write_text(json.dumps({**published, "results": [{"setting": {"lr": "1e-2"}}]}))
+    with pytest.raises(SystemExit, match="without its runs"):
+        reuse([tmp_path / "bare.json"], tmp_path / "work" / "runs")
