@@ -7,8 +7,15 @@ step) per method, each method in its own process, one after the other:
 - ``full_finetune``: every UNet weight trains with AdamW (what diffusers' DreamBooth does);
 - ``lora_r4``: LoRA rank 4 on the attention projections to_q/to_k/to_v/to_out.0 (peft,
   as in diffusers' train_dreambooth_lora.py);
-- ``ours_baseline_int8``, ``ours_s2_int8``, ``ours_s2_int4``: qpdeploy's own training step
-  (:class:`qpdeploy.train.ScaleTrainer`) on a quantized base loaded from disk.
+- ``textual_inversion``: only the identifier's token embedding row trains; the frozen float
+  UNet and the frozen SD 1.5 CLIP text encoder (built from its config) stay in memory, since
+  the prompt goes through the trainable row at every step;
+- ``qlora_r4_int8``: the same LoRA on qpdeploy's frozen W8A8 base (peft's LoRA linear wraps
+  qpdeploy's ``QuantLinear``; the integer weights stay integer in memory);
+- ``ours_baseline_int8``, ``ours_s2_int8``, ``ours_s2_int8_gc``, ``ours_s2_int4``: qpdeploy's
+  own training step (:class:`qpdeploy.train.ScaleTrainer`) on a quantized base loaded from
+  disk, with the training defaults (output and input scales; S2 with K = 2) and batch 1;
+  ``_gc`` adds gradient checkpointing (``--gradient-checkpointing``).
 
 The quantized bases are built once in a helper process (``--prepare-base``) with min/max
 weight scales and a minimal activation calibration on 4 random UNet calls: this benchmark
@@ -53,15 +60,24 @@ SD15_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.0
                       prediction_type="epsilon", clip_sample=False)
 TEXT_TOKENS, TEXT_WIDTH = 77, 768
 
+# SD 1.5's text encoder (CLIP ViT-L/14 text tower), for textual inversion
+SD15_TEXT = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                 num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768)
+IDENTIFIER_ID = 42_000  # the identifier's token id in the synthetic prompt (any id of the vocabulary)
+
+# method: (kind, weight bits of the quantized base or None, ScaleTrainer options)
 METHODS = {
-    "full_finetune": None,
-    "lora_r4": None,
-    "ours_baseline_int8": ("baseline", 8),
-    "ours_s2_int8": ("s2", 8),
-    "ours_s2_int4": ("s2", 4),
+    "full_finetune": ("float", None, {}),
+    "lora_r4": ("float", None, {}),
+    "textual_inversion": ("float", None, {}),
+    "qlora_r4_int8": ("qlora", 8, {}),
+    "ours_baseline_int8": ("ours", 8, {"strategy": "baseline"}),
+    "ours_s2_int8": ("ours", 8, {"strategy": "s2"}),
+    "ours_s2_int8_gc": ("ours", 8, {"strategy": "s2", "gradient_checkpointing": True}),
+    "ours_s2_int4": ("ours", 4, {"strategy": "s2"}),
 }
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
-LR = {"full_finetune": 5e-6, "lora_r4": 1e-4}
+LR = {"full_finetune": 5e-6, "lora_r4": 1e-4, "qlora_r4_int8": 1e-4, "textual_inversion": 5e-4}
 
 
 # --------------------------------------------------------------------------------------
@@ -73,10 +89,10 @@ def module_bytes(module) -> int:
     return sum(t.numel() * t.element_size() for t in chain(module.parameters(), module.buffers()))
 
 
-def saved_for_backward(forward, module) -> dict:
-    """Bytes autograd saves for backward in ``forward()``, by dtype, excluding the module's
+def saved_for_backward(forward, modules) -> dict:
+    """Bytes autograd saves for backward in ``forward()``, by dtype, excluding the modules'
     own parameters and buffers (saving those costs nothing)."""
-    own = {t.untyped_storage().data_ptr() for t in chain(module.parameters(), module.buffers())}
+    own = {t.untyped_storage().data_ptr() for m in modules for t in chain(m.parameters(), m.buffers())}
     seen: dict[int, tuple[int, str]] = {}
 
     def pack(t):
@@ -110,27 +126,29 @@ def allocator_free_bytes() -> int | None:
         return None
 
 
-def synthetic_batch(latent: int, device):
+def synthetic_batch(latent: int, device, width: int = TEXT_WIDTH):
     g = torch.Generator().manual_seed(0)
     latents = torch.randn(1, 4, latent, latent, generator=g)
     noise = torch.randn(1, 4, latent, latent, generator=g)
-    context = torch.randn(1, TEXT_TOKENS, TEXT_WIDTH, generator=g)
+    context = torch.randn(1, TEXT_TOKENS, width, generator=g)
     return latents.to(device), noise.to(device), context.to(device)
 
 
-def float_step_fn(unet, optimizer, latent: int, device):
-    """A diffusers-DreamBooth training step (noise loss, backward, AdamW) on a float UNet."""
+def float_step_fn(unet, optimizer, latent: int, device, encoder=None):
+    """A diffusers-DreamBooth training step (noise loss, backward, AdamW) on a UNet; with
+    ``encoder`` (textual inversion) the prompt is encoded through it at every step."""
     import torch.nn.functional as F
     from diffusers import DDPMScheduler
 
     schedule = DDPMScheduler.from_config(SD15_SCHEDULER)
-    latents, noise, context = synthetic_batch(latent, device)
+    latents, noise, context = synthetic_batch(latent, device, unet.config.cross_attention_dim)
     counter = iter(range(10**9))
 
     def forward():
         t = torch.tensor([(137 * next(counter)) % 1000], device=device)
         noisy = schedule.add_noise(latents, noise, t)
-        pred = unet(noisy, t, encoder_hidden_states=context, return_dict=False)[0]
+        embeds = context if encoder is None else encoder()
+        pred = unet(noisy, t, encoder_hidden_states=embeds, return_dict=False)[0]
         return F.mse_loss(pred.float(), noise.float())
 
     def step():
@@ -145,29 +163,77 @@ def float_step_fn(unet, optimizer, latent: int, device):
 # Workers (one process per method)
 # --------------------------------------------------------------------------------------
 
-def build_float(method: str, device):
+def build_float(method: str, device, unet_config: dict = SD15_UNET, text_config: dict = SD15_TEXT):
+    """The float UNet with what ``method`` trains; returns (unet, params, optimizer, encoder),
+    ``encoder`` being textual inversion's prompt encoder (else None)."""
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(**SD15_UNET).to(device)
+    unet = UNet2DConditionModel(**unet_config).to(device)
     unet.train()
+    encoder = None
+    if method == "full_finetune":
+        params = list(unet.parameters())
+    else:
+        unet.requires_grad_(False)
     if method == "lora_r4":
         from peft import LoraConfig
 
-        unet.requires_grad_(False)
         unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=LORA_TARGETS))
+        params = [p for p in unet.parameters() if p.requires_grad]
+    elif method == "textual_inversion":
+        encoder = PromptThroughRow(text_config, device)
+        params = [encoder.row]
+    return unet, params, torch.optim.AdamW(params, lr=LR[method]), encoder
+
+
+class PromptThroughRow(torch.nn.Module):
+    """Textual inversion's prompt encoder: the frozen text encoder, whose embedding table
+    gives the identifier's token a trainable row (a forward hook, as
+    :class:`qpdeploy.token.TokenTuner` does); calling it encodes a fixed 77-token prompt."""
+
+    def __init__(self, text_config: dict, device):
+        from transformers import CLIPTextConfig, CLIPTextModel
+
+        super().__init__()
+        torch.manual_seed(1)
+        self.encoder = CLIPTextModel(CLIPTextConfig(**text_config)).to(device).requires_grad_(False)
+        identifier = min(IDENTIFIER_ID, text_config["vocab_size"] - 2)
+        table = self.encoder.get_input_embeddings()
+        self.row = torch.nn.Parameter(table.weight[identifier].detach().clone())
+        ids = torch.full((1, TEXT_TOKENS), text_config["vocab_size"] - 1, device=device)  # padding
+        ids[0, :6] = torch.tensor([0, 320, 1125, 539, identifier, 1929]) % text_config["vocab_size"]
+        self.ids, at_identifier = ids, (ids == identifier).unsqueeze(-1)
+        table.register_forward_hook(lambda module, args, out: torch.where(at_identifier, self.row.to(out.dtype), out))
+
+    def forward(self):
+        return self.encoder(self.ids).last_hidden_state
+
+
+def build_qlora(base_dir: Path, device):
+    """LoRA r4 (peft) on the frozen quantized base: returns (unet, params, optimizer)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks.fidelity import add_lora
+    from qpdeploy.base import load_base
+
+    unet = load_base(base_dir, device).unet
+    unet.requires_grad_(False)
+    add_lora(unet)
+    unet.train()
     params = [p for p in unet.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=LR[method])
-    return unet, params, optimizer
+    return unet, params, torch.optim.AdamW(params, lr=LR["qlora_r4_int8"])
 
 
-def float_artifact(method: str, unet, folder: Path) -> int:
+def float_artifact(method: str, unet, params: list, folder: Path) -> int:
+    """Bytes of what the method ships: the UNet, the LoRA weights, or the embedding row."""
     from safetensors.torch import save_file
 
-    if method == "lora_r4":
+    if method in ("lora_r4", "qlora_r4_int8"):
         from peft.utils import get_peft_model_state_dict
 
         state = get_peft_model_state_dict(unet)
+    elif method == "textual_inversion":
+        state = {"identifier": params[0]}
     else:
         state = unet.state_dict()
     path = folder / f"{method}.safetensors"
@@ -183,14 +249,12 @@ def build_ours(method: str, base_dir: Path, latent: int, steps: int, device):
     from qpdeploy.data import Examples
     from qpdeploy.train import ScaleTrainer
 
-    strategy, _ = METHODS[method]
     base = load_base(base_dir)
-    latents, _, context = synthetic_batch(latent, "cpu")
+    latents, _, context = synthetic_batch(latent, "cpu", base.unet.config.cross_attention_dim)
     examples = Examples(latent_mean=latents, latent_std=torch.zeros_like(latents), prompt_index=torch.tensor([0]),
                         is_prior=torch.tensor([False]), prompt_embeds=context)
-    # output scales only, as the published table was measured (the training defaults now add input scales)
-    config = TrainConfig("a photo of sks dog", strategy=strategy, intervals=4 if strategy == "s2" else None,
-                         train_input_scales=False, batch_size=1, steps=steps, lr=1e-3)
+    # the training defaults (strategy's K, output and input scales), batch 1 like every method here
+    config = TrainConfig("a photo of sks dog", **METHODS[method][2], batch_size=1, steps=steps)
     trainer = ScaleTrainer(base, examples, config, SD15_SCHEDULER, device)
     return base, trainer
 
@@ -203,10 +267,17 @@ def worker(args) -> dict:
     import diffusers  # noqa: F401  (import cost belongs to the runtime, for every method alike)
 
     runtime_rss = rss_bytes()
-    if METHODS[args.worker] is None:
-        unet, params, optimizer = build_float(args.worker, device)
-        forward, step = float_step_fn(unet, optimizer, args.latent, device)
+    kind = METHODS[args.worker][0]
+    unet_config, text_config = (json.loads(args.configs.read_text()) if args.configs else (SD15_UNET, SD15_TEXT))
+    if kind != "ours":
+        encoder = None
+        if kind == "qlora":
+            unet, params, optimizer = build_qlora(args.base, device)
+        else:
+            unet, params, optimizer, encoder = build_float(args.worker, device, unet_config, text_config)
+        forward, step = float_step_fn(unet, optimizer, args.latent, device, encoder)
         model, trainable = unet, sum(p.numel() for p in params)
+        models = [unet] + ([encoder] if encoder is not None else [])
     else:
         base, trainer = build_ours(args.worker, args.base, args.latent, args.steps, device)
         model = trainer.unet
@@ -216,9 +287,10 @@ def worker(args) -> dict:
 
         step = trainer.train_step
         trainable = trainer.optimizer.size * trainer.optimizer.num_sets
+        models = [model]
     gc.collect()
     setup_rss = rss_bytes()
-    weights = module_bytes(model)
+    weights = sum(module_bytes(m) for m in models)
 
     memory = PeakMemory(device).reset()
     times = []
@@ -232,17 +304,17 @@ def worker(args) -> dict:
     heap_free = allocator_free_bytes() if device.type == "cpu" else None
 
     # after the measurement: where the memory goes, and the artifact
-    saved = saved_for_backward(forward, model)
-    if METHODS[args.worker] is None:
+    saved = saved_for_backward(forward, models)
+    if kind != "ours":
         state = optimizer.state_dict()["state"].values()
         trainable_state = sum(p.numel() * p.element_size() * 2 for p in params)  # parameters + gradients
         trainable_state += sum(v.numel() * v.element_size() for s in state for v in s.values() if torch.is_tensor(v))
-        artifact = float_artifact(args.worker, model, Path(args.workdir))
+        artifact = float_artifact(args.worker, model, params, Path(args.workdir))
     else:
         from qpdeploy.pack import save_pack
 
         opt = trainer.optimizer
-        tables = sum(layer.s_out.numel() for layer in opt.layers)
+        tables = sum(t.numel() for layer in opt.layers for t in (layer.s_out, layer.s_in) if t is not None)
         trainable_state = 4 * (2 * tables + opt.size * opt.num_sets * 3)  # tables + grads, deltas + 2 moments
         trainer.finish()
         with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
@@ -313,7 +385,7 @@ def run_method(method: str, latent: int, args, base_dirs: dict) -> dict:
     command = [sys.executable, __file__, "--worker", method, "--latent", str(latent), "--steps", str(args.steps),
                "--device", args.device, "--threads", str(args.threads), "--workdir", str(args.workdir),
                "--result", str(result)]
-    if METHODS[method] is not None:
+    if METHODS[method][1] is not None:
         command += ["--base", str(base_dirs[METHODS[method][1]])]
     print(f"[{time.strftime('%H:%M:%S')}] {method} at {latent}x{latent} latents ...", flush=True)
     env = dict(os.environ)
@@ -370,6 +442,7 @@ def main() -> None:
     parser.add_argument("--base", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--prepare-base", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--configs", type=Path, help=argparse.SUPPRESS)  # [unet, text] configs (tests)
     args = parser.parse_args()
 
     if args.worker:
@@ -390,7 +463,7 @@ def main() -> None:
 
     start = time.perf_counter()
     base_dirs = {}
-    for bits in sorted({METHODS[m][1] for m in methods if METHODS[m] is not None}):
+    for bits in sorted({METHODS[m][1] for m in methods if METHODS[m][1] is not None}):
         base_dirs[bits] = args.workdir / f"base-int{bits}"
         if not (base_dirs[bits] / "quant_config.json").is_file():
             print(f"[{time.strftime('%H:%M:%S')}] quantizing the random SD 1.5 UNet to INT{bits} ...", flush=True)
