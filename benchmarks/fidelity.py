@@ -12,8 +12,9 @@ evaluator on the subject's ``test`` prompts (choices such as S1's intervals are 
   the quantized attention projections, whose weights stay int8 in memory), lr ``--lora-lr``;
 - ``w8a8_ptq``: the W8A8 post-training model, not personalized;
 - ``baseline``, ``s1``, ``s2_k2``, ``s2_k4``: scale training (PEQA) with one scale set, S1
-  (intervals picked on dev among ``S1_CANDIDATES``) and S2 with K = 2 and 4, each also
-  with input-channel scales (``+in``);
+  (intervals picked on dev among ``S1_CANDIDATES`` in every run) and S2 with K = 2 and 4,
+  each also with input-channel scales (``+in``); ``s1_low+in`` and ``s1_high+in`` fix S1's
+  intervals to the low-noise or the high-noise half, so a dev sweep chooses once;
 - ``w4a8_baseline``, ``w4a8_s2_k4``: the same on a W4A8 base;
 - ``<row>+token``: pivotal tuning, the identifier's embedding row trains with the scales
   (baseline, S2 K = 2 and 4, W4A8 S2 K = 4).
@@ -98,6 +99,8 @@ SCALE_ROWS = {
     "baseline+in": (8, "baseline", 4, (), True),
     "s1": (8, "s1", 4, None, False),
     "s1+in": (8, "s1", 4, None, True),
+    "s1_low+in": (8, "s1", 4, S1_CANDIDATES[0], True),  # S1 with a fixed choice (a dev sweep picks it
+    "s1_high+in": (8, "s1", 4, S1_CANDIDATES[1], True),  # once, instead of per run)
     "s2_k2": (8, "s2", 2, (), False),
     "s2_k2+in": (8, "s2", 2, (), True),
     "s2_k4": (8, "s2", 4, (), False),

@@ -190,6 +190,44 @@ def selection(dirs: dict, threads: int, repeats: int) -> dict:
             "slowdown_paired": bootstrap_mean([paired]), "goal_max_slowdown": 0.03}
 
 
+def batch_ceiling(dirs: dict, threads: int, repeats: int) -> dict:
+    """The most any step batcher can gain here: one UNet call of batch 16 (8 requests with
+    classifier-free guidance) against 8 calls of batch 2, on the 8-subject graph."""
+    from qpdeploy.exporters.manifest import read_manifest
+    from qpdeploy.miniworld.stats import bootstrap_mean
+    from qpdeploy.runtimes import EngineUNet
+
+    manifest = read_manifest(dirs[8])
+    specs = {s["name"]: s["shape"] for s in manifest.unet_inputs}
+    gen = torch.Generator().manual_seed(0)
+
+    def inputs(batch):
+        shape = lambda name: [batch if d == "batch" else d for d in specs[name]]  # noqa: E731
+        return torch.randn(shape("sample"), generator=gen), torch.randn(shape("encoder_hidden_states"), generator=gen)
+
+    small, large = inputs(2), inputs(16)
+    unet = EngineUNet.from_deploy(dirs[8], subject="s00", threads=threads)
+    ratios, seconds = [], {"batch_2_x8": [], "batch_16": []}
+    try:
+        unet(large[0], 500, large[1])  # warm-up, both shapes
+        unet(small[0], 500, small[1])
+        for r in range(repeats):
+            t = 100 + (r * 250) % 900
+            start = time.perf_counter()
+            for _ in range(8):
+                unet(small[0], t, small[1])
+            middle = time.perf_counter()
+            unet(large[0], t, large[1])
+            end = time.perf_counter()
+            seconds["batch_2_x8"].append(middle - start)
+            seconds["batch_16"].append(end - middle)
+            ratios.append((middle - start) / (end - middle))
+    finally:
+        unet.close()
+    return {"ms_median": {k: 1000 * statistics.median(v) for k, v in seconds.items()}, "repeats": repeats,
+            "speedup": bootstrap_mean([ratios])}
+
+
 def throughput(dirs: dict, threads: int, steps: int, rounds: int) -> dict:
     """8 requests of 8 subjects: the step batcher with all at once vs one at a time."""
     from qpdeploy.exporters.manifest import read_manifest
@@ -304,6 +342,7 @@ def main(argv=None) -> None:
               "bytes": byte_figures, "memory": memory(dirs, args.threads),
               "selection": selection(dirs, args.threads, args.repeats),
               "throughput": throughput(dirs, args.threads, args.steps, args.rounds),
+              "batch_ceiling": batch_ceiling(dirs, args.threads, args.repeats),
               "training": training(args.work, args.train_steps, args.threads)}
     report["seconds"] = round(time.perf_counter() - start, 1)
     write_file_atomic(args.out, lambda tmp: write_json(tmp, report))
