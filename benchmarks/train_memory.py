@@ -15,7 +15,9 @@ step) per method, each method in its own process, one after the other:
 - ``ours_baseline_int8``, ``ours_s2_int8``, ``ours_s2_int8_gc``, ``ours_s2_int4``: qpdeploy's
   own training step (:class:`qpdeploy.train.ScaleTrainer`) on a quantized base loaded from
   disk, with the training defaults (output and input scales; S2 with K = 2) and batch 1;
-  ``_gc`` adds gradient checkpointing (``--gradient-checkpointing``).
+  ``_gc`` adds gradient checkpointing (``--gradient-checkpointing``), ``_lowmem`` is
+  ``qpdeploy train --low-memory`` (checkpointing, and on CPU large freed blocks go back to
+  the OS at once: :func:`qpdeploy.memory.cap_heap_retention`).
 
 The quantized bases are built once in a helper process (``--prepare-base``) with min/max
 weight scales and a minimal activation calibration on 4 random UNet calls: this benchmark
@@ -74,6 +76,7 @@ METHODS = {
     "ours_baseline_int8": ("ours", 8, {"strategy": "baseline"}),
     "ours_s2_int8": ("ours", 8, {"strategy": "s2"}),
     "ours_s2_int8_gc": ("ours", 8, {"strategy": "s2", "gradient_checkpointing": True}),
+    "ours_s2_int8_lowmem": ("ours", 8, {"strategy": "s2", "gradient_checkpointing": True, "low_memory": True}),
     "ours_s2_int4": ("ours", 4, {"strategy": "s2"}),
 }
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -254,14 +257,17 @@ def build_ours(method: str, base_dir: Path, latent: int, steps: int, device):
     examples = Examples(latent_mean=latents, latent_std=torch.zeros_like(latents), prompt_index=torch.tensor([0]),
                         is_prior=torch.tensor([False]), prompt_embeds=context)
     # the training defaults (strategy's K, output and input scales), batch 1 like every method here
-    config = TrainConfig("a photo of sks dog", **METHODS[method][2], batch_size=1, steps=steps)
+    options = {k: v for k, v in METHODS[method][2].items() if k != "low_memory"}
+    config = TrainConfig("a photo of sks dog", **options, batch_size=1, steps=steps)
     trainer = ScaleTrainer(base, examples, config, SD15_SCHEDULER, device)
     return base, trainer
 
 
 def worker(args) -> dict:
-    from qpdeploy.memory import PeakMemory, rss_bytes
+    from qpdeploy.memory import PeakMemory, cap_heap_retention, rss_bytes
 
+    if METHODS[args.worker][2].get("low_memory") and args.device == "cpu":
+        cap_heap_retention()  # first thing, as the train command does
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     import diffusers  # noqa: F401  (import cost belongs to the runtime, for every method alike)
@@ -489,7 +495,8 @@ def main() -> None:
         "quantized_bases": "min/max weight scales, activation scales from 4 random UNet calls (memory/time only, "
                            "not quality)",
         "lora": f"peft LoRA r=4 alpha=4 on {', '.join(LORA_TARGETS)}",
-        "ours": "qpdeploy ScaleTrainer: s_out only, AdamW per scale set; S2 uses K=4 sets",
+        "ours": "qpdeploy ScaleTrainer with the training defaults (s_out and s_in, AdamW per scale set; S2: K=2 "
+                "sets), batch 1",
         "allocator": ("glibc default" if not args.malloc_mmap_threshold else
                       f"MALLOC_MMAP_THRESHOLD_={args.malloc_mmap_threshold} for every method"),
         "torch": torch.__version__,

@@ -24,6 +24,7 @@ between forward and backward.
 from __future__ import annotations
 
 import contextlib
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -107,23 +108,51 @@ class IntWeightOp(torch.autograd.Function):
     ``op`` is conv2d or linear. Backward returns the input gradient only (the integer
     weight and its post-training scale are frozen), rebuilding the float weight from the
     saved integer tensor. That is the memory win of training scales instead of weights.
+
+    In float32 and bfloat16 the per-channel ``s_ptq`` multiplies the output instead of the
+    weight (``op(x, W_int) * s_ptq``, and ``grad * s_ptq`` in backward): the same product,
+    but one pass over the output instead of one over the weight, which is hundreds of
+    times larger in a UNet's deep layers. float16 keeps the scaled weight: sums over raw
+    integers could leave its range.
     """
 
     @staticmethod
     def forward(ctx, x, w_int, s_ptq, layer):
-        weight = layer.dequantized_weight(w_int, s_ptq, x.dtype)
         ctx.layer = layer
         ctx.x_shape = x.shape
         ctx.save_for_backward(w_int, s_ptq)
-        return layer.apply_weight(x, weight)
+        if x.dtype in SCALE_AFTER:
+            z = layer.apply_weight(x, layer.float_int_weight(w_int, x.dtype))
+            return z.mul_(s_ptq.to(x.dtype).view(layer._bias_view(z)))
+        return layer.apply_weight(x, layer.dequantized_weight(w_int, s_ptq, x.dtype))
 
     @staticmethod
     def backward(ctx, grad):
         w_int, s_ptq = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
             return None, None, None, None
-        weight = ctx.layer.dequantized_weight(w_int, s_ptq, grad.dtype)
-        return ctx.layer.input_grad(ctx.x_shape, weight, grad), None, None, None
+        layer = ctx.layer
+        if grad.dtype in SCALE_AFTER:
+            scaled = grad * s_ptq.to(grad.dtype).view(layer._bias_view(grad))
+            return layer.input_grad(ctx.x_shape, layer.float_int_weight(w_int, grad.dtype), scaled), None, None, None
+        return layer.input_grad(ctx.x_shape, layer.dequantized_weight(w_int, s_ptq, grad.dtype), grad), None, None, None
+
+
+# dtypes in which IntWeightOp convolves the raw integers and scales the output (range as float32)
+SCALE_AFTER = (torch.float32, torch.float64, torch.bfloat16)
+
+_SCRATCH = threading.local()
+
+
+def _scratch(numel: int, dtype) -> torch.Tensor:
+    """A CPU buffer of at least ``numel`` values of ``dtype``, one per thread and dtype, kept
+    at the largest size asked for (the model's largest weight)."""
+    buffers = _SCRATCH.__dict__.setdefault("buffers", {})
+    buffer = buffers.get(dtype)
+    if buffer is None or buffer.numel() < numel:
+        buffers[dtype] = buffer = None  # free the smaller one first
+        buffers[dtype] = buffer = torch.empty(numel, dtype=dtype)
+    return buffer[:numel]
 
 
 # ------------------------------------------------------------------------------------
@@ -248,6 +277,21 @@ class QuantLayer(nn.Module):
         """The integer weight as int8 of the float layer's shape (INT4 unpacked)."""
         w_int = self.w_int if w_int is None else w_int
         return w_int if self.weight_bits == 8 else unpack_int4(w_int, self.weight_shape)
+
+    def float_int_weight(self, w_int: torch.Tensor, dtype) -> torch.Tensor:
+        """The integer weight's values in ``dtype``, for one op and no longer.
+
+        On CPU the values go into a per-thread scratch buffer that every layer reuses
+        (:func:`_scratch`) instead of a fresh tensor per call: a training step converts
+        every weight twice, and those short-lived tensors, allocated between the
+        activations kept for backward, otherwise leave the C heap full of holes (measured
+        on SD 1.5: see ``benchmarks/train_memory.py``). The caller must not keep the
+        result past the op it feeds.
+        """
+        w = self.int_weight(w_int)
+        if w.device.type != "cpu":
+            return w.to(dtype)
+        return _scratch(w.numel(), dtype).view(w.shape).copy_(w)
 
     def set_int_weight(self, w_int: torch.Tensor) -> None:
         """Store an int8 tensor of the float weight's shape (packed if INT4)."""

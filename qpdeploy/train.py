@@ -203,6 +203,7 @@ class ScaleTrainer:
         self.step = 0
         self.losses: list[float] = []
         self.samples_per_interval = [0] * self.intervals.k
+        self._trim_heap()  # what loading the base and building the sets left free goes back to the OS
 
     # -- one step ----------------------------------------------------------------------
     def make_batch(self, micro: int) -> Batch:

@@ -83,3 +83,14 @@ def test_bad_input_exits_2_with_one_line(cheap_saved_base, instance_dir, tmp_pat
     errors = [line for line in result.output.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and message in errors[0], result.output
     assert not (tmp_path / "pack").exists()
+
+
+def test_low_memory_checkpoints_gradients_and_caps_the_heap(cheap_saved_base, instance_dir, tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr("qpdeploy.memory.cap_heap_retention", lambda *a: calls.append(a) or True)
+    out = tmp_path / "pack"
+    result = invoke("--base", cheap_saved_base("sd1"), "--images", instance_dir, "--prompt", "a photo of sks dog",
+                    "--out", out, "--steps", "1", "--device", "cpu", "--low-memory")
+    assert result.exit_code == 0, result.output
+    assert calls == [()]
+    assert load_pack(out).meta["train"]["gradient_checkpointing"] is True
