@@ -151,7 +151,7 @@ class StepBatcher:
         noise = unet.engines(feeds, feeds["timestep"], selector=selector if self.multi_subject else None)
         self.calls += 1
         self.samples += noise.shape[0]
-        finished, offset = [], 0
+        done, offset = [], 0
         for job in list(self.active):
             copies = 2 if job.guided else 1
             pred = noise[offset:offset + copies].to(job.latents.dtype)
@@ -164,10 +164,15 @@ class StepBatcher:
             job.index += 1
             if job.index == len(job.timesteps):
                 self.active.remove(job)
-                finished.append((job.ticket, self._decode(job.latents)))
-        return finished
+                done.append(job)
+        if not done:
+            return []
+        # the requests finishing in this tick share one VAE call
+        images = self._decode(torch.cat([job.latents for job in done]))
+        return [(job.ticket, image) for job, image in zip(done, images)]
 
-    def _decode(self, latents: torch.Tensor):
+    def _decode(self, latents: torch.Tensor) -> list:
+        """PIL images of a batch of final latents."""
         pipe = self.pipe
         config = pipe.vae.config
         mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
@@ -178,7 +183,7 @@ class StepBatcher:
         image = pipe.vae.decode(latents, return_dict=False)[0]
         if getattr(pipe, "watermark", None) is not None:
             image = pipe.watermark.apply_watermark(image)
-        return pipe.image_processor.postprocess(image, output_type="pil", do_denormalize=[True])[0]
+        return pipe.image_processor.postprocess(image, output_type="pil", do_denormalize=[True] * len(image))
 
     def run(self, requests: list[Request]) -> list:
         """All ``requests`` to completion (as many at once as ``max_requests`` allows);

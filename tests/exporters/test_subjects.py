@@ -104,6 +104,12 @@ def test_one_graph_serves_every_subject_as_its_own_pack(subject_setup, deploy):
 
 
 def test_a_batch_mixing_subjects_and_steps_equals_each_sample_alone(deploy):
+    """Each row of a mixed batch is bit-identical to the same sample in a batch of the same
+    size (so nothing leaks between rows, and each row gets its subject's and interval's
+    scales), and close to the sample run alone: ONNX Runtime's float Conv differs with the
+    batch size (about 4e-7 at the first convolution of this graph), which activation
+    rounding can amplify (one case measured at 38 dB); images are compared at 60 dB in
+    tests/runtimes/test_batcher.py."""
     from qpdeploy.exporters.manifest import read_manifest
     from qpdeploy.runtimes import EngineUNet
 
@@ -114,15 +120,19 @@ def test_a_batch_mixing_subjects_and_steps_equals_each_sample_alone(deploy):
     feed = feed_for(path, timesteps, seed=3)
     k = [manifest.intervals.index(t) for t in timesteps]
     selector = [0 if s is None else manifest.subject_dispatch(s).selector_values[i] for s, i in zip(subjects, k)]
+    n = len(subjects)
     with EngineUNet.from_deploy(path) as unet:
-        feeds = {n: v for n, v in feed.items()}
-        mixed = unet.engines(feeds, feed["timestep"], selector=selector)
+        mixed = unet.engines(dict(feed), feed["timestep"], selector=selector)
         assert len(unet.history) == 1  # one UNet call for the whole mixed batch
+        for i in range(n):
+            same = unet.engines({name: torch.cat([v[i:i + 1]] * n) for name, v in feed.items()},
+                                torch.cat([feed["timestep"][i:i + 1]] * n), selector=[selector[i]] * n)
+            assert torch.equal(mixed[i], same[0]), (i, subjects[i])
     for i, subject in enumerate(subjects):
         with EngineUNet.from_deploy(path, subject=subject) as unet:
             alone = unet(feed["sample"][i:i + 1], feed["timestep"][i:i + 1],
                          feed["encoder_hidden_states"][i:i + 1]).sample
-        assert sqnr_db(alone, mixed[i:i + 1]) >= 60.0, (i, subject)
+        assert sqnr_db(alone, mixed[i:i + 1]) >= 30.0, (i, subject)
 
 
 def test_add_and_remove_subjects_touch_only_the_tables_and_the_manifest(subject_setup, tmp_path):
