@@ -403,6 +403,22 @@ def run_method(method: str, latent: int, args, base_dirs: dict) -> dict:
     return data
 
 
+SPEED_PAIR = ("ours_s2_int8", "lora_r4")
+
+
+def speed_rounds(args, base_dirs: dict) -> dict:
+    """Seconds per step of ours S2 INT8 against LoRA r4, in alternating order, round by round."""
+    from qpdeploy.miniworld.stats import bootstrap_mean
+
+    seconds = {m: [] for m in SPEED_PAIR}
+    for r in range(args.speed_rounds):
+        for method in SPEED_PAIR if r % 2 == 0 else SPEED_PAIR[::-1]:
+            seconds[method].append(run_method(method, 32, args, base_dirs)["seconds_per_step"])
+    ratios_ = [a / b for a, b in zip(*seconds.values())]
+    return {"rounds": args.speed_rounds, "seconds_per_step": seconds,
+            f"{SPEED_PAIR[0]} / {SPEED_PAIR[1]}": bootstrap_mean([ratios_]), "target": "<= 1"}
+
+
 def ratios(methods: dict) -> dict:
     def r(a, b):
         if a in methods and b in methods:
@@ -440,6 +456,9 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=min(4, os.cpu_count() or 1))
     parser.add_argument("--workdir", type=Path, default=None, help="where bases and artifacts go (default: a temp dir)")
+    parser.add_argument("--speed-rounds", type=int, default=0,
+                        help="then time lora_r4 and ours_s2_int8 again, alternating, this many rounds: the per-round "
+                             "ratio of seconds per step with a 95%% interval (robust to a machine whose load drifts)")
     parser.add_argument("--malloc-mmap-threshold", type=int, default=None,
                         help="run every method with glibc's MALLOC_MMAP_THRESHOLD_ set to this many bytes (a control "
                              "for allocator retention: large blocks are returned to the OS as soon as they are freed)")
@@ -469,7 +488,8 @@ def main() -> None:
 
     start = time.perf_counter()
     base_dirs = {}
-    for bits in sorted({METHODS[m][1] for m in methods if METHODS[m][1] is not None}):
+    speed_methods = SPEED_PAIR if args.speed_rounds else ()
+    for bits in sorted({METHODS[m][1] for m in (*methods, *speed_methods) if METHODS[m][1] is not None}):
         base_dirs[bits] = args.workdir / f"base-int{bits}"
         if not (base_dirs[bits] / "quant_config.json").is_file():
             print(f"[{time.strftime('%H:%M:%S')}] quantizing the random SD 1.5 UNet to INT{bits} ...", flush=True)
@@ -479,6 +499,8 @@ def main() -> None:
     measured = {latent: {m: run_method(m, latent, args, base_dirs) for m in methods} for latent in latents}
 
     report = {"ratios": ratios(measured[32]), "targets": targets(ratios(measured[32])), "methods": measured[32]}
+    if args.speed_rounds:
+        report["speed"] = speed_rounds(args, base_dirs)
     if 64 in measured:
         report.update({"ratios_64": ratios(measured[64]), "methods_64": measured[64]})
     report["setup"] = {
