@@ -5,6 +5,7 @@ options, resumable; with ``--split test``, the same runner measures the reported
         --work /tmp/sweep --out sweep.json [--seeds 0] [--jobs 2]
     python -m benchmarks.scale_sweep --collect a.json b.json --out all.json
     python -m benchmarks.scale_sweep ... --reuse benchmarks/results/fidelity_v4_test.json
+    python -m benchmarks.scale_sweep --paired s2_k2+in baseline+in --collect all.json --out paired.json
 
 Every (setting, subject, seed) is one ``fidelity.py`` process (one torch thread; ``--jobs``
 at a time) whose report is kept in ``--work``: an interrupted sweep run again with the same
@@ -77,6 +78,26 @@ def reuse(paths: list[Path], runs_dir: Path) -> int:
     return written
 
 
+def runs_of(report: dict, row: str) -> dict[tuple[str, int], dict]:
+    """Every run of ``row`` in a sweep report (or a collection of them), by (subject, seed)."""
+    return {(run["subject"], int(run["seed"])): run for sweep in report.get("sweeps", [report])
+            for result in sweep["results"] for run in result.get("runs", []) if run["row"] == row}
+
+
+def paired(report: dict, a: str, b: str) -> dict:
+    """Row ``a`` minus row ``b`` over the (subject, seed) runs both have, per column."""
+    from qpdeploy.miniworld.stats import bootstrap_paired_difference
+
+    runs_a, runs_b = runs_of(report, a), runs_of(report, b)
+    keys = sorted(set(runs_a) & set(runs_b))
+    if not keys:
+        raise SystemExit(f"error: rows {a} and {b} share no (subject, seed) run")
+    columns = [c for c in SHOWN if all(c in runs_a[k]["per_image"] and c in runs_b[k]["per_image"] for k in keys)]
+    return {"a": a, "b": b, "runs": [list(k) for k in keys],
+            "difference": {c: bootstrap_paired_difference([(runs_a[k]["per_image"][c], runs_b[k]["per_image"][c])
+                                                           for k in keys]) for c in columns}}
+
+
 def collect(paths: list[Path], out: Path) -> None:
     """Several sweep reports in one file, each as written (its command, split and results)."""
     reports = [json.loads(Path(p).read_text(encoding="utf-8")) for p in paths]
@@ -89,6 +110,8 @@ def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--collect", type=Path, nargs="+", help="gather these sweep reports into --out and stop")
+    parser.add_argument("--paired", nargs=2, metavar=("A", "B"),
+                        help="with --collect: row A minus row B over the runs both have (paired bootstrap)")
     parser.add_argument("--rows", default="baseline", help="fidelity.py rows, comma-separated")
     parser.add_argument("--grid", nargs="+", help="fidelity.py options, name=v1,v2 each")
     parser.add_argument("--subjects", default=",".join(SUBJECTS))
@@ -104,6 +127,16 @@ def main(argv=None) -> None:
                         help="earlier sweep reports whose runs count as kept (extend a published table)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
+    if args.paired:
+        if not args.collect:
+            parser.error("--paired reads the reports given by --collect")
+        reports = [json.loads(Path(p).read_text(encoding="utf-8")) for p in args.collect]
+        result = paired({"sweeps": [sweep for r in reports for sweep in r.get("sweeps", [r])]}, *args.paired)
+        write_file_atomic(args.out, lambda t: write_json(t, result))
+        for column, d in result["difference"].items():
+            print(f"{args.paired[0]} - {args.paired[1]} {column}: {d['mean']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}] "
+                  f"over {d['pairs']} runs")
+        return
     if args.collect:
         return collect(args.collect, args.out)
     if not args.grid or not args.work:

@@ -93,3 +93,26 @@ def test_reuse_files_a_published_reports_runs_so_only_the_new_seed_runs(tmp_path
     (tmp_path / "bare.json").write_text(json.dumps({**published, "results": [{"setting": {"lr": "1e-2"}}]}))
     with pytest.raises(SystemExit, match="without its runs"):
         reuse([tmp_path / "bare.json"], tmp_path / "work" / "runs")
+
+
+def test_paired_difference_pairs_runs_by_subject_and_seed(tmp_path):
+    def run(row, subject, seed, recognised):
+        return {"row": row, "subject": subject, "seed": seed,
+                "per_image": {"subject_recognised": recognised, "prompt_fidelity": [1.0] * len(recognised)}}
+
+    # A beats B by exactly 0.5 on every shared run; B's extra run (zwx seed 1) has no partner
+    a = {"rows": ["a"], "split": "test", "results": [{"setting": {}, "runs": [
+        run("a", "sks", 0, [1.0, 1.0]), run("a", "zwx", 0, [1.0, 0.0])]}]}
+    b = {"rows": ["b"], "split": "test", "results": [{"setting": {}, "runs": [
+        run("b", "sks", 0, [0.5, 0.5]), run("b", "zwx", 0, [0.0, 0.0]), run("b", "zwx", 1, [1.0, 1.0])]}]}
+    for name, report in (("a", a), ("b", b)):
+        (tmp_path / f"{name}.json").write_text(json.dumps(report))
+    out = tmp_path / "paired.json"
+    main(["--paired", "a", "b", "--collect", str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert result["runs"] == [["sks", 0], ["zwx", 0]]
+    recognised = result["difference"]["subject_recognised"]
+    assert recognised["mean"] == 0.5 and recognised["pairs"] == 2 and recognised["low"] <= 0.5 <= recognised["high"]
+    assert result["difference"]["prompt_fidelity"] == {"mean": 0.0, "low": 0.0, "high": 0.0, "pairs": 2}
+    with pytest.raises(SystemExit, match="share no"):
+        main(["--paired", "a", "c", "--collect", str(tmp_path / "a.json"), "--out", str(out)])
