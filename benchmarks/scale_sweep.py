@@ -99,11 +99,13 @@ def paired(report: dict, a: str, b: str) -> dict:
 
 
 def collect(paths: list[Path], out: Path) -> None:
-    """Several sweep reports in one file, each as written (its command, split and results)."""
+    """Several sweep reports in one file, each as written (its command, split and results);
+    a collection among them contributes its sweeps (so a published file can grow)."""
     reports = [json.loads(Path(p).read_text(encoding="utf-8")) for p in paths]
+    sweeps = [sweep for report in reports for sweep in report.get("sweeps", [report])]
     out.parent.mkdir(parents=True, exist_ok=True)
-    write_file_atomic(out, lambda t: write_json(t, {"sweeps": reports}))
-    print(f"{len(reports)} sweeps -> {out}")
+    write_file_atomic(out, lambda t: write_json(t, {"sweeps": sweeps}))
+    print(f"{len(sweeps)} sweeps -> {out}")
 
 
 def main(argv=None) -> None:

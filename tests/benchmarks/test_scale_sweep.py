@@ -50,6 +50,10 @@ def test_collect_keeps_every_report_as_written(tmp_path):
         paths[-1].write_text(json.dumps(report))
     main(["--collect", *map(str, paths), "--out", str(tmp_path / "all.json")])
     assert json.loads((tmp_path / "all.json").read_text()) == {"sweeps": reports}
+    # a collection collected again with a new report: its sweeps, then the new one, flat
+    (tmp_path / "new.json").write_text(json.dumps(reports[0]))
+    main(["--collect", str(tmp_path / "all.json"), str(tmp_path / "new.json"), "--out", str(tmp_path / "more.json")])
+    assert json.loads((tmp_path / "more.json").read_text()) == {"sweeps": [*reports, reports[0]]}
     with pytest.raises(SystemExit):
         main(["--out", str(tmp_path / "x.json")])  # neither a sweep nor a collection
 
