@@ -29,6 +29,7 @@ import threading
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.utils import _pair
 
 ACT_QMIN, ACT_QMAX = -128, 127
 
@@ -109,11 +110,11 @@ class IntWeightOp(torch.autograd.Function):
     weight and its post-training scale are frozen), rebuilding the float weight from the
     saved integer tensor. That is the memory win of training scales instead of weights.
 
-    In float32 and bfloat16 the per-channel ``s_ptq`` multiplies the output instead of the
-    weight (``op(x, W_int) * s_ptq``, and ``grad * s_ptq`` in backward): the same product,
-    but one pass over the output instead of one over the weight, which is hundreds of
-    times larger in a UNet's deep layers. float16 keeps the scaled weight: sums over raw
-    integers could leave its range.
+    The per-channel ``s_ptq`` multiplies whichever is smaller, the weight or the output
+    (``op(x, W_int) * s_ptq``, and ``grad * s_ptq`` in backward): the same product, one pass
+    over fewer values. In an SD-size UNet the deep layers' weights are hundreds of times
+    larger than their outputs; in a small UNet at high resolution it is the other way
+    round. float16 always scales the weight: sums over raw integers could leave its range.
     """
 
     @staticmethod
@@ -121,10 +122,11 @@ class IntWeightOp(torch.autograd.Function):
         ctx.layer = layer
         ctx.x_shape = x.shape
         ctx.save_for_backward(w_int, s_ptq)
-        if x.dtype in SCALE_AFTER:
+        ctx.scale_output = x.dtype in SCALE_AFTER and layer.output_numel(x) < layer.weight_shape.numel()
+        if ctx.scale_output:
             z = layer.apply_weight(x, layer.float_int_weight(w_int, x.dtype))
             return z.mul_(s_ptq.to(x.dtype).view(layer._bias_view(z)))
-        return layer.apply_weight(x, layer.dequantized_weight(w_int, s_ptq, x.dtype))
+        return layer.apply_weight(x, layer.dequantized_weight(w_int, s_ptq, x.dtype, transient=True))
 
     @staticmethod
     def backward(ctx, grad):
@@ -132,10 +134,11 @@ class IntWeightOp(torch.autograd.Function):
         if not ctx.needs_input_grad[0]:
             return None, None, None, None
         layer = ctx.layer
-        if grad.dtype in SCALE_AFTER:
+        if ctx.scale_output and grad.dtype in SCALE_AFTER:
             scaled = grad * s_ptq.to(grad.dtype).view(layer._bias_view(grad))
             return layer.input_grad(ctx.x_shape, layer.float_int_weight(w_int, grad.dtype), scaled), None, None, None
-        return layer.input_grad(ctx.x_shape, layer.dequantized_weight(w_int, s_ptq, grad.dtype), grad), None, None, None
+        weight = layer.dequantized_weight(w_int, s_ptq, grad.dtype, transient=True)
+        return layer.input_grad(ctx.x_shape, weight, grad), None, None, None
 
 
 # dtypes in which IntWeightOp convolves the raw integers and scales the output (range as float32)
@@ -300,10 +303,15 @@ class QuantLayer(nn.Module):
             raise ValueError(f"integer weight must be int8 of shape {tuple(self.weight_shape)} in [{lo}, {hi}]")
         self.w_int = w_int.clone() if self.weight_bits == 8 else pack_int4(w_int)
 
-    def dequantized_weight(self, w_int, s_ptq, dtype) -> torch.Tensor:
-        """``s_ptq * W_int`` in ``dtype`` (a transient: never saved for backward)."""
-        w = self.int_weight(w_int).to(dtype)
-        return w * s_ptq.to(dtype).view(-1, *([1] * (w.ndim - 1)))
+    def dequantized_weight(self, w_int, s_ptq, dtype, transient: bool = False) -> torch.Tensor:
+        """``s_ptq * W_int`` in ``dtype``; with ``transient`` on CPU it is written into the
+        scratch buffer of :meth:`float_int_weight` (valid for one op only)."""
+        w = self.float_int_weight(w_int, dtype) if transient else self.int_weight(w_int).to(dtype)
+        return w.mul_(s_ptq.to(dtype).view(-1, *([1] * (w.ndim - 1))))
+
+    def output_numel(self, x: torch.Tensor) -> int:
+        """Values of this layer's output for input ``x``."""
+        raise NotImplementedError
 
     # -- scale sets ------------------------------------------------------------------
     @property
@@ -402,6 +410,19 @@ class QuantConv2d(QuantLayer):
     def apply_weight(self, x, weight):
         return F.conv2d(x, weight, None, self.stride, self.padding, self.dilation, self.groups)
 
+    def output_numel(self, x):
+        if isinstance(self.padding, str):  # "same" keeps the size; "valid" pads nothing
+            if self.padding == "same":
+                return x.shape[0] * self.out_features * x.shape[-2] * x.shape[-1]
+            padding = (0, 0)
+        else:
+            padding = _pair(self.padding)
+        size = 1
+        for n, k, stride, pad, dil in zip(x.shape[-2:], self.weight_shape[-2:], _pair(self.stride), padding,
+                                          _pair(self.dilation)):
+            size *= (n + 2 * pad - dil * (k - 1) - 1) // stride + 1
+        return x.shape[0] * self.out_features * size
+
     def input_grad(self, x_shape, weight, grad):
         return torch.nn.grad.conv2d_input(x_shape, weight, grad, self.stride, self.padding, self.dilation, self.groups)
 
@@ -429,6 +450,9 @@ class QuantLinear(QuantLayer):
 
     def apply_weight(self, x, weight):
         return F.linear(x, weight)
+
+    def output_numel(self, x):
+        return x.numel() // self.in_features * self.out_features
 
     def input_grad(self, x_shape, weight, grad):
         return (grad @ weight).reshape(x_shape)

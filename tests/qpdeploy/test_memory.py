@@ -23,14 +23,17 @@ def test_float_weights_share_one_scratch_buffer_per_dtype():
     assert _scratch(10, torch.float64).untyped_storage().data_ptr() != a.untyped_storage().data_ptr()
 
 
-def test_a_quantized_layer_computes_the_same_in_float32_and_float64():
-    """float32 scales the output (op(x, W_int) * s_ptq); the result matches the weight-scaled
-    product computed in float64 to float32 rounding, forward and backward."""
+@pytest.mark.parametrize("size", [2, 12])  # output smaller than the weight (scaled after), larger (before)
+def test_a_quantized_layer_computes_the_same_in_float32_and_float64(size):
+    """float32 multiplies s_ptq on whichever is smaller, the output or the weight; either way
+    the result matches the weight-scaled product computed in float64 to float32 rounding,
+    forward and backward."""
     torch.manual_seed(0)
     conv = QuantConv2d(8, 16, 3, padding=1, act_bits=None)
     conv.set_int_weight(torch.randint(-127, 128, (16, 8, 3, 3), dtype=torch.int8))
     conv.s_ptq = torch.rand(16) * 1e-2 + 1e-3
-    x = torch.randn(2, 8, 6, 6, requires_grad=True)
+    x = torch.randn(2, 8, size, size, requires_grad=True)
+    assert (conv.output_numel(x) < conv.weight_shape.numel()) == (size == 2)
     y = conv(x)
     y.square().sum().backward()
     weight = conv.w_int.double() * conv.s_ptq.double().view(-1, 1, 1, 1)
@@ -66,3 +69,13 @@ def test_capped_heap_serves_a_one_megabyte_block_from_its_own_mapping():
               for mode in ("default", "capped")}
     assert mapped["default"] == 0  # from the heap: a hole when freed
     assert mapped["capped"] >= 1 << 20  # a mapping of its own, unmapped when freed
+
+
+@pytest.mark.parametrize("padding, stride", [(1, 1), (0, 2), ("same", 1), ("valid", 1)])
+def test_output_size_is_known_before_the_op(padding, stride):
+    conv = QuantConv2d(8, 16, 3, stride=stride, padding=padding)
+    x = torch.randn(2, 8, 9, 7)
+    assert conv.output_numel(x) == torch.nn.functional.conv2d(x, torch.zeros(16, 8, 3, 3), None, stride,
+                                                              padding).numel()
+    linear = QuantLinear(8, 5)
+    assert linear.output_numel(torch.randn(2, 3, 8)) == 2 * 3 * 5
