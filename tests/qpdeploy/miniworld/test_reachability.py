@@ -52,7 +52,9 @@ def test_crisp_renders_are_recognised_so_the_loss_after_the_round_trip_is_the_va
 def test_the_reported_reachability_is_what_the_shipped_model_and_evaluator_give(pipeline, evaluator):
     report = json.loads(RESULTS.read_text())
     again = reachability(pipeline.vae, evaluator, SUBJECTS, report["per_background"], report["seed"])
-    assert again == pytest.approx(report["reachability"], abs=1e-6)
+    # float32 on another CPU (other vector code paths) moves these means by ~1e-5 (measured:
+    # pkd 0.975146 here against 0.975137 in the report); a real change moves them by 1/images
+    assert again == pytest.approx(report["reachability"], abs=1e-4)
 
 
 def test_instance_identification_is_measured_on_subjects_the_evaluator_never_saw(pipeline, evaluator):
