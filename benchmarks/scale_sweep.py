@@ -60,8 +60,7 @@ def reuse(paths: list[Path], runs_dir: Path) -> int:
     """
     written = 0
     for path in paths:
-        report = json.loads(Path(path).read_text(encoding="utf-8"))
-        for sweep in report.get("sweeps", [report]):
+        for sweep in load_sweeps([path]):
             if "runs" not in sweep["results"][0]:
                 raise SystemExit(f"error: {path}: a sweep report without its runs cannot be reused")
             rows = ",".join(sweep["rows"])
@@ -98,11 +97,16 @@ def paired(report: dict, a: str, b: str) -> dict:
                                                            for k in keys]) for c in columns}}
 
 
+def load_sweeps(paths: list[Path]) -> list[dict]:
+    """The sweep reports in these files; a collection (``--collect``) gives each of its sweeps."""
+    reports = [json.loads(Path(p).read_text(encoding="utf-8")) for p in paths]
+    return [sweep for report in reports for sweep in report.get("sweeps", [report])]
+
+
 def collect(paths: list[Path], out: Path) -> None:
     """Several sweep reports in one file, each as written (its command, split and results);
     a collection among them contributes its sweeps (so a published file can grow)."""
-    reports = [json.loads(Path(p).read_text(encoding="utf-8")) for p in paths]
-    sweeps = [sweep for report in reports for sweep in report.get("sweeps", [report])]
+    sweeps = load_sweeps(paths)
     out.parent.mkdir(parents=True, exist_ok=True)
     write_file_atomic(out, lambda t: write_json(t, {"sweeps": sweeps}))
     print(f"{len(sweeps)} sweeps -> {out}")
@@ -132,8 +136,7 @@ def main(argv=None) -> None:
     if args.paired:
         if not args.collect:
             parser.error("--paired reads the reports given by --collect")
-        reports = [json.loads(Path(p).read_text(encoding="utf-8")) for p in args.collect]
-        result = paired({"sweeps": [sweep for r in reports for sweep in r.get("sweeps", [r])]}, *args.paired)
+        result = paired({"sweeps": load_sweeps(args.collect)}, *args.paired)
         write_file_atomic(args.out, lambda t: write_json(t, result))
         for column, d in result["difference"].items():
             print(f"{args.paired[0]} - {args.paired[1]} {column}: {d['mean']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}] "
