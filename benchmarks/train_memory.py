@@ -79,7 +79,7 @@ METHODS = {
     "ours_s2_int8_lowmem": ("ours", 8, {"strategy": "s2", "gradient_checkpointing": True, "low_memory": True}),
     "ours_s2_int4": ("ours", 4, {"strategy": "s2"}),
 }
-LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]  # what fidelity.add_lora targets (named in the report)
 LR = {"full_finetune": 5e-6, "lora_r4": 1e-4, "qlora_r4_int8": 1e-4, "textual_inversion": 5e-4}
 
 
@@ -180,9 +180,7 @@ def build_float(method: str, device, unet_config: dict = SD15_UNET, text_config:
     else:
         unet.requires_grad_(False)
     if method == "lora_r4":
-        from peft import LoraConfig
-
-        unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=LORA_TARGETS))
+        add_lora(unet)
         params = [p for p in unet.parameters() if p.requires_grad]
     elif method == "textual_inversion":
         encoder = PromptThroughRow(text_config, device)
@@ -213,10 +211,16 @@ class PromptThroughRow(torch.nn.Module):
         return self.encoder(self.ids).last_hidden_state
 
 
+def add_lora(unet) -> None:
+    """The fidelity benchmark's LoRA (peft, r4 on LORA_TARGETS), on a float or a quantized UNet."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks.fidelity import add_lora as fidelity_add_lora
+
+    fidelity_add_lora(unet)
+
+
 def build_qlora(base_dir: Path, device):
     """LoRA r4 (peft) on the frozen quantized base: returns (unet, params, optimizer)."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from benchmarks.fidelity import add_lora
     from qpdeploy.base import load_base
 
     unet = load_base(base_dir, device).unet
