@@ -157,15 +157,19 @@ def memory(dirs: dict, threads: int) -> dict:
 # Selection cost and batching throughput
 # ------------------------------------------------------------------------------------
 
+def random_unet_inputs(deploy: Path, batch: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random ``sample`` and ``encoder_hidden_states`` of the deploy dir's UNet at ``batch``."""
+    from qpdeploy.exporters.manifest import read_manifest
+
+    specs = {s["name"]: [batch if d == "batch" else d for d in s["shape"]] for s in read_manifest(deploy).unet_inputs}
+    return torch.randn(specs["sample"], generator=gen), torch.randn(specs["encoder_hidden_states"], generator=gen)
+
+
 def selection(dirs: dict, threads: int, repeats: int) -> dict:
     """Median ms per UNet call: per-interval graph vs multi-subject graph (64 subjects)."""
-    from qpdeploy.exporters.manifest import read_manifest
     from qpdeploy.runtimes import EngineUNet
 
-    manifest = read_manifest(dirs["per-interval"])
-    specs = {s["name"]: [2 if d == "batch" else d for d in s["shape"]] for s in manifest.unet_inputs}
-    gen = torch.Generator().manual_seed(0)
-    sample, hidden = torch.randn(specs["sample"], generator=gen), torch.randn(specs["encoder_hidden_states"], generator=gen)
+    sample, hidden = random_unet_inputs(dirs["per-interval"], 2, torch.Generator().manual_seed(0))
     units = {"per-interval": EngineUNet.from_deploy(dirs["per-interval"], threads=threads),
              "multi-subject": EngineUNet.from_deploy(dirs[SIZES[-1]], subject="s00", threads=threads)}
     times = {name: [] for name in units}
@@ -193,19 +197,11 @@ def selection(dirs: dict, threads: int, repeats: int) -> dict:
 def batch_ceiling(dirs: dict, threads: int, repeats: int) -> dict:
     """The most any step batcher can gain here: one UNet call of batch 16 (8 requests with
     classifier-free guidance) against 8 calls of batch 2, on the 8-subject graph."""
-    from qpdeploy.exporters.manifest import read_manifest
     from qpdeploy.miniworld.stats import bootstrap_mean
     from qpdeploy.runtimes import EngineUNet
 
-    manifest = read_manifest(dirs[8])
-    specs = {s["name"]: s["shape"] for s in manifest.unet_inputs}
     gen = torch.Generator().manual_seed(0)
-
-    def inputs(batch):
-        shape = lambda name: [batch if d == "batch" else d for d in specs[name]]  # noqa: E731
-        return torch.randn(shape("sample"), generator=gen), torch.randn(shape("encoder_hidden_states"), generator=gen)
-
-    small, large = inputs(2), inputs(16)
+    small, large = random_unet_inputs(dirs[8], 2, gen), random_unet_inputs(dirs[8], 16, gen)
     unet = EngineUNet.from_deploy(dirs[8], subject="s00", threads=threads)
     ratios, seconds = [], {"batch_2_x8": [], "batch_16": []}
     try:
