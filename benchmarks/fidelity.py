@@ -15,9 +15,10 @@ evaluator on the subject's ``test`` prompts (choices such as S1's intervals are 
   (intervals picked on dev among ``S1_CANDIDATES`` in every run) and S2 with K = 2 and 4,
   each also with input-channel scales (``+in``); ``s1_low+in`` and ``s1_high+in`` fix S1's
   intervals to the low-noise or the high-noise half, so a dev sweep chooses once;
-- ``w4a8_baseline``, ``w4a8_s2_k4``: the same on a W4A8 base;
+- ``w4a8_baseline``, ``w4a8_s2_k4``, ``w4a8_s2_k2+in``: the same on a W4A8 base (the last
+  one is the training defaults);
 - ``<row>+token``: pivotal tuning, the identifier's embedding row trains with the scales
-  (baseline, S2 K = 2 and 4, W4A8 S2 K = 4).
+  (baseline, S2 K = 2 with and without input scales, S2 K = 4, W4A8 S2 K = 4).
 
 Columns (mean and std over subjects x seeds): ``subject_fidelity`` (evaluator probability of
 the subject), ``subject_recognised`` (share of images the instance embedding recognises as the
@@ -107,9 +108,10 @@ SCALE_ROWS = {
     "s2_k4+in": (8, "s2", 4, (), True),
     "w4a8_baseline": (4, "baseline", 4, (), False),
     "w4a8_s2_k4": (4, "s2", 4, (), False),
+    "w4a8_s2_k2+in": (4, "s2", 2, (), True),  # the training defaults on a W4A8 base
 }
 SCALE_ROWS.update({f"{row}+token": spec for row, spec in SCALE_ROWS.items()
-                   if row in ("baseline", "s2_k2", "s2_k4", "w4a8_s2_k4")})  # pivotal tuning (--train-token)
+                   if row in ("baseline", "s2_k2", "s2_k2+in", "s2_k4", "w4a8_s2_k4")})  # pivotal tuning (--train-token)
 ADAPTER_ROWS = ("fp_dreambooth", "fp_lora", "fp_ti", "w8a8_lora")  # trained outside qpdeploy.train
 ROWS = ("fp", "fp_dreambooth", "fp_lora", "fp_ti", "w8a8_ptq", "w8a8_lora", *SCALE_ROWS)
 # per-image values of evaluate_prompts -> the table's column names
