@@ -85,7 +85,7 @@ def test_graphs_follow_the_qdq_rules(exported, family, layout):
         assert found.float_layers == float_layer_count(base.unet) > 0  # skipped layers stay float
 
 
-@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("layout", [LAYOUTS[0], *(pytest.param(x, marks=pytest.mark.slow) for x in LAYOUTS[1:])])
 @pytest.mark.parametrize("family", family_params(*FAMILIES))
 def test_onnx_runtime_matches_torch_in_every_interval(exported, family, layout):
     base, files, out = exported(family, layout)

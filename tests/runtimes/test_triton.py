@@ -213,7 +213,8 @@ class _FakeBackend:
             get_output_tensor_by_name=lambda response, name: response.tensors[name])
 
 
-@pytest.mark.parametrize("name, graphs", [("sd1_s2", ["unet_0", "unet_1", "unet_2", "unet_3"]), ("sd1_multi", ["unet"])])
+@pytest.mark.parametrize("name, graphs", [("sd1_s2", ["unet_0", "unet_1", "unet_2", "unet_3"]),
+                                          pytest.param("sd1_multi", ["unet"], marks=pytest.mark.slow)])
 def test_native_platform_pipeline_picks_each_steps_graph_and_selector(deploy, tmp_path, monkeypatch, psnr, name, graphs):
     """The pipeline model of an ``onnxruntime``-platform repository, run here against emulated
     native models, draws generate's image and sends each step to its interval's graph."""
