@@ -19,6 +19,7 @@ from qpdeploy.pack import apply_pack, reset_to_post_training
 
 FAMILIES = ("sd1", "sd2", "sdxl")
 LAYOUTS = ("per-interval", "masked", "multi-expert")
+LAYOUT_PARAMS = [LAYOUTS[0], *(pytest.param(x, marks=pytest.mark.slow) for x in LAYOUTS[1:])]  # one fast, all in the full suite
 STRATEGY = {"per-interval": "s2", "masked": "s1", "multi-expert": "s2"}
 # sd1 per-interval is the command-line deploy dir (INT4, per-interval activation scales, S2);
 # sd2 per-interval exports without a pack (the plain INT8 model: one graph for all intervals).
@@ -66,7 +67,7 @@ def files_in_deploy_dir(base, deploy_dir) -> UNetFiles:
 
 
 # per-interval in the fast subset; the masked and multi-expert graphs in the full suite
-@pytest.mark.parametrize("layout", [LAYOUTS[0], *(pytest.param(x, marks=pytest.mark.slow) for x in LAYOUTS[1:])])
+@pytest.mark.parametrize("layout", LAYOUT_PARAMS)
 @pytest.mark.parametrize("family", family_params(*FAMILIES))
 def test_graphs_follow_the_qdq_rules(exported, family, layout):
     base, files, out = exported(family, layout)
@@ -85,7 +86,7 @@ def test_graphs_follow_the_qdq_rules(exported, family, layout):
         assert found.float_layers == float_layer_count(base.unet) > 0  # skipped layers stay float
 
 
-@pytest.mark.parametrize("layout", [LAYOUTS[0], *(pytest.param(x, marks=pytest.mark.slow) for x in LAYOUTS[1:])])
+@pytest.mark.parametrize("layout", LAYOUT_PARAMS)
 @pytest.mark.parametrize("family", family_params(*FAMILIES))
 def test_onnx_runtime_matches_torch_in_every_interval(exported, family, layout):
     base, files, out = exported(family, layout)
