@@ -129,6 +129,38 @@ def allocator_free_bytes() -> int | None:
         return None
 
 
+# Where a step's CPU time goes, by kind of operator (self time of torch.profiler's aten ops)
+OP_KINDS = {
+    "convolution, matmul, attention": ("aten::convolution_backward", "aten::mkldnn_convolution",
+                                       "aten::_slow_conv2d", "aten::mm", "aten::addmm", "aten::bmm",
+                                       "aten::_scaled_dot_product"),
+    "copies (ours: integer weights to float)": ("aten::copy_",),
+    "elementwise and small reductions": ("aten::mul", "aten::add", "aten::addcmul", "aten::div", "aten::round",
+                                         "aten::clamp", "aten::eq", "aten::ge", "aten::le", "aten::sum", "aten::cat",
+                                         "aten::stack", "aten::sub", "aten::where", "aten::bitwise_and",
+                                         "aten::logical_and"),
+}
+
+
+def profile_step(step) -> dict:
+    """Self CPU seconds of one more training step by :data:`OP_KINDS` (the rest is "other"),
+    and the ten costliest operators; profiled after the timed steps, so timing is unaffected."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    events = [e for e in prof.key_averages() if e.key.startswith("aten::")]
+    kinds = {kind: 0.0 for kind in (*OP_KINDS, "other")}
+    for event in events:
+        # an op name matches a prefix exactly or followed by "_" (aten::mul_, aten::_slow_conv2d_forward)
+        kind = next((k for k, names in OP_KINDS.items()
+                     if any(event.key == n or event.key.startswith(n + "_") for n in names)), "other")
+        kinds[kind] += event.self_cpu_time_total / 1e6
+    top = sorted(events, key=lambda e: -e.self_cpu_time_total)[:10]
+    return {"self_seconds_by_kind": {k: round(v, 4) for k, v in kinds.items()},
+            "top_ops": {e.key: {"self_seconds": round(e.self_cpu_time_total / 1e6, 4), "calls": e.count} for e in top}}
+
+
 def synthetic_batch(latent: int, device, width: int = TEXT_WIDTH):
     g = torch.Generator().manual_seed(0)
     latents = torch.randn(1, 4, latent, latent, generator=g)
@@ -312,6 +344,7 @@ def worker(args) -> dict:
         times.append(time.perf_counter() - tick)
     peak = memory.peak()
     heap_free = allocator_free_bytes() if device.type == "cpu" else None
+    profiled = profile_step(step) if args.profile else None
 
     # after the measurement: where the memory goes, and the artifact
     saved = saved_for_backward(forward, models)
@@ -337,6 +370,7 @@ def worker(args) -> dict:
         "seconds_per_step": sum(times[1:]) / max(1, len(times) - 1),
         "first_step_seconds": times[0],
         "peak_memory_kind": memory.kind,
+        **({"profile": profiled} if profiled else {}),
         "breakdown": {
             "runtime_rss_bytes": runtime_rss if device.type == "cpu" else None,
             "setup_rss_bytes": setup_rss if device.type == "cpu" else None,
@@ -390,11 +424,11 @@ def prepare_base(bits: int, out: Path, threads: int, unet_config: dict = SD15_UN
 # The driver
 # --------------------------------------------------------------------------------------
 
-def run_method(method: str, latent: int, args, base_dirs: dict) -> dict:
+def run_method(method: str, latent: int, args, base_dirs: dict, profile: bool = False) -> dict:
     result = Path(args.workdir) / f"{method}-{latent}.json"
     command = [sys.executable, __file__, "--worker", method, "--latent", str(latent), "--steps", str(args.steps),
                "--device", args.device, "--threads", str(args.threads), "--workdir", str(args.workdir),
-               "--result", str(result)]
+               "--result", str(result)] + (["--profile"] if profile else [])
     if METHODS[method][1] is not None:
         command += ["--base", str(base_dirs[METHODS[method][1]])]
     print(f"[{time.strftime('%H:%M:%S')}] {method} at {latent}x{latent} latents ...", flush=True)
@@ -415,12 +449,20 @@ def speed_rounds(args, base_dirs: dict) -> dict:
     from qpdeploy.miniworld.stats import bootstrap_mean
 
     seconds = {m: [] for m in SPEED_PAIR}
+    profiles = {m: [] for m in SPEED_PAIR}
     for r in range(args.speed_rounds):
         for method in SPEED_PAIR if r % 2 == 0 else SPEED_PAIR[::-1]:
-            seconds[method].append(run_method(method, 32, args, base_dirs)["seconds_per_step"])
+            data = run_method(method, 32, args, base_dirs, profile=args.device == "cpu")
+            seconds[method].append(data["seconds_per_step"])
+            if "profile" in data:
+                profiles[method].append(data["profile"]["self_seconds_by_kind"])
     ratios_ = [a / b for a, b in zip(*seconds.values())]
-    return {"rounds": args.speed_rounds, "seconds_per_step": seconds,
-            f"{SPEED_PAIR[0]} / {SPEED_PAIR[1]}": bootstrap_mean([ratios_]), "target": "<= 1"}
+    report = {"rounds": args.speed_rounds, "seconds_per_step": seconds,
+              f"{SPEED_PAIR[0]} / {SPEED_PAIR[1]}": bootstrap_mean([ratios_]), "target": "<= 1"}
+    if all(profiles.values()):  # one profiled step after each timed run, mean over the rounds
+        report["profile_self_seconds_by_kind"] = {
+            m: {k: round(sum(p[k] for p in runs) / len(runs), 3) for k in runs[0]} for m, runs in profiles.items()}
+    return report
 
 
 def ratios(methods: dict) -> dict:
@@ -467,6 +509,7 @@ def main() -> None:
                         help="run every method with glibc's MALLOC_MMAP_THRESHOLD_ set to this many bytes (a control "
                              "for allocator retention: large blocks are returned to the OS as soon as they are freed)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--profile", action="store_true", help=argparse.SUPPRESS)  # profile a step after timing
     parser.add_argument("--latent", type=int, default=32, help=argparse.SUPPRESS)
     parser.add_argument("--base", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)

@@ -23,9 +23,10 @@ graph. Two forms exist:
   ``s_ptq`` for post-training), ``s_in = s_in[e]``; since ``s_ptq * W_int * (s_out / s_ptq)``
   equals ``s_out * W_int`` the scale set costs nothing at run time;
 - table (masked and multi-expert layouts): ``w_scale = s_ptq`` and the conv/matmul output is
-  multiplied per channel by ``Gather(out_ratio_table, selector)``, exactly the order of
-  operations of :meth:`QuantLayer.forward` (docs/design.md: the rescale after the integer
-  conv is what makes one engine with K scale tables exact).
+  multiplied per channel by ``Gather(out_ratio_table, selector)``, the order of operations
+  of :meth:`QuantLayer.forward` where it scales the weight (where the torch layer scales the
+  output instead, the product is the same up to float rounding); docs/design.md: the
+  rescale after the integer conv is what makes one engine with K scale tables exact.
 """
 
 from __future__ import annotations

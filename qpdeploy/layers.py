@@ -87,10 +87,12 @@ class FakeQuantSTE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, scale):
-        q = torch.round(x / scale)
-        inside = (q >= ACT_QMIN) & (q <= ACT_QMAX)
+        q = x / scale
+        q.round_()
+        clamped = q.clamp(ACT_QMIN, ACT_QMAX)
+        inside = clamped == q  # one comparison instead of two and an AND (NaN: outside, as before)
         ctx.save_for_backward(inside)
-        return q.clamp_(ACT_QMIN, ACT_QMAX) * scale
+        return clamped.mul_(scale)
 
     @staticmethod
     def backward(ctx, grad):
@@ -104,17 +106,13 @@ def fake_quant(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 
 class IntWeightOp(torch.autograd.Function):
-    """``z = op(x, s_ptq * W_int)`` for a frozen integer weight, saving only the integers.
+    """``z = op(x, W)`` for a frozen integer weight, saving only the integers.
 
-    ``op`` is conv2d or linear. Backward returns the input gradient only (the integer
+    ``op`` is conv2d or linear; ``W`` is ``s_ptq * W_int`` when ``s_ptq`` is given and the raw
+    integers ``W_int`` when it is None (the caller then scales the output per channel, see
+    :meth:`QuantLayer.scales_output`). Backward returns the input gradient only (the integer
     weight and its post-training scale are frozen), rebuilding the float weight from the
     saved integer tensor. That is the memory win of training scales instead of weights.
-
-    The per-channel ``s_ptq`` multiplies whichever is smaller, the weight or the output
-    (``op(x, W_int) * s_ptq``, and ``grad * s_ptq`` in backward): the same product, one pass
-    over fewer values. In an SD-size UNet the deep layers' weights are hundreds of times
-    larger than their outputs; in a small UNet at high resolution it is the other way
-    round. float16 always scales the weight: sums over raw integers could leave its range.
     """
 
     @staticmethod
@@ -122,11 +120,7 @@ class IntWeightOp(torch.autograd.Function):
         ctx.layer = layer
         ctx.x_shape = x.shape
         ctx.save_for_backward(w_int, s_ptq)
-        ctx.scale_output = x.dtype in SCALE_AFTER and layer.output_numel(x) < layer.weight_shape.numel()
-        if ctx.scale_output:
-            z = layer.apply_weight(x, layer.float_int_weight(w_int, x.dtype))
-            return z.mul_(s_ptq.to(x.dtype).view(layer._bias_view(z)))
-        return layer.apply_weight(x, layer.dequantized_weight(w_int, s_ptq, x.dtype, transient=True))
+        return layer.apply_weight(x, layer.weight_for_op(w_int, s_ptq, x.dtype))
 
     @staticmethod
     def backward(ctx, grad):
@@ -134,14 +128,10 @@ class IntWeightOp(torch.autograd.Function):
         if not ctx.needs_input_grad[0]:
             return None, None, None, None
         layer = ctx.layer
-        if ctx.scale_output and grad.dtype in SCALE_AFTER:
-            scaled = grad * s_ptq.to(grad.dtype).view(layer._bias_view(grad))
-            return layer.input_grad(ctx.x_shape, layer.float_int_weight(w_int, grad.dtype), scaled), None, None, None
-        weight = layer.dequantized_weight(w_int, s_ptq, grad.dtype, transient=True)
-        return layer.input_grad(ctx.x_shape, weight, grad), None, None, None
+        return layer.input_grad(ctx.x_shape, layer.weight_for_op(w_int, s_ptq, grad.dtype), grad), None, None, None
 
 
-# dtypes in which IntWeightOp convolves the raw integers and scales the output (range as float32)
+# dtypes in which a layer may convolve the raw integers and scale the output (range as float32)
 SCALE_AFTER = (torch.float32, torch.float64, torch.bfloat16)
 
 _SCRATCH = threading.local()
@@ -309,9 +299,27 @@ class QuantLayer(nn.Module):
         w = self.float_int_weight(w_int, dtype) if transient else self.int_weight(w_int).to(dtype)
         return w.mul_(s_ptq.to(dtype).view(-1, *([1] * (w.ndim - 1))))
 
+    def weight_for_op(self, w_int, s_ptq, dtype) -> torch.Tensor:
+        """The float weight one op uses: ``s_ptq * W_int``, or the raw integers when ``s_ptq``
+        is None (valid for that op only, see :meth:`float_int_weight`)."""
+        if s_ptq is None:
+            return self.float_int_weight(w_int, dtype)
+        return self.dequantized_weight(w_int, s_ptq, dtype, transient=True)
+
     def output_numel(self, x: torch.Tensor) -> int:
         """Values of this layer's output for input ``x``."""
         raise NotImplementedError
+
+    def scales_output(self, x: torch.Tensor) -> bool:
+        """Whether this call multiplies the per-channel scale into the output, not the weight.
+
+        ``s_out * W_int`` applied to x is ``s_out * (W_int applied to x)``: the same product,
+        and one pass over the smaller of the weight and the output. In an SD-size UNet the
+        deep layers' weights are hundreds of times larger than their outputs; in a small
+        UNet at high resolution it is the other way round. float16 always scales the
+        weight: sums over raw integers could leave its range.
+        """
+        return x.dtype in SCALE_AFTER and self.output_numel(x) < self.weight_shape.numel()
 
     # -- scale sets ------------------------------------------------------------------
     @property
@@ -327,6 +335,10 @@ class QuantLayer(nn.Module):
         device = self.s_ptq.device
         self.s_out = nn.Parameter(s_out.detach().to(device, torch.float32).clone(), requires_grad=False)
         self.s_in = None if s_in is None else nn.Parameter(s_in.detach().to(device, torch.float32).clone(), requires_grad=False)
+
+    def out_scale_table(self) -> torch.Tensor:
+        """(E + 1, C_out) table of output-channel scales; the last row is ``s_ptq``."""
+        return torch.cat([self.s_out, self.s_ptq[None]])
 
     def out_ratio_table(self) -> torch.Tensor:
         """(E + 1, C_out) table of ``s_out / s_ptq``; the last row (post-training) is all ones."""
@@ -350,12 +362,22 @@ class QuantLayer(nn.Module):
             x = x * self._per_sample(in_table[scale_set], x)
         if self.act_bits is not None:
             x = self.quantize_input(x, self.act_scales_for(interval))
-        z = IntWeightOp.apply(x, self.w_int, self.s_ptq, self)
-        if self.num_sets:
-            z = z * self._per_sample(self.out_ratio_table()[scale_set], z)
-        if self.bias is not None:
-            z = z + self.bias.to(z.dtype).view(self._bias_view(z))
-        return z
+        # The output-channel scale is s_out (s_ptq for the post-training row). Either it goes
+        # into the output after the op on the raw integers (one multiply-add with the bias), or
+        # s_ptq goes into the weight and the output is multiplied by s_out / s_ptq.
+        scale_after = self.scales_output(x)
+        z = IntWeightOp.apply(x, self.w_int, None if scale_after else self.s_ptq, self)
+        if scale_after:
+            scale = (self._per_sample(self.out_scale_table()[scale_set], z) if self.num_sets
+                     else self.s_ptq.to(z.dtype).view(self._bias_view(z)))
+        elif self.num_sets:
+            scale = self._per_sample(self.out_ratio_table()[scale_set], z)
+        else:
+            scale = None
+        if self.bias is None:
+            return z if scale is None else z * scale
+        bias = self.bias.to(z.dtype).view(self._bias_view(z))
+        return z + bias if scale is None else torch.addcmul(bias, z, scale)
 
     def quantize_input(self, x: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
         """Fake-quantize x with per-sample scales (B, P); P = 2 splits channels at ``split``."""

@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.nn.utils import parametrize
 
 from .base import QuantizedBase, load_base, load_base_pipeline, source_hash
 from .checkpoint import (check_resumable, checkpoint_path, find_checkpoint, load_checkpoint, read_checkpoint_state,
@@ -279,7 +280,8 @@ class ScaleTrainer:
         for m in range(self.config.grad_accum):
             batch = self.make_batch(self.step * self.config.grad_accum + m)
             if self.group is None or self.group.owns(m):  # data parallel: every process draws every batch
-                loss = self.loss(batch) / self.config.grad_accum
+                with self._tables_cached():
+                    loss = self.loss(batch) / self.config.grad_accum
                 self._trim_heap()
                 (loss if self.scaler is None else self.scaler.scale(loss)).backward()
                 total += float(loss.detach())
@@ -287,6 +289,12 @@ class ScaleTrainer:
             for k in self.intervals.index(batch.timesteps.cpu()).tolist():
                 self.samples_per_interval[k] += 1
         return total
+
+    def _tables_cached(self):
+        """Each layer's scale tables computed once per forward instead of at every use (they
+        are parametrized, :mod:`qpdeploy.optim`). Not with gradient checkpointing: its
+        recomputation in backward runs outside the cache and must repeat the forward's ops."""
+        return contextlib.nullcontext() if self.config.gradient_checkpointing else parametrize.cached()
 
     def train_step(self) -> float:
         """One optimizer step over ``grad_accum`` micro-batches; returns the step's loss."""

@@ -5,8 +5,9 @@ import argparse
 import json
 
 import pytest
+import torch
 
-from benchmarks.train_memory import METHODS, prepare_base, worker
+from benchmarks.train_memory import METHODS, prepare_base, profile_step, worker
 from qpdeploy.base import load_base
 from qpdeploy.layers import quant_layers
 
@@ -36,7 +37,8 @@ def test_every_method_trains_a_step_and_accounts_for_its_memory(tmp_path):
         if bits == 4 or options.get("low_memory"):
             continue  # W4: W8's code with another base; low memory: a process-wide setting (test_memory.py)
         args = argparse.Namespace(worker=method, threads=1, device="cpu", configs=tmp_path / "configs.json",
-                                  base=tmp_path / "base", latent=8, steps=2, workdir=str(tmp_path))
+                                  base=tmp_path / "base", latent=8, steps=2, workdir=str(tmp_path),
+                                  profile=method in ("ours_s2_int8", "lora_r4"))
         results[method] = worker(args)
     trainable = {m: r["trainable_params"] for m, r in results.items()}
     assert trainable["textual_inversion"] == TINY_TEXT["hidden_size"]  # one embedding row
@@ -50,3 +52,19 @@ def test_every_method_trains_a_step_and_accounts_for_its_memory(tmp_path):
     saved = {m: r["breakdown"]["saved_for_backward_bytes"] for m, r in results.items()}
     assert 0 < saved["ours_s2_int8_gc"] < saved["ours_s2_int8"] / 2  # checkpointing keeps block inputs only
     assert all(r["peak_memory_bytes"] > 0 and r["seconds_per_step"] > 0 for r in results.values())
+    # the profiled step: ours converts integer weights (copies), both run convolutions
+    kinds = {m: results[m]["profile"]["self_seconds_by_kind"] for m in ("ours_s2_int8", "lora_r4")}
+    assert all(k["convolution, matmul, attention"] > 0 for k in kinds.values())
+    assert kinds["ours_s2_int8"]["copies (ours: integer weights to float)"] > 0
+    assert "profile" not in results["full_finetune"]
+
+
+def test_a_profiled_step_sorts_operators_by_kind():
+    a, b = torch.randn(512, 512), torch.randn(512, 512)
+    profiled = profile_step(lambda: (a @ b).mul_(2).add(1).to(torch.float64))
+    kinds = profiled["self_seconds_by_kind"]
+    assert set(kinds) == {"convolution, matmul, attention", "copies (ours: integer weights to float)",
+                          "elementwise and small reductions", "other"}
+    assert kinds["convolution, matmul, attention"] > 0 and kinds["elementwise and small reductions"] > 0
+    assert kinds["copies (ours: integer weights to float)"] > 0  # the float64 conversion
+    assert "aten::mm" in profiled["top_ops"] and profiled["top_ops"]["aten::mm"]["calls"] == 1

@@ -76,6 +76,45 @@ def test_fake_quant_straight_through_gradient_is_zero_where_clipped():
     x = torch.tensor([-300.0, -1.0, 0.2, 1.0, 300.0], requires_grad=True)
     fake_quant(x, torch.tensor(1.0)).sum().backward()
     assert x.grad.tolist() == [0.0, 1.0, 1.0, 1.0, 0.0]
+    # the range's ends: -128 and 127 (and what rounds to them) pass, what rounds past them does not
+    x = torch.tensor([-128.0, -128.4, -128.6, 127.0, 127.4, 127.6, float("nan")], requires_grad=True)
+    y = fake_quant(x, torch.tensor(1.0))
+    assert y[:6].tolist() == [-128.0, -128.0, -128.0, 127.0, 127.0, 127.0]
+    y.nan_to_num().sum().backward()
+    assert x.grad.tolist() == [1.0, 1.0, 0.0, 1.0, 1.0, 0.0, 0.0]
+
+
+@pytest.mark.parametrize("trained", [False, True])
+def test_scaling_the_output_or_the_weight_gives_the_same_layer(monkeypatch, trained):
+    """The layer multiplies the per-channel scale into whichever of output and weight is
+    smaller; both ways are the same function with the same gradients."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(12, 20, 3, padding=1)
+    layer = QuantConv2d.from_float(conv)
+    scale = search_weight_scale(conv.weight, 8)
+    layer.set_int_weight(integer_weight(conv.weight, scale, 8))
+    layer.s_ptq.copy_(scale)
+    layer.act_scale.fill_(4.0 / 127)
+    if trained:
+        layer.set_scale_sets(torch.stack([layer.s_ptq * 1.3, layer.s_ptq * 0.7]), torch.rand(2, 12) + 0.5)
+        router = ScaleRouter(Intervals.uniform(2), num_sets=2, set_of_interval=[0, 1])
+        object.__setattr__(layer, "router", router)
+        router.route(torch.tensor([100, 900]), batch=2, device="cpu")  # one sample per set
+    x0 = torch.randn(2, 12, 6, 6)
+    results = []
+    for scale_after in (True, False):
+        monkeypatch.setattr(QuantConv2d, "scales_output", lambda self, x, v=scale_after: v)
+        x = x0.clone().requires_grad_(True)
+        tables = [t for t in (layer.s_out, layer.s_in) if t is not None and t.numel()]
+        for t in tables:
+            t.requires_grad_(True)
+            t.grad = None
+        y = layer(x)
+        y.pow(2).sum().backward()
+        results.append([y.detach(), x.grad] + [t.grad for t in tables])
+    for a, b in zip(*results):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item())
+    assert len(results[0]) == (4 if trained else 2)
 
 
 @pytest.mark.parametrize("bits", [8, 4])
