@@ -237,7 +237,7 @@ def train(
     low_memory: bool = typer.Option(False, "--low-memory",
                                     help="Gradient checkpointing, and on CPU every freed block of 128 KiB or more goes "
                                          "back to the OS at once (SD 1.5 at 256 px on CPU: peak about 1.6 GiB instead "
-                                         "of 2.55, about 1.5x the time per step; README, 'Training memory')."),
+                                         "of 2.5, 1.5-2x the time per step; README, 'Training memory')."),
     precision: Literal[PRECISIONS] = typer.Option("auto", help="auto (bf16/fp16 autocast on GPU, fp32 on CPU), fp32, fp16 or bf16."),
     seed: int = typer.Option(0, help="Seed of every random draw (also passed to quantize with --model)."),
     checkpoint_every: int = typer.Option(0, help="Write a checkpoint every N steps into <out>.run/checkpoints."),

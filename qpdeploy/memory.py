@@ -101,9 +101,9 @@ def cap_heap_retention(threshold: int = LOW_MEMORY_MMAP_THRESHOLD) -> bool:
 
     glibc otherwise raises this threshold up to 32 MB as large blocks come and go, and the
     heap then keeps the freed blocks of a training step as holes between live ones. On
-    SD 1.5 with gradient checkpointing this lowers the CPU peak from about 1.94 to 1.60 GiB
-    at about 1.4x the time per step (every large tensor is a fresh mapping, zeroed by the
-    kernel); ``benchmarks/train_memory.py`` measures it. The ``--low-memory`` mode of
+    SD 1.5 with gradient checkpointing this lowers the CPU peak from about 1.9 to 1.6 GiB at
+    1.2-1.4x the time per step (every large tensor is a fresh mapping, zeroed by the kernel);
+    ``benchmarks/train_memory.py`` measures it. The ``--low-memory`` mode of
     ``qpdeploy train``.
     """
     if not _load_libc():
