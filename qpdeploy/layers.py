@@ -367,9 +367,8 @@ class QuantLayer(nn.Module):
         # s_ptq goes into the weight and the output is multiplied by s_out / s_ptq.
         scale_after = self.scales_output(x)
         z = IntWeightOp.apply(x, self.w_int, None if scale_after else self.s_ptq, self)
-        if scale_after:
-            scale = (self._per_sample(self.out_scale_table()[scale_set], z) if self.num_sets
-                     else self.s_ptq.to(z.dtype).view(self._bias_view(z)))
+        if scale_after:  # the post-training row is s_ptq, so a base without sets takes this path too
+            scale = self._per_sample(self.out_scale_table()[scale_set], z)
         elif self.num_sets:
             scale = self._per_sample(self.out_ratio_table()[scale_set], z)
         else:
