@@ -151,7 +151,7 @@ class QDQLayer(nn.Module):
 def baked_consts(layer: QuantLayer, interval: int, scale_set: int) -> dict[str, torch.Tensor]:
     """Per-interval form: the scales of scale-set row ``scale_set`` (E = post-training) and the
     activation scales of ``interval`` baked into one graph."""
-    s_out_rows = torch.cat([layer.s_out.detach(), layer.s_ptq[None]])  # (E + 1, C_out)
+    s_out_rows = layer.out_scale_table().detach()  # (E + 1, C_out): the sets, then s_ptq
     consts = {W_SCALE: s_out_rows[scale_set].clone()}
     consts.update(_act_consts(layer, interval))
     in_table = layer.in_scale_table()
