@@ -33,6 +33,8 @@ from pathlib import Path
 
 import torch
 
+from qpdeploy.io import write_file_atomic, write_json
+
 # (tokens, in features, out features) of SD 1.5's linear layers at 32x32 latents, batch 1:
 # attention projections and feed-forward at the 32x32, 16x16 and 8x8 levels
 SD15_GEMMS = {
@@ -159,11 +161,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (1: the training benchmark's setting)")
     args = parser.parse_args()
     report = run(args.rounds, args.repeats, args.threads)
-    text = json.dumps(report, indent=2)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
-    print(text)
+        write_file_atomic(args.out, lambda tmp: write_json(tmp, report))
+    print(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":
