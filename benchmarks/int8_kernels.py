@@ -47,6 +47,7 @@ SD15_GEMMS = {
     "ff out 8x8 (64 x 5120 -> 1280)": (64, 5120, 1280),
 }
 CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
+WAYS = ("float", "convert_float", "int8")  # what time_gemm times, see the module docstring
 
 
 def cpu_flags() -> dict:
@@ -120,7 +121,7 @@ def time_gemm(tokens: int, k: int, n: int, repeats: int, seed: int = 0) -> dict:
             "int8": lambda: int8(x_u8)}
     for fn in ways.values():  # warm up (first calls pick kernels, touch pages)
         fn()
-    return {name: _median_ms(fn, repeats) for name, fn in ways.items()}
+    return {way: _median_ms(ways[way], repeats) for way in WAYS}
 
 
 def run(rounds: int = 5, repeats: int = 5, threads: int = 1, gemms: dict = SD15_GEMMS) -> dict:
@@ -139,10 +140,9 @@ def run(rounds: int = 5, repeats: int = 5, threads: int = 1, gemms: dict = SD15_
     per_round = []
     for _ in range(rounds):  # whole rounds interleave the shapes, so load changes hit every way alike
         per_round.append({name: time_gemm(*shape, repeats) for name, shape in gemms.items()})
-    report["milliseconds"] = {name: {way: statistics.median(r[name][way] for r in per_round)
-                                     for way in ("float", "convert_float", "int8")} for name in gemms}
-    totals = [{way: sum(r[name][way] for name in gemms) for way in ("float", "convert_float", "int8")}
-              for r in per_round]
+    report["milliseconds"] = {name: {way: statistics.median(r[name][way] for r in per_round) for way in WAYS}
+                              for name in gemms}
+    totals = [{way: sum(r[name][way] for name in gemms) for way in WAYS} for r in per_round]
     report["ratios_of_the_summed_gemms"] = {
         "int8 / convert_float": bootstrap_mean([[t["int8"] / t["convert_float"] for t in totals]]),
         "int8 / float": bootstrap_mean([[t["int8"] / t["float"] for t in totals]]),
