@@ -18,7 +18,12 @@ evaluator on the subject's ``test`` prompts (choices such as S1's intervals are 
 - ``w4a8_baseline``, ``w4a8_s2_k4``, ``w4a8_s2_k2+in``: the same on a W4A8 base (the last
   one is the training defaults);
 - ``<row>+token``: pivotal tuning, the identifier's embedding row trains with the scales
-  (baseline, S2 K = 2 with and without input scales, S2 K = 4, W4A8 S2 K = 4).
+  (baseline, S2 K = 2 with and without input scales, S2 K = 4, W4A8 S2 K = 4);
+- ``s2_k2+in+text_encoder`` and ``s2_k2+in+text_scales``: the training defaults plus a
+  text-side lever (a dev experiment, not a ``qpdeploy train`` option): every text-encoder
+  weight trains too (AdamW, lr ``--text-encoder-lr``, as DreamBooth's recipe), or a
+  multiplier per output channel of every text-encoder linear layer does (scale training
+  applied to the text encoder, lr ``--text-scales-lr``); see :class:`TextSideTuner`.
 
 Columns (mean and std over subjects x seeds): ``subject_fidelity`` (evaluator probability of
 the subject), ``subject_recognised`` (share of images the instance embedding recognises as the
@@ -37,8 +42,10 @@ Runs on the CPU (torch threads ``--threads``); ``--device cuda`` where a GPU is 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
+import functools
 import json
 import os
 import sys
@@ -64,8 +71,9 @@ from qpdeploy.models import load_pipeline
 from qpdeploy.pack import load_pack
 from qpdeploy.quiet import quiet_third_party
 from qpdeploy.strategies import DEFAULT_BATCH
-from qpdeploy.token import TokenTuner, tokens_applied
+from qpdeploy.token import PREFIX as TOKEN_PREFIX, TokenTuner, identifier_token_ids, text_encoders, tokens_applied
 from qpdeploy.ptq import quantize_model
+import qpdeploy.train
 from qpdeploy.train import train
 from qpdeploy.validate import quantized_pipeline
 
@@ -112,6 +120,8 @@ SCALE_ROWS = {
 }
 SCALE_ROWS.update({f"{row}+token": spec for row, spec in SCALE_ROWS.items()
                    if row in ("baseline", "s2_k2", "s2_k2+in", "s2_k4", "w4a8_s2_k4")})  # pivotal tuning (--train-token)
+TEXT_ROWS = {"s2_k2+in+text_encoder": "encoder", "s2_k2+in+text_scales": "scales"}  # row: what of the text encoder trains
+SCALE_ROWS.update({row: SCALE_ROWS["s2_k2+in"] for row in TEXT_ROWS})
 ADAPTER_ROWS = ("fp_dreambooth", "fp_lora", "fp_ti", "w8a8_lora")  # trained outside qpdeploy.train
 ROWS = ("fp", "fp_dreambooth", "fp_lora", "fp_ti", "w8a8_ptq", "w8a8_lora", *SCALE_ROWS)
 # per-image values of evaluate_prompts -> the table's column names
@@ -185,6 +195,8 @@ class Bench:
             return {**self.evaluate(pipe, subject, self.args.split, seed), "trainable_params": 0, "pack_bytes": 0}
         bits, strategy, k, s1, input_scales = SCALE_ROWS[row]
         token = row.endswith("+token")
+        if row in TEXT_ROWS:
+            return self.text_row(TEXT_ROWS[row], bits, strategy, k, s1, input_scales, subject, images, seed)
         if s1 is None:  # S1: pick the intervals on dev
             trials = {c: self.scale_row(bits, strategy, k, c, input_scales, subject, images, seed, "dev", token)
                       for c in S1_CANDIDATES}
@@ -214,6 +226,26 @@ class Bench:
         return {**measured, "trainable_params": report["trainable_params"],
                 "pack_bytes": report["pack_bytes"], "train_seconds": report["seconds"],
                 "peak_memory_bytes": report["peak_memory_bytes"], "final_loss": report["final_loss"]}
+
+    def text_row(self, kind, bits, strategy, k, s1, input_scales, subject, images, seed) -> dict:
+        """:meth:`scale_row` with a text-side lever: the trainer's identifier-row slot (pivotal
+        tuning keeps the text encoders in the loop and re-encodes the instance prompt at every
+        step) holds a :class:`TextSideTuner` instead; the trained encoder is measured, then
+        restored."""
+        lr = self.args.text_encoder_lr if kind == "encoder" else self.args.text_scales_lr
+        tuners = []
+
+        def make(pipe, identifier, _token_lr, weight_decay=0.0):
+            tuners.append(TextSideTuner(pipe, identifier, kind, lr))
+            return tuners[-1]
+
+        try:
+            with _swapped(qpdeploy.train, "TokenTuner", make):
+                return self.scale_row(bits, strategy, k, s1, input_scales, subject, images, seed, self.args.split,
+                                      token=True)
+        finally:
+            for tuner in tuners:
+                tuner.restore()
 
     def prior_options(self, subject) -> dict:
         """DreamBooth's prior preservation (class images the model draws itself), when asked."""
@@ -310,6 +342,81 @@ class Bench:
                 "peak_memory_bytes": peak}
 
 
+@contextlib.contextmanager
+def _swapped(module, name: str, value):
+    """``module.name`` is ``value`` for the length of a ``with`` block."""
+    saved = getattr(module, name)
+    setattr(module, name, value)
+    try:
+        yield
+    finally:
+        setattr(module, name, saved)
+
+
+class TextSideTuner:
+    """The text encoders train with the scales (the ``+text_*`` rows; a dev experiment).
+
+    It fills the trainer's slot for pivotal tuning's :class:`qpdeploy.token.TokenTuner`
+    (same methods), so the trainer keeps the text encoders and encodes the instance prompt
+    through them at every step. ``kind`` "encoder": every weight trains (AdamW at ``lr``, as
+    diffusers' DreamBooth ``--train_text_encoder``); "scales": each linear layer's output is
+    multiplied by a trainable vector (one value per output channel, starting at 1, AdamW at
+    ``lr``). The identifier rows it reports are the encoders' own (trained with the encoder
+    in "encoder" mode), so the pack records them and evaluation writes them back unchanged.
+    The encoders stay trained after :meth:`release` (the row is measured with them);
+    :meth:`restore` puts their weights back and removes the multipliers.
+    """
+
+    def __init__(self, pipe, identifier: str, kind: str, lr: float):
+        if kind not in ("encoder", "scales"):
+            raise ValueError(f"unknown text-side lever {kind!r}")
+        self.ids = identifier_token_ids(pipe, identifier)
+        self.encoders = {name: encoder for name, (_, encoder) in text_encoders(pipe).items()}
+        self._saved = {name: copy.deepcopy(e.state_dict()) for name, e in self.encoders.items()}
+        self._hooks, self.params = [], []
+        for encoder in self.encoders.values():
+            encoder.requires_grad_(kind == "encoder")
+            if kind == "encoder":
+                self.params += list(encoder.parameters())
+                continue
+            for module in encoder.modules():
+                if isinstance(module, torch.nn.Linear):
+                    scale = torch.nn.Parameter(torch.ones(module.out_features))
+                    self.params.append(scale)
+                    self._hooks.append(module.register_forward_hook(functools.partial(_times, scale)))
+        self.optimizer = torch.optim.AdamW(self.params, lr=lr, weight_decay=0.0)
+
+    @property
+    def size(self) -> int:
+        return sum(p.numel() for p in self.params)
+
+    def step(self, scaler=None) -> None:
+        if scaler is None:
+            self.optimizer.step()
+        else:
+            scaler.step(self.optimizer)
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {TOKEN_PREFIX + name: e.get_input_embeddings().weight[self.ids[name]].detach().float().clone()
+                for name, e in self.encoders.items()}
+
+    def release(self) -> None:
+        for encoder in self.encoders.values():
+            encoder.requires_grad_(False)
+
+    def restore(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+        for name, encoder in self.encoders.items():
+            encoder.load_state_dict(self._saved[name])
+
+
+def _times(scale, module, args, output):
+    return output * scale
+
+
 def add_lora(unet) -> None:
     """LoRA rank 4 (peft, as diffusers' DreamBooth LoRA script) on the attention projections.
     On a quantized UNet peft's own LoRA linear wraps qpdeploy's ``QuantLinear`` (its integer
@@ -385,6 +492,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dreambooth-text-encoder-lr", type=float, default=0.0,
                         help="> 0: full-precision DreamBooth also trains the text encoder at this learning rate")
     parser.add_argument("--lora-lr", type=float, default=1e-3)
+    parser.add_argument("--text-encoder-lr", type=float, default=5e-5,
+                        help="s2_k2+in+text_encoder: learning rate of the text encoder's weights")
+    parser.add_argument("--text-scales-lr", type=float, default=5e-3,
+                        help="s2_k2+in+text_scales: learning rate of the text encoder's output-channel multipliers")
     parser.add_argument("--split", choices=("dev", "test"), default="test",
                         help="prompts measured: dev for choosing settings, test for reporting")
     parser.add_argument("--prior-images", type=int, default=0,

@@ -1,10 +1,21 @@
-"""The fidelity benchmark's QLoRA-style row: peft LoRA around qpdeploy's quantized linears."""
+"""The fidelity benchmark's own rows: the QLoRA-style row (peft LoRA around qpdeploy's quantized
+linears) and the text-side levers (the text encoder trains with the scales)."""
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
-from benchmarks.fidelity import add_lora
+import qpdeploy.train
+from benchmarks.fidelity import TEXT_ROWS, TextSideTuner, _swapped, add_lora
+from qpdeploy.config import TrainConfig
+from qpdeploy.data import encode_prompts, prompt_embeddings
 from qpdeploy.layers import QuantLinear, quant_layers
+from qpdeploy.pack import load_pack
+from qpdeploy.token import PREFIX, TokenTuner, identifier_token_ids
+from qpdeploy.train import train
+
+PROMPT = "a photo of sks dog"
 
 
 def _call(unet):
@@ -32,3 +43,63 @@ def test_lora_on_the_w8a8_base_trains_adapters_only_and_keeps_integer_weights(ti
     assert len(layers) == len(w_int)
     for layer, before_int in zip(layers, w_int):
         assert layer.w_int.dtype == torch.int8 and torch.equal(layer.w_int, before_int)
+
+
+def _encoder_state(pipe):
+    return {k: v.clone() for k, v in pipe.text_encoder.state_dict().items()}
+
+
+@pytest.mark.parametrize("kind", ["scales", "encoder"])
+def test_a_text_side_tuner_trains_what_it_says_and_restores_the_encoder_bit_identical(tiny_pipe, kind):
+    pipe = tiny_pipe("sd1")
+    state, before = _encoder_state(pipe), encode_prompts(pipe, [PROMPT, "a cat"], "cpu")[0]
+    table = pipe.text_encoder.get_input_embeddings().weight.detach().clone()
+    tuner = TextSideTuner(pipe, "sks", kind, lr=1e-2)
+    linears = [m for m in pipe.text_encoder.modules() if isinstance(m, torch.nn.Linear)]
+    if kind == "scales":  # one multiplier per output channel of every linear layer, starting at 1
+        assert tuner.size == sum(m.out_features for m in linears) > 0
+        assert not any(p.requires_grad for p in pipe.text_encoder.parameters())
+    else:
+        assert tuner.size == sum(p.numel() for p in pipe.text_encoder.parameters())
+    assert torch.equal(prompt_embeddings(pipe, [PROMPT, "a cat"], "cpu")[0], before)  # nothing moved yet
+    embeds = prompt_embeddings(pipe, [PROMPT], "cpu")[0]
+    embeds.pow(2).mean().backward()
+    tuner.step()
+    tuner.release()
+    after = encode_prompts(pipe, [PROMPT, "a cat"], "cpu")[0]
+    assert float((after - before).abs().max()) > 1e-4  # every prompt is encoded by the trained encoder
+    row = tuner.tensors()[PREFIX + "text_encoder"]
+    moved = not torch.equal(row, table[identifier_token_ids(pipe, "sks")["text_encoder"]])
+    assert moved == (kind == "encoder")  # the identifier row trains only with the whole encoder
+    tuner.restore()
+    assert all(torch.equal(v, state[k]) for k, v in pipe.text_encoder.state_dict().items())
+    assert torch.equal(encode_prompts(pipe, [PROMPT, "a cat"], "cpu")[0], before)  # multipliers gone
+
+
+@pytest.mark.slow
+def test_scale_training_takes_a_text_side_tuner_in_the_identifier_row_slot(tiny_base, tiny_pipe, tmp_path):
+    """What the ``+text_*`` rows run: qpdeploy's trainer, with the tuner in pivotal tuning's slot."""
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray((rng.random((20, 24, 3)) * 255).astype(np.uint8)).save(images / f"{i}.png")
+    pipe = tiny_pipe("sd1")
+    base = tiny_base("sd1", fresh=True, calib_steps=2, calib_samples=4)
+    before = encode_prompts(pipe, [PROMPT], "cpu")[0]
+    table = pipe.text_encoder.get_input_embeddings().weight.detach().clone()
+    tuners = []
+    with _swapped(qpdeploy.train, "TokenTuner", lambda *a, **k: tuners.append(TextSideTuner(pipe, "sks", "scales",
+                                                                                            1e-2)) or tuners[-1]):
+        path, report = train(base, images, tmp_path / "pack", TrainConfig(PROMPT, steps=3, train_token=True),
+                             pipe=pipe, device="cpu")
+    assert qpdeploy.train.TokenTuner is TokenTuner  # put back
+    assert len(tuners) == 1 and report["token_params"] == tuners[0].size
+    assert float((encode_prompts(pipe, [PROMPT], "cpu")[0] - before).abs().max()) > 1e-5  # trained with the scales
+    pack = load_pack(path)
+    assert report["trainable_params"] == sum(v.numel() for v in pack.scales.values()) + tuners[0].size
+    assert torch.equal(pack.tokens[PREFIX + "text_encoder"],
+                       table[pack.token["ids"]["text_encoder"]])
+    tuners[0].restore()
+    assert torch.equal(encode_prompts(pipe, [PROMPT], "cpu")[0], before)
+    assert set(TEXT_ROWS.values()) == {"encoder", "scales"}
