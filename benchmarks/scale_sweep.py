@@ -78,9 +78,25 @@ def reuse(paths: list[Path], runs_dir: Path) -> int:
 
 
 def runs_of(report: dict, row: str) -> dict[tuple[str, int], dict]:
-    """Every run of ``row`` in a sweep report (or a collection of them), by (subject, seed)."""
-    return {(run["subject"], int(run["seed"])): run for sweep in report.get("sweeps", [report])
-            for result in sweep["results"] for run in result.get("runs", []) if run["row"] == row}
+    """Every run of ``row`` in a sweep report (or a collection of them), by (subject, seed).
+
+    Raises:
+        SystemExit: the row has two different runs of one (subject, seed) (say, two settings
+            of a grid): which one to pair would be a guess, so the caller passes one setting's
+            reports.
+    """
+    found: dict[tuple[str, int], dict] = {}
+    for sweep in report.get("sweeps", [report]):
+        for result in sweep["results"]:
+            for run in result.get("runs", []):
+                if run["row"] != row:
+                    continue
+                key = (run["subject"], int(run["seed"]))
+                if key in found and found[key] != run:
+                    raise SystemExit(f"error: row {row} has two different runs of {key[0]} seed {key[1]} (two "
+                                     "settings?); pair the reports of one setting")
+                found[key] = run
+    return found
 
 
 def paired(report: dict, a: str, b: str) -> dict:

@@ -120,3 +120,12 @@ def test_paired_difference_pairs_runs_by_subject_and_seed(tmp_path):
     assert result["difference"]["prompt_fidelity"] == {"mean": 0.0, "low": 0.0, "high": 0.0, "pairs": 2}
     with pytest.raises(SystemExit, match="share no"):
         main(["--paired", "a", "c", "--collect", str(tmp_path / "a.json"), "--out", str(out)])
+    # the same run reported twice pairs once; two different runs of one (subject, seed) are refused
+    main(["--paired", "a", "b", "--collect", str(tmp_path / "a.json"), str(tmp_path / "a.json"), str(tmp_path / "b.json"),
+          "--out", str(out)])
+    assert json.loads(out.read_text())["difference"]["subject_recognised"]["mean"] == 0.5
+    other = {**a, "results": [{"setting": {"lr": "2"}, "runs": [run("a", "sks", 0, [0.0, 0.0])]}]}
+    (tmp_path / "a2.json").write_text(json.dumps(other))
+    with pytest.raises(SystemExit, match="row a has two different runs of sks seed 0"):
+        main(["--paired", "a", "b", "--collect", str(tmp_path / "a.json"), str(tmp_path / "a2.json"),
+              str(tmp_path / "b.json"), "--out", str(out)])
