@@ -31,8 +31,13 @@ LATENT, SEQ = (8, 8), 16
 
 
 @pytest.fixture(scope="module")
-def exported(packed_base, deploy_dir, deploy_base_changes, tmp_path_factory):
-    """``exported(family, layout)`` -> (base with its pack or none, UNetFiles, folder)."""
+def exported(packed_base, deploy_base_changes, tmp_path_factory):
+    """``exported(family, layout)`` -> (base with its pack or none, UNetFiles, folder).
+
+    sd1 per-interval is the export of the command-line deploy dir's base and pack (the same
+    graphs: :func:`test_the_command_line_deploy_dir_holds_the_same_unet_graphs`), written
+    here directly so that this module does not export the whole deploy dir again.
+    """
     cache = {}
 
     def get(family, layout):
@@ -40,15 +45,23 @@ def exported(packed_base, deploy_dir, deploy_base_changes, tmp_path_factory):
         base, pack = packed_base(family, STRATEGY[layout], **changes)
         install(base, None if (family, layout) == NO_PACK else pack)  # the base may have served another test
         if (family, layout) not in cache:
-            if (family, layout) == ("sd1", "per-interval"):
-                # The CLI deploy dir is exactly this export (the same base and pack, via disk).
-                cache[family, layout] = files_in_deploy_dir(base, deploy_dir), deploy_dir
-            else:
-                out = tmp_path_factory.mktemp(f"unet-{family}-{layout}")
-                cache[family, layout] = export_unet(base, layout, out, LATENT, SEQ), out
+            out = tmp_path_factory.mktemp(f"unet-{family}-{layout}")
+            cache[family, layout] = export_unet(base, layout, out, LATENT, SEQ), out
         return (base, *cache[family, layout])
 
     return get
+
+
+@pytest.mark.slow  # the whole command-line deploy dir (exported once more when on another worker)
+def test_the_command_line_deploy_dir_holds_the_same_unet_graphs(exported, deploy_dir):
+    """``qpdeploy export`` (base and pack through disk) writes exactly the graphs the tests
+    of this module check: the same nodes, initializers and weights file."""
+    base, files, out = exported("sd1", "per-interval")
+    assert files_in_deploy_dir(base, deploy_dir) == files
+    for name in files.onnx_files:
+        ours, cli = (onnx.load(str(d / name), load_external_data=False) for d in (out, deploy_dir))
+        assert ours.graph == cli.graph, name
+    assert (out / files.weights_file).read_bytes() == (deploy_dir / files.weights_file).read_bytes()
 
 
 def install(base, pack):

@@ -76,7 +76,7 @@ def _dispatch_choices(manifest):
                    for k in range(manifest.intervals.k)}, key=str)
 
 
-@pytest.mark.parametrize("name", ["sd1_s2", "sd1_multi"])
+@pytest.mark.parametrize("name", ["sd1_s2", pytest.param("sd1_multi", marks=pytest.mark.slow)])  # its own deploy dir
 def test_a_batch_spanning_intervals_equals_per_sample_calls(name, deploy):
     manifest = read_manifest(deploy(name))
     sample, hidden = unet_feed(manifest, batch=4, seed=1)

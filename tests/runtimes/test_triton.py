@@ -140,13 +140,16 @@ def test_sixty_four_requests_at_random_concurrency_lose_and_mix_nothing(server, 
         assert psnr(image, reference[combo]) >= 40  # its own image, not a neighbour's
 
 
-def test_the_triton_command_writes_a_repository_and_refuses_bad_input(deploy, tmp_path):
+# the multi-expert layout (one graph with an "expert" selector input, no subjects) exports a deploy
+# dir of its own: in the full suite
+@pytest.mark.parametrize("name", ["sd1_s2", pytest.param("sd1_multi", marks=pytest.mark.slow)])
+def test_the_triton_command_writes_a_repository_and_refuses_bad_input(deploy, tmp_path, name):
     from typer.testing import CliRunner
 
     from qpdeploy.cli import app
 
     run = CliRunner().invoke
-    source = deploy("sd1_multi")  # multi-expert layout: one graph with an "expert" selector input, no subjects
+    source = deploy(name)
     result = run(app, ["triton", str(source), "--out", str(tmp_path / "repo"), "--instances", "2",
                        "--deploy-path", "/deploy"])
     assert result.exit_code == 0 and "model repository" in result.output, result.output
