@@ -364,7 +364,8 @@ class TextSideTuner:
     ``lr``). The identifier rows it reports are the encoders' own (trained with the encoder
     in "encoder" mode), so the pack records them and evaluation writes them back unchanged.
     The encoders stay trained after :meth:`release` (the row is measured with them);
-    :meth:`restore` puts their weights back and removes the multipliers.
+    :meth:`restore` puts their weights and requires_grad flags back and removes the
+    multipliers.
     """
 
     def __init__(self, pipe, identifier: str, kind: str, lr: float):
@@ -373,6 +374,7 @@ class TextSideTuner:
         self.ids = identifier_token_ids(pipe, identifier)
         self.encoders = {name: encoder for name, (_, encoder) in text_encoders(pipe).items()}
         self._saved = {name: copy.deepcopy(e.state_dict()) for name, e in self.encoders.items()}
+        self._trainable = {name: [p.requires_grad for p in e.parameters()] for name, e in self.encoders.items()}
         self._hooks, self.params = [], []
         for encoder in self.encoders.values():
             encoder.requires_grad_(kind == "encoder")
@@ -411,6 +413,8 @@ class TextSideTuner:
         self._hooks = []
         for name, encoder in self.encoders.items():
             encoder.load_state_dict(self._saved[name])
+            for parameter, flag in zip(encoder.parameters(), self._trainable[name]):
+                parameter.requires_grad_(flag)
 
 
 def _times(scale, module, args, output):

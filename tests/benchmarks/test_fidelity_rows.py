@@ -71,8 +71,10 @@ def test_a_text_side_tuner_trains_what_it_says_and_restores_the_encoder_bit_iden
     row = tuner.tensors()[PREFIX + "text_encoder"]
     moved = not torch.equal(row, table[identifier_token_ids(pipe, "sks")["text_encoder"]])
     assert moved == (kind == "encoder")  # the identifier row trains only with the whole encoder
+    flags = [p.requires_grad for p in pipe.text_encoder.parameters()]
     tuner.restore()
     assert all(torch.equal(v, state[k]) for k, v in pipe.text_encoder.state_dict().items())
+    assert [p.requires_grad for p in pipe.text_encoder.parameters()] == [True] * len(flags) != flags  # as it was
     assert torch.equal(encode_prompts(pipe, [PROMPT, "a cat"], "cpu")[0], before)  # multipliers gone
 
 
