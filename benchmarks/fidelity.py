@@ -392,12 +392,7 @@ class TextSideTuner:
     def size(self) -> int:
         return sum(p.numel() for p in self.params)
 
-    def step(self, scaler=None) -> None:
-        if scaler is None:
-            self.optimizer.step()
-        else:
-            scaler.step(self.optimizer)
-        self.optimizer.zero_grad(set_to_none=True)
+    step = TokenTuner.step  # one AdamW step over ``self.optimizer`` (through the grad scaler, if any)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {TOKEN_PREFIX + name: e.get_input_embeddings().weight[self.ids[name]].detach().float().clone()
