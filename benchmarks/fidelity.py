@@ -42,7 +42,6 @@ Runs on the CPU (torch threads ``--threads``); ``--device cuda`` where a GPU is 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import dataclasses
 import functools
@@ -53,6 +52,7 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import torch
@@ -240,7 +240,7 @@ class Bench:
             return tuners[-1]
 
         try:
-            with _swapped(qpdeploy.train, "TokenTuner", make):
+            with mock.patch.object(qpdeploy.train, "TokenTuner", make):
                 return self.scale_row(bits, strategy, k, s1, input_scales, subject, images, seed, self.args.split,
                                       token=True)
         finally:
@@ -340,17 +340,6 @@ class Bench:
             result = self.evaluate(quantized_pipeline(pipe, unet), subject, self.args.split, seed)
         return {**result, "trainable_params": trained, "pack_bytes": 4 * trained, "train_seconds": seconds,
                 "peak_memory_bytes": peak}
-
-
-@contextlib.contextmanager
-def _swapped(module, name: str, value):
-    """``module.name`` is ``value`` for the length of a ``with`` block."""
-    saved = getattr(module, name)
-    setattr(module, name, value)
-    try:
-        yield
-    finally:
-        setattr(module, name, saved)
 
 
 class TextSideTuner:

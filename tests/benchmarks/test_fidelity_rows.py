@@ -1,19 +1,21 @@
 """The fidelity benchmark's own rows: the QLoRA-style row (peft LoRA around qpdeploy's quantized
 linears) and the text-side levers (the text encoder trains with the scales)."""
 
-import numpy as np
+from unittest import mock
+
 import pytest
 import torch
-from PIL import Image
 
 import qpdeploy.train
-from benchmarks.fidelity import TEXT_ROWS, TextSideTuner, _swapped, add_lora
+from benchmarks.fidelity import TEXT_ROWS, TextSideTuner, add_lora
 from qpdeploy.config import TrainConfig
 from qpdeploy.data import encode_prompts, prompt_embeddings
 from qpdeploy.layers import QuantLinear, quant_layers
 from qpdeploy.pack import load_pack
 from qpdeploy.token import PREFIX, TokenTuner, identifier_token_ids
 from qpdeploy.train import train
+
+from ..qpdeploy.conftest import write_images
 
 PROMPT = "a photo of sks dog"
 
@@ -81,18 +83,18 @@ def test_a_text_side_tuner_trains_what_it_says_and_restores_the_encoder_bit_iden
 @pytest.mark.slow
 def test_scale_training_takes_a_text_side_tuner_in_the_identifier_row_slot(tiny_base, tiny_pipe, tmp_path):
     """What the ``+text_*`` rows run: qpdeploy's trainer, with the tuner in pivotal tuning's slot."""
-    images = tmp_path / "images"
-    images.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(3):
-        Image.fromarray((rng.random((20, 24, 3)) * 255).astype(np.uint8)).save(images / f"{i}.png")
+    images = write_images(tmp_path / "images")
     pipe = tiny_pipe("sd1")
     base = tiny_base("sd1", fresh=True, calib_steps=2, calib_samples=4)
     before = encode_prompts(pipe, [PROMPT], "cpu")[0]
     table = pipe.text_encoder.get_input_embeddings().weight.detach().clone()
     tuners = []
-    with _swapped(qpdeploy.train, "TokenTuner", lambda *a, **k: tuners.append(TextSideTuner(pipe, "sks", "scales",
-                                                                                            1e-2)) or tuners[-1]):
+
+    def make(*args, **kwargs):  # what the trainer calls for its identifier-row tuner
+        tuners.append(TextSideTuner(pipe, "sks", "scales", 1e-2))
+        return tuners[-1]
+
+    with mock.patch.object(qpdeploy.train, "TokenTuner", make):
         path, report = train(base, images, tmp_path / "pack", TrainConfig(PROMPT, steps=3, train_token=True),
                              pipe=pipe, device="cpu")
     assert qpdeploy.train.TokenTuner is TokenTuner  # put back
