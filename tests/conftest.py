@@ -5,7 +5,9 @@ Tests never download anything: every model is built from a config with a fixed s
 single thread keeps results reproducible across machines.
 """
 
+import hashlib
 import os
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -68,18 +70,41 @@ def tiny_base():
 
 
 @pytest.fixture(scope="session")
-def saved_base(tmp_path_factory):
+def built_once(tmp_path_factory, worker_id):
+    """``built_once(name, build)``: the artifact ``build(path)`` writes at ``path``, built once
+    per test run, not once per pytest-xdist worker: the first worker that asks builds it while
+    holding a file lock, the others wait for it and reuse it. Such artifacts are read-only,
+    as every shared fixture here; ``name`` must say everything that makes one different."""
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    if worker_id != "master":
+        root = root.parent  # the run's folder, above every worker's own
+    root = root / "built-once"
+    root.mkdir(exist_ok=True)
+
+    def get(name: str, build) -> Path:
+        out = root / name
+        with FileLock(str(root / f"{name}.lock")):
+            if not out.exists():
+                build(out)  # the writers are atomic: a failed build leaves nothing here
+        return out
+
+    return get
+
+
+def slug(family: str, changes: dict) -> str:
+    """A folder name for a family and config changes (a short hash of the changes)."""
+    return family + ("-" + hashlib.sha256(repr(sorted(changes.items())).encode()).hexdigest()[:12] if changes else "")
+
+
+@pytest.fixture(scope="session")
+def saved_base(built_once):
     """``saved_base(family, **config)``: path of a base directory written by quantize_model, cached."""
     from qpdeploy.ptq import quantize_model
 
-    cache = {}
-
     def make(family="sd1", **changes):
-        key = (family, tuple(sorted(changes.items())))
-        if key not in cache:
-            out = tmp_path_factory.mktemp(f"base-{family}") / "base"
-            quantize_model(f"tiny-{family}", out, quick_config(**changes), device="cpu")
-            cache[key] = out
-        return cache[key]
+        return built_once(f"base-{slug(family, changes)}",
+                          lambda out: quantize_model(f"tiny-{family}", out, quick_config(**changes), device="cpu"))
 
     return make

@@ -85,36 +85,37 @@ def packed_base(export_base):
 
 
 @pytest.fixture(scope="session")
-def base_dir(export_base, tmp_path_factory):
+def base_dir(export_base, built_once):
     """``export_base("sd1", **DEPLOY_BASE)`` written as a base directory (its source is the
-    bundled tiny-sd1, which ``tiny_pipeline("sd1")`` is)."""
+    bundled tiny-sd1, which ``tiny_pipeline("sd1")`` is; built once per run)."""
     from qpdeploy.base import QuantizedBase, save_base
 
-    base = export_base("sd1", **DEPLOY_BASE)
-    out = tmp_path_factory.mktemp("export-base") / "base"
-    named = QuantizedBase(base.unet, base.config, base.intervals,
-                          {**base.meta, "source": {"kind": "bundled", "name": "tiny-sd1"}})
-    save_base(out, named, base.meta["report"])
-    return out
+    def build(out):
+        base = export_base("sd1", **DEPLOY_BASE)
+        named = QuantizedBase(base.unet, base.config, base.intervals,
+                              {**base.meta, "source": {"kind": "bundled", "name": "tiny-sd1"}})
+        save_base(out, named, base.meta["report"])
+
+    return built_once("export-base", build)
 
 
 @pytest.fixture(scope="session")
-def pack_dir(packed_base, tmp_path_factory):
+def pack_dir(packed_base, built_once):
     """The S2 pack of ``packed_base("sd1", "s2", **DEPLOY_BASE)`` as a pack directory."""
     from qpdeploy.pack import save_pack
 
-    _, pack = packed_base("sd1", "s2", **DEPLOY_BASE)
-    return save_pack(tmp_path_factory.mktemp("export-pack") / "pack", pack)
+    return built_once("export-pack", lambda out: save_pack(out, packed_base("sd1", "s2", **DEPLOY_BASE)[1]))
 
 
 @pytest.fixture(scope="session")
-def deploy_dir(base_dir, pack_dir, tmp_path_factory):
+def deploy_dir(base_dir, pack_dir, built_once):
     """``qpdeploy export --base BASE --pack PACK --out DEPLOY`` (S2 -> per-interval layout)."""
     from typer.testing import CliRunner
 
     from qpdeploy.cli import app
 
-    out = tmp_path_factory.mktemp("deploy") / "deploy"
-    result = CliRunner().invoke(app, ["export", "--base", str(base_dir), "--pack", str(pack_dir), "--out", str(out)])
-    assert result.exit_code == 0, result.output
-    return out
+    def build(out):
+        result = CliRunner().invoke(app, ["export", "--base", str(base_dir), "--pack", str(pack_dir), "--out", str(out)])
+        assert result.exit_code == 0, result.output
+
+    return built_once("export-deploy", build)

@@ -53,71 +53,59 @@ def perturbed_pack(base, strategy: str, seed: int = 0):
 
 
 @pytest.fixture(scope="session")
-def rt_base_dir(tiny_base, tmp_path_factory):
-    """``rt_base_dir(family)``: the cheap base of the tiny bundled model, saved (cached)."""
+def rt_base_dir(tiny_base, built_once):
+    """``rt_base_dir(family)``: the cheap base of the tiny bundled model, saved (once per run)."""
     from qpdeploy.base import QuantizedBase, save_base
 
-    cache = {}
+    def build(out, family):
+        base = tiny_base(family, **CHEAP)
+        named = QuantizedBase(base.unet, base.config, base.intervals,
+                              {**base.meta, "source": {"kind": "bundled", "name": f"tiny-{family}"}})
+        save_base(out, named, base.meta["report"])
 
     def make(family="sd1"):
-        if family not in cache:
-            base = tiny_base(family, **CHEAP)
-            out = tmp_path_factory.mktemp(f"rt-base-{family}") / "base"
-            named = QuantizedBase(base.unet, base.config, base.intervals,
-                                  {**base.meta, "source": {"kind": "bundled", "name": f"tiny-{family}"}})
-            save_base(out, named, base.meta["report"])
-            cache[family] = out
-        return cache[family]
+        return built_once(f"rt-base-{family}", lambda out: build(out, family))
 
     return make
 
 
 @pytest.fixture(scope="session")
-def rt_pack_dir(tiny_base, tmp_path_factory):
-    """``rt_pack_dir(family, strategy)``: a perturbed pack for the cheap base, saved (cached)."""
+def rt_pack_dir(tiny_base, built_once):
+    """``rt_pack_dir(family, strategy)``: a perturbed pack for the cheap base, saved (once per run)."""
     from qpdeploy.pack import save_pack
 
-    cache = {}
-
     def make(family="sd1", strategy="s2"):
-        if (family, strategy) not in cache:
-            base = copy.deepcopy(tiny_base(family, **CHEAP))
-            out = tmp_path_factory.mktemp(f"rt-pack-{family}-{strategy}") / "pack"
-            cache[family, strategy] = save_pack(out, perturbed_pack(base, strategy))
-        return cache[family, strategy]
+        return built_once(f"rt-pack-{family}-{strategy}",
+                          lambda out: save_pack(out, perturbed_pack(copy.deepcopy(tiny_base(family, **CHEAP)), strategy)))
 
     return make
 
 
 @pytest.fixture(scope="session")
-def deploy(rt_base_dir, rt_pack_dir, tmp_path_factory):
-    """``deploy(name)``: the deploy dir ``name`` of :data:`DEPLOYS` (exported once, unverified:
-    the export tests verify graphs against torch; these tests compare backends themselves)."""
+def deploy(rt_base_dir, rt_pack_dir, built_once):
+    """``deploy(name)``: the deploy dir ``name`` of :data:`DEPLOYS` (exported once per run,
+    unverified: the export tests verify graphs against torch; these tests compare backends
+    themselves)."""
     from qpdeploy.base import load_base
     from qpdeploy.exporters.config import ExportConfig
-    from qpdeploy.exporters.export import export_deploy
+    from qpdeploy.exporters.export import export_deploy, export_subjects
     from qpdeploy.models import tiny_pipeline
     from qpdeploy.pack import load_pack
 
-    cache = {}
+    def build(out, name):
+        family, strategy, layout = DEPLOYS[name]
+        base = load_base(rt_base_dir(family))
+        if layout == "multi-subject":
+            packs = [(dataclasses.replace(load_pack(rt_pack_dir(family, s)),
+                                          meta={"identifier": i, "prompt": f"a photo of {i} dog"}), f"packs/{i}")
+                     for s, i in zip(strategy, SUBJECT_IDS)]
+            export_subjects(base, tiny_pipeline(family), out, ExportConfig(verify=False), packs)
+        else:
+            pack = load_pack(rt_pack_dir(family, strategy))
+            export_deploy(base, tiny_pipeline(family), out, ExportConfig(layout=layout, verify=False), pack)
 
     def make(name="sd1_s2"):
-        if name not in cache:
-            family, strategy, layout = DEPLOYS[name]
-            base = load_base(rt_base_dir(family))
-            out = tmp_path_factory.mktemp(f"rt-{name}") / "deploy"
-            if layout == "multi-subject":
-                from qpdeploy.exporters.export import export_subjects
-
-                packs = [(dataclasses.replace(load_pack(rt_pack_dir(family, s)),
-                                              meta={"identifier": i, "prompt": f"a photo of {i} dog"}), f"packs/{i}")
-                         for s, i in zip(strategy, SUBJECT_IDS)]
-                export_subjects(base, tiny_pipeline(family), out, ExportConfig(verify=False), packs)
-            else:
-                pack = load_pack(rt_pack_dir(family, strategy))
-                export_deploy(base, tiny_pipeline(family), out, ExportConfig(layout=layout, verify=False), pack)
-            cache[name] = out
-        return cache[name]
+        return built_once(f"rt-deploy-{name}", lambda out: build(out, name))
 
     return make
 
