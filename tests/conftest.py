@@ -100,7 +100,7 @@ def slug(family: str, changes: dict) -> str:
 
 @pytest.fixture(scope="session")
 def saved_base(built_once):
-    """``saved_base(family, **config)``: path of a base directory written by quantize_model, cached."""
+    """``saved_base(family, **config)``: path of a base directory written by quantize_model (once per run)."""
     from qpdeploy.ptq import quantize_model
 
     def make(family="sd1", **changes):

@@ -115,7 +115,8 @@ def deploy_dir(base_dir, pack_dir, built_once):
     from qpdeploy.cli import app
 
     def build(out):
-        result = CliRunner().invoke(app, ["export", "--base", str(base_dir), "--pack", str(pack_dir), "--out", str(out)])
+        result = CliRunner().invoke(app, ["export", "--base", str(base_dir), "--pack", str(pack_dir),
+                                          "--out", str(out)])
         assert result.exit_code == 0, result.output
 
     return built_once("export-deploy", build)

@@ -1,4 +1,4 @@
-"""Fixtures of the runtime tests: tiny deploy dirs, each exported once per session.
+"""Fixtures of the runtime tests: tiny deploy dirs, each exported once per test run.
 
 - ``sd1_s2``: tiny SD1, an S2 pack (4 scale sets) -> per-interval layout, 4 UNet graphs;
 - ``sd1_multi``: the same base and pack -> multi-expert layout (one graph, ``expert`` input);
@@ -75,8 +75,10 @@ def rt_pack_dir(tiny_base, built_once):
     from qpdeploy.pack import save_pack
 
     def make(family="sd1", strategy="s2"):
-        return built_once(f"rt-pack-{family}-{strategy}",
-                          lambda out: save_pack(out, perturbed_pack(copy.deepcopy(tiny_base(family, **CHEAP)), strategy)))
+        def build(out):
+            save_pack(out, perturbed_pack(copy.deepcopy(tiny_base(family, **CHEAP)), strategy))
+
+        return built_once(f"rt-pack-{family}-{strategy}", build)
 
     return make
 
