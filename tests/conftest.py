@@ -93,6 +93,16 @@ def built_once(tmp_path_factory, worker_id):
     return get
 
 
+def save_bundled_base(base, out, family: str = "sd1") -> Path:
+    """Write an in-memory tiny base as a base directory whose source is the bundled
+    ``tiny-<family>`` (which ``tiny_pipeline(family)`` is), so commands can load its pipeline."""
+    from qpdeploy.base import QuantizedBase, save_base
+
+    named = QuantizedBase(base.unet, base.config, base.intervals,
+                          {**base.meta, "source": {"kind": "bundled", "name": f"tiny-{family}"}})
+    return save_base(out, named, base.meta["report"])
+
+
 def slug(family: str, changes: dict) -> str:
     """A folder name for a family and config changes (a short hash of the changes)."""
     return family + ("-" + hashlib.sha256(repr(sorted(changes.items())).encode()).hexdigest()[:12] if changes else "")

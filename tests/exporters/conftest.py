@@ -12,6 +12,8 @@ import copy
 import pytest
 import torch
 
+from ..conftest import save_bundled_base
+
 # Calibration quality does not matter for export tests; two short trajectories make bases cheap.
 CHEAP = dict(calib_samples=4, calib_steps=2, calib_prompts=("a photo of a dog", "a red car on a street"))
 # The base of the command-line deploy dir.
@@ -88,15 +90,7 @@ def packed_base(export_base):
 def base_dir(export_base, built_once):
     """``export_base("sd1", **DEPLOY_BASE)`` written as a base directory (its source is the
     bundled tiny-sd1, which ``tiny_pipeline("sd1")`` is; built once per run)."""
-    from qpdeploy.base import QuantizedBase, save_base
-
-    def build(out):
-        base = export_base("sd1", **DEPLOY_BASE)
-        named = QuantizedBase(base.unet, base.config, base.intervals,
-                              {**base.meta, "source": {"kind": "bundled", "name": "tiny-sd1"}})
-        save_base(out, named, base.meta["report"])
-
-    return built_once("export-base", build)
+    return built_once("export-base", lambda out: save_bundled_base(export_base("sd1", **DEPLOY_BASE), out))
 
 
 @pytest.fixture(scope="session")

@@ -12,6 +12,7 @@ import torch
 from qpdeploy.calibrate import sqnr_db
 from qpdeploy.errors import QPDeployError
 
+from ..conftest import save_bundled_base
 from .conftest import perturbed_pack
 
 pytestmark = pytest.mark.slow  # exports several deploy dirs (about 30 s); the full suite runs them
@@ -195,14 +196,11 @@ def test_refusals_name_the_problem(subject_setup, tmp_path, export_base):
 @pytest.fixture(scope="module")
 def subject_dirs(subject_setup, tmp_path_factory):
     """The setup's base and packs as directories (the base's source: the bundled tiny-sd1)."""
-    from qpdeploy.base import QuantizedBase, save_base
     from qpdeploy.pack import save_pack
 
     base, packs, _ = subject_setup
     root = tmp_path_factory.mktemp("subject-dirs")
-    named = QuantizedBase(base.unet, base.config, base.intervals,
-                          {**base.meta, "source": {"kind": "bundled", "name": "tiny-sd1"}})
-    save_base(root / "base", named, base.meta["report"])
+    save_bundled_base(base, root / "base")
     return root / "base", {i: save_pack(root / i, p) for i, p in packs.items()}
 
 

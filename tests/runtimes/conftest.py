@@ -19,6 +19,8 @@ import dataclasses
 import pytest
 import torch
 
+from ..conftest import save_bundled_base
+
 # The training tests' cheap calibration (quality does not matter here); the same settings share
 # the session's base cache with them.
 CHEAP = dict(calib_steps=2, calib_samples=4, calib_prompts=("a photo of a dog", "a cat on a sofa"),
@@ -55,16 +57,9 @@ def perturbed_pack(base, strategy: str, seed: int = 0):
 @pytest.fixture(scope="session")
 def rt_base_dir(tiny_base, built_once):
     """``rt_base_dir(family)``: the cheap base of the tiny bundled model, saved (once per run)."""
-    from qpdeploy.base import QuantizedBase, save_base
-
-    def build(out, family):
-        base = tiny_base(family, **CHEAP)
-        named = QuantizedBase(base.unet, base.config, base.intervals,
-                              {**base.meta, "source": {"kind": "bundled", "name": f"tiny-{family}"}})
-        save_base(out, named, base.meta["report"])
-
     def make(family="sd1"):
-        return built_once(f"rt-base-{family}", lambda out: build(out, family))
+        return built_once(f"rt-base-{family}",
+                          lambda out: save_bundled_base(tiny_base(family, **CHEAP), out, family))
 
     return make
 
