@@ -23,7 +23,9 @@ evaluator on the subject's ``test`` prompts (choices such as S1's intervals are 
   text-side lever (a dev experiment, not a ``qpdeploy train`` option): every text-encoder
   weight trains too (AdamW, lr ``--text-encoder-lr``, as DreamBooth's recipe), or a
   multiplier per output channel of every text-encoder linear layer does (scale training
-  applied to the text encoder, lr ``--text-scales-lr``); see :class:`TextSideTuner`.
+  applied to the text encoder, lr ``--text-scales-lr``); see :class:`TextSideTuner`;
+- ``<row>@<strength>``: a scale row's pack measured at that strength (``qpdeploy.pack.at_strength``;
+  trained once per subject and seed with the row itself, e.g. ``s2_k2+in,s2_k2+in@0.5``).
 
 Columns (mean and std over subjects x seeds): ``subject_fidelity`` (evaluator probability of
 the subject), ``subject_recognised`` (share of images the instance embedding recognises as the
@@ -68,7 +70,7 @@ from qpdeploy.miniworld.sampling import GUIDANCE
 from qpdeploy.miniworld.subjects import SUBJECTS, UNSEEN_SUBJECTS, Subject, write_instance_images
 from qpdeploy.miniworld.world import render_batch
 from qpdeploy.models import load_pipeline
-from qpdeploy.pack import load_pack
+from qpdeploy.pack import STRENGTH_RANGE, apply_pack, at_strength, load_pack
 from qpdeploy.quiet import quiet_third_party
 from qpdeploy.strategies import DEFAULT_BATCH
 from qpdeploy.token import PREFIX as TOKEN_PREFIX, TokenTuner, identifier_token_ids, text_encoders, tokens_applied
@@ -145,6 +147,7 @@ class Bench:
         self.pipe.set_progress_bar_config(disable=True)
         self.evaluator = load_evaluator(args.evaluator)
         self.bases = {}
+        self.trained: dict[tuple, tuple[Path, dict]] = {}  # scale packs trained in this run
 
     def base_dir(self, bits: int) -> Path:
         if bits not in self.bases:
@@ -193,8 +196,12 @@ class Bench:
             base = load_base(self.base_dir(8))
             pipe = quantized_pipeline(self.pipe, base.unet.eval())
             return {**self.evaluate(pipe, subject, self.args.split, seed), "trainable_params": 0, "pack_bytes": 0}
+        row, _, strength = row.partition("@")
         bits, strategy, k, s1, input_scales = SCALE_ROWS[row]
         token = row.endswith("+token")
+        if strength:
+            return self.scale_row(bits, strategy, k, s1, input_scales, subject, images, seed, self.args.split, token,
+                                  float(strength))
         if row in TEXT_ROWS:
             return self.text_row(TEXT_ROWS[row], bits, strategy, k, s1, input_scales, subject, images, seed)
         if s1 is None:  # S1: pick the intervals on dev
@@ -208,7 +215,26 @@ class Bench:
             return result
         return self.scale_row(bits, strategy, k, s1, input_scales, subject, images, seed, self.args.split, token)
 
-    def scale_row(self, bits, strategy, k, s1, input_scales, subject, images, seed, split, token=False) -> dict:
+    def scale_row(self, bits, strategy, k, s1, input_scales, subject, images, seed, split, token=False,
+                  strength=1.0) -> dict:
+        """Train (once per row, subject and seed: the rows ``<row>@<strength>`` reuse the
+        pack) and measure the pack at ``strength`` (see ``qpdeploy.pack.at_strength``)."""
+        key = (bits, strategy, k, tuple(s1), input_scales, token, subject.identifier, seed)
+        if key not in self.trained:
+            self.trained[key] = self.train_pack(bits, strategy, k, s1, input_scales, subject, images, seed, token)
+        path, report = self.trained[key]
+        base = load_base(self.base_dir(bits))
+        pack = at_strength(load_pack(path), base, strength)
+        apply_pack(base, pack)
+        pipe = quantized_pipeline(self.pipe, base.unet.eval())
+        with tokens_applied(pipe, pack.token, pack.tokens):  # pivotal tuning's rows, for this row only
+            measured = self.evaluate(pipe, subject, split, seed)
+        return {**measured, "trainable_params": report["trainable_params"],
+                "pack_bytes": report["pack_bytes"], "train_seconds": report["seconds"],
+                "peak_memory_bytes": report["peak_memory_bytes"], "final_loss": report["final_loss"]}
+
+    def train_pack(self, bits, strategy, k, s1, input_scales, subject, images, seed, token) -> tuple[Path, dict]:
+        """Train one scale pack with the benchmark's settings: its directory and report."""
         config = TrainConfig(prompt=subject.instance_prompt().text, identifier=subject.identifier, strategy=strategy,
                              intervals=k, s1_intervals=tuple(s1), train_input_scales=input_scales,
                              steps=self.args.steps, lr=self.args.lr, weight_decay=self.args.weight_decay,
@@ -217,15 +243,7 @@ class Bench:
                              **self.prior_options(subject))
         base = load_base(self.base_dir(bits))
         out = self.workdir / f"pack-{subject.identifier}-{seed}-{time.monotonic_ns()}"
-        path, report = train(base, images, out, config, pipe=self.pipe, run_dir=self.workdir / "run",
-                             device=self.args.device)
-        pack = load_pack(path)
-        pipe = quantized_pipeline(self.pipe, base.unet.eval())
-        with tokens_applied(pipe, pack.token, pack.tokens):  # pivotal tuning's rows, for this row only
-            measured = self.evaluate(pipe, subject, split, seed)
-        return {**measured, "trainable_params": report["trainable_params"],
-                "pack_bytes": report["pack_bytes"], "train_seconds": report["seconds"],
-                "peak_memory_bytes": report["peak_memory_bytes"], "final_loss": report["final_loss"]}
+        return train(base, images, out, config, pipe=self.pipe, run_dir=self.workdir / "run", device=self.args.device)
 
     def text_row(self, kind, bits, strategy, k, s1, input_scales, subject, images, seed) -> dict:
         """:meth:`scale_row` with a text-side lever: the trainer's identifier-row slot (pivotal
@@ -458,6 +476,25 @@ def merge(paths: list[Path], out: Path) -> None:
     print(f"report -> {out}")
 
 
+def row_problem(row: str) -> str | None:
+    """What is wrong with a ``--rows`` entry, or None: a row of :data:`ROWS`, or a scale
+    row with a fixed choice of intervals at a pack strength, ``<row>@<strength>``."""
+    name, at, strength = row.partition("@")
+    if name not in ROWS:
+        return f"unknown row {name!r}"
+    if not at:
+        return None
+    if name not in SCALE_ROWS or name in TEXT_ROWS or SCALE_ROWS[name][3] is None:
+        return f"row {name} has no pack strength (only scale rows with fixed intervals do)"
+    try:
+        value = float(strength)
+    except ValueError:
+        return f"row {row}: strength {strength!r} is not a number"
+    if not STRENGTH_RANGE[0] <= value <= STRENGTH_RANGE[1]:
+        return f"row {row}: strength outside {STRENGTH_RANGE[0]:g}..{STRENGTH_RANGE[1]:g}"
+    return None
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The benchmark's options (also read by the miniworld recipes that reuse its rows)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -469,7 +506,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the evaluator folder (default: the bundled one; a candidate rebuild's)")
     parser.add_argument("--subjects", default=",".join(SUBJECTS))
     parser.add_argument("--seeds", default="0,1")
-    parser.add_argument("--rows", default=",".join(ROWS), help="comma-separated subset of " + ",".join(ROWS))
+    parser.add_argument("--rows", default=",".join(ROWS), help="comma-separated subset of " + ",".join(ROWS)
+                        + "; a scale row as <row>@<strength> measures its pack at that strength (trained once)")
     parser.add_argument("--steps", type=int, default=TrainConfig.steps, help="training steps of every personalized row")
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH, help="instance samples per step, every row alike")
     parser.add_argument("--lr", type=float, default=TrainConfig.lr, help="learning rate of the scales (relative units)")
@@ -506,9 +544,9 @@ def main(argv=None) -> None:
     if args.merge:
         return merge(args.merge, args.out)
     rows = args.rows.split(",")
-    unknown = [r for r in rows if r not in ROWS]
-    if unknown:
-        parser.error(f"unknown row(s) {', '.join(unknown)}")
+    problems = [p for p in map(row_problem, rows) if p]
+    if problems:
+        parser.error("; ".join(problems))
     torch.set_num_threads(args.threads)
     quiet_third_party()
     subjects = [subject_named(s) for s in args.subjects.split(",")]

@@ -44,7 +44,8 @@ def job_name(rows: str, setting: dict[str, str], subject: str, seed: str, split:
 
 def ensure_bases(rows: list[str], model: str, bases: Path) -> None:
     """Quantize the bases the rows need once, before the jobs share them."""
-    bits = {SCALE_ROWS[r][0] for r in rows if r in SCALE_ROWS} | ({8} if "w8a8_ptq" in rows else set())
+    names = [r.partition("@")[0] for r in rows]  # <row>@<strength> needs the row's base
+    bits = {SCALE_ROWS[r][0] for r in names if r in SCALE_ROWS} | ({8} if "w8a8_ptq" in rows else set())
     for b in sorted(bits):
         path = bases / f"base-w{b}a8"
         if not path.is_dir():

@@ -20,6 +20,7 @@ the sets and writes the pack with :func:`save_pack`.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -221,6 +222,48 @@ def apply_pack(base, pack: ScalePack) -> None:
         except ValueError as exc:
             raise QPDeployError(f"scale pack layer {name}: {exc}") from exc
     get_router(base.unet).configure(pack.intervals, pack.num_sets, pack.set_of_interval)
+
+
+STRENGTH_RANGE = (0.0, 2.0)
+
+
+def at_strength(pack: ScalePack, base, strength: float) -> ScalePack:
+    """The pack with every trained scale moved ``strength`` of the way from the post-training
+    scales: ``s_out = s_ptq + strength * (s_out - s_ptq)`` and ``s_in = 1 + strength * (s_in - 1)``.
+
+    The weight each set gives a layer (``s_out * W_int``) moves linearly with ``strength``,
+    as a LoRA's does with its scale: 0 is the unpersonalized base exactly, 1 the pack as
+    trained (returned unchanged), between them less of the subject and more of the prompt.
+    The identifier's row of a pivotal-tuned pack stays as trained. The result is a pack of
+    its own (its hash differs; ``meta["strength"]`` records the factor), so export and the
+    runtime treat it like any other.
+
+    Raises:
+        QPDeployError: ``strength`` is outside :data:`STRENGTH_RANGE`, or the pack does not
+            fit the base (as :func:`apply_pack` would say).
+    """
+    low, high = STRENGTH_RANGE
+    if not low <= strength <= high:  # also rejects NaN
+        raise QPDeployError(f"pack strength must be between {low:g} and {high:g}, got {strength:g}")
+    if strength == 1.0:
+        return pack
+    if pack.base_hash != base.base_hash:
+        raise QPDeployError(
+            f"scale pack belongs to base {pack.base_hash[:12]}, not to this base {base.base_hash[:12]}"
+        )
+    layers = dict(quant_layers(base.unet))
+    scales = {}
+    for key, value in pack.scales.items():
+        name, kind = key.rsplit(".", 1)
+        if name not in layers:
+            raise QPDeployError(f"scale pack does not fit the base's layers (for example {name})")
+        start = layers[name].s_ptq.detach().cpu().float()[None] if kind == "s_out" else torch.ones_like(value)
+        if start.shape[-1] != value.shape[-1]:
+            raise QPDeployError(f"scale pack layer {name}: {kind} has {value.shape[-1]} channels, the base "
+                                f"{start.shape[-1]}")
+        scales[key] = start + strength * (value.float() - start)
+    meta = {**pack.meta, "strength": strength * pack.meta.get("strength", 1.0)}
+    return dataclasses.replace(pack, scales=scales, meta=meta)
 
 
 def reset_to_post_training(base) -> None:

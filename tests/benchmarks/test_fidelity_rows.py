@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import qpdeploy.train
-from benchmarks.fidelity import TEXT_ROWS, TextSideTuner, add_lora
+from benchmarks.fidelity import TEXT_ROWS, TextSideTuner, add_lora, row_problem
 from qpdeploy.config import TrainConfig
 from qpdeploy.data import encode_prompts, prompt_embeddings
 from qpdeploy.layers import QuantLinear, quant_layers
@@ -107,3 +107,13 @@ def test_scale_training_takes_a_text_side_tuner_in_the_identifier_row_slot(tiny_
     tuners[0].restore()
     assert torch.equal(encode_prompts(pipe, [PROMPT], "cpu")[0], before)
     assert set(TEXT_ROWS.values()) == {"encoder", "scales"}
+
+
+def test_a_row_at_a_pack_strength_is_a_scale_row_with_fixed_intervals_and_a_strength_in_range():
+    assert [row_problem(r) for r in ("s2_k2+in", "s2_k2+in@0.5", "s1_low+in@0", "baseline@2")] == [None] * 4
+    assert row_problem("nope@0.5") == "unknown row 'nope'"
+    assert "no pack strength" in row_problem("s1+in@0.5")  # S1 picks its intervals per run
+    assert "no pack strength" in row_problem("fp_lora@0.5")
+    assert "no pack strength" in row_problem("s2_k2+in+text_encoder@0.5")
+    assert "not a number" in row_problem("s2_k2+in@half")
+    assert "outside 0..2" in row_problem("s2_k2+in@2.5")

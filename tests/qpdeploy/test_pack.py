@@ -9,8 +9,8 @@ import torch
 
 from qpdeploy.errors import QPDeployError
 from qpdeploy.layers import quant_layers
-from qpdeploy.pack import (ScalePack, apply_pack, init_scale_sets, load_pack, reset_to_post_training, save_pack,
-                           scales_of)
+from qpdeploy.pack import (ScalePack, apply_pack, at_strength, init_scale_sets, load_pack, pack_hash,
+                           reset_to_post_training, save_pack, scales_of)
 
 TIMESTEPS = (100, 350, 600, 900)  # one in each of 4 uniform intervals
 
@@ -123,3 +123,37 @@ def test_pack_with_the_wrong_number_of_sets_is_refused(cheap_base):
     pack = dataclasses.replace(pack, scales={k: v[:3] for k, v in pack.scales.items()})  # 3 sets for 4 intervals
     with pytest.raises(QPDeployError, match="does not hold 4 scale set"):
         apply_pack(cheap_base("sd1"), pack)
+
+
+def test_pack_strength_moves_the_weights_linearly_from_the_base_to_the_pack(cheap_base, tmp_path):
+    base = cheap_base("sd1")
+    ptq = outputs(base.unet)
+    pack = make_pack(base, "s2")
+    full = outputs(base.unet)
+    assert at_strength(pack, base, 1.0) is pack
+    fresh = cheap_base("sd1")
+    apply_pack(fresh, at_strength(pack, fresh, 0.0))
+    assert all(torch.equal(a, b) for a, b in zip(ptq, outputs(fresh.unet)))  # strength 0: the base exactly
+    half = at_strength(pack, fresh, 0.5)
+    for key, value in pack.scales.items():
+        start = dict(quant_layers(fresh.unet))[key.rsplit(".", 1)[0]].s_ptq if key.endswith("s_out") else 1.0
+        torch.testing.assert_close(half.scales[key], (start + value) / 2, rtol=1e-6, atol=0)
+    assert half.meta["strength"] == 0.5 and pack_hash(half) != pack_hash(pack)
+    assert at_strength(half, fresh, 0.5).meta["strength"] == 0.25  # strengths compose
+    apply_pack(fresh, load_pack(save_pack(tmp_path / "half", half)))  # a pack like any other
+    midway = outputs(fresh.unet)
+    for p, h, f in zip(ptq, midway, full):  # between the base's output and the pack's
+        assert 0 < (h - p).norm() < (f - p).norm() and (f - h).norm() < (f - p).norm()
+
+
+@pytest.mark.parametrize("strength", [-0.1, 2.5, float("nan")])
+def test_pack_strength_outside_its_range_is_refused(cheap_base, strength):
+    base = cheap_base("sd1")
+    with pytest.raises(QPDeployError, match="pack strength must be between 0 and 2"):
+        at_strength(make_pack(base, "baseline"), base, strength)
+
+
+def test_pack_strength_refuses_another_base(cheap_base):
+    pack = make_pack(cheap_base("sd1"), "s2")
+    with pytest.raises(QPDeployError, match="belongs to base"):
+        at_strength(pack, cheap_base("sd1", weight_bits=4), 0.5)
