@@ -70,7 +70,7 @@ from qpdeploy.miniworld.sampling import GUIDANCE
 from qpdeploy.miniworld.subjects import SUBJECTS, UNSEEN_SUBJECTS, Subject, write_instance_images
 from qpdeploy.miniworld.world import render_batch
 from qpdeploy.models import load_pipeline
-from qpdeploy.pack import STRENGTH_RANGE, apply_pack, at_strength, load_pack
+from qpdeploy.pack import STRENGTH_RANGE, apply_pack, at_strength, load_pack, post_training_scales
 from qpdeploy.quiet import quiet_third_party
 from qpdeploy.strategies import DEFAULT_BATCH
 from qpdeploy.token import PREFIX as TOKEN_PREFIX, TokenTuner, identifier_token_ids, text_encoders, tokens_applied
@@ -224,7 +224,7 @@ class Bench:
             self.trained[key] = self.train_pack(bits, strategy, k, s1, input_scales, subject, images, seed, token)
         path, report = self.trained[key]
         base = load_base(self.base_dir(bits))
-        pack = at_strength(load_pack(path), base, strength)
+        pack = at_strength(load_pack(path), post_training_scales(base), strength)
         apply_pack(base, pack)
         pipe = quantized_pipeline(self.pipe, base.unet.eval())
         with tokens_applied(pipe, pack.token, pack.tokens):  # pivotal tuning's rows, for this row only

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from qpdeploy.config import MAX_BATCH, ConfigBase, check_all
+from qpdeploy.pack import STRENGTH_RANGE
 
 LAYOUTS = ("per-interval", "masked", "multi-expert", "multi-subject")
 
@@ -41,6 +42,9 @@ class ExportConfig(ConfigBase):
         max_subjects: multi-subject layout: how many subjects of the export's strategy the
             engines leave room for (their scale-table inputs are built for up to
             ``1 + max_subjects * K`` rows); the ONNX graph itself has no limit.
+        pack_strength: how much of each scale pack is exported (``qpdeploy.pack.at_strength``:
+            0 the base, 1 the pack as trained); a multi-subject deploy dir gives every
+            subject, including those added later, this strength.
     """
 
     layout: str | None = None
@@ -54,6 +58,7 @@ class ExportConfig(ConfigBase):
     build_engines: bool = False
     strongly_typed: bool = False
     max_subjects: int = 16
+    pack_strength: float = 1.0
 
     def __post_init__(self):
         checks = [
@@ -64,5 +69,7 @@ class ExportConfig(ConfigBase):
             (self.width is None or self.width > 0, f"width must be positive, got {self.width}"),
             (MIN_OPSET <= self.opset <= MAX_OPSET, f"opset must be in {MIN_OPSET}..{MAX_OPSET}, got {self.opset}"),
             (1 <= self.max_subjects <= 4096, f"max_subjects must be in 1..4096, got {self.max_subjects}"),
+            (STRENGTH_RANGE[0] <= self.pack_strength <= STRENGTH_RANGE[1],
+             f"pack strength must be between {STRENGTH_RANGE[0]:g} and {STRENGTH_RANGE[1]:g}, got {self.pack_strength:g}"),
         ]
         check_all(checks)

@@ -59,7 +59,7 @@ def export_deploy(base, pipe, out, config: ExportConfig, pack=None, force: bool 
     Returns:
         ``(path, report)``.
     """
-    from qpdeploy.pack import apply_pack, reset_to_post_training
+    from qpdeploy.pack import apply_pack, at_strength, post_training_scales, reset_to_post_training
     from qpdeploy.progress import stage
     from qpdeploy.token import check_token_record
 
@@ -71,6 +71,7 @@ def export_deploy(base, pipe, out, config: ExportConfig, pack=None, force: bool 
     if pack is None:
         reset_to_post_training(base)
     else:
+        pack = at_strength(pack, post_training_scales(base), config.pack_strength)
         apply_pack(base, pack)
         if pack.token:
             check_token_record(pipe, pack.token, pack.tokens)  # another tokenizer fails here
@@ -117,7 +118,7 @@ def export_subjects(base, pipe, out, config: ExportConfig, packs: list, force: b
         QPDeployError: packs of another base or other intervals, two packs with one
             identifier, a base with per-interval activation scales (named in the message).
     """
-    from qpdeploy.pack import apply_pack, reset_to_post_training
+    from qpdeploy.pack import apply_pack, at_strength, post_training_scales, reset_to_post_training
     from qpdeploy.progress import stage
     from qpdeploy.qunet import get_router
     from qpdeploy.token import check_token_record
@@ -131,6 +132,8 @@ def export_subjects(base, pipe, out, config: ExportConfig, packs: list, force: b
     if config.layout not in (None, SUBJECTS_LAYOUT):
         raise QPDeployError(f"several scale packs export to the {SUBJECTS_LAYOUT} layout, not {config.layout}")
     # 1. the subjects' tables, and a pack with the most tables installed for tracing
+    ptq = post_training_scales(base)
+    packs = [(at_strength(pack, ptq, config.pack_strength), where) for pack, where in packs]
     intervals = packs[0][0].intervals if packs else get_router(base.unet).intervals
     tables = tables_for_packs(base.unet, packs, intervals)
     for pack, where in packs:

@@ -157,6 +157,19 @@ class DeployManifest:
         return self.data["base_hash"], self.data["pack_hash"]
 
     @property
+    def pack_strength(self) -> float:
+        """How much of its pack(s) the deploy dir holds (``ExportConfig.pack_strength``; 1 when
+        the manifest predates the setting)."""
+        from qpdeploy.pack import STRENGTH_RANGE
+
+        value = self.data.get("export", {}).get("pack_strength", 1.0)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+                not STRENGTH_RANGE[0] <= value <= STRENGTH_RANGE[1]:
+            raise QPDeployError(f"{self.path / MANIFEST_FILE}: export.pack_strength {value!r} is not a number "
+                                f"in {STRENGTH_RANGE[0]:g}..{STRENGTH_RANGE[1]:g}")
+        return float(value)
+
+    @property
     def pipeline(self) -> dict:
         """``{"class", "config"}`` of the diffusers pipeline to assemble."""
         return self.data["pipeline"]

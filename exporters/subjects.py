@@ -245,15 +245,16 @@ def add_subject(deploy, pack_dir, force: bool = False) -> dict:
             identifier row would need the text encoder exported again), or no room left in
             the built engines.
     """
-    from qpdeploy.pack import load_pack
+    from qpdeploy.pack import at_strength, load_pack
 
-    pack = load_pack(pack_dir)
+    trained = load_pack(pack_dir)
 
     def change(manifest, tables: SubjectTables) -> SubjectTables:
         base_hash, _ = manifest.hashes
-        if pack.base_hash != base_hash:
-            raise QPDeployError(f"scale pack {pack_dir} belongs to base {pack.base_hash[:12]}, not to this deploy "
+        if trained.base_hash != base_hash:
+            raise QPDeployError(f"scale pack {pack_dir} belongs to base {trained.base_hash[:12]}, not to this deploy "
                                 f"dir's base {base_hash[:12]}")
+        pack = at_strength(trained, tables.references, manifest.pack_strength)  # as every subject here
         if pack.token:
             raise QPDeployError(f"scale pack {pack_dir} was trained with --train-token: its identifier's embedding "
                                 "lives in the text encoder, which add-subject does not re-export; export the "

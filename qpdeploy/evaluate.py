@@ -28,6 +28,7 @@ import torch
 
 from .config import MAX_STEPS, ConfigBase, check_all
 from .errors import QPDeployError
+from .pack import STRENGTH_RANGE
 
 MINIWORLD_GUIDANCE, ENCODER_GUIDANCE = 4.0, 7.5  # sampling defaults of the two metric sets
 EVALUATION_KIND = "qpdeploy.evaluation"
@@ -47,6 +48,8 @@ class EvaluateConfig(ConfigBase):
             miniworld metrics, 7.5 for encoders.
         identifier: the subject's word; with miniworld metrics a bundled subject's, or any
             word when ``instance_images`` are given.
+        pack_strength: how much of ``--pack`` is applied (:func:`qpdeploy.pack.at_strength`;
+            a deploy dir holds the strength it was exported with).
     """
 
     images_per_prompt: int = 4
@@ -54,9 +57,13 @@ class EvaluateConfig(ConfigBase):
     steps: int | None = None
     guidance: float | None = None
     identifier: str | None = None
+    pack_strength: float = 1.0
 
     def __post_init__(self):
+        low, high = STRENGTH_RANGE
         check_all([
+            (low <= self.pack_strength <= high, f"pack strength must be between {low:g} and {high:g}, "
+                                                f"got {self.pack_strength:g}"),
             (1 <= self.images_per_prompt <= 1024, f"images per prompt must be in 1..1024, got {self.images_per_prompt}"),
             (self.steps is None or 1 <= self.steps <= MAX_STEPS, f"steps must be in 1..{MAX_STEPS}, got {self.steps}"),
             (self.guidance is None or self.guidance >= 0, f"guidance must be >= 0, got {self.guidance}"),
@@ -194,16 +201,21 @@ def _unit(x) -> torch.Tensor:
 # The model under test
 # --------------------------------------------------------------------------------------
 
-def open_model(deploy=None, base=None, pack=None, device="cpu"):
-    """``(pipeline, batch, close, recommended sampling)`` for a deploy dir or a base (+ pack).
+def open_model(deploy=None, base=None, pack=None, device="cpu", pack_strength: float = 1.0):
+    """``(pipeline, batch, close, recommended sampling)`` for a deploy dir or a base (+ pack
+    at ``pack_strength``).
 
     Raises:
-        QPDeployError: both or neither given, a pack without a base, or any load error.
+        QPDeployError: both or neither given, a pack without a base, a strength without a
+            pack, or any load error.
     """
     if (deploy is None) == (base is None):
         raise QPDeployError("evaluate needs either a deploy dir or --base (with an optional --pack)")
     if pack is not None and base is None:
         raise QPDeployError("--pack needs --base (a deploy dir already holds its pack)")
+    if pack_strength != 1.0 and pack is None:
+        raise QPDeployError("--pack-strength needs --base and --pack (a deploy dir holds the strength it was "
+                            "exported with: qpdeploy export --pack-strength)")
     if deploy is not None:
         from .exporters.manifest import read_manifest
         from .runtimes.config import RuntimeConfig
@@ -214,11 +226,11 @@ def open_model(deploy=None, base=None, pack=None, device="cpu"):
         return pipe, manifest.data["batch"], lambda: close_pipeline(pipe), manifest.sampling
     from .base import load_base, load_base_pipeline
     from .models import model_sampling_defaults
-    from .pack import apply_pack, load_pack, reset_to_post_training
+    from .pack import apply_pack, at_strength, load_pack, post_training_scales, reset_to_post_training
     from .token import apply_tokens
 
     loaded = load_base(base)
-    scales = None if pack is None else load_pack(pack)
+    scales = None if pack is None else at_strength(load_pack(pack), post_training_scales(loaded), pack_strength)
     if scales is None:
         reset_to_post_training(loaded)
     else:
@@ -279,7 +291,7 @@ def evaluate_model(prompts: list[str], config: EvaluateConfig, scorer, deploy=No
     start = time.perf_counter()
     instances = read_instance_images(instance_dir) if instance_dir is not None else None
     scorer.check(prompts, config.identifier, instances)
-    pipe, batch, close, recommended = open_model(deploy, base, pack, device)
+    pipe, batch, close, recommended = open_model(deploy, base, pack, device, config.pack_strength)
     guidance = config.guidance if config.guidance is not None else recommended.get("guidance", scorer.guidance)
     steps = config.steps if config.steps is not None else recommended.get("steps", 25)
     wanted = [p for p in prompts for _ in range(config.images_per_prompt)]
@@ -295,7 +307,8 @@ def evaluate_model(prompts: list[str], config: EvaluateConfig, scorer, deploy=No
                   for i, p in enumerate(prompts)}
     metrics = {k: bootstrap_mean([v[i * n:(i + 1) * n] for i in range(len(prompts))]) for k, v in scores.items()}
     return {
-        "model": {"deploy": _text(deploy), "base": _text(base), "pack": _text(pack)},
+        "model": {"deploy": _text(deploy), "base": _text(base), "pack": _text(pack),
+                  "pack_strength": None if pack is None else config.pack_strength},
         "metrics_kind": scorer.name,
         "metrics": metrics,
         "per_prompt": per_prompt,

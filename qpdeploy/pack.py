@@ -227,7 +227,7 @@ def apply_pack(base, pack: ScalePack) -> None:
 STRENGTH_RANGE = (0.0, 2.0)
 
 
-def at_strength(pack: ScalePack, base, strength: float) -> ScalePack:
+def at_strength(pack: ScalePack, post_training, strength: float) -> ScalePack:
     """The pack with every trained scale moved ``strength`` of the way from the post-training
     scales: ``s_out = s_ptq + strength * (s_out - s_ptq)`` and ``s_in = 1 + strength * (s_in - 1)``.
 
@@ -236,34 +236,36 @@ def at_strength(pack: ScalePack, base, strength: float) -> ScalePack:
     trained (returned unchanged), between them less of the subject and more of the prompt.
     The identifier's row of a pivotal-tuned pack stays as trained. The result is a pack of
     its own (its hash differs; ``meta["strength"]`` records the factor), so export and the
-    runtime treat it like any other.
+    runtime treat it like any other. ``post_training`` is the base's ``s_ptq`` per layer
+    name (:func:`post_training_scales`); that the pack belongs to the base is
+    :func:`apply_pack`'s check.
 
     Raises:
-        QPDeployError: ``strength`` is outside :data:`STRENGTH_RANGE`, or the pack does not
-            fit the base (as :func:`apply_pack` would say).
+        QPDeployError: ``strength`` is outside :data:`STRENGTH_RANGE`, or the pack's layers
+            do not fit ``post_training``.
     """
     low, high = STRENGTH_RANGE
     if not low <= strength <= high:  # also rejects NaN
         raise QPDeployError(f"pack strength must be between {low:g} and {high:g}, got {strength:g}")
     if strength == 1.0:
         return pack
-    if pack.base_hash != base.base_hash:
-        raise QPDeployError(
-            f"scale pack belongs to base {pack.base_hash[:12]}, not to this base {base.base_hash[:12]}"
-        )
-    layers = dict(quant_layers(base.unet))
     scales = {}
     for key, value in pack.scales.items():
         name, kind = key.rsplit(".", 1)
-        if name not in layers:
+        if name not in post_training:
             raise QPDeployError(f"scale pack does not fit the base's layers (for example {name})")
-        start = layers[name].s_ptq.detach().cpu().float()[None] if kind == "s_out" else torch.ones_like(value)
-        if start.shape[-1] != value.shape[-1]:
-            raise QPDeployError(f"scale pack layer {name}: {kind} has {value.shape[-1]} channels, the base "
+        start = post_training[name].detach().cpu().float().reshape(1, -1) if kind == "s_out" else torch.ones(1, 1)
+        if kind == "s_out" and start.shape[-1] != value.shape[-1]:
+            raise QPDeployError(f"scale pack layer {name}: {value.shape[-1]} output channels, the base has "
                                 f"{start.shape[-1]}")
         scales[key] = start + strength * (value.float() - start)
     meta = {**pack.meta, "strength": strength * pack.meta.get("strength", 1.0)}
     return dataclasses.replace(pack, scales=scales, meta=meta)
+
+
+def post_training_scales(base) -> dict[str, torch.Tensor]:
+    """Each quantized layer's post-training output scales ``s_ptq``, by layer name."""
+    return {name: layer.s_ptq for name, layer in quant_layers(base.unet)}
 
 
 def reset_to_post_training(base) -> None:

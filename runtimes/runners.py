@@ -224,7 +224,7 @@ def load_reference_unet(manifest, base_dir, pack_dir=None, device="cpu"):
     """
     from qpdeploy.base import load_base
     from qpdeploy.pack import pack_hash
-    from qpdeploy.pack import apply_pack, load_pack, reset_to_post_training
+    from qpdeploy.pack import apply_pack, at_strength, load_pack, post_training_scales, reset_to_post_training
 
     base = load_base(base_dir)
     want_base, want_pack = manifest.hashes
@@ -239,7 +239,7 @@ def load_reference_unet(manifest, base_dir, pack_dir=None, device="cpu"):
         if pack_dir is None:
             raise QPDeployError(f"deploy dir {manifest.path} holds scale pack {want_pack[:12]}; "
                                 "give it with --pack PACK")
-        pack = load_pack(pack_dir)
+        pack = at_strength(load_pack(pack_dir), post_training_scales(base), manifest.pack_strength)  # as it was exported
         if pack_hash(pack) != want_pack:
             raise QPDeployError(f"scale pack {pack_dir} (hash {pack_hash(pack)[:12]}) is not the pack deploy dir "
                                 f"{manifest.path} was exported with ({want_pack[:12]})")

@@ -207,3 +207,28 @@ def test_summary_prints_with_and_without_verification(deploy_dir, capsys):
     print_export_summary({**report, "min_sqnr_db_vs_torch": None, "sqnr_db_per_interval": None})
     out = capsys.readouterr().out
     assert "SQNR" not in out and "independent graphs" in out
+
+
+@pytest.mark.slow
+def test_a_pack_exported_at_a_strength_is_that_pack_on_onnx_runtime_and_in_the_torch_reference(
+        base_dir, pack_dir, tmp_path):
+    from qpdeploy.base import load_base
+    from qpdeploy.layers import quant_layers
+    from qpdeploy.pack import at_strength, load_pack, pack_hash, post_training_scales
+    from qpdeploy.runtimes.runners import load_reference_unet
+
+    out = tmp_path / "half"
+    result = invoke("--base", base_dir, "--pack", pack_dir, "--out", out, "--pack-strength", 0.5)
+    assert result.exit_code == 0, result.output
+    manifest = read_manifest(out, verify_hashes=True)
+    half = at_strength(load_pack(pack_dir), post_training_scales(load_base(base_dir)), 0.5)
+    assert manifest.pack_strength == 0.5 and manifest.data["export"]["pack_strength"] == 0.5
+    assert manifest.hashes[1] == pack_hash(half) != pack_hash(load_pack(pack_dir))
+    report = read_json(out / "report.json")
+    assert report["min_sqnr_db_vs_torch"] >= 15  # every interval's graph matches torch at that strength
+    unet = load_reference_unet(manifest, base_dir, pack_dir)  # the trained pack, as exported
+    for name, layer in quant_layers(unet):
+        assert torch.equal(layer.s_out, half.scales[f"{name}.s_out"])
+    bad = invoke("--base", base_dir, "--pack", pack_dir, "--out", tmp_path / "bad", "--pack-strength", 3)
+    assert bad.exit_code == 2 and bad.output.strip() == "error: pack strength must be between 0 and 2, got 3"
+    assert not (tmp_path / "bad").exists()

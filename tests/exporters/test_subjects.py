@@ -279,3 +279,26 @@ def test_the_step_batcher_mixes_subjects_and_steps_in_one_call_per_tick(deploy):
         finally:
             close_pipeline(alone)
         assert psnr(image, done[ticket]) >= 60.0, request
+
+
+def test_every_subject_of_a_deploy_dir_has_its_strength_including_one_added_later(subject_setup, tmp_path):
+    from qpdeploy.exporters.subjects import add_subject
+    from qpdeploy.pack import apply_pack, at_strength, pack_hash, post_training_scales, save_pack
+    from qpdeploy.exporters.unet import call_unet
+    from qpdeploy.runtimes import EngineUNet
+
+    base, packs, _ = subject_setup
+    path, _ = export(subject_setup, tmp_path / "deploy", ["sks"], verify=False, pack_strength=0.5)
+    add_subject(path, save_pack(tmp_path / "qlv", packs["qlv"]))
+    manifest = json.loads((path / "manifest.json").read_text())
+    half = {i: at_strength(packs[i], post_training_scales(base), 0.5) for i in ("sks", "qlv")}
+    assert {s["identifier"]: s["pack_hash"] for s in manifest["subjects"]} == {i: pack_hash(p) for i, p in half.items()}
+    feed = feed_for(path, [900.0, 100.0])
+    for identifier, pack in half.items():
+        with EngineUNet.from_deploy(path, subject=identifier) as unet:
+            got = unet(feed["sample"], feed["timestep"], feed["encoder_hidden_states"]).sample
+        apply_pack(base, pack)
+        with torch.no_grad():
+            expected = call_unet(base.unet.eval(), feed)
+        assert sqnr_db(expected, got) > 25.0, identifier
+        assert sqnr_db(torch_reference(subject_setup, identifier, feed), got) < 25.0  # not the full pack

@@ -10,7 +10,7 @@ import torch
 from qpdeploy.errors import QPDeployError
 from qpdeploy.layers import quant_layers
 from qpdeploy.pack import (ScalePack, apply_pack, at_strength, init_scale_sets, load_pack, pack_hash,
-                           reset_to_post_training, save_pack, scales_of)
+                           post_training_scales, reset_to_post_training, save_pack, scales_of)
 
 TIMESTEPS = (100, 350, 600, 900)  # one in each of 4 uniform intervals
 
@@ -130,16 +130,17 @@ def test_pack_strength_moves_the_weights_linearly_from_the_base_to_the_pack(chea
     ptq = outputs(base.unet)
     pack = make_pack(base, "s2")
     full = outputs(base.unet)
-    assert at_strength(pack, base, 1.0) is pack
     fresh = cheap_base("sd1")
-    apply_pack(fresh, at_strength(pack, fresh, 0.0))
+    s_ptq = post_training_scales(fresh)
+    assert at_strength(pack, s_ptq, 1.0) is pack
+    apply_pack(fresh, at_strength(pack, s_ptq, 0.0))
     assert all(torch.equal(a, b) for a, b in zip(ptq, outputs(fresh.unet)))  # strength 0: the base exactly
-    half = at_strength(pack, fresh, 0.5)
+    half = at_strength(pack, s_ptq, 0.5)
     for key, value in pack.scales.items():
-        start = dict(quant_layers(fresh.unet))[key.rsplit(".", 1)[0]].s_ptq if key.endswith("s_out") else 1.0
+        start = s_ptq[key.rsplit(".", 1)[0]] if key.endswith("s_out") else 1.0
         torch.testing.assert_close(half.scales[key], (start + value) / 2, rtol=1e-6, atol=0)
     assert half.meta["strength"] == 0.5 and pack_hash(half) != pack_hash(pack)
-    assert at_strength(half, fresh, 0.5).meta["strength"] == 0.25  # strengths compose
+    assert at_strength(half, s_ptq, 0.5).meta["strength"] == 0.25  # strengths compose
     apply_pack(fresh, load_pack(save_pack(tmp_path / "half", half)))  # a pack like any other
     midway = outputs(fresh.unet)
     for p, h, f in zip(ptq, midway, full):  # between the base's output and the pack's
@@ -150,10 +151,15 @@ def test_pack_strength_moves_the_weights_linearly_from_the_base_to_the_pack(chea
 def test_pack_strength_outside_its_range_is_refused(cheap_base, strength):
     base = cheap_base("sd1")
     with pytest.raises(QPDeployError, match="pack strength must be between 0 and 2"):
-        at_strength(make_pack(base, "baseline"), base, strength)
+        at_strength(make_pack(base, "baseline"), post_training_scales(base), strength)
 
 
-def test_pack_strength_refuses_another_base(cheap_base):
-    pack = make_pack(cheap_base("sd1"), "s2")
-    with pytest.raises(QPDeployError, match="belongs to base"):
-        at_strength(pack, cheap_base("sd1", weight_bits=4), 0.5)
+def test_pack_strength_needs_the_layers_of_the_pack(cheap_base):
+    base = cheap_base("sd1")
+    pack = make_pack(base, "s2")
+    s_ptq = post_training_scales(base)
+    name = next(iter(s_ptq))
+    with pytest.raises(QPDeployError, match=f"does not fit the base's layers \\(for example {name}\\)"):
+        at_strength(pack, {k: v for k, v in s_ptq.items() if k != name}, 0.5)
+    with pytest.raises(QPDeployError, match="output channels"):
+        at_strength(pack, {**s_ptq, name: torch.ones(3)}, 0.5)
