@@ -61,3 +61,17 @@ def test_training_defaults_agree_everywhere():
     bench = vars(build_parser().parse_args(["--out", "x.json"]))
     assert (bench["lr"], bench["steps"], bench["token_lr"], bench["weight_decay"]) == (
         TrainConfig.lr, TrainConfig.steps, TrainConfig.token_lr, TrainConfig.weight_decay)
+
+
+def test_the_pack_strength_defaults_to_the_pack_as_trained_everywhere():
+    import typer
+
+    from qpdeploy.cli import app
+    from qpdeploy.evaluate import EvaluateConfig
+    from qpdeploy.exporters.config import ExportConfig
+
+    commands = typer.main.get_command(app).commands
+    defaults = {name: {p.name: p.default for p in commands[name].params}["pack_strength"]
+                for name in ("export", "evaluate")}
+    assert defaults == {"export": ExportConfig.pack_strength, "evaluate": EvaluateConfig.pack_strength}
+    assert ExportConfig.pack_strength == EvaluateConfig.pack_strength == 1.0
