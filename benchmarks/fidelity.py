@@ -60,7 +60,7 @@ import numpy as np
 import torch
 
 from qpdeploy.base import load_base
-from qpdeploy.config import QuantizeConfig, TrainConfig
+from qpdeploy.config import STRENGTH_RANGE, QuantizeConfig, TrainConfig
 from qpdeploy.data import class_images, encode_examples, load_instance_images, prompt_embeddings
 from qpdeploy.memory import PeakMemory
 from qpdeploy.miniworld.evaluate import evaluate_prompts
@@ -70,7 +70,7 @@ from qpdeploy.miniworld.sampling import GUIDANCE
 from qpdeploy.miniworld.subjects import SUBJECTS, UNSEEN_SUBJECTS, Subject, write_instance_images
 from qpdeploy.miniworld.world import render_batch
 from qpdeploy.models import load_pipeline
-from qpdeploy.pack import STRENGTH_RANGE, apply_pack, at_strength, load_pack, post_training_scales
+from qpdeploy.pack import apply_pack, at_strength, load_pack, post_training_scales
 from qpdeploy.quiet import quiet_third_party
 from qpdeploy.strategies import DEFAULT_BATCH
 from qpdeploy.token import PREFIX as TOKEN_PREFIX, TokenTuner, identifier_token_ids, text_encoders, tokens_applied

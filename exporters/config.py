@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from qpdeploy.config import MAX_BATCH, ConfigBase, check_all
-from qpdeploy.pack import STRENGTH_RANGE
+from qpdeploy.config import MAX_BATCH, STRENGTH_RANGE, ConfigBase, check_all
 
 LAYOUTS = ("per-interval", "masked", "multi-expert", "multi-subject")
 

@@ -160,7 +160,7 @@ class DeployManifest:
     def pack_strength(self) -> float:
         """How much of its pack(s) the deploy dir holds (``ExportConfig.pack_strength``; 1 when
         the manifest predates the setting)."""
-        from qpdeploy.pack import STRENGTH_RANGE
+        from qpdeploy.config import STRENGTH_RANGE
 
         value = self.data.get("export", {}).get("pack_strength", 1.0)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or \

@@ -28,6 +28,7 @@ from .strategies import STRATEGIES, get_strategy
 MAX_RESOLUTION = 8192
 MAX_BATCH = 64
 MAX_STEPS = 1000  # the diffusion schedules qpdeploy supports have at most 1000 timesteps
+STRENGTH_RANGE = (0.0, 2.0)  # pack strengths (qpdeploy.pack.at_strength): 0 the base, 1 the pack, 2 twice its change
 
 DEFAULT_SKIP = (
     r"^time_embedding\.",

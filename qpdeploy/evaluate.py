@@ -26,9 +26,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import MAX_STEPS, ConfigBase, check_all
+from .config import MAX_STEPS, STRENGTH_RANGE, ConfigBase, check_all
 from .errors import QPDeployError
-from .pack import STRENGTH_RANGE
 
 MINIWORLD_GUIDANCE, ENCODER_GUIDANCE = 4.0, 7.5  # sampling defaults of the two metric sets
 EVALUATION_KIND = "qpdeploy.evaluation"

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from .config import STRENGTH_RANGE
 from .errors import QPDeployError
 from .strategies import get_strategy
 from .intervals import Intervals
@@ -222,9 +223,6 @@ def apply_pack(base, pack: ScalePack) -> None:
         except ValueError as exc:
             raise QPDeployError(f"scale pack layer {name}: {exc}") from exc
     get_router(base.unet).configure(pack.intervals, pack.num_sets, pack.set_of_interval)
-
-
-STRENGTH_RANGE = (0.0, 2.0)
 
 
 def at_strength(pack: ScalePack, post_training, strength: float) -> ScalePack:
