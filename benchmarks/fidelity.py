@@ -60,7 +60,7 @@ import numpy as np
 import torch
 
 from qpdeploy.base import load_base
-from qpdeploy.config import STRENGTH_RANGE, QuantizeConfig, TrainConfig
+from qpdeploy.config import QuantizeConfig, TrainConfig, strength_problem
 from qpdeploy.data import class_images, encode_examples, load_instance_images, prompt_embeddings
 from qpdeploy.memory import PeakMemory
 from qpdeploy.miniworld.evaluate import evaluate_prompts
@@ -489,10 +489,9 @@ def row_problem(row: str) -> str | None:
     try:
         value = float(strength)
     except ValueError:
-        return f"row {row}: strength {strength!r} is not a number"
-    if not STRENGTH_RANGE[0] <= value <= STRENGTH_RANGE[1]:
-        return f"row {row}: strength outside {STRENGTH_RANGE[0]:g}..{STRENGTH_RANGE[1]:g}"
-    return None
+        value = strength
+    problem = strength_problem(value)
+    return f"row {row}: {problem}" if problem else None
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from qpdeploy.config import MAX_BATCH, STRENGTH_RANGE, ConfigBase, check_all
+from qpdeploy.config import MAX_BATCH, ConfigBase, check_all, strength_problem
 
 LAYOUTS = ("per-interval", "masked", "multi-expert", "multi-subject")
 
@@ -68,7 +68,6 @@ class ExportConfig(ConfigBase):
             (self.width is None or self.width > 0, f"width must be positive, got {self.width}"),
             (MIN_OPSET <= self.opset <= MAX_OPSET, f"opset must be in {MIN_OPSET}..{MAX_OPSET}, got {self.opset}"),
             (1 <= self.max_subjects <= 4096, f"max_subjects must be in 1..4096, got {self.max_subjects}"),
-            (STRENGTH_RANGE[0] <= self.pack_strength <= STRENGTH_RANGE[1],
-             f"pack strength must be between {STRENGTH_RANGE[0]:g} and {STRENGTH_RANGE[1]:g}, got {self.pack_strength:g}"),
+            (strength_problem(self.pack_strength) is None, strength_problem(self.pack_strength)),
         ]
         check_all(checks)

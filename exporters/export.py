@@ -69,6 +69,8 @@ def export_deploy(base, pipe, out, config: ExportConfig, pack=None, force: bool 
         require_tensorrt()
     # 1. scales and plan (bad combinations fail here, before any export work)
     if pack is None:
+        if config.pack_strength != 1.0:
+            raise QPDeployError("--pack-strength needs --pack (an export without a pack is the base itself)")
         reset_to_post_training(base)
     else:
         pack = at_strength(pack, post_training_scales(base), config.pack_strength)

@@ -160,13 +160,12 @@ class DeployManifest:
     def pack_strength(self) -> float:
         """How much of its pack(s) the deploy dir holds (``ExportConfig.pack_strength``; 1 when
         the manifest predates the setting)."""
-        from qpdeploy.config import STRENGTH_RANGE
+        from qpdeploy.config import strength_problem
 
         value = self.data.get("export", {}).get("pack_strength", 1.0)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or \
-                not STRENGTH_RANGE[0] <= value <= STRENGTH_RANGE[1]:
-            raise QPDeployError(f"{self.path / MANIFEST_FILE}: export.pack_strength {value!r} is not a number "
-                                f"in {STRENGTH_RANGE[0]:g}..{STRENGTH_RANGE[1]:g}")
+        problem = strength_problem(value)
+        if problem:
+            raise QPDeployError(f"{self.path / MANIFEST_FILE}: export.pack_strength: {problem}")
         return float(value)
 
     @property

@@ -30,6 +30,14 @@ MAX_BATCH = 64
 MAX_STEPS = 1000  # the diffusion schedules qpdeploy supports have at most 1000 timesteps
 STRENGTH_RANGE = (0.0, 2.0)  # pack strengths (qpdeploy.pack.at_strength): 0 the base, 1 the pack, 2 twice its change
 
+
+def strength_problem(value) -> str | None:
+    """Why ``value`` is not a pack strength (a number in :data:`STRENGTH_RANGE`), or None."""
+    low, high = STRENGTH_RANGE
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:  # NaN too
+        return f"pack strength must be a number between {low:g} and {high:g}, got {value!r}"
+    return None
+
 DEFAULT_SKIP = (
     r"^time_embedding\.",
     r"^add_embedding\.",

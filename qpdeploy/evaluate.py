@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import MAX_STEPS, STRENGTH_RANGE, ConfigBase, check_all
+from .config import MAX_STEPS, ConfigBase, check_all, strength_problem
 from .errors import QPDeployError
 
 MINIWORLD_GUIDANCE, ENCODER_GUIDANCE = 4.0, 7.5  # sampling defaults of the two metric sets
@@ -59,10 +59,8 @@ class EvaluateConfig(ConfigBase):
     pack_strength: float = 1.0
 
     def __post_init__(self):
-        low, high = STRENGTH_RANGE
         check_all([
-            (low <= self.pack_strength <= high, f"pack strength must be between {low:g} and {high:g}, "
-                                                f"got {self.pack_strength:g}"),
+            (strength_problem(self.pack_strength) is None, strength_problem(self.pack_strength)),
             (1 <= self.images_per_prompt <= 1024, f"images per prompt must be in 1..1024, got {self.images_per_prompt}"),
             (self.steps is None or 1 <= self.steps <= MAX_STEPS, f"steps must be in 1..{MAX_STEPS}, got {self.steps}"),
             (self.guidance is None or self.guidance >= 0, f"guidance must be >= 0, got {self.guidance}"),

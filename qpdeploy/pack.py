@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from .config import STRENGTH_RANGE
+from .config import strength_problem
 from .errors import QPDeployError
 from .strategies import get_strategy
 from .intervals import Intervals
@@ -239,12 +239,12 @@ def at_strength(pack: ScalePack, post_training, strength: float) -> ScalePack:
     :func:`apply_pack`'s check.
 
     Raises:
-        QPDeployError: ``strength`` is outside :data:`STRENGTH_RANGE`, or the pack's layers
+        QPDeployError: ``strength`` is not in ``qpdeploy.config.STRENGTH_RANGE``, or the pack's layers
             do not fit ``post_training``.
     """
-    low, high = STRENGTH_RANGE
-    if not low <= strength <= high:  # also rejects NaN
-        raise QPDeployError(f"pack strength must be between {low:g} and {high:g}, got {strength:g}")
+    problem = strength_problem(strength)
+    if problem:
+        raise QPDeployError(problem)
     if strength == 1.0:
         return pack
     scales = {}

@@ -230,5 +230,21 @@ def test_a_pack_exported_at_a_strength_is_that_pack_on_onnx_runtime_and_in_the_t
     for name, layer in quant_layers(unet):
         assert torch.equal(layer.s_out, half.scales[f"{name}.s_out"])
     bad = invoke("--base", base_dir, "--pack", pack_dir, "--out", tmp_path / "bad", "--pack-strength", 3)
-    assert bad.exit_code == 2 and bad.output.strip() == "error: pack strength must be between 0 and 2, got 3"
+    assert bad.exit_code == 2 and bad.output.strip() == "error: pack strength must be a number between 0 and 2, got 3.0"
     assert not (tmp_path / "bad").exists()
+
+
+def test_a_pack_strength_without_a_pack_is_refused(base_dir, tmp_path):
+    result = invoke("--base", base_dir, "--out", tmp_path / "out", "--pack-strength", 0.5)
+    assert result.exit_code == 2 and "--pack-strength needs --pack" in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_manifest_with_a_bad_pack_strength_names_the_file(deploy_dir, tmp_path):
+    copy = tmp_path / "deploy"
+    shutil.copytree(deploy_dir, copy)
+    data = read_json(copy / MANIFEST_FILE)
+    data["export"]["pack_strength"] = "half"
+    write_json(copy / MANIFEST_FILE, data)
+    with pytest.raises(QPDeployError, match=r"manifest.json: export.pack_strength: pack strength must be a number"):
+        read_manifest(copy).pack_strength

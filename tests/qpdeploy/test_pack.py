@@ -150,7 +150,7 @@ def test_pack_strength_moves_the_weights_linearly_from_the_base_to_the_pack(chea
 @pytest.mark.parametrize("strength", [-0.1, 2.5, float("nan")])
 def test_pack_strength_outside_its_range_is_refused(cheap_base, strength):
     base = cheap_base("sd1")
-    with pytest.raises(QPDeployError, match="pack strength must be between 0 and 2"):
+    with pytest.raises(QPDeployError, match="pack strength must be a number between 0 and 2"):
         at_strength(make_pack(base, "baseline"), post_training_scales(base), strength)
 
 
