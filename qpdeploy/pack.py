@@ -229,8 +229,8 @@ def at_strength(pack: ScalePack, post_training, strength: float) -> ScalePack:
     """The pack with every trained scale moved ``strength`` of the way from the post-training
     scales: ``s_out = s_ptq + strength * (s_out - s_ptq)`` and ``s_in = 1 + strength * (s_in - 1)``.
 
-    The weight each set gives a layer (``s_out * W_int``) moves linearly with ``strength``,
-    as a LoRA's does with its scale: 0 is the unpersonalized base exactly, 1 the pack as
+    The output-scaled weight ``s_out * W_int`` moves linearly with ``strength``, as a LoRA's
+    does with its scale (with input scales the product is quadratic in it): 0 is the unpersonalized base exactly, 1 the pack as
     trained (returned unchanged), between them less of the subject and more of the prompt.
     The identifier's row of a pivotal-tuned pack stays as trained. The result is a pack of
     its own (its hash differs; ``meta["strength"]`` records the factor), so export and the
