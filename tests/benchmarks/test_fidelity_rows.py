@@ -117,3 +117,44 @@ def test_a_row_at_a_pack_strength_is_a_scale_row_with_fixed_intervals_and_a_stre
     assert "no pack strength" in row_problem("s2_k2+in+text_encoder@0.5")
     assert row_problem("s2_k2+in@half") == "row s2_k2+in@half: pack strength must be a number between 0 and 2, got 'half'"
     assert row_problem("s2_k2+in@2.5") == "row s2_k2+in@2.5: pack strength must be a number between 0 and 2, got 2.5"
+
+
+def test_rows_at_a_strength_measure_the_rows_own_pack_trained_once(saved_base, tiny_pipe, tmp_path):
+    import argparse
+
+    from benchmarks import fidelity
+    from qpdeploy.base import load_base
+    from qpdeploy.layers import quant_layers
+    from qpdeploy.miniworld.subjects import SUBJECTS
+    from qpdeploy.pack import ScalePack, at_strength, init_scale_sets, post_training_scales, save_pack, scales_of
+
+    base_dir = saved_base("sd1")
+    base = load_base(base_dir)
+    init_scale_sets(base, "s2", base.intervals, input_scales=True)
+    for _, layer in quant_layers(base.unet):
+        layer.s_out.data *= 1.5
+    pack = ScalePack("s2", base.intervals, base.base_hash, scales_of(base.unet))
+    trained = []
+
+    def train_pack(*args):
+        trained.append(args)
+        report = {"trainable_params": 1, "pack_bytes": 2, "seconds": 3.0, "peak_memory_bytes": 4, "final_loss": 0.5}
+        return save_pack(tmp_path / f"pack-{len(trained)}", pack), report
+
+    measured = {}
+
+    def evaluate(pipe, subject, split, seed):
+        measured[len(measured)] = {name: layer.s_out.clone() for name, layer in quant_layers(pipe.unet)}
+        return {"subject_recognised": 0.0}
+
+    bench = object.__new__(fidelity.Bench)
+    bench.args, bench.workdir, bench.pipe = argparse.Namespace(split="dev", device="cpu"), tmp_path, tiny_pipe("sd1")
+    bench.trained, bench.base_dir, bench.train_pack, bench.evaluate = {}, lambda bits: base_dir, train_pack, evaluate
+    (tmp_path / "instance-sks").mkdir()
+    results = [bench.run_row(row, SUBJECTS["sks"], 0) for row in ("s2_k2+in", "s2_k2+in@0.5", "s2_k2+in@0")]
+    assert len(trained) == 1 and all(r["train_seconds"] == 3.0 for r in results)
+    ptq = post_training_scales(load_base(base_dir))
+    for i, strength in enumerate((1.0, 0.5, 0.0)):
+        expected = at_strength(pack, ptq, strength).scales
+        assert all(torch.equal(s, expected[f"{name}.s_out"]) for name, s in measured[i].items()), strength
+    assert all(torch.equal(s, ptq[name].expand_as(s)) for name, s in measured[2].items())  # 0: the base
