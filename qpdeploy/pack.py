@@ -230,8 +230,9 @@ def at_strength(pack: ScalePack, post_training, strength: float) -> ScalePack:
     scales: ``s_out = s_ptq + strength * (s_out - s_ptq)`` and ``s_in = 1 + strength * (s_in - 1)``.
 
     The output-scaled weight ``s_out * W_int`` moves linearly with ``strength``, as a LoRA's
-    does with its scale (with input scales the product is quadratic in it): 0 is the unpersonalized base exactly, 1 the pack as
-    trained (returned unchanged), between them less of the subject and more of the prompt.
+    does with its scale (with input scales the product is quadratic in it): 0 is the
+    unpersonalized base exactly, 1 the pack as trained (returned unchanged), between them
+    less of the subject and, where the pack costs prompt fidelity, more of the prompt.
     The identifier's row of a pivotal-tuned pack stays as trained. The result is a pack of
     its own (its hash differs; ``meta["strength"]`` records the factor), so export and the
     runtime treat it like any other. ``post_training`` is the base's ``s_ptq`` per layer
@@ -239,8 +240,8 @@ def at_strength(pack: ScalePack, post_training, strength: float) -> ScalePack:
     :func:`apply_pack`'s check.
 
     Raises:
-        QPDeployError: ``strength`` is not in ``qpdeploy.config.STRENGTH_RANGE``, or the pack's layers
-            do not fit ``post_training``.
+        QPDeployError: ``strength`` is not in ``qpdeploy.config.STRENGTH_RANGE``, or the
+            pack's layers do not fit ``post_training``.
     """
     problem = strength_problem(strength)
     if problem:
