@@ -239,7 +239,8 @@ def load_reference_unet(manifest, base_dir, pack_dir=None, device="cpu"):
         if pack_dir is None:
             raise QPDeployError(f"deploy dir {manifest.path} holds scale pack {want_pack[:12]}; "
                                 "give it with --pack PACK")
-        pack = at_strength(load_pack(pack_dir), post_training_scales(base), manifest.pack_strength)  # as it was exported
+        # the pack as it was exported: at the strength the manifest records
+        pack = at_strength(load_pack(pack_dir), post_training_scales(base), manifest.pack_strength)
         if pack_hash(pack) != want_pack:
             raise QPDeployError(f"scale pack {pack_dir} (hash {pack_hash(pack)[:12]}) is not the pack deploy dir "
                                 f"{manifest.path} was exported with ({want_pack[:12]})")

@@ -115,7 +115,8 @@ def test_a_row_at_a_pack_strength_is_a_scale_row_with_fixed_intervals_and_a_stre
     assert "no pack strength" in row_problem("s1+in@0.5")  # S1 picks its intervals per run
     assert "no pack strength" in row_problem("fp_lora@0.5")
     assert "no pack strength" in row_problem("s2_k2+in+text_encoder@0.5")
-    assert row_problem("s2_k2+in@half") == "row s2_k2+in@half: pack strength must be a number between 0 and 2, got 'half'"
+    assert row_problem("s2_k2+in@half") == \
+        "row s2_k2+in@half: pack strength must be a number between 0 and 2, got 'half'"
     assert row_problem("s2_k2+in@2.5") == "row s2_k2+in@2.5: pack strength must be a number between 0 and 2, got 2.5"
 
 
