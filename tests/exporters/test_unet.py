@@ -31,12 +31,13 @@ LATENT, SEQ = (8, 8), 16
 
 
 @pytest.fixture(scope="module")
-def exported(packed_base, deploy_base_changes, tmp_path_factory):
+def exported(packed_base, deploy_base_changes, tmp_path_factory, request):
     """``exported(family, layout)`` -> (base with its pack or none, UNetFiles, folder).
 
-    sd1 per-interval is the export of the command-line deploy dir's base and pack (the same
-    graphs: :func:`test_the_command_line_deploy_dir_holds_the_same_unet_graphs`), written
-    here directly so that this module does not export the whole deploy dir again.
+    sd1 per-interval is the command-line deploy dir's base and pack: its graphs are read from
+    that deploy dir (built once per run, and shared with the export tests) instead of being
+    exported again; :func:`test_the_command_line_deploy_dir_holds_the_same_unet_graphs`
+    checks that exporting them directly gives the same graphs.
     """
     cache = {}
 
@@ -45,18 +46,28 @@ def exported(packed_base, deploy_base_changes, tmp_path_factory):
         base, pack = packed_base(family, STRATEGY[layout], **changes)
         install(base, None if (family, layout) == NO_PACK else pack)  # the base may have served another test
         if (family, layout) not in cache:
-            out = tmp_path_factory.mktemp(f"unet-{family}-{layout}")
-            cache[family, layout] = export_unet(base, layout, out, LATENT, SEQ), out
+            if (family, layout) == ("sd1", "per-interval"):
+                deploy_dir = request.getfixturevalue("deploy_dir")
+                cache[family, layout] = files_in_deploy_dir(base, deploy_dir), deploy_dir
+            else:
+                out = tmp_path_factory.mktemp(f"unet-{family}-{layout}")
+                cache[family, layout] = export_unet(base, layout, out, LATENT, SEQ), out
         return (base, *cache[family, layout])
 
     return get
 
 
-@pytest.mark.slow  # the whole command-line deploy dir (exported once more when on another worker)
-def test_the_command_line_deploy_dir_holds_the_same_unet_graphs(exported, deploy_dir):
-    """``qpdeploy export`` (base and pack through disk) writes exactly the graphs the tests
-    of this module check: the same nodes, initializers and weights file."""
-    base, files, out = exported("sd1", "per-interval")
+@pytest.mark.slow  # exports the deploy dir's UNet once more
+def test_the_command_line_deploy_dir_holds_the_same_unet_graphs(packed_base, deploy_base_changes, deploy_dir,
+                                                                 tmp_path):
+    """``qpdeploy export`` (base and pack through disk) writes exactly the graphs
+    :func:`export_unet` writes from the same base and pack in memory (the graphs the other
+    tests of this module read from the deploy dir): the same nodes, initializers and weights."""
+    base, pack = packed_base("sd1", STRATEGY["per-interval"], **deploy_base_changes)
+    install(base, pack)
+    out = tmp_path / "unet"
+    out.mkdir()
+    files = export_unet(base, "per-interval", out, LATENT, SEQ)
     assert files_in_deploy_dir(base, deploy_dir) == files
     for name in files.onnx_files:
         ours, cli = (onnx.load(str(d / name), load_external_data=False) for d in (out, deploy_dir))
