@@ -25,7 +25,8 @@ evaluator on the subject's ``test`` prompts (choices such as S1's intervals are 
   multiplier per output channel of every text-encoder linear layer does (scale training
   applied to the text encoder, lr ``--text-scales-lr``); see :class:`TextSideTuner`;
 - ``<row>@<strength>``: a scale row's pack measured at that strength (``qpdeploy.pack.at_strength``;
-  trained once per subject and seed with the row itself, e.g. ``s2_k2+in,s2_k2+in@0.5``).
+  trained once per subject and seed with the row itself, e.g. ``s2_k2+in,s2_k2+in@0.5``; one
+  strength per interval, low-noise first, as ``s2_k2+in@1/0.5``).
 
 Columns (mean and std over subjects x seeds): ``subject_fidelity`` (evaluator probability of
 the subject), ``subject_recognised`` (share of images the instance embedding recognises as the
@@ -60,7 +61,7 @@ import numpy as np
 import torch
 
 from qpdeploy.base import load_base
-from qpdeploy.config import QuantizeConfig, TrainConfig, strength_problem
+from qpdeploy.config import QuantizeConfig, TrainConfig, parse_strength, strength_problem
 from qpdeploy.data import class_images, encode_examples, load_instance_images, prompt_embeddings
 from qpdeploy.memory import PeakMemory
 from qpdeploy.miniworld.evaluate import evaluate_prompts
@@ -201,7 +202,7 @@ class Bench:
         token = row.endswith("+token")
         if strength:
             return self.scale_row(bits, strategy, k, s1, input_scales, subject, images, seed, self.args.split, token,
-                                  float(strength))
+                                  parse_strength(strength))
         if row in TEXT_ROWS:
             return self.text_row(TEXT_ROWS[row], bits, strategy, k, s1, input_scales, subject, images, seed)
         if s1 is None:  # S1: pick the intervals on dev
@@ -486,11 +487,7 @@ def row_problem(row: str) -> str | None:
         return None
     if name not in SCALE_ROWS or name in TEXT_ROWS or SCALE_ROWS[name][3] is None:
         return f"row {name} has no pack strength (only scale rows with fixed intervals do)"
-    try:
-        value = float(strength)
-    except ValueError:
-        value = strength
-    problem = strength_problem(value)
+    problem = strength_problem(parse_strength(strength))
     return f"row {row}: {problem}" if problem else None
 
 

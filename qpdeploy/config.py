@@ -32,11 +32,30 @@ STRENGTH_RANGE = (0.0, 2.0)  # pack strengths (qpdeploy.pack.at_strength): 0 the
 
 
 def strength_problem(value) -> str | None:
-    """Why ``value`` is not a pack strength (a number in :data:`STRENGTH_RANGE`), or None."""
+    """Why ``value`` is not a pack strength, or None: a number in :data:`STRENGTH_RANGE`, or
+    a list of such numbers, one per timestep interval of the pack (low-noise interval first)."""
     low, high = STRENGTH_RANGE
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:  # NaN too
+    per_interval = isinstance(value, (list, tuple))
+    values = value if per_interval else [value]
+    if not values or any(isinstance(v, bool) or not isinstance(v, (int, float)) or not low <= v <= high
+                         for v in values):  # NaN too
+        if per_interval:
+            return f"pack strengths per interval must each be a number between {low:g} and {high:g}, got {list(value)}"
         return f"pack strength must be a number between {low:g} and {high:g}, got {value!r}"
     return None
+
+
+def parse_strength(text: str):
+    """A pack strength as written on the command line: ``0.9`` (every interval), or one
+    number per interval separated by ``/``, low-noise interval first (``1/0.5``).
+    Text that is not numbers comes back as is, for :func:`strength_problem` to name."""
+    parts = text.split("/")
+    try:
+        values = tuple(float(v) for v in parts)
+    except ValueError:
+        return text
+    return values[0] if len(values) == 1 else values
+
 
 DEFAULT_SKIP = (
     r"^time_embedding\.",

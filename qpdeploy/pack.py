@@ -225,7 +225,7 @@ def apply_pack(base, pack: ScalePack) -> None:
     get_router(base.unet).configure(pack.intervals, pack.num_sets, pack.set_of_interval)
 
 
-def at_strength(pack: ScalePack, post_training, strength: float) -> ScalePack:
+def at_strength(pack: ScalePack, post_training, strength) -> ScalePack:
     """The pack with every trained scale moved ``strength`` of the way from the post-training
     scales: ``s_out = s_ptq + strength * (s_out - s_ptq)`` and ``s_in = 1 + strength * (s_in - 1)``.
 
@@ -233,6 +233,9 @@ def at_strength(pack: ScalePack, post_training, strength: float) -> ScalePack:
     does with its scale (with input scales the product is quadratic in it): 0 is the
     unpersonalized base exactly, 1 the pack as trained (returned unchanged), between them
     less of the subject and, where the pack costs prompt fidelity, more of the prompt.
+    ``strength`` is one number, or one per timestep interval of the pack (low-noise
+    interval first), e.g. ``(1.0, 0.5)`` for the full pack where the details are drawn and
+    half of it where the layout is; intervals that share a scale set need the same strength.
     The identifier's row of a pivotal-tuned pack stays as trained. The result is a pack of
     its own (its hash differs; ``meta["strength"]`` records the factor), so export and the
     runtime treat it like any other. ``post_training`` is the base's ``s_ptq`` per layer
@@ -240,14 +243,17 @@ def at_strength(pack: ScalePack, post_training, strength: float) -> ScalePack:
     :func:`apply_pack`'s check.
 
     Raises:
-        QPDeployError: ``strength`` is not in ``qpdeploy.config.STRENGTH_RANGE``, or the
+        QPDeployError: ``strength`` is not in ``qpdeploy.config.STRENGTH_RANGE``, does not
+            give one value per interval, differs between intervals of one scale set, or the
             pack's layers do not fit ``post_training``.
     """
     problem = strength_problem(strength)
     if problem:
         raise QPDeployError(problem)
-    if strength == 1.0:
+    per_interval = _per_interval(pack, strength)
+    if all(s == 1.0 for s in per_interval):
         return pack
+    per_set = _per_set(pack, per_interval).reshape(-1, 1)
     scales = {}
     for key, value in pack.scales.items():
         name, kind = key.rsplit(".", 1)
@@ -257,9 +263,35 @@ def at_strength(pack: ScalePack, post_training, strength: float) -> ScalePack:
         if kind == "s_out" and start.shape[-1] != value.shape[-1]:
             raise QPDeployError(f"scale pack layer {name}: {value.shape[-1]} output channels, the base has "
                                 f"{start.shape[-1]}")
-        scales[key] = start + strength * (value.float() - start)
-    meta = {**pack.meta, "strength": strength * pack.meta.get("strength", 1.0)}
+        scales[key] = start + per_set * (value.float() - start)
+    before = _per_interval(pack, pack.meta.get("strength", 1.0))
+    combined = [a * b for a, b in zip(per_interval, before)]
+    meta = {**pack.meta, "strength": combined[0] if len(set(combined)) == 1 else combined}
     return dataclasses.replace(pack, scales=scales, meta=meta)
+
+
+def _per_interval(pack: ScalePack, strength) -> list[float]:
+    """``strength`` as one float per interval of ``pack``."""
+    if not isinstance(strength, (list, tuple)):
+        return [float(strength)] * pack.intervals.k
+    if len(strength) != pack.intervals.k:
+        raise QPDeployError(f"pack strength gives {len(strength)} values; the pack has {pack.intervals.k} "
+                            f"intervals {list(pack.intervals.boundaries)}")
+    return [float(s) for s in strength]
+
+
+def _per_set(pack: ScalePack, per_interval: list[float]) -> torch.Tensor:
+    """The strength of each of the pack's scale sets: that of the intervals that use it
+    (sets no interval uses keep 1)."""
+    per_set = [None] * pack.num_sets
+    for interval, index in enumerate(pack.set_of_interval):
+        if index >= pack.num_sets:  # the interval runs on the post-training scales
+            continue
+        if per_set[index] is not None and per_set[index] != per_interval[interval]:
+            raise QPDeployError(f"pack strength differs between intervals that share one scale set "
+                                f"(strategy {pack.strategy}); give them the same value")
+        per_set[index] = per_interval[interval]
+    return torch.tensor([1.0 if s is None else s for s in per_set])
 
 
 def post_training_scales(base) -> dict[str, torch.Tensor]:

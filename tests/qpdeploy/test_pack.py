@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from qpdeploy.config import parse_strength, strength_problem
 from qpdeploy.errors import QPDeployError
 from qpdeploy.layers import quant_layers
 from qpdeploy.pack import (ScalePack, apply_pack, at_strength, init_scale_sets, load_pack, pack_hash,
@@ -163,3 +164,40 @@ def test_pack_strength_needs_the_layers_of_the_pack(cheap_base):
         at_strength(pack, {k: v for k, v in s_ptq.items() if k != name}, 0.5)
     with pytest.raises(QPDeployError, match="output channels"):
         at_strength(pack, {**s_ptq, name: torch.ones(3)}, 0.5)
+
+
+def test_pack_strength_per_interval_moves_each_intervals_set_on_its_own(cheap_base):
+    base = cheap_base("sd1")
+    pack = make_pack(base, "s2")  # one set per interval, 4 intervals
+    s_ptq = post_training_scales(base)
+    mixed = at_strength(pack, s_ptq, (1.0, 0.0, 0.5, 2.0))
+    for key, value in pack.scales.items():
+        start = s_ptq[key.rsplit(".", 1)[0]] if key.endswith("s_out") else torch.ones_like(value[0])
+        assert torch.equal(mixed.scales[key][0], value[0].float())
+        assert torch.equal(mixed.scales[key][1], start.float().reshape(-1).expand_as(value[1]))
+        torch.testing.assert_close(mixed.scales[key][2], (start + value[2]) / 2, rtol=1e-6, atol=0)
+        torch.testing.assert_close(mixed.scales[key][3], 2 * value[3] - start, rtol=1e-6, atol=1e-7)
+    assert mixed.meta["strength"] == [1.0, 0.0, 0.5, 2.0]
+    assert at_strength(mixed, s_ptq, 0.5).meta["strength"] == [0.5, 0.0, 0.25, 1.0]  # strengths compose
+    assert at_strength(pack, s_ptq, (1.0,) * 4) is pack
+    assert at_strength(pack, s_ptq, (0.5,) * 4).meta["strength"] == 0.5  # one value when all agree
+    with pytest.raises(QPDeployError, match="gives 2 values; the pack has 4 intervals"):
+        at_strength(pack, s_ptq, (1.0, 0.5))
+    with pytest.raises(QPDeployError, match=r"must each be a number between 0 and 2, got \[1.0, 0.5, 3.0, 1.0\]"):
+        at_strength(pack, s_ptq, (1.0, 0.5, 3.0, 1.0))
+
+
+def test_pack_strength_per_interval_must_agree_where_intervals_share_a_set(cheap_base):
+    base = cheap_base("sd1")
+    s_ptq = post_training_scales(base)
+    shared = make_pack(base, "baseline")  # one set for all intervals
+    with pytest.raises(QPDeployError, match="differs between intervals that share one scale set"):
+        at_strength(shared, s_ptq, (1.0, 0.5) + (1.0,) * (shared.intervals.k - 2))
+    same = at_strength(shared, s_ptq, (0.5,) * shared.intervals.k)
+    assert all(torch.equal(same.scales[k], at_strength(shared, s_ptq, 0.5).scales[k]) for k in shared.scales)
+
+
+def test_pack_strength_text_form():
+    assert parse_strength("0.9") == 0.9 and parse_strength("1/0.5") == (1.0, 0.5)
+    assert parse_strength("half") == "half" and strength_problem(parse_strength("1/x")) is not None
+    assert strength_problem((1.0, 0.5)) is None and strength_problem(()) is not None
