@@ -42,7 +42,8 @@ class ExportConfig(ConfigBase):
             engines leave room for (their scale-table inputs are built for up to
             ``1 + max_subjects * K`` rows); the ONNX graph itself has no limit.
         pack_strength: how much of each scale pack is exported (``qpdeploy.pack.at_strength``:
-            0 the base, 1 the pack as trained); a multi-subject deploy dir gives every
+            0 the base, 1 the pack as trained; or one value per interval, low-noise first);
+            a multi-subject deploy dir gives every
             subject, including those added later, this strength.
     """
 
@@ -57,7 +58,7 @@ class ExportConfig(ConfigBase):
     build_engines: bool = False
     strongly_typed: bool = False
     max_subjects: int = 16
-    pack_strength: float = 1.0
+    pack_strength: float | tuple[float, ...] = 1.0
 
     def __post_init__(self):
         checks = [

@@ -8,6 +8,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from qpdeploy.config import is_full_strength
 from qpdeploy.errors import QPDeployError
 from qpdeploy.io import atomic_dir, check_output, claim_output, dir_bytes, write_json
 from qpdeploy.pack import pack_hash
@@ -69,7 +70,7 @@ def export_deploy(base, pipe, out, config: ExportConfig, pack=None, force: bool 
         require_tensorrt()
     # 1. scales and plan (bad combinations fail here, before any export work)
     if pack is None:
-        if config.pack_strength != 1.0:
+        if not is_full_strength(config.pack_strength):
             raise QPDeployError("--pack-strength needs --pack (an export without a pack is the base itself)")
         reset_to_post_training(base)
     else:

@@ -157,16 +157,16 @@ class DeployManifest:
         return self.data["base_hash"], self.data["pack_hash"]
 
     @property
-    def pack_strength(self) -> float:
-        """How much of its pack(s) the deploy dir holds (``ExportConfig.pack_strength``; 1 when
-        the manifest predates the setting)."""
+    def pack_strength(self) -> float | tuple[float, ...]:
+        """How much of its pack(s) the deploy dir holds (``ExportConfig.pack_strength``: one
+        number, or one per interval; 1 when the manifest predates the setting)."""
         from qpdeploy.config import strength_problem
 
         value = self.data.get("export", {}).get("pack_strength", 1.0)
         problem = strength_problem(value)
         if problem:
             raise QPDeployError(f"{self.path / MANIFEST_FILE}: export.pack_strength: {problem}")
-        return float(value)
+        return tuple(float(v) for v in value) if isinstance(value, list) else float(value)
 
     @property
     def pipeline(self) -> dict:

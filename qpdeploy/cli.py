@@ -17,7 +17,7 @@ from typing import Literal, Optional
 import typer
 from typer.core import TyperGroup
 
-from .config import PRECISIONS, TRAIN_STRATEGIES, TrainConfig
+from .config import PRECISIONS, TRAIN_STRATEGIES, TrainConfig, parse_strength
 from .strategies import get_strategy
 from .errors import QPDeployError
 from .exporters.config import LAYOUTS
@@ -433,9 +433,10 @@ def export(
     opset: int = typer.Option(18, help="ONNX opset (17-20)."),
     max_subjects: int = typer.Option(16, help="multi-subject layout: subjects the TensorRT engines leave room for "
                                               "(add-subject beyond it needs new engines)."),
-    pack_strength: float = typer.Option(1.0, "--pack-strength", help="How much of the pack(s) to export: 0 the base, "
-                                        "1 the pack as trained; lower keeps more of the prompt, less of the subject "
-                                        "(subjects added later get it too)."),
+    pack_strength: str = typer.Option("1", "--pack-strength", help="How much of the pack(s) to export: 0 the base, "
+                                      "1 the pack as trained; lower keeps more of the prompt, less of the subject "
+                                      "(subjects added later get it too). One value per interval, low-noise first, "
+                                      "as 1/0.5."),
     model: Optional[str] = typer.Option(None, "--model", help="Where the base's source model is now, if it moved."),
     config: Optional[Path] = typer.Option(None, "--config", help="Local diffusers directory giving the configs of "
                                                                  "a single-file source model."),
@@ -447,7 +448,7 @@ def export(
 
     cfg = ExportConfig(layout=layout, height=height, width=width, batch=batch, opset=opset, verify=verify,
                        build_engines=build_engines, strongly_typed=strongly_typed, max_subjects=max_subjects,
-                       pack_strength=pack_strength)
+                       pack_strength=parse_strength(pack_strength))
     packs = list(pack or [])
     path, report = export_from_paths(base, packs if len(packs) > 1 else (packs[0] if packs else None), out, cfg,
                                      model=model, config_dir=config, force=force, show_progress=cli_mode())
@@ -650,8 +651,9 @@ def evaluate(
     deploy: Optional[Path] = typer.Argument(None, help="Deploy directory to evaluate (or give --base)."),
     base: Optional[Path] = typer.Option(None, "--base", help="Quantized base to evaluate in PyTorch instead."),
     pack: Optional[Path] = typer.Option(None, "--pack", help="Scale pack applied to --base."),
-    pack_strength: float = typer.Option(1.0, "--pack-strength", help="How much of --pack to apply (0: the base, "
-                                                                     "1: the pack as trained)."),
+    pack_strength: str = typer.Option("1", "--pack-strength", help="How much of --pack to apply (0: the base, "
+                                                                   "1: the pack as trained; one value per interval, "
+                                                                   "low-noise first, as 1/0.5)."),
     prompts: Path = typer.Option(..., "--prompts", help="File with one prompt per line."),
     out: Path = typer.Option(..., "--out", "-o", help="Folder to write: report.json and images/."),
     identifier: Optional[str] = typer.Option(None, help="The subject's word: adds subject metrics."),
@@ -676,7 +678,7 @@ def evaluate(
     from .evaluate import evaluate as run_evaluation
 
     cfg = EvaluateConfig(images_per_prompt=images_per_prompt, seed=seed, steps=steps, guidance=guidance,
-                         identifier=identifier, pack_strength=pack_strength)
+                         identifier=identifier, pack_strength=parse_strength(pack_strength))
     path, report = run_evaluation(out, prompts, cfg, deploy, base, pack, instance_images, clip, dino, device, force)
     for name, stat in report["metrics"].items():
         typer.echo(f"{name:20s} {stat['mean']:.3f}  [{stat['low']:.3f}, {stat['high']:.3f}]  ({stat['n']} images)")

@@ -45,6 +45,11 @@ def strength_problem(value) -> str | None:
     return None
 
 
+def is_full_strength(value) -> bool:
+    """Whether a pack strength (one number or one per interval) leaves the pack as trained."""
+    return all(v == 1.0 for v in (value if isinstance(value, (list, tuple)) else [value]))
+
+
 def parse_strength(text: str):
     """A pack strength as written on the command line: ``0.9`` (every interval), or one
     number per interval separated by ``/``, low-noise interval first (``1/0.5``).

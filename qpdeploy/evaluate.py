@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import MAX_STEPS, ConfigBase, check_all, strength_problem
+from .config import MAX_STEPS, ConfigBase, check_all, is_full_strength, strength_problem
 from .errors import QPDeployError
 
 MINIWORLD_GUIDANCE, ENCODER_GUIDANCE = 4.0, 7.5  # sampling defaults of the two metric sets
@@ -56,7 +56,7 @@ class EvaluateConfig(ConfigBase):
     steps: int | None = None
     guidance: float | None = None
     identifier: str | None = None
-    pack_strength: float = 1.0
+    pack_strength: float | tuple[float, ...] = 1.0
 
     def __post_init__(self):
         check_all([
@@ -198,7 +198,7 @@ def _unit(x) -> torch.Tensor:
 # The model under test
 # --------------------------------------------------------------------------------------
 
-def open_model(deploy=None, base=None, pack=None, device="cpu", pack_strength: float = 1.0):
+def open_model(deploy=None, base=None, pack=None, device="cpu", pack_strength=1.0):
     """``(pipeline, batch, close, recommended sampling)`` for a deploy dir or a base (+ pack
     at ``pack_strength``).
 
@@ -210,7 +210,7 @@ def open_model(deploy=None, base=None, pack=None, device="cpu", pack_strength: f
         raise QPDeployError("evaluate needs either a deploy dir or --base (with an optional --pack)")
     if pack is not None and base is None:
         raise QPDeployError("--pack needs --base (a deploy dir already holds its pack)")
-    if pack_strength != 1.0 and pack is None:
+    if not is_full_strength(pack_strength) and pack is None:
         raise QPDeployError("--pack-strength needs --base and --pack (a deploy dir holds the strength it was "
                             "exported with: qpdeploy export --pack-strength)")
     if deploy is not None:

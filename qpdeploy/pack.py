@@ -263,7 +263,8 @@ def at_strength(pack: ScalePack, post_training, strength) -> ScalePack:
         if kind == "s_out" and start.shape[-1] != value.shape[-1]:
             raise QPDeployError(f"scale pack layer {name}: {value.shape[-1]} output channels, the base has "
                                 f"{start.shape[-1]}")
-        scales[key] = start + per_set * (value.float() - start)
+        value = value.float()
+        scales[key] = torch.where(per_set == 1.0, value, start + per_set * (value - start))  # 1: exactly as trained
     before = _per_interval(pack, pack.meta.get("strength", 1.0))
     combined = [a * b for a, b in zip(per_interval, before)]
     meta = {**pack.meta, "strength": combined[0] if len(set(combined)) == 1 else combined}

@@ -210,28 +210,50 @@ def test_summary_prints_with_and_without_verification(deploy_dir, capsys):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("per_interval", [False, True])
 def test_a_pack_exported_at_a_strength_is_that_pack_on_onnx_runtime_and_in_the_torch_reference(
-        base_dir, pack_dir, tmp_path):
+        base_dir, pack_dir, tmp_path, per_interval):
     from qpdeploy.base import load_base
     from qpdeploy.layers import quant_layers
     from qpdeploy.pack import at_strength, load_pack, pack_hash, post_training_scales
     from qpdeploy.runtimes.runners import load_reference_unet
 
+    k = load_pack(pack_dir).intervals.k
+    strength = tuple(1.0 if i % 2 else 0.5 for i in range(k)) if per_interval else 0.5  # 0.5/1/0.5/...
+    text = "/".join(f"{v:g}" for v in strength) if per_interval else "0.5"
     out = tmp_path / "half"
-    result = invoke("--base", base_dir, "--pack", pack_dir, "--out", out, "--pack-strength", 0.5)
+    result = invoke("--base", base_dir, "--pack", pack_dir, "--out", out, "--pack-strength", text)
     assert result.exit_code == 0, result.output
     manifest = read_manifest(out, verify_hashes=True)
-    half = at_strength(load_pack(pack_dir), post_training_scales(load_base(base_dir)), 0.5)
-    assert manifest.pack_strength == 0.5 and manifest.data["export"]["pack_strength"] == 0.5
+    half = at_strength(load_pack(pack_dir), post_training_scales(load_base(base_dir)), strength)
+    assert manifest.pack_strength == strength
+    assert manifest.data["export"]["pack_strength"] == (list(strength) if per_interval else 0.5)
     assert manifest.hashes[1] == pack_hash(half) != pack_hash(load_pack(pack_dir))
     report = read_json(out / "report.json")
     assert report["min_sqnr_db_vs_torch"] >= 15  # every interval's graph matches torch at that strength
     unet = load_reference_unet(manifest, base_dir, pack_dir)  # the trained pack, as exported
     for name, layer in quant_layers(unet):
         assert torch.equal(layer.s_out, half.scales[f"{name}.s_out"])
+    if per_interval:  # the trained sets of the intervals at strength 1 are exported as trained
+        trained = load_pack(pack_dir).scales
+        assert all(torch.equal(half.scales[key][1], trained[key][1]) for key in trained)
+        return
     bad = invoke("--base", base_dir, "--pack", pack_dir, "--out", tmp_path / "bad", "--pack-strength", 3)
     assert bad.exit_code == 2 and bad.output.strip() == "error: pack strength must be a number between 0 and 2, got 3.0"
     assert not (tmp_path / "bad").exists()
+
+
+def test_a_pack_strength_per_interval_of_the_wrong_length_is_one_line(base_dir, pack_dir, tmp_path):
+    from qpdeploy.pack import load_pack
+
+    k = load_pack(pack_dir).intervals.k
+    values = "/".join(["1"] * (k + 1))
+    result = invoke("--base", base_dir, "--pack", pack_dir, "--out", tmp_path / "out", "--pack-strength", values)
+    assert result.exit_code == 2 and result.output.strip().startswith(
+        f"error: pack strength gives {k + 1} values; the pack has {k} intervals")
+    bad = invoke("--base", base_dir, "--pack", pack_dir, "--out", tmp_path / "out", "--pack-strength", "1/x")
+    assert bad.exit_code == 2 and bad.output.strip() == "error: pack strength must be a number between 0 and 2, got '1/x'"
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_pack_strength_without_a_pack_is_refused(base_dir, tmp_path):

@@ -302,3 +302,19 @@ def test_every_subject_of_a_deploy_dir_has_its_strength_including_one_added_late
             expected = call_unet(base.unet.eval(), feed)
         assert sqnr_db(expected, got) > 25.0, identifier
         assert sqnr_db(torch_reference(subject_setup, identifier, feed), got) < 25.0  # not the full pack
+
+
+def test_a_strength_per_interval_reaches_every_subject_and_a_shared_set_refuses_it(subject_setup, tmp_path):
+    from qpdeploy.exporters.subjects import add_subject
+    from qpdeploy.pack import at_strength, pack_hash, post_training_scales, save_pack
+
+    base, packs, _ = subject_setup
+    strength = (1.0,) * (base.intervals.k - 1) + (0.5,)  # half of the pack in the highest-noise interval only
+    path, _ = export(subject_setup, tmp_path / "deploy", ["sks"], verify=False, pack_strength=strength)
+    manifest = json.loads((path / "manifest.json").read_text())
+    expected = pack_hash(at_strength(packs["sks"], post_training_scales(base), strength))
+    assert manifest["subjects"][0]["pack_hash"] == expected and manifest["export"]["pack_strength"] == list(strength)
+    before = (path / "manifest.json").read_bytes()
+    with pytest.raises(QPDeployError, match="differs between intervals that share one scale set"):
+        add_subject(path, save_pack(tmp_path / "qlv", packs["qlv"]))  # baseline: one set for every interval
+    assert (path / "manifest.json").read_bytes() == before

@@ -67,11 +67,12 @@ def test_the_pack_strength_defaults_to_the_pack_as_trained_everywhere():
     import typer
 
     from qpdeploy.cli import app
+    from qpdeploy.config import parse_strength
     from qpdeploy.evaluate import EvaluateConfig
     from qpdeploy.exporters.config import ExportConfig
 
     commands = typer.main.get_command(app).commands
-    defaults = {name: {p.name: p.default for p in commands[name].params}["pack_strength"]
+    defaults = {name: parse_strength({p.name: p.default for p in commands[name].params}["pack_strength"])
                 for name in ("export", "evaluate")}
     assert defaults == {"export": ExportConfig.pack_strength, "evaluate": EvaluateConfig.pack_strength}
     assert ExportConfig.pack_strength == EvaluateConfig.pack_strength == 1.0

@@ -173,7 +173,7 @@ def test_pack_strength_per_interval_moves_each_intervals_set_on_its_own(cheap_ba
     mixed = at_strength(pack, s_ptq, (1.0, 0.0, 0.5, 2.0))
     for key, value in pack.scales.items():
         start = s_ptq[key.rsplit(".", 1)[0]] if key.endswith("s_out") else torch.ones_like(value[0])
-        assert torch.equal(mixed.scales[key][0], value[0].float())
+        assert torch.equal(mixed.scales[key][0], value[0].float())  # strength 1: bit-exact
         assert torch.equal(mixed.scales[key][1], start.float().reshape(-1).expand_as(value[1]))
         torch.testing.assert_close(mixed.scales[key][2], (start + value[2]) / 2, rtol=1e-6, atol=0)
         torch.testing.assert_close(mixed.scales[key][3], 2 * value[3] - start, rtol=1e-6, atol=1e-7)

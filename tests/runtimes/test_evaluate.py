@@ -137,6 +137,7 @@ def test_evaluate_needs_one_model(tmp_path):
 def test_a_pack_strength_needs_a_pack(deploy, tmp_path):
     prompts = tmp_path / "p.txt"
     prompts.write_text("a red circle\n")
-    result = invoke(deploy("sd1_s2"), "--prompts", prompts, "--out", tmp_path / "o", "--pack-strength", 0.5)
-    assert result.exit_code == 2 and "--pack-strength needs --base and --pack" in result.output
+    for strength in ("0.5", "1/0.5"):
+        result = invoke(deploy("sd1_s2"), "--prompts", prompts, "--out", tmp_path / "o", "--pack-strength", strength)
+        assert result.exit_code == 2 and "--pack-strength needs --base and --pack" in result.output
     assert not (tmp_path / "o").exists()
