@@ -252,7 +252,8 @@ def test_a_pack_strength_per_interval_of_the_wrong_length_is_one_line(base_dir, 
     assert result.exit_code == 2 and result.output.strip().startswith(
         f"error: pack strength gives {k + 1} values; the pack has {k} intervals")
     bad = invoke("--base", base_dir, "--pack", pack_dir, "--out", tmp_path / "out", "--pack-strength", "1/x")
-    assert bad.exit_code == 2 and bad.output.strip() == "error: pack strength must be a number between 0 and 2, got '1/x'"
+    assert bad.exit_code == 2
+    assert bad.output.strip() == "error: pack strength must be a number between 0 and 2, got '1/x'"
     assert not (tmp_path / "out").exists()
 
 
