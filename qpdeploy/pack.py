@@ -234,8 +234,9 @@ def at_strength(pack: ScalePack, post_training, strength) -> ScalePack:
     unpersonalized base exactly, 1 the pack as trained (returned unchanged), between them
     less of the subject and, where the pack costs prompt fidelity, more of the prompt.
     ``strength`` is one number, or one per timestep interval of the pack (low-noise
-    interval first), e.g. ``(1.0, 0.5)`` for the full pack where the details are drawn and
-    half of it where the layout is; intervals that share a scale set need the same strength.
+    interval first), e.g. ``(1.0, 0.5)`` for the full pack in the low-noise interval and half
+    of it in the high-noise one; intervals that share a scale set need the same strength, and
+    a set at strength 1 stays bit for bit as trained.
     The identifier's row of a pivotal-tuned pack stays as trained. The result is a pack of
     its own (its hash differs; ``meta["strength"]`` records the factor), so export and the
     runtime treat it like any other. ``post_training`` is the base's ``s_ptq`` per layer
