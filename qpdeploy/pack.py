@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from .config import strength_problem
+from .config import is_full_strength, strength_problem
 from .errors import QPDeployError
 from .strategies import get_strategy
 from .intervals import Intervals
@@ -252,7 +252,7 @@ def at_strength(pack: ScalePack, post_training, strength) -> ScalePack:
     if problem:
         raise QPDeployError(problem)
     per_interval = _per_interval(pack, strength)
-    if all(s == 1.0 for s in per_interval):
+    if is_full_strength(per_interval):
         return pack
     per_set = _per_set(pack, per_interval).reshape(-1, 1)
     scales = {}

@@ -110,8 +110,8 @@ def test_scale_training_takes_a_text_side_tuner_in_the_identifier_row_slot(tiny_
 
 
 def test_a_row_at_a_pack_strength_is_a_scale_row_with_fixed_intervals_and_a_strength_in_range():
-    assert [row_problem(r) for r in ("s2_k2+in", "s2_k2+in@0.5", "s1_low+in@0", "baseline@2",
-                                              "s2_k2+in@1/0.5")] == [None] * 5
+    rows = ("s2_k2+in", "s2_k2+in@0.5", "s1_low+in@0", "baseline@2", "s2_k2+in@1/0.5")
+    assert [row_problem(r) for r in rows] == [None] * 5
     assert row_problem("nope@0.5") == "unknown row 'nope'"
     assert "no pack strength" in row_problem("s1+in@0.5")  # S1 picks its intervals per run
     assert "no pack strength" in row_problem("fp_lora@0.5")

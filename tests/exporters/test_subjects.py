@@ -304,7 +304,7 @@ def test_every_subject_of_a_deploy_dir_has_its_strength_including_one_added_late
         assert sqnr_db(torch_reference(subject_setup, identifier, feed), got) < 25.0  # not the full pack
 
 
-def test_a_strength_per_interval_reaches_every_subject_and_a_shared_set_refuses_it(subject_setup, tmp_path):
+def test_a_strength_per_interval_is_the_subjects_and_a_pack_with_a_shared_set_cannot_join(subject_setup, tmp_path):
     from qpdeploy.exporters.subjects import add_subject
     from qpdeploy.pack import at_strength, pack_hash, post_training_scales, save_pack
 
