@@ -193,8 +193,8 @@ def test_pack_strength_per_interval_must_agree_where_intervals_share_a_set(cheap
     shared = make_pack(base, "baseline")  # one set for all intervals
     with pytest.raises(QPDeployError, match="differs between intervals that share one scale set"):
         at_strength(shared, s_ptq, (1.0, 0.5) + (1.0,) * (shared.intervals.k - 2))
-    same = at_strength(shared, s_ptq, (0.5,) * shared.intervals.k)
-    assert all(torch.equal(same.scales[k], at_strength(shared, s_ptq, 0.5).scales[k]) for k in shared.scales)
+    same, half = at_strength(shared, s_ptq, (0.5,) * shared.intervals.k), at_strength(shared, s_ptq, 0.5)
+    assert all(torch.equal(same.scales[k], half.scales[k]) for k in shared.scales)
 
 
 def test_pack_strength_text_form():
