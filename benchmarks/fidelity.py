@@ -26,7 +26,10 @@ evaluator on the subject's ``test`` prompts (choices such as S1's intervals are 
   applied to the text encoder, lr ``--text-scales-lr``); see :class:`TextSideTuner`;
 - ``<row>@<strength>``: a scale row's pack measured at that strength (``qpdeploy.pack.at_strength``;
   trained once per subject and seed with the row itself, e.g. ``s2_k2+in,s2_k2+in@0.5``; one
-  strength per interval, low-noise first, as ``s2_k2+in@1/0.5``).
+  strength per interval, low-noise first, as ``s2_k2+in@1/0.5``);
+- ``<row>+bg<w>``: a scale row trained with the background weighed ``w`` in the loss (the
+  subject masks the miniworld renders with the instance photos; ``TrainConfig.background_weight``),
+  e.g. ``s2_k2+in+bg0.3``, also at a strength: ``s2_k2+in+bg0.3@0.9``.
 
 Columns (mean and std over subjects x seeds): ``subject_fidelity`` (evaluator probability of
 the subject), ``subject_recognised`` (share of images the instance embedding recognises as the
@@ -188,7 +191,7 @@ class Bench:
     def run_row(self, row: str, subject, seed: int) -> dict:
         images = self.workdir / f"instance-{subject.identifier}"
         if not images.is_dir():
-            write_instance_images(subject, images)
+            write_instance_images(subject, images, masks=True)
         if row == "fp":
             return {**self.evaluate(self.pipe, subject, self.args.split, seed), "trainable_params": 0, "pack_bytes": 0}
         if row in ADAPTER_ROWS:
@@ -197,12 +200,12 @@ class Bench:
             base = load_base(self.base_dir(8))
             pipe = quantized_pipeline(self.pipe, base.unet.eval())
             return {**self.evaluate(pipe, subject, self.args.split, seed), "trainable_params": 0, "pack_bytes": 0}
-        row, _, strength = row.partition("@")
+        row, background, strength = parse_row(row)
         bits, strategy, k, s1, input_scales = SCALE_ROWS[row]
         token = row.endswith("+token")
-        if strength:
+        if strength or background < 1:
             return self.scale_row(bits, strategy, k, s1, input_scales, subject, images, seed, self.args.split, token,
-                                  parse_strength(strength))
+                                  parse_strength(strength or "1"), background)
         if row in TEXT_ROWS:
             return self.text_row(TEXT_ROWS[row], bits, strategy, k, s1, input_scales, subject, images, seed)
         if s1 is None:  # S1: pick the intervals on dev
@@ -217,12 +220,14 @@ class Bench:
         return self.scale_row(bits, strategy, k, s1, input_scales, subject, images, seed, self.args.split, token)
 
     def scale_row(self, bits, strategy, k, s1, input_scales, subject, images, seed, split, token=False,
-                  strength=1.0) -> dict:
-        """Train (once per row, subject and seed: the rows ``<row>@<strength>`` reuse the
-        pack) and measure the pack at ``strength`` (see ``qpdeploy.pack.at_strength``)."""
-        key = (bits, strategy, k, tuple(s1), input_scales, token, subject.identifier, seed)
+                  strength=1.0, background=1.0) -> dict:
+        """Train (once per row, background weight, subject and seed: the rows
+        ``<row>@<strength>`` reuse the pack) and measure the pack at ``strength`` (see
+        ``qpdeploy.pack.at_strength``)."""
+        key = (bits, strategy, k, tuple(s1), input_scales, token, background, subject.identifier, seed)
         if key not in self.trained:
-            self.trained[key] = self.train_pack(bits, strategy, k, s1, input_scales, subject, images, seed, token)
+            self.trained[key] = self.train_pack(bits, strategy, k, s1, input_scales, subject, images, seed, token,
+                                                background)
         path, report = self.trained[key]
         base = load_base(self.base_dir(bits))
         pack = at_strength(load_pack(path), post_training_scales(base), strength)
@@ -234,14 +239,15 @@ class Bench:
                 "pack_bytes": report["pack_bytes"], "train_seconds": report["seconds"],
                 "peak_memory_bytes": report["peak_memory_bytes"], "final_loss": report["final_loss"]}
 
-    def train_pack(self, bits, strategy, k, s1, input_scales, subject, images, seed, token) -> tuple[Path, dict]:
+    def train_pack(self, bits, strategy, k, s1, input_scales, subject, images, seed, token,
+                   background=1.0) -> tuple[Path, dict]:
         """Train one scale pack with the benchmark's settings: its directory and report."""
         config = TrainConfig(prompt=subject.instance_prompt().text, identifier=subject.identifier, strategy=strategy,
                              intervals=k, s1_intervals=tuple(s1), train_input_scales=input_scales,
                              steps=self.args.steps, lr=self.args.lr, weight_decay=self.args.weight_decay,
                              batch_size=self.args.batch_size, seed=seed,
                              guidance=GUIDANCE, train_token=token, token_lr=self.args.token_lr,
-                             **self.prior_options(subject))
+                             background_weight=background, **self.prior_options(subject))
         base = load_base(self.base_dir(bits))
         out = self.workdir / f"pack-{subject.identifier}-{seed}-{time.monotonic_ns()}"
         return train(base, images, out, config, pipe=self.pipe, run_dir=self.workdir / "run", device=self.args.device)
@@ -477,13 +483,35 @@ def merge(paths: list[Path], out: Path) -> None:
     print(f"report -> {out}")
 
 
+def parse_row(row: str) -> tuple[str, float, str]:
+    """A ``--rows`` entry ``<name>[+bg<w>][@<strength>]`` as (name, background weight, the
+    strength's text or ""); a name without ``+bg`` has weight 1 (DreamBooth's plain loss).
+
+    Raises:
+        ValueError: ``+bg`` followed by something other than a number.
+    """
+    name, _, strength = row.partition("@")
+    head, marker, weight = name.rpartition("+bg")
+    if marker and head in SCALE_ROWS:
+        return head, float(weight), strength
+    return name, 1.0, strength
+
+
 def row_problem(row: str) -> str | None:
     """What is wrong with a ``--rows`` entry, or None: a row of :data:`ROWS`, or a scale
-    row with a fixed choice of intervals at a pack strength, ``<row>@<strength>``."""
-    name, at, strength = row.partition("@")
+    row with a fixed choice of intervals at a pack strength, ``<row>@<strength>``, or a
+    scale row trained with a background weight, ``<row>+bg<w>``."""
+    try:
+        name, background, strength = parse_row(row)
+    except ValueError:
+        return f"row {row}: the background weight after +bg must be a number"
     if name not in ROWS:
         return f"unknown row {name!r}"
-    if not at:
+    if background != 1.0 and (name not in SCALE_ROWS or name in TEXT_ROWS or SCALE_ROWS[name][3] is None):
+        return f"row {name} has no background weight (only scale rows with fixed intervals do)"
+    if not 0 <= background <= 1:
+        return f"row {row}: background weight must be in 0..1, got {background}"
+    if not strength and "@" not in row:
         return None
     if name not in SCALE_ROWS or name in TEXT_ROWS or SCALE_ROWS[name][3] is None:
         return f"row {name} has no pack strength (only scale rows with fixed intervals do)"

@@ -230,6 +230,9 @@ def train(
     class_prompt: Optional[str] = typer.Option(None, help="Prior preservation: class prompt, e.g. 'a photo of a dog'."),
     prior_images: int = typer.Option(0, help="Prior preservation: number of class images (generated once, cached)."),
     prior_weight: float = typer.Option(TrainConfig.prior_weight, help="Weight of the prior-preservation loss."),
+    background_weight: float = typer.Option(TrainConfig.background_weight, help="Below 1: weigh the photos' "
+                                            "background down in the loss by this factor, using subject masks in "
+                                            "<images>/masks/<image name>.png (white on the subject)."),
     class_dir: Optional[Path] = typer.Option(None, help="Class-image cache root (default ~/.cache/qpdeploy/class-images)."),
     sample_steps: int = typer.Option(25, help="Sampling steps of class and validation images."),
     gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing",
@@ -279,7 +282,8 @@ def train(
         weight_decay=weight_decay, resolution=resolution, crop=crop, identifier=identifier, train_token=train_token,
         token_lr=token_lr,
         class_prompt=class_prompt if subjects is None else None,
-        prior_images=prior_images if subjects is None else 0, prior_weight=prior_weight, sample_steps=sample_steps,
+        prior_images=prior_images if subjects is None else 0, prior_weight=prior_weight,
+        background_weight=background_weight, sample_steps=sample_steps,
         gradient_checkpointing=gradient_checkpointing or low_memory, precision=precision, seed=seed,
         checkpoint_every=checkpoint_every, validate_every=validate_every, validation_prompt=validation_prompt,
     )

@@ -4,6 +4,9 @@ Images are read with PIL whatever their format (png, jpg, webp, bmp, tiff), turn
 by their EXIF orientation, converted to 8-bit RGB (alpha composited on white, grayscale
 replicated, 16-bit and float images rescaled rather than clipped), resized so the short side
 is the training resolution and cropped to a square (center, or random crops drawn once).
+Optional subject masks (``<images>/masks/<image stem>.png``, white on the subject) follow
+their image through the same resize and crop; the training loss can weigh the background
+down with them (``TrainConfig.background_weight``).
 
 :func:`encode_examples` turns them into what the training loop needs: the VAE latent
 distribution (mean and std, so a fresh latent is still sampled every step), the text
@@ -25,11 +28,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from .errors import QPDeployError
 from .io import read_json, write_json
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+MASK_FOLDER = "masks"  # subject masks live in this subfolder of the images folder, one per image
 
 
 @dataclass
@@ -40,6 +45,7 @@ class InstanceImage:
     source: str
     original_size: tuple[int, int]  # (H, W) before resizing
     crop_top_left: tuple[int, int]  # (top, left) in the resized image
+    mask: torch.Tensor | None = None  # (1, R, R) in [0, 1], 1 on the subject; None: no mask read
 
 
 # --------------------------------------------------------------------------------------
@@ -118,11 +124,15 @@ def _wide_to_uint8(values: np.ndarray, mode: str) -> np.ndarray:
     return np.clip(np.round(values / top * 255.0), 0, 255).astype(np.uint8)
 
 
-def prepare_image(image, resolution: int, crop: str = "center", generator: torch.Generator | None = None):
-    """Resize (short side = ``resolution``) and crop an RGB PIL image to a square.
+def prepare_image(image, resolution: int, crop: str = "center", generator: torch.Generator | None = None,
+                  top_left: tuple[int, int] | None = None):
+    """Resize (short side = ``resolution``) and crop a PIL image to a square.
+
+    ``top_left`` fixes the crop (a mask follows its image's crop); otherwise it is centred or,
+    with ``crop="random"``, drawn from ``generator``.
 
     Returns:
-        ``(pixels, (top, left))``: float tensor (3, R, R) in [-1, 1] and the crop offset.
+        ``(pixels, (top, left))``: float tensor (C, R, R) in [-1, 1] and the crop offset.
     """
     from PIL import Image
 
@@ -131,33 +141,91 @@ def prepare_image(image, resolution: int, crop: str = "center", generator: torch
     size = (max(resolution, round(w * scale)), max(resolution, round(h * scale)))
     image = image.resize(size, Image.Resampling.BICUBIC, reducing_gap=None)
     w, h = size
-    if crop == "center":
+    if top_left is not None:
+        top, left = top_left
+    elif crop == "center":
         top, left = (h - resolution) // 2, (w - resolution) // 2
     else:
         top = int(torch.randint(0, h - resolution + 1, (1,), generator=generator))
         left = int(torch.randint(0, w - resolution + 1, (1,), generator=generator))
     image = image.crop((left, top, left + resolution, top + resolution))
-    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32).copy()).permute(2, 0, 1)  # (3, R, R)
+    pixels = np.asarray(image, dtype=np.float32).copy()
+    pixels = torch.from_numpy(pixels[..., None] if pixels.ndim == 2 else pixels).permute(2, 0, 1)  # (C, R, R)
     return pixels / 127.5 - 1.0, (top, left)
 
 
+def mask_file(image: Path) -> Path | None:
+    """The subject mask of an instance image: ``masks/<stem>.<any image suffix>`` next to it."""
+    folder = image.parent / MASK_FOLDER
+    found = [folder / (image.stem + s) for s in IMAGE_SUFFIXES if (folder / (image.stem + s)).is_file()]
+    return found[0] if found else None
+
+
+def read_mask(path, size: tuple[int, int]):
+    """A subject mask as an upright 8-bit grayscale PIL image (white: subject); an alpha
+    channel, when the file has one, is the mask.
+
+    Raises:
+        QPDeployError: unreadable, or not the size (W, H) of its image.
+    """
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            image.load()
+            image = ImageOps.exif_transpose(image)
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError) as exc:
+        raise QPDeployError(f"cannot read mask {path}: {exc.__class__.__name__}") from exc
+    if image.mode in ("RGBA", "LA", "RGBa", "La") or "transparency" in image.info:
+        image = image.convert("RGBA").getchannel("A")
+    elif image.mode.startswith("I") or image.mode == "F":
+        image = Image.fromarray(_wide_to_uint8(np.asarray(image, dtype=np.float64), image.mode), "L")
+    if image.size != size:
+        raise QPDeployError(f"mask {path} is {image.size[0]}x{image.size[1]}, its image {size[0]}x{size[1]}")
+    return image.convert("L")
+
+
+def check_masks(folder) -> dict[str, Path]:
+    """The mask file of every instance image of ``folder``, by image file name (see
+    :func:`mask_file`).
+
+    Raises:
+        QPDeployError: an image has no mask (the message names it and where it was looked for).
+    """
+    masks = {}
+    for path in list_images(folder):
+        mask = mask_file(path)
+        if mask is None:
+            raise QPDeployError(f"no subject mask for {path.name}: expected {Path(folder) / MASK_FOLDER / path.stem}.png "
+                                "(white on the subject) for --background-weight")
+        masks[path.name] = mask
+    return masks
+
+
 def load_instance_images(folder, resolution: int, crop: str = "center", crops_per_image: int = 4,
-                         seed: int = 0) -> list[InstanceImage]:
+                         seed: int = 0, masks: bool = False) -> list[InstanceImage]:
     """Read every image of ``folder`` for training.
 
     Unreadable files are skipped with a warning naming them; fewer than 3 or more than 10
     readable images give a warning (DreamBooth works best with 3-10). Random crops are
-    drawn ``crops_per_image`` times per image with a generator seeded by ``seed``.
+    drawn ``crops_per_image`` times per image with a generator seeded by ``seed``. With
+    ``masks``, each image's subject mask (:func:`mask_file`) is read and cropped alike.
 
     Raises:
-        QPDeployError: no image in the folder, or none of them readable.
+        QPDeployError: no image in the folder, none of them readable, or (``masks``) a
+            mask missing, unreadable or of another size than its image.
     """
     generator = torch.Generator().manual_seed(seed)
+    mask_files = check_masks(folder) if masks else {}
     images = []
     for path, rgb in readable_images(folder, warn=True):
+        mask = read_mask(mask_files[path.name], rgb.size) if masks else None
         for _ in range(1 if crop == "center" else crops_per_image):
             pixels, top_left = prepare_image(rgb, resolution, crop, generator)
-            images.append(InstanceImage(pixels, path.name, (rgb.size[1], rgb.size[0]), top_left))
+            weight = None
+            if mask is not None:
+                weight = (prepare_image(mask, resolution, top_left=top_left)[0] + 1.0) / 2.0  # back to [0, 1]
+            images.append(InstanceImage(pixels, path.name, (rgb.size[1], rgb.size[0]), top_left, weight))
     return images
 
 
@@ -218,6 +286,9 @@ class Examples:
         prompt_embeds: (P, L, D) text embeddings; P = 1 (instance) or 2 (+ class).
         pooled_embeds: (P, D2) SDXL pooled text embeddings, else None.
         time_ids: (N, 6) SDXL size / crop conditioning per example, else None.
+        subject_mask: (N, 1, h, w) share of each latent pixel covered by the subject (the
+            image's mask averaged over the latent pixel's area; 1 for class images), or
+            None when no mask was read.
     """
 
     latent_mean: torch.Tensor
@@ -227,6 +298,7 @@ class Examples:
     prompt_embeds: torch.Tensor
     pooled_embeds: torch.Tensor | None = None
     time_ids: torch.Tensor | None = None
+    subject_mask: torch.Tensor | None = None
     meta: dict = field(default_factory=dict)
 
     @property
@@ -277,8 +349,19 @@ def encode_examples(pipe, instance: list[InstanceImage], prompt: str, class_imag
         prompt_embeds=embeds,
         pooled_embeds=pooled,
         time_ids=time_ids,
+        subject_mask=latent_masks(instance, len(class_images), means[0].shape[-2:]),
         meta={"instance_images": sorted({im.source for im in instance}), "class_images": len(class_images)},
     ).to(device)
+
+
+def latent_masks(instance: list[InstanceImage], n_class: int, size) -> torch.Tensor | None:
+    """(N, 1, h, w) subject masks at latent size (area averages), ones for the ``n_class``
+    class images; None when the instance images carry no mask."""
+    if not instance or instance[0].mask is None:
+        return None
+    masks = torch.stack([im.mask for im in instance])  # (n, 1, R, R)
+    masks = F.interpolate(masks, size=tuple(size), mode="area")
+    return torch.cat([masks, torch.ones(n_class, *masks.shape[1:])])
 
 
 @torch.no_grad()

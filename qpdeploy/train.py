@@ -42,7 +42,7 @@ from .checkpoint import (check_resumable, checkpoint_path, find_checkpoint, load
                          save_checkpoint)
 from .config import TrainConfig
 from .data import (Examples, check_prompt, class_images, default_resolution, encode_examples, load_instance_images,
-                   prompt_embeddings, readable_images)
+                   check_masks, prompt_embeddings, readable_images)
 from .distributed import process_group
 from .errors import QPDeployError
 from .intervals import Intervals
@@ -238,12 +238,22 @@ class ScaleTrainer:
                             enabled=self.amp_dtype is not None):
             pred = self.unet(noisy, batch.timesteps, encoder_hidden_states=embeds[prompt],
                              added_cond_kwargs=added, return_dict=False)[0]
-        per_sample = F.mse_loss(pred.float(), self._target(batch).float(), reduction="none").mean(dim=(1, 2, 3))
+        squared = F.mse_loss(pred.float(), self._target(batch).float(), reduction="none")  # (n, C, h, w)
+        per_sample = self._pixel_mean(squared, batch)
         is_prior = ex.is_prior[batch.example]
         loss = per_sample[~is_prior].mean()
         if is_prior.any():
             loss = loss + self.config.prior_weight * per_sample[is_prior].mean()
         return loss
+
+    def _pixel_mean(self, squared: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """(n,) mean squared error per sample; with a background weight below 1, a mean
+        weighted by ``w + (1 - w) * subject share`` per latent pixel (class images: plain)."""
+        w, masks = self.config.background_weight, self.examples.subject_mask
+        if w >= 1 or masks is None:
+            return squared.mean(dim=(1, 2, 3))
+        weight = w + (1.0 - w) * masks[batch.example]  # (n, 1, h, w)
+        return (squared * weight).sum(dim=(1, 2, 3)) / (weight.sum(dim=(1, 2, 3)) * squared.shape[1]).clamp_min(1e-12)
 
     def prompt_embeds(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Text conditioning per prompt row: encoded once, except the instance prompt's under
@@ -386,7 +396,8 @@ def prepare_data(base: QuantizedBase, images, config: TrainConfig, pipe=None, cl
     check_prompt(config.prompt, config.identifier, pipe.tokenizer)
     if config.train_token:
         identifier_token_ids(pipe, config.identifier)  # one token, or fail before any long work
-    instance = load_instance_images(images, resolution, config.crop, config.crops_per_image, config.seed)
+    instance = load_instance_images(images, resolution, config.crop, config.crops_per_image, config.seed,
+                                    masks=config.background_weight < 1)
     prior = []
     if config.prior_images:
         with stage("class images", config.prior_images, show_progress) as advance:
@@ -451,6 +462,8 @@ def check_train_inputs(images, config: TrainConfig, out, force: bool, inputs, ru
     if config.train_token and len(config.identifier.split()) != 1:  # the tokenizer's verdict comes with the model
         raise QPDeployError(f"--train-token needs a one-word identifier, got {config.identifier!r}")
     readable_images(images)
+    if config.background_weight < 1:
+        check_masks(images)
     check_output(out, force, PACK_ARTIFACT, inputs)
     run_dir = Path(run_dir) if run_dir is not None else Path(f"{out}{RUN_SUFFIX}")
     # A resumed run reads its checkpoint from inside the run dir: that overlap is the point.

@@ -15,7 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
+from ..data import MASK_FOLDER
 from .prompts import Prompt
 from .world import (
     BACKGROUNDS,
@@ -32,6 +34,7 @@ from .world import (
     random_scene,
     random_thing,
     render,
+    render_mask,
     to_pil,
 )
 
@@ -136,10 +139,13 @@ def get_subject(identifier: str) -> Subject:
 
 
 def write_instance_images(
-    identifier: str | Subject, folder: str | os.PathLike, n: int = 5, seed: int = 0, size: int = 32
+    identifier: str | Subject, folder: str | os.PathLike, n: int = 5, seed: int = 0, size: int = 32,
+    masks: bool = False,
 ) -> list[Path]:
     """Write a subject's ``n`` instance images as PNGs (``00.png``, ``01.png``...) into ``folder``.
     ``identifier``: a bundled subject's, or a :class:`Subject` the package does not ship.
+    With ``masks``, each image's subject mask goes to ``folder/masks/`` under the same name
+    (what ``qpdeploy train --background-weight`` reads).
 
     Returns:
         The written paths, in order. The same arguments always write the same pixels.
@@ -151,6 +157,9 @@ def write_instance_images(
     for i, scene in enumerate(subject.instance_scenes(n, seed)):
         path = folder / f"{i:02d}.png"
         to_pil(render(scene, size)).save(path)
+        if masks:
+            (folder / MASK_FOLDER).mkdir(exist_ok=True)
+            Image.fromarray(render_mask(scene, size), "L").save(folder / MASK_FOLDER / path.name)
         paths.append(path)
     return paths
 

@@ -299,21 +299,38 @@ def render(scene: Scene, size: int = IMAGE_SIZE) -> np.ndarray:
     bounding box is supersampled. ``size`` rescales the scene, whose coordinates are given
     for ``IMAGE_SIZE``.
     """
-    scale = size / IMAGE_SIZE
-    thing = scene.thing
     background = np.asarray(BACKGROUNDS[scene.background], dtype=np.float64)
     image = np.broadcast_to(background, (size, size, 3)).copy()
+    (y0, y1, x0, x1), u, v = _object_samples(scene, size)
+    mask = SHAPES[scene.thing.shape](u, v)
+    patch = np.where(mask[..., None], scene.thing.look.paint(u, v), background)
+    h, w = y1 - y0, x1 - x0
+    image[y0:y1, x0:x1] = patch.reshape(h, SUPERSAMPLE, w, SUPERSAMPLE, 3).mean(axis=(1, 3))
+    return np.clip(np.rint(image), 0, 255).astype(np.uint8)
+
+
+def render_mask(scene: Scene, size: int = IMAGE_SIZE) -> np.ndarray:
+    """The object's mask of :func:`render`'s image: (size, size) uint8, each pixel the share
+    of its samples on the object (0 background, 255 object, between on the edges)."""
+    mask = np.zeros((size, size))
+    (y0, y1, x0, x1), u, v = _object_samples(scene, size)
+    h, w = y1 - y0, x1 - x0
+    inside = SHAPES[scene.thing.shape](u, v).astype(np.float64)
+    mask[y0:y1, x0:x1] = inside.reshape(h, SUPERSAMPLE, w, SUPERSAMPLE).mean(axis=(1, 3))
+    return np.rint(mask * 255).astype(np.uint8)
+
+
+def _object_samples(scene: Scene, size: int) -> tuple[tuple[int, int, int, int], np.ndarray, np.ndarray]:
+    """The object's bounding box in output pixels (y0, y1, x0, x1) and the object-local
+    coordinates (u, v) of its supersamples, each (SUPERSAMPLE * h, SUPERSAMPLE * w)."""
+    scale = size / IMAGE_SIZE
+    thing = scene.thing
     x0, x1 = _span(thing.x, thing.size, scale, size)
     y0, y1 = _span(thing.y, thing.size, scale, size)
     xs = (np.arange(x0 * SUPERSAMPLE, x1 * SUPERSAMPLE) + 0.5) / SUPERSAMPLE / scale  # scene pixels
     ys = (np.arange(y0 * SUPERSAMPLE, y1 * SUPERSAMPLE) + 0.5) / SUPERSAMPLE / scale
     y, x = np.meshgrid(ys, xs, indexing="ij")
-    u, v = (x - thing.x) / thing.size, (y - thing.y) / thing.size
-    mask = SHAPES[thing.shape](u, v)
-    patch = np.where(mask[..., None], thing.look.paint(u, v), background)
-    h, w = y1 - y0, x1 - x0
-    image[y0:y1, x0:x1] = patch.reshape(h, SUPERSAMPLE, w, SUPERSAMPLE, 3).mean(axis=(1, 3))
-    return np.clip(np.rint(image), 0, 255).astype(np.uint8)
+    return (y0, y1, x0, x1), (x - thing.x) / thing.size, (y - thing.y) / thing.size
 
 
 def _span(centre: float, half: float, scale: float, size: int) -> tuple[int, int]:
