@@ -185,20 +185,21 @@ def read_mask(path, size: tuple[int, int]):
     return image.convert("L")
 
 
-def check_masks(folder) -> dict[str, Path]:
-    """The mask file of every instance image of ``folder``, by image file name (see
-    :func:`mask_file`).
+def read_masks(readable: list[tuple[Path, object]]) -> dict[str, object]:
+    """The subject mask of each readable instance image (``(path, RGB image)`` pairs, as
+    :func:`readable_images` gives them), read and checked, by image file name.
 
     Raises:
-        QPDeployError: an image has no mask (the message names it and where it was looked for).
+        QPDeployError: an image has no mask (the message names it and where it was looked
+            for), or its mask is unreadable or of another size.
     """
     masks = {}
-    for path in list_images(folder):
-        mask = mask_file(path)
-        if mask is None:
-            raise QPDeployError(f"no subject mask for {path.name}: expected {Path(folder) / MASK_FOLDER / path.stem}.png "
+    for path, rgb in readable:
+        found = mask_file(path)
+        if found is None:
+            raise QPDeployError(f"no subject mask for {path.name}: expected {path.parent / MASK_FOLDER / path.stem}.png "
                                 "(white on the subject) for --background-weight")
-        masks[path.name] = mask
+        masks[path.name] = read_mask(found, rgb.size)
     return masks
 
 
@@ -216,16 +217,17 @@ def load_instance_images(folder, resolution: int, crop: str = "center", crops_pe
             mask missing, unreadable or of another size than its image.
     """
     generator = torch.Generator().manual_seed(seed)
-    mask_files = check_masks(folder) if masks else {}
+    readable = readable_images(folder, warn=True)
+    mask_of = read_masks(readable) if masks else {}
     images = []
-    for path, rgb in readable_images(folder, warn=True):
-        mask = read_mask(mask_files[path.name], rgb.size) if masks else None
+    for path, rgb in readable:
+        mask = mask_of.get(path.name)
         for _ in range(1 if crop == "center" else crops_per_image):
             pixels, top_left = prepare_image(rgb, resolution, crop, generator)
-            weight = None
+            cropped = None
             if mask is not None:
-                weight = (prepare_image(mask, resolution, top_left=top_left)[0] + 1.0) / 2.0  # back to [0, 1]
-            images.append(InstanceImage(pixels, path.name, (rgb.size[1], rgb.size[0]), top_left, weight))
+                cropped = (prepare_image(mask, resolution, top_left=top_left)[0] + 1.0) / 2.0  # back to [0, 1]
+            images.append(InstanceImage(pixels, path.name, (rgb.size[1], rgb.size[0]), top_left, cropped))
     return images
 
 

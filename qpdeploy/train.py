@@ -42,7 +42,7 @@ from .checkpoint import (check_resumable, checkpoint_path, find_checkpoint, load
                          save_checkpoint)
 from .config import TrainConfig
 from .data import (Examples, check_prompt, class_images, default_resolution, encode_examples, load_instance_images,
-                   check_masks, prompt_embeddings, readable_images)
+                   prompt_embeddings, read_masks, readable_images)
 from .distributed import process_group
 from .errors import QPDeployError
 from .intervals import Intervals
@@ -461,9 +461,9 @@ def check_train_inputs(images, config: TrainConfig, out, force: bool, inputs, ru
         check_text(getattr(config, name), f"--{name.replace('_', '-')}")
     if config.train_token and len(config.identifier.split()) != 1:  # the tokenizer's verdict comes with the model
         raise QPDeployError(f"--train-token needs a one-word identifier, got {config.identifier!r}")
-    readable_images(images)
+    readable = readable_images(images)
     if config.background_weight < 1:
-        check_masks(images)
+        read_masks(readable)
     check_output(out, force, PACK_ARTIFACT, inputs)
     run_dir = Path(run_dir) if run_dir is not None else Path(f"{out}{RUN_SUFFIX}")
     # A resumed run reads its checkpoint from inside the run dir: that overlap is the point.

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import qpdeploy.train
-from benchmarks.fidelity import TEXT_ROWS, TextSideTuner, add_lora, row_problem
+from benchmarks.fidelity import TEXT_ROWS, TextSideTuner, add_lora, parse_row, row_problem
 from qpdeploy.config import TrainConfig
 from qpdeploy.data import encode_prompts, prompt_embeddings
 from qpdeploy.layers import QuantLinear, quant_layers
@@ -121,6 +121,17 @@ def test_a_row_at_a_pack_strength_is_a_scale_row_with_fixed_intervals_and_a_stre
     assert row_problem("s2_k2+in@2.5") == "row s2_k2+in@2.5: pack strength must be a number between 0 and 2, got 2.5"
 
 
+def test_a_row_with_a_background_weight_is_a_scale_row_with_fixed_intervals_and_a_weight_in_range():
+    assert [parse_row(r) for r in ("s2_k2+in+bg0.3", "s2_k2+in+token+bg0@1/0.5", "s2_k2+in")] == \
+        [("s2_k2+in", 0.3, ""), ("s2_k2+in+token", 0.0, "1/0.5"), ("s2_k2+in", 1.0, "")]
+    assert row_problem("s2_k2+in+bg0.3@0.9") is None
+    assert row_problem("s2_k2+in+bghalf") == "row s2_k2+in+bghalf: the background weight after +bg must be a number"
+    assert row_problem("s2_k2+in+bg1.5") == "row s2_k2+in+bg1.5: background weight must be in 0..1, got 1.5"
+    assert "no background weight" in row_problem("s1+in+bg0.3")
+    assert "no background weight" in row_problem("s2_k2+in+text_encoder+bg0.3")
+    assert row_problem("fp_lora+bg0.3") == "unknown row 'fp_lora+bg0.3'"
+
+
 def test_rows_at_a_strength_measure_the_rows_own_pack_trained_once(saved_base, tiny_pipe, tmp_path):
     import argparse
 
@@ -160,3 +171,6 @@ def test_rows_at_a_strength_measure_the_rows_own_pack_trained_once(saved_base, t
         expected = at_strength(pack, ptq, strength).scales
         assert all(torch.equal(s, expected[f"{name}.s_out"]) for name, s in measured[i].items()), strength
     assert all(torch.equal(s, ptq[name].expand_as(s)) for name, s in measured[2].items())  # 0: the base
+    for row in ("s2_k2+in+bg0.3", "s2_k2+in+bg0.3@0.5"):  # another background weight: its own pack, once
+        bench.run_row(row, SUBJECTS["sks"], 0)
+    assert [args[-1] for args in trained] == [1.0, 0.3]

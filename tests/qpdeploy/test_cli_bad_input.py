@@ -152,6 +152,17 @@ def image_file_not_image(art, tmp):
     return folder
 
 
+def images_with_small_masks(art, tmp):
+    """A copy of the images whose masks are 4x4 (the images are larger)."""
+    from PIL import Image
+
+    folder = Path(shutil.copytree(art["images"], tmp / "masked"))
+    (folder / "masks").mkdir()
+    for image in sorted(art["images"].glob("*.png")):
+        Image.new("L", (4, 4), 255).save(folder / "masks" / image.name)
+    return folder
+
+
 def prompt_file_not_utf8(art, tmp):
     path = tmp / "prompts.txt"
     path.write_bytes(b"a sks \xff dog\n")
@@ -220,6 +231,16 @@ CASES = [
     ("train-strategy", [*TRAIN, "--out", "{tmp}/p", "--strategy", "s3"], "Invalid value for '--strategy': 's3' is not one of", None),
     ("train-s1-interval", [*TRAIN, "--out", "{tmp}/p", "--strategy", "s1", "--s1-intervals", "9"],
      "s1 intervals must be in", None),
+    ("train-background-without-masks", [*TRAIN, "--out", "{tmp}/p", "--background-weight", "0.3"],
+     "no subject mask for 00.png: expected", None),
+    ("train-model-background-without-masks", ["train", "--model", "tiny-sd1", "--images", "{images}", "--prompt",
+                                              "a sks dog", "--background-weight", "0.3", "--out", "{tmp}/p"],
+     "no subject mask for 00.png: expected", None),
+    ("train-background-mask-size", ["train", "--base", "{base}", "--images", "{x}", "--prompt", "a sks dog",
+                                    "--background-weight", "0.3", "--out", "{tmp}/p"], "is 4x4, its image 24x20",
+     images_with_small_masks),
+    ("train-background-weight-range", [*TRAIN, "--out", "{tmp}/p", "--background-weight", "1.5"],
+     "background weight must be in 0..1, got 1.5", None),
     ("train-base-is-pack", ["train", "--base", "{pack}", "--images", "{images}", "--prompt", "a sks dog",
                             "--out", "{tmp}/p"], "is not a qpdeploy quantized base", None),
     ("train-base-layers-wrong-type", ["train", "--base", "{x}", "--images", "{images}", "--prompt", "a sks dog",

@@ -7,8 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from qpdeploy.data import (check_prompt, class_cache_dir, class_images, load_instance_images, prepare_image,
-                           read_rgb)
+from qpdeploy.data import (MASK_FOLDER, check_prompt, class_cache_dir, class_images, latent_masks,
+                           load_instance_images, prepare_image, read_rgb)
 from qpdeploy.errors import QPDeployError
 
 from .conftest import write_images
@@ -198,3 +198,75 @@ def test_class_images_are_cached_by_base_and_prompt_and_reused(tmp_path):
     assert pipe.calls == 7  # another base or prompt is another cache folder
     folder = class_cache_dir(tmp_path, "hash-a", "a photo of a dog", 16, 25, 7.5, 0)
     assert sorted(p.name for p in folder.glob("*.png")) == [f"{i:05d}.png" for i in range(5)]
+
+
+# ------------------------------------------------------------------------------------
+# Subject masks (--background-weight)
+# ------------------------------------------------------------------------------------
+
+def write_masked(folder, count=3, size=(40, 16)):
+    """Instance images whose left half is the subject: the image red there, the mask white."""
+    folder.mkdir(parents=True)
+    (folder / MASK_FOLDER).mkdir()
+    w, h = size
+    for i in range(count):
+        pixels = np.zeros((h, w, 3), np.uint8)
+        pixels[:, : w // 2] = RED
+        Image.fromarray(pixels).save(folder / f"{i:02d}.png")
+        mask = np.zeros((h, w), np.uint8)
+        mask[:, : w // 2] = 255
+        Image.fromarray(mask).save(folder / MASK_FOLDER / f"{i:02d}.png")
+    return folder
+
+
+def test_masks_follow_their_images_through_resize_and_random_crop(tmp_path):
+    folder = write_masked(tmp_path / "i")
+    images = load_instance_images(folder, 16, "random", crops_per_image=4, seed=3, masks=True)
+    assert len(images) == 12 and len({im.crop_top_left for im in images}) > 1
+    for im in images:
+        assert im.mask.shape == (1, 16, 16) and im.mask.min() >= 0 and im.mask.max() <= 1
+        red = (im.pixels[0] > 0.5) & (im.pixels[1] < -0.5)  # (16, 16): where the crop shows the subject
+        subject = im.mask[0] > 0.5
+        assert torch.equal(red, subject)  # same crop, same resize: the mask lies exactly on the subject
+    plain = load_instance_images(folder, 16, "random", crops_per_image=4, seed=3)
+    assert all(p.mask is None and torch.equal(p.pixels, m.pixels) for p, m in zip(plain, images))
+
+
+def test_an_alpha_channel_is_the_mask(tmp_path):
+    folder = write_images(tmp_path / "i", count=3, size=(16, 16))
+    (folder / MASK_FOLDER).mkdir()
+    for i in range(3):
+        rgba = np.zeros((16, 16, 4), np.uint8)
+        rgba[:8, :, 3] = 255  # opaque top half; colour channels say nothing
+        Image.fromarray(rgba, "RGBA").save(folder / MASK_FOLDER / f"{i:02d}.webp", lossless=True)
+    images = load_instance_images(folder, 16, masks=True)
+    assert all(im.mask[0, :8].min() == 1 and im.mask[0, 8:].max() == 0 for im in images)
+
+
+def test_latent_masks_are_area_averages_and_ones_for_class_images(tmp_path):
+    images = load_instance_images(write_masked(tmp_path / "i", size=(16, 16)), 16, masks=True)
+    masks = latent_masks(images, 2, (4, 4))
+    assert masks.shape == (5, 1, 4, 4)
+    assert torch.equal(masks[:3, 0, :, :2], torch.ones(3, 4, 2)) and torch.equal(masks[:3, 0, :, 2:], torch.zeros(3, 4, 2))
+    assert torch.equal(masks[3:], torch.ones(2, 1, 4, 4))
+    assert latent_masks(load_instance_images(tmp_path / "i", 16), 2, (4, 4)) is None
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing", r"no subject mask for 01\.png: expected .*masks/01\.png"),
+    ("size", r"mask .*01\.png is 8x8, its image 40x16"),
+    ("broken", r"cannot read mask .*01\.png"),
+])
+def test_bad_masks_fail_with_one_line(tmp_path, case, message):
+    folder = write_masked(tmp_path / "i")
+    mask = folder / MASK_FOLDER / "01.png"
+    if case == "missing":
+        mask.unlink()
+    elif case == "size":
+        Image.new("L", (8, 8)).save(mask)
+    else:
+        mask.write_bytes(b"not a png")
+    with pytest.raises(QPDeployError, match=message) as info:
+        load_instance_images(folder, 16, masks=True)
+    assert "\n" not in str(info.value)
+    assert len(load_instance_images(folder, 16)) == 3  # without masks asked, the folder still loads

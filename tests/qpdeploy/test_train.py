@@ -209,6 +209,61 @@ def test_loss_goes_down_when_overfitting_two_images(cheap_base, tiny_pipe, tmp_p
     assert loss() < 0.9 * before
 
 
+def masked_images(folder):
+    """Three random images whose masks mark their left half as the subject."""
+    import numpy as np
+    from PIL import Image
+
+    write_images(folder, count=3, size=(24, 20))
+    (folder / "masks").mkdir()
+    mask = np.zeros((20, 24), np.uint8)
+    mask[:, :12] = 255
+    for i in range(3):
+        Image.fromarray(mask).save(folder / "masks" / f"{i:02d}.png")
+    return folder
+
+
+def test_background_weight_weighs_each_latent_pixel_by_its_subject_share(cheap_base, tiny_pipe, tmp_path):
+    base = cheap_base("sd1")
+    config = TrainConfig(PROMPT, strategy="baseline", background_weight=0.25)
+    examples, scheduler, _, _, _ = prepare_data(base, masked_images(tmp_path / "m"), config, pipe=tiny_pipe("sd1"))
+    share = examples.subject_mask  # (3, 1, h, w)
+    assert share.shape == (3, 1, *examples.latent_mean.shape[-2:])
+    assert (share == 0).any() and (share == 1).any() and 0.3 < float(share.mean()) < 0.7
+    trainer = ScaleTrainer(base, examples, config, scheduler)
+    batch = trainer.make_batch(0)
+    squared = torch.rand(len(batch.example), *examples.latent_mean.shape[1:], requires_grad=True)
+    trainer._pixel_mean(squared, batch).sum().backward()
+    weight = 0.25 + 0.75 * share[batch.example]  # what each latent pixel should count for
+    per_weight = squared.grad / weight  # constant within each sample when the loss is that weighted mean
+    assert torch.allclose(per_weight, per_weight.amax(dim=(1, 2, 3), keepdim=True), rtol=1e-5)
+    assert torch.allclose(squared.grad.sum(dim=(1, 2, 3)), torch.ones(len(batch.example)))  # still a mean
+    background = (share[batch.example] == 0).expand_as(squared)
+    subject = (share[batch.example] == 1).expand_as(squared)
+    assert float(squared.grad[background].mean() / squared.grad[subject].mean()) == pytest.approx(0.25, rel=1e-5)
+
+    trainer.config = TrainConfig(PROMPT, strategy="baseline")  # weight 1: DreamBooth's plain mean, bit for bit
+    assert torch.equal(trainer._pixel_mean(squared, batch), squared.mean(dim=(1, 2, 3)))
+
+
+def test_background_weight_changes_what_is_learned_and_is_recorded(cheap_base, tiny_pipe, tmp_path):
+    folder = masked_images(tmp_path / "m")
+    packs = {}
+    for weight in (1.0, 0.0):
+        base = cheap_base("sd1")
+        config = TrainConfig(PROMPT, strategy="baseline", lr=0.05, steps=2, background_weight=weight)
+        examples, scheduler, _, _, _ = prepare_data(base, folder, config, pipe=tiny_pipe("sd1"))
+        assert (examples.subject_mask is None) == (weight == 1.0)  # masks are read only when used
+        trainer = ScaleTrainer(base, examples, config, scheduler)
+        for _ in range(2):
+            trainer.train_step()
+        packs[weight] = trainer.pack()
+    assert packs[0.0].meta["train"]["background_weight"] == 0.0
+    assert packs[1.0].meta["train"]["background_weight"] == 1.0
+    differ = [not torch.equal(packs[0.0].scales[k], packs[1.0].scales[k]) for k in packs[1.0].scales]
+    assert sum(differ) > len(differ) // 2
+
+
 def test_gradient_checkpointing_gives_bit_identical_gradients(make_trainer):
     grads = []
     for checkpointing in (False, True):

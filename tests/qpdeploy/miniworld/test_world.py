@@ -122,6 +122,18 @@ def test_instance_images_are_written_and_reproducible(tmp_path):
         assert scene.background == "grass" and scene.subject == "zwx"
 
 
+def test_instance_masks_mark_exactly_the_subjects_pixels(tmp_path):
+    paths = S.write_instance_images("sks", tmp_path, n=4, masks=True)
+    for path, scene in zip(paths, S.get_subject("sks").instance_scenes(4)):
+        image = np.asarray(Image.open(path)).astype(int)
+        mask = np.asarray(Image.open(tmp_path / "masks" / path.name))
+        assert mask.shape == image.shape[:2] and np.array_equal(mask, W.render_mask(scene))
+        backdrop = np.asarray(W.BACKGROUNDS[scene.background])
+        assert (image[mask == 0] == backdrop).all()  # off the mask: only the backdrop
+        assert (np.abs(image[mask == 255] - backdrop).sum(axis=1) > 0).all()  # fully on it: the subject's paint
+        assert 0.1 < (mask > 0).mean() < 0.6
+
+
 def test_subject_prompt_sets():
     assert len(S.SUBJECTS) >= 4  # issue 9, gate 4
     assert len({s.shape for s in S.SUBJECTS.values()}) >= 3  # zwx and qlv are both squares (v4)
