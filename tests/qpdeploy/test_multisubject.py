@@ -110,3 +110,6 @@ def test_train_subjects_from_the_command_line(cheap_saved_base, tmp_path):
     assert again.exit_code == 2 and "already exists" in again.output
     mixed = CliRunner().invoke(app, [*args, "--images", str(tmp_path / "dog"), "--force"])
     assert mixed.exit_code == 2 and "--subjects trains over an existing --base" in mixed.output
+    masked = CliRunner().invoke(app, [*args[:5], "--out", str(tmp_path / "masked"), "--background-weight", "0.5"])
+    assert masked.exit_code == 2 and "no subject mask for 00.png: expected" in masked.output  # each subject's masks/
+    assert not (tmp_path / "masked").exists()
