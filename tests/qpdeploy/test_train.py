@@ -246,6 +246,7 @@ def test_background_weight_weighs_each_latent_pixel_by_its_subject_share(cheap_b
     assert torch.equal(trainer._pixel_mean(squared, batch), squared.mean(dim=(1, 2, 3)))
 
 
+@pytest.mark.slow  # 3 s: two short runs on fresh bases; the weighting itself is the fast test above
 def test_background_weight_changes_what_is_learned_and_is_recorded(cheap_base, tiny_pipe, tmp_path):
     folder = masked_images(tmp_path / "m")
     packs = {}
