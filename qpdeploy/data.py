@@ -82,15 +82,23 @@ def read_rgb(path):
     Raises:
         QPDeployError: the file cannot be decoded as an image.
     """
+    return to_rgb8(open_upright(path, "image"))
+
+
+def open_upright(path, kind: str):
+    """Decode an image file whole and turn it upright by its EXIF orientation.
+
+    Raises:
+        QPDeployError: "cannot read <kind> <path>" when the file is not a decodable image.
+    """
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
         with Image.open(path) as image:
             image.load()
-            image = ImageOps.exif_transpose(image)
+            return ImageOps.exif_transpose(image)
     except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError) as exc:
-        raise QPDeployError(f"cannot read image {path}: {exc.__class__.__name__}") from exc
-    return to_rgb8(image)
+        raise QPDeployError(f"cannot read {kind} {path}: {exc.__class__.__name__}") from exc
 
 
 def to_rgb8(image):
@@ -168,14 +176,9 @@ def read_mask(path, size: tuple[int, int]):
     Raises:
         QPDeployError: unreadable, or not the size (W, H) of its image.
     """
-    from PIL import Image, ImageOps, UnidentifiedImageError
+    from PIL import Image
 
-    try:
-        with Image.open(path) as image:
-            image.load()
-            image = ImageOps.exif_transpose(image)
-    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError) as exc:
-        raise QPDeployError(f"cannot read mask {path}: {exc.__class__.__name__}") from exc
+    image = open_upright(path, "mask")
     if image.mode in ("RGBA", "LA", "RGBa", "La") or "transparency" in image.info:
         image = image.convert("RGBA").getchannel("A")
     elif image.mode.startswith("I") or image.mode == "F":
