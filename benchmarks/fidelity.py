@@ -132,7 +132,9 @@ ADAPTER_ROWS = ("fp_dreambooth", "fp_lora", "fp_ti", "w8a8_lora")  # trained out
 ROWS = ("fp", "fp_dreambooth", "fp_lora", "fp_ti", "w8a8_ptq", "w8a8_lora", *SCALE_ROWS)
 # per-image values of evaluate_prompts -> the table's column names
 PER_IMAGE = {"subject_probability": "subject_fidelity", "subject_recognised": "subject_recognised",
-             "prompt_match": "prompt_fidelity", "preservation_match": "preservation", "subject_leak": "subject_leak"}
+             "prompt_match": "prompt_fidelity", "preservation_match": "preservation", "subject_leak": "subject_leak",
+             # prompt fidelity's parts, and how often the instance photos' backdrop is drawn instead
+             "background_match": "background_match", "shape_match": "shape_match", "backdrop_drawn": "backdrop_drawn"}
 CI_COLUMNS = (*PER_IMAGE.values(), "instance_prompt_recognised")  # mean [95% CI] over images and runs
 COLUMNS = ("subject_cosine", "frechet", "trainable_params", "pack_bytes", "train_seconds", "peak_memory_bytes")  # mean, std
 
@@ -169,7 +171,7 @@ class Bench:
         reference = render_batch(subject.instance_scenes())  # its instance photos
         m = evaluate_prompts(pipe, subject.prompts(split), self.evaluator, subject.identifier,
                              subject.class_prompts(split), self.args.images_per_prompt, seed=1000 + seed,
-                             instance_images=reference, shape=subject.shape)
+                             instance_images=reference, shape=subject.shape, backdrop=subject.background)
         own = evaluate_prompts(pipe, [subject.instance_prompt()], self.evaluator, subject.identifier,
                                instance_images=reference, shape=subject.shape,
                                images_per_prompt=self.args.instance_images, seed=2000 + seed)

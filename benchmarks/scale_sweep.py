@@ -33,7 +33,8 @@ from qpdeploy.miniworld.subjects import SUBJECTS
 from .fidelity import SCALE_ROWS, parse_row, quantize_base, summarize
 from .miniworld.dev_sweep import combinations
 
-SHOWN = ("subject_recognised", "prompt_fidelity", "instance_prompt_recognised", "preservation")
+SHOWN = ("subject_recognised", "prompt_fidelity", "instance_prompt_recognised", "preservation", "background_match",
+         "shape_match", "backdrop_drawn")
 
 
 def job_name(rows: str, setting: dict[str, str], subject: str, seed: str, split: str = "dev") -> str:

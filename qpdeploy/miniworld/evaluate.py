@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
+
 from .prompts import Prompt
 
 
@@ -24,6 +26,7 @@ def evaluate_prompts(
     guidance: float | None = None,
     instance_images=None,
     shape: str | None = None,
+    backdrop: str | None = None,
 ) -> dict:
     """Generate ``images_per_prompt`` images of every prompt and measure them.
 
@@ -37,17 +40,21 @@ def evaluate_prompts(
         instance_images, shape: the subject's instance images (uint8, N x H x W x 3)
             and class noun, for a subject the package does not ship (default: the bundled
             subject's, see :func:`qpdeploy.miniworld.metrics.subject_scores`).
+        backdrop: the background of the subject's instance photos (adds the per-image
+            ``backdrop_drawn``: the image's background is that one, whatever was asked).
 
     Returns:
         ``prompt_fidelity`` (share matching every named attribute), ``attributes`` (per
         attribute accuracy), ``frechet`` (against real renders of the world), and where
         asked ``subject_fidelity`` (dict) and ``preservation`` (dict), plus ``images`` (the
-        count) and ``per_image``: per-image values behind the means (``prompt_match``,
-        ``subject_recognised``, ``subject_probability``, ``preservation_match``,
-        ``subject_leak``; lists of floats, for confidence intervals).
+        count) and ``per_image``: per-image values behind the means (``prompt_match`` and
+        its parts ``background_match`` and ``shape_match``, ``subject_recognised``,
+        ``subject_probability``, ``preservation_match``, ``subject_leak``, and with
+        ``backdrop`` ``backdrop_drawn``; lists of floats, for confidence intervals).
     """
     from .evaluator import load_evaluator
-    from .metrics import attribute_accuracy, frechet_distance, preservation, prompt_matches, subject_leak, subject_scores
+    from .metrics import (attribute_accuracy, attribute_matches, frechet_distance, preservation, prompt_matches,
+                          subject_leak, subject_scores)
     from .sampling import GUIDANCE, STEPS, generate
 
     evaluator = evaluator if evaluator is not None else load_evaluator()
@@ -56,6 +63,12 @@ def evaluate_prompts(
     images = generate(pipe, wanted, **sampling)
     attributes = attribute_accuracy(evaluator, images, wanted)
     per_image = {"prompt_match": prompt_matches(evaluator, images, wanted)}
+    predictions = evaluator.predict(images)
+    for attribute, matches in attribute_matches(predictions, wanted).items():
+        if attribute in ("background", "shape") and not np.isnan(matches).any():  # named by every prompt
+            per_image[f"{attribute}_match"] = matches
+    if backdrop is not None:
+        per_image["backdrop_drawn"] = np.array([float(b == backdrop) for b in predictions.names("background")])
     result = {
         "prompt_fidelity": attributes["all"],
         "attributes": attributes,

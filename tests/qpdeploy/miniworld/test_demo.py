@@ -31,8 +31,12 @@ def test_unpersonalized_model_does_not_draw_the_subject(pipeline, evaluator):
     subject = get_subject("zwx")
     prompts = subject.prompts("dev")[:2]
     result = evaluate_prompts(pipeline, prompts, evaluator, subject.identifier, subject.class_prompts("dev")[:2],
-                              images_per_prompt=2, steps=8)
+                              images_per_prompt=2, steps=8, backdrop=subject.background)
     assert result["images"] == 4
+    each = {k: np.array(v) for k, v in result["per_image"].items()}
+    assert np.array_equal(each["prompt_match"], each["background_match"] * each["shape_match"])  # its two parts
+    assert each["background_match"].mean() == result["attributes"]["background"]
+    assert each["backdrop_drawn"].max() == 0  # asked for other backgrounds, it draws none of them on grass
     assert result["subject_fidelity"]["probability"] < 0.1  # the subject is new to the model
     assert result["attributes"]["background"] >= 0.75 and result["preservation"]["background"] >= 0.75
     assert result["frechet"] > 0
