@@ -33,7 +33,8 @@ evaluator on the subject's ``test`` prompts (choices such as S1's intervals are 
 
 Columns (mean and std over subjects x seeds): ``subject_fidelity`` (evaluator probability of
 the subject), ``subject_recognised`` (share of images the instance embedding recognises as the
-subject, see ``qpdeploy.miniworld.metrics.subject_fidelity``), ``subject_cosine``, ``prompt_fidelity`` (background and shape as prompted),
+subject, see ``qpdeploy.miniworld.metrics.subject_fidelity``), ``subject_cosine``, ``prompt_fidelity`` (background and shape as prompted;
+its parts ``background_match`` and ``shape_match``, and ``backdrop_drawn``: the instance photos' background drawn instead),
 ``preservation`` (attribute accuracy on the class prompts), ``subject_leak`` (subject drawn
 for a class prompt), ``frechet``, ``trainable_params``, ``pack_bytes``, ``train_seconds``,
 ``peak_memory_bytes``.
