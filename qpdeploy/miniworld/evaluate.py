@@ -53,7 +53,7 @@ def evaluate_prompts(
         ``backdrop`` ``backdrop_drawn``; lists of floats, for confidence intervals).
     """
     from .evaluator import load_evaluator
-    from .metrics import (attribute_accuracy, attribute_matches, frechet_distance, preservation, prompt_matches,
+    from .metrics import (accuracy_of, all_match, attribute_matches, frechet_distance, preservation, prompt_matches,
                           subject_leak, subject_scores)
     from .sampling import GUIDANCE, STEPS, generate
 
@@ -61,12 +61,13 @@ def evaluate_prompts(
     sampling = dict(seed=seed, steps=steps or STEPS, guidance=GUIDANCE if guidance is None else guidance)
     wanted = [p for p in prompts for _ in range(images_per_prompt)]
     images = generate(pipe, wanted, **sampling)
-    attributes = attribute_accuracy(evaluator, images, wanted)
-    per_image = {"prompt_match": prompt_matches(evaluator, images, wanted)}
     predictions = evaluator.predict(images)
-    for attribute, matches in attribute_matches(predictions, wanted).items():
-        if attribute in ("background", "shape") and not np.isnan(matches).any():  # named by every prompt
-            per_image[f"{attribute}_match"] = matches
+    matches = attribute_matches(predictions, wanted)
+    attributes = accuracy_of(matches)
+    per_image = {"prompt_match": all_match(matches)}
+    for attribute in ("background", "shape"):
+        if not np.isnan(matches[attribute]).any():  # named by every prompt
+            per_image[f"{attribute}_match"] = matches[attribute]
     if backdrop is not None:
         per_image["backdrop_drawn"] = np.array([float(b == backdrop) for b in predictions.names("background")])
     result = {

@@ -43,18 +43,23 @@ def attribute_accuracy(evaluator: Evaluator, images, prompts: Sequence[Prompt]) 
     """Accuracy of each attribute over the images whose prompt names it (attributes no prompt
     names are left out), and ``all``: the share of images matching every attribute their
     prompt names (= ``prompt_fidelity``)."""
-    matches = attribute_matches(evaluator.predict(images), prompts)
+    return accuracy_of(attribute_matches(evaluator.predict(images), prompts))
+
+
+def accuracy_of(matches: dict[str, np.ndarray]) -> dict[str, float]:
+    """:func:`attribute_accuracy` from :func:`attribute_matches`' arrays."""
     result = {a: float(np.nanmean(m)) for a, m in matches.items() if np.isfinite(m).any()}
-    result["all"] = float(_all_match(matches).mean())
+    result["all"] = float(all_match(matches).mean())
     return result
 
 
 def prompt_matches(evaluator: Evaluator, images, prompts: Sequence[Prompt]) -> np.ndarray:
     """Per image, 1.0 when background, shape and colour match its prompt (where named), else 0.0."""
-    return _all_match(attribute_matches(evaluator.predict(images), prompts))
+    return all_match(attribute_matches(evaluator.predict(images), prompts))
 
 
-def _all_match(matches: dict[str, np.ndarray]) -> np.ndarray:
+def all_match(matches: dict[str, np.ndarray]) -> np.ndarray:
+    """Per image, 1.0 when every attribute of :func:`attribute_matches` matches or is not named."""
     stacked = np.stack(list(matches.values()))  # (A, N)
     return np.all(np.nan_to_num(stacked, nan=1.0) == 1.0, axis=0).astype(np.float64)
 
