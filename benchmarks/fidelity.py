@@ -500,6 +500,13 @@ def parse_row(row: str) -> tuple[str, float, str]:
     return name, 1.0, strength
 
 
+def has_fixed_intervals(name: str) -> bool:
+    """A scale row trained by ``qpdeploy.train`` with its intervals fixed in advance (not S1's
+    per-run choice, not a text-side experiment): the rows a strength or a background weight
+    applies to."""
+    return name in SCALE_ROWS and name not in TEXT_ROWS and SCALE_ROWS[name][3] is not None
+
+
 def row_problem(row: str) -> str | None:
     """What is wrong with a ``--rows`` entry, or None: a row of :data:`ROWS`, or a scale
     row with a fixed choice of intervals at a pack strength, ``<row>@<strength>``, or a
@@ -510,13 +517,13 @@ def row_problem(row: str) -> str | None:
         return f"row {row}: the background weight after +bg must be a number"
     if name not in ROWS:
         return f"unknown row {name!r}"
-    if background != 1.0 and (name not in SCALE_ROWS or name in TEXT_ROWS or SCALE_ROWS[name][3] is None):
+    if background != 1.0 and not has_fixed_intervals(name):
         return f"row {name} has no background weight (only scale rows with fixed intervals do)"
     if not 0 <= background <= 1:
         return f"row {row}: background weight must be in 0..1, got {background}"
     if not strength and "@" not in row:
         return None
-    if name not in SCALE_ROWS or name in TEXT_ROWS or SCALE_ROWS[name][3] is None:
+    if not has_fixed_intervals(name):
         return f"row {name} has no pack strength (only scale rows with fixed intervals do)"
     problem = strength_problem(parse_strength(strength))
     return f"row {row}: {problem}" if problem else None

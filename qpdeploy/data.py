@@ -105,8 +105,7 @@ def to_rgb8(image):
     """Any PIL image as 8-bit RGB (see :func:`read_rgb`)."""
     from PIL import Image
 
-    if image.mode.startswith("I") or image.mode == "F":
-        image = Image.fromarray(_wide_to_uint8(np.asarray(image, dtype=np.float64), image.mode), "L")
+    image = _narrowed(image)
     if image.mode == "P":
         image = image.convert("RGBA" if "transparency" in image.info else "RGB")
     if image.mode in ("RGBA", "LA", "RGBa", "La"):
@@ -114,6 +113,16 @@ def to_rgb8(image):
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         image = Image.alpha_composite(white, rgba)
     return image.convert("RGB")
+
+
+def _narrowed(image):
+    """A 16-bit, 32-bit or float grayscale PIL image as 8-bit "L" (see :func:`_wide_to_uint8`);
+    any other image as it is."""
+    from PIL import Image
+
+    if image.mode.startswith("I") or image.mode == "F":
+        return Image.fromarray(_wide_to_uint8(np.asarray(image, dtype=np.float64), image.mode), "L")
+    return image
 
 
 def _wide_to_uint8(values: np.ndarray, mode: str) -> np.ndarray:
@@ -165,8 +174,7 @@ def prepare_image(image, resolution: int, crop: str = "center", generator: torch
 def mask_file(image: Path) -> Path | None:
     """The subject mask of an instance image: ``masks/<stem>.<any image suffix>`` next to it."""
     folder = image.parent / MASK_FOLDER
-    found = [folder / (image.stem + s) for s in IMAGE_SUFFIXES if (folder / (image.stem + s)).is_file()]
-    return found[0] if found else None
+    return next((p for p in (folder / (image.stem + s) for s in IMAGE_SUFFIXES) if p.is_file()), None)
 
 
 def read_mask(path, size: tuple[int, int]):
@@ -176,13 +184,10 @@ def read_mask(path, size: tuple[int, int]):
     Raises:
         QPDeployError: unreadable, or not the size (W, H) of its image.
     """
-    from PIL import Image
-
     image = open_upright(path, "mask")
     if image.mode in ("RGBA", "LA", "RGBa", "La") or "transparency" in image.info:
         image = image.convert("RGBA").getchannel("A")
-    elif image.mode.startswith("I") or image.mode == "F":
-        image = Image.fromarray(_wide_to_uint8(np.asarray(image, dtype=np.float64), image.mode), "L")
+    image = _narrowed(image)
     if image.size != size:
         raise QPDeployError(f"mask {path} is {image.size[0]}x{image.size[1]}, its image {size[0]}x{size[1]}")
     return image.convert("L")
