@@ -29,7 +29,10 @@ evaluator on the subject's ``test`` prompts (choices such as S1's intervals are 
   strength per interval, low-noise first, as ``s2_k2+in@1/0.5``);
 - ``<row>+bg<w>``: a scale row trained with the background weighed ``w`` in the loss (the
   subject masks the miniworld renders with the instance photos; ``TrainConfig.background_weight``),
-  e.g. ``s2_k2+in+bg0.3``, also at a strength: ``s2_k2+in+bg0.3@0.9``.
+  e.g. ``s2_k2+in+bg0.3``, also at a strength: ``s2_k2+in+bg0.3@0.9``;
+- ``<row>:g<guidance>``: the row's images sampled at another classifier-free guidance (default
+  :data:`GUIDANCE`, the bundled model's recommendation), from the same trained pack or adapter,
+  e.g. ``s2_k2+in,s2_k2+in:g6,fp_dreambooth,fp_dreambooth:g6``.
 
 Columns (mean and std over subjects x seeds): ``subject_fidelity`` (evaluator probability of
 the subject), ``subject_recognised`` (share of images the instance embedding recognises as the
@@ -155,6 +158,7 @@ class Bench:
         self.evaluator = load_evaluator(args.evaluator)
         self.bases = {}
         self.trained: dict[tuple, tuple[Path, dict]] = {}  # scale packs trained in this run
+        self.adapters: dict[tuple, tuple] = {}  # the last adapter row trained (see float_row)
 
     def base_dir(self, bits: int) -> Path:
         if bits not in self.bases:
@@ -165,16 +169,17 @@ class Bench:
             self.bases[bits] = path
         return self.bases[bits]
 
-    def evaluate(self, pipe, subject, split: str, seed: int) -> dict:
+    def evaluate(self, pipe, subject, split: str, seed: int, guidance: float = GUIDANCE) -> dict:
         """The subject's ``split`` prompts, their class twins and its instance prompt, each
-        with ``images_per_prompt`` images per prompt; means plus the per-image values
-        (``per_image``) behind the confidence intervals."""
+        with ``images_per_prompt`` images per prompt, sampled at ``guidance``; means plus the
+        per-image values (``per_image``) behind the confidence intervals."""
         reference = render_batch(subject.instance_scenes())  # its instance photos
         m = evaluate_prompts(pipe, subject.prompts(split), self.evaluator, subject.identifier,
                              subject.class_prompts(split), self.args.images_per_prompt, seed=1000 + seed,
-                             instance_images=reference, shape=subject.shape, backdrop=subject.background)
+                             guidance=guidance, instance_images=reference, shape=subject.shape,
+                             backdrop=subject.background)
         own = evaluate_prompts(pipe, [subject.instance_prompt()], self.evaluator, subject.identifier,
-                               instance_images=reference, shape=subject.shape,
+                               guidance=guidance, instance_images=reference, shape=subject.shape,
                                images_per_prompt=self.args.instance_images, seed=2000 + seed)
         per_image = {PER_IMAGE[k]: v for k, v in m["per_image"].items()}
         per_image["instance_prompt_recognised"] = own["per_image"]["subject_recognised"]
@@ -195,20 +200,22 @@ class Bench:
         images = self.workdir / f"instance-{subject.identifier}"
         if not images.is_dir():
             write_instance_images(subject, images, masks=True)
+        row, guidance = split_guidance(row)
         if row == "fp":
-            return {**self.evaluate(self.pipe, subject, self.args.split, seed), "trainable_params": 0, "pack_bytes": 0}
+            return {**self.evaluate(self.pipe, subject, self.args.split, seed, guidance),
+                    "trainable_params": 0, "pack_bytes": 0}
         if row in ADAPTER_ROWS:
-            return self.float_row(row, subject, images, seed)
+            return self.float_row(row, subject, images, seed, guidance)
         if row == "w8a8_ptq":
             base = load_base(self.base_dir(8))
             pipe = quantized_pipeline(self.pipe, base.unet.eval())
-            return {**self.evaluate(pipe, subject, self.args.split, seed), "trainable_params": 0, "pack_bytes": 0}
+            return {**self.evaluate(pipe, subject, self.args.split, seed, guidance), "trainable_params": 0, "pack_bytes": 0}
         row, background, strength = parse_row(row)
         bits, strategy, k, s1, input_scales = SCALE_ROWS[row]
         token = row.endswith("+token")
-        if strength or background < 1:
+        if strength or background < 1 or guidance != GUIDANCE:
             return self.scale_row(bits, strategy, k, s1, input_scales, subject, images, seed, self.args.split, token,
-                                  parse_strength(strength or "1"), background)
+                                  parse_strength(strength or "1"), background, guidance)
         if row in TEXT_ROWS:
             return self.text_row(TEXT_ROWS[row], bits, strategy, k, s1, input_scales, subject, images, seed)
         if s1 is None:  # S1: pick the intervals on dev
@@ -223,10 +230,10 @@ class Bench:
         return self.scale_row(bits, strategy, k, s1, input_scales, subject, images, seed, self.args.split, token)
 
     def scale_row(self, bits, strategy, k, s1, input_scales, subject, images, seed, split, token=False,
-                  strength=1.0, background=1.0) -> dict:
+                  strength=1.0, background=1.0, guidance=GUIDANCE) -> dict:
         """Train (once per row, background weight, subject and seed: the rows
-        ``<row>@<strength>`` reuse the pack) and measure the pack at ``strength`` (see
-        ``qpdeploy.pack.at_strength``)."""
+        ``<row>@<strength>`` and ``<row>:g<guidance>`` reuse the pack) and measure the pack at
+        ``strength`` (see ``qpdeploy.pack.at_strength``), sampling at ``guidance``."""
         key = (bits, strategy, k, tuple(s1), input_scales, token, background, subject.identifier, seed)
         if key not in self.trained:
             self.trained[key] = self.train_pack(bits, strategy, k, s1, input_scales, subject, images, seed, token,
@@ -237,7 +244,7 @@ class Bench:
         apply_pack(base, pack)
         pipe = quantized_pipeline(self.pipe, base.unet.eval())
         with tokens_applied(pipe, pack.token, pack.tokens):  # pivotal tuning's rows, for this row only
-            measured = self.evaluate(pipe, subject, split, seed)
+            measured = self.evaluate(pipe, subject, split, seed, guidance)
         return {**measured, "trainable_params": report["trainable_params"],
                 "pack_bytes": report["pack_bytes"], "train_seconds": report["seconds"],
                 "peak_memory_bytes": report["peak_memory_bytes"], "final_loss": report["final_loss"]}
@@ -282,17 +289,28 @@ class Bench:
         return {"class_prompt": subject.class_prompt().text, "prior_images": self.args.prior_images,
                 "prior_weight": self.args.prior_weight}
 
-    def float_row(self, row: str, subject, images: Path, seed: int) -> dict:
+    def float_row(self, row: str, subject, images: Path, seed: int, guidance: float = GUIDANCE) -> dict:
         """DreamBooth on the float UNet: all weights (AdamW; with ``--dreambooth-text-encoder-lr``
         the text encoder trains too, as diffusers' ``--train_text_encoder``), LoRA rank 4 (peft),
-        or textual inversion (only the identifier's token embedding, ``qpdeploy.token.TokenTuner``)."""
+        or textual inversion (only the identifier's token embedding, ``qpdeploy.token.TokenTuner``);
+        trained once per row, subject and seed (``<row>:g<guidance>`` reuses it), measured at
+        ``guidance``."""
+        key = (row, subject.identifier, seed)
         original_encoder = self.pipe.text_encoder
         try:
-            return self._float_row(row, subject, images, seed)
+            if key not in self.adapters:
+                self.adapters = {key: self._train_adapter(row, subject, images, seed)}  # one at a time
+            unet, encoder, token, rows, report = self.adapters[key]
+            self.pipe.text_encoder = encoder or original_encoder  # a text encoder DreamBooth trained is this row's only
+            with tokens_applied(self.pipe, token, rows):
+                result = self.evaluate(quantized_pipeline(self.pipe, unet), subject, self.args.split, seed, guidance)
         finally:
-            self.pipe.text_encoder = original_encoder  # a text encoder DreamBooth trained is this row's only
+            self.pipe.text_encoder = original_encoder
+        return {**result, **report}
 
-    def _float_row(self, row: str, subject, images: Path, seed: int) -> dict:
+    def _train_adapter(self, row: str, subject, images: Path, seed: int) -> tuple:
+        """One adapter row trained: (UNet, trained text encoder or None, identifier token and
+        its rows for ``tokens_applied``, the report's training columns)."""
         from diffusers import DDPMScheduler
 
         pipe = self.pipe
@@ -364,10 +382,9 @@ class Bench:
         if tuner is not None:
             tuner.release()
             token, rows = {"identifier": subject.identifier, "ids": tuner.ids}, tuner.tensors()
-        with tokens_applied(pipe, token, rows):
-            result = self.evaluate(quantized_pipeline(pipe, unet), subject, self.args.split, seed)
-        return {**result, "trainable_params": trained, "pack_bytes": 4 * trained, "train_seconds": seconds,
-                "peak_memory_bytes": peak}
+        report = {"trainable_params": trained, "pack_bytes": 4 * trained, "train_seconds": seconds,
+                  "peak_memory_bytes": peak}
+        return unet, pipe.text_encoder if text_lr > 0 else None, token, rows, report
 
 
 class TextSideTuner:
@@ -500,6 +517,17 @@ def parse_row(row: str) -> tuple[str, float, str]:
     return name, 1.0, strength
 
 
+def split_guidance(row: str) -> tuple[str, float]:
+    """A ``--rows`` entry ``<row>[:g<guidance>]`` as (the row, the classifier-free guidance its
+    images are sampled at; without the suffix :data:`GUIDANCE`, the bundled model's own).
+
+    Raises:
+        ValueError: ``:g`` followed by something other than a number.
+    """
+    head, marker, value = row.rpartition(":g")
+    return (head, float(value)) if marker else (row, GUIDANCE)
+
+
 def has_fixed_intervals(name: str) -> bool:
     """A scale row trained by ``qpdeploy.train`` with its intervals fixed in advance (not S1's
     per-run choice, not a text-side experiment): the rows a strength or a background weight
@@ -510,18 +538,25 @@ def has_fixed_intervals(name: str) -> bool:
 def row_problem(row: str) -> str | None:
     """What is wrong with a ``--rows`` entry, or None: a row of :data:`ROWS`, or a scale
     row with a fixed choice of intervals at a pack strength, ``<row>@<strength>``, or a
-    scale row trained with a background weight, ``<row>+bg<w>``."""
+    scale row trained with a background weight, ``<row>+bg<w>``; any of these sampled at another
+    guidance, ``<row>:g<guidance>`` (not the rows that train a text side or choose S1's
+    intervals per run)."""
     try:
-        name, background, strength = parse_row(row)
+        head, guidance = split_guidance(row)
+        name, background, strength = parse_row(head)
     except ValueError:
-        return f"row {row}: the background weight after +bg must be a number"
+        return f"row {row}: the background weight after +bg and the guidance after :g must be numbers"
     if name not in ROWS:
         return f"unknown row {name!r}"
+    if guidance != GUIDANCE and name in SCALE_ROWS and not has_fixed_intervals(name):
+        return f"row {name} has no guidance variant (only unpersonalized, adapter and fixed-interval scale rows do)"
+    if not 1 <= guidance <= 30:
+        return f"row {row}: guidance must be in 1..30, got {guidance}"
     if background != 1.0 and not has_fixed_intervals(name):
         return f"row {name} has no background weight (only scale rows with fixed intervals do)"
     if not 0 <= background <= 1:
         return f"row {row}: background weight must be in 0..1, got {background}"
-    if not strength and "@" not in row:
+    if not strength and "@" not in head:
         return None
     if not has_fixed_intervals(name):
         return f"row {name} has no pack strength (only scale rows with fixed intervals do)"
@@ -541,7 +576,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--subjects", default=",".join(SUBJECTS))
     parser.add_argument("--seeds", default="0,1")
     parser.add_argument("--rows", default=",".join(ROWS), help="comma-separated subset of " + ",".join(ROWS)
-                        + "; a scale row as <row>@<strength> measures its pack at that strength (trained once)")
+                        + "; a scale row as <row>@<strength> measures its pack at that strength (trained once);"
+                        " <row>:g<guidance> samples at another guidance")
     parser.add_argument("--steps", type=int, default=TrainConfig.steps, help="training steps of every personalized row")
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH, help="instance samples per step, every row alike")
     parser.add_argument("--lr", type=float, default=TrainConfig.lr, help="learning rate of the scales (relative units)")

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import qpdeploy.train
-from benchmarks.fidelity import TEXT_ROWS, TextSideTuner, add_lora, parse_row, row_problem
+from benchmarks.fidelity import GUIDANCE, TEXT_ROWS, TextSideTuner, add_lora, parse_row, row_problem, split_guidance
 from qpdeploy.config import TrainConfig
 from qpdeploy.data import encode_prompts, prompt_embeddings
 from qpdeploy.layers import QuantLinear, quant_layers
@@ -125,7 +125,8 @@ def test_a_row_with_a_background_weight_is_a_scale_row_with_fixed_intervals_and_
     assert [parse_row(r) for r in ("s2_k2+in+bg0.3", "s2_k2+in+token+bg0@1/0.5", "s2_k2+in")] == \
         [("s2_k2+in", 0.3, ""), ("s2_k2+in+token", 0.0, "1/0.5"), ("s2_k2+in", 1.0, "")]
     assert row_problem("s2_k2+in+bg0.3@0.9") is None
-    assert row_problem("s2_k2+in+bghalf") == "row s2_k2+in+bghalf: the background weight after +bg must be a number"
+    assert row_problem("s2_k2+in+bghalf") == \
+        "row s2_k2+in+bghalf: the background weight after +bg and the guidance after :g must be numbers"
     assert row_problem("s2_k2+in+bg1.5") == "row s2_k2+in+bg1.5: background weight must be in 0..1, got 1.5"
     assert "no background weight" in row_problem("s1+in+bg0.3")
     assert "no background weight" in row_problem("s2_k2+in+text_encoder+bg0.3")
@@ -154,10 +155,11 @@ def test_rows_at_a_strength_measure_the_rows_own_pack_trained_once(saved_base, t
         report = {"trainable_params": 1, "pack_bytes": 2, "seconds": 3.0, "peak_memory_bytes": 4, "final_loss": 0.5}
         return save_pack(tmp_path / f"pack-{len(trained)}", pack), report
 
-    measured = {}
+    measured, guidances = {}, []
 
-    def evaluate(pipe, subject, split, seed):
+    def evaluate(pipe, subject, split, seed, guidance):
         measured[len(measured)] = {name: layer.s_out.clone() for name, layer in quant_layers(pipe.unet)}
+        guidances.append(guidance)
         return {"subject_recognised": 0.0}
 
     bench = object.__new__(fidelity.Bench)
@@ -174,3 +176,50 @@ def test_rows_at_a_strength_measure_the_rows_own_pack_trained_once(saved_base, t
     for row in ("s2_k2+in+bg0.3", "s2_k2+in+bg0.3@0.5"):  # another background weight: its own pack, once
         bench.run_row(row, SUBJECTS["sks"], 0)
     assert [args[-1] for args in trained] == [1.0, 0.3]
+    guidances.clear()
+    bench.run_row("s2_k2+in:g6", SUBJECTS["sks"], 0)  # another guidance: the same pack, sampled at 6
+    bench.run_row("s2_k2+in@0.5:g7.5", SUBJECTS["sks"], 0)
+    assert len(trained) == 2 and guidances == [6.0, 7.5]
+    assert all(torch.equal(s, at_strength(pack, ptq, 0.5).scales[f"{n}.s_out"]) for n, s in measured[len(measured) - 1].items())
+
+
+def test_an_adapter_row_at_another_guidance_reuses_the_adapter_trained_for_its_subject_and_seed(tiny_pipe, tmp_path):
+    import argparse
+    import copy
+
+    from benchmarks import fidelity
+    from qpdeploy.miniworld.subjects import SUBJECTS
+
+    pipe = tiny_pipe("sd1")
+    trained, sampled = [], []
+    encoder = copy.deepcopy(pipe.text_encoder)  # the one DreamBooth trained: in the pipe while its images are sampled
+
+    def train_adapter(row, subject, images, seed):
+        trained.append((row, subject.identifier, seed))
+        return pipe.unet, encoder, None, {}, {"train_seconds": 1.0}
+
+    def evaluate(p, subject, split, seed, guidance):
+        sampled.append((p.text_encoder is encoder, guidance))
+        return {"subject_recognised": 0.0}
+
+    bench = object.__new__(fidelity.Bench)
+    bench.args, bench.workdir, bench.pipe, bench.adapters = argparse.Namespace(split="dev"), tmp_path, pipe, {}
+    bench._train_adapter, bench.evaluate = train_adapter, evaluate
+    original = pipe.text_encoder
+    for row, seed in (("fp_dreambooth", 0), ("fp_dreambooth:g6", 0), ("fp_dreambooth:g8", 1)):
+        assert bench.float_row(*split_guidance(row)[:1], SUBJECTS["sks"], tmp_path, seed,
+                               split_guidance(row)[1])["train_seconds"] == 1.0
+    assert trained == [("fp_dreambooth", "sks", 0), ("fp_dreambooth", "sks", 1)]  # seed 1: trained again
+    assert sampled == [(True, GUIDANCE), (True, 6.0), (True, 8.0)] and pipe.text_encoder is original
+
+
+def test_a_row_at_another_guidance_is_any_row_that_trains_nothing_per_run_beyond_a_pack_or_adapter():
+    assert split_guidance("s2_k2+in@0.9:g6") == ("s2_k2+in@0.9", 6.0)
+    assert split_guidance("fp_dreambooth") == ("fp_dreambooth", GUIDANCE)
+    rows = ("fp:g6", "w8a8_ptq:g8", "fp_dreambooth:g6", "s2_k2+in+bg0.1@0.9:g7.5", "s1_low+in:g5")
+    assert [row_problem(r) for r in rows] == [None] * 5
+    assert "no guidance variant" in row_problem("s1+in:g6")  # S1 picks its intervals per run
+    assert "no guidance variant" in row_problem("s2_k2+in+text_encoder:g6")
+    assert row_problem("fp:gx") == "row fp:gx: the background weight after +bg and the guidance after :g must be numbers"
+    assert row_problem("fp:g0.5") == "row fp:g0.5: guidance must be in 1..30, got 0.5"
+    assert row_problem("nope:g6") == "unknown row 'nope'"
