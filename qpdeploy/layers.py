@@ -18,12 +18,16 @@ a single engine with K scale tables exact (docs/design.md, "Export layouts"), an
 Training touches only ``s_out`` (and ``s_in``). The integer weight goes into backward as
 itself: :class:`IntWeightOp` saves the int8 (or packed int4) tensor and rebuilds the float
 weight when the input gradient is needed, so no float copy of any weight stays alive
-between forward and backward.
+between forward and backward. Where the CPU has an exact int8 GEMM (VNNI or AMX; see
+:func:`int_gemm_available`), the forward runs ``x_q (*) W_int`` on the integers themselves,
+as the INT8 engine does (:class:`IntGemmOp`): no float weight at all in forward.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import os
 import threading
 
 import torch
@@ -129,6 +133,89 @@ class IntWeightOp(torch.autograd.Function):
             return None, None, None, None
         layer = ctx.layer
         return layer.input_grad(ctx.x_shape, layer.weight_for_op(w_int, s_ptq, grad.dtype), grad), None, None, None
+
+
+class IntGemmOp(torch.autograd.Function):
+    """``z = x_q (*) W_int`` computed in integers, for float32 inputs on a CPU with an exact
+    int8 GEMM (:func:`int_gemm_available`).
+
+    The input is quantized to INT8 codes with its per-sample activation scale (one or two
+    channel groups, see :meth:`QuantLayer.quantize_input`), each group is multiplied by its
+    slice of the integer weight on ``torch._int_mm`` (int8 x int8 -> int32, exact), and the
+    sums are scaled back per sample: z is ``a * sum(codes * W_int)``, the raw-integer output
+    of :class:`IntWeightOp` on ``fake_quant(x)`` without its float rounding. Backward is
+    theirs, unchanged: the input gradient through the float weight rebuilt from the saved
+    integers, masked where the input was clipped (straight through elsewhere).
+    """
+
+    @staticmethod
+    def forward(ctx, x, scales, w_int, layer):
+        weight, batch_view = layer.int_weight(w_int), (-1,) + (1,) * (x.ndim - 1)
+        z, masks = None, []
+        for group, (start, size) in enumerate(layer.channel_groups(x)):
+            part = x.narrow(layer.channel_dim, start, size) if size != x.shape[layer.channel_dim] else x
+            scale = scales[:, group].to(x.dtype).view(batch_view)
+            q = part / scale
+            q.round_()
+            codes = q.clamp(ACT_QMIN, ACT_QMAX)
+            masks.append(codes == q)
+            sums = layer.int_apply(codes.to(torch.int8), weight.narrow(1, start, size))  # int32, exact
+            part_z = sums.to(x.dtype).mul_(scale)
+            z = part_z if z is None else z.add_(part_z)
+        ctx.layer, ctx.x_shape = layer, x.shape
+        ctx.save_for_backward(masks[0] if len(masks) == 1 else torch.cat(masks, dim=layer.channel_dim), w_int)
+        return z
+
+    @staticmethod
+    def backward(ctx, grad):
+        inside, w_int = ctx.saved_tensors
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None
+        layer = ctx.layer
+        grad_x = layer.input_grad(ctx.x_shape, layer.weight_for_op(w_int, None, grad.dtype), grad)
+        return grad_x * inside, None, None, None
+
+
+INT_GEMM_ENV = "QPDEPLOY_INT8_GEMM"  # "0": never use integer kernels (the float path everywhere)
+
+
+@functools.cache
+def int_gemm_available() -> bool:
+    """Whether quantized layers may run their forward on ``torch._int_mm`` on this CPU.
+
+    Only where it is exact: x86 int8 kernels without VNNI (or AMX) add pairs of u8 x s8
+    products in saturating int16, which full-range codes overflow (measured in
+    ``benchmarks/int8_kernels.py``). So the answer is a test, run once per process, of
+    the largest products INT8 codes can make, against float64 sums; ``QPDEPLOY_INT8_GEMM=0``
+    turns the integer path off.
+    """
+    if os.environ.get(INT_GEMM_ENV, "1") == "0" or not hasattr(torch, "_int_mm"):
+        return False
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randint(ACT_QMIN, ACT_QMAX + 1, (32, 1024), generator=generator, dtype=torch.int8)
+    b = torch.randint(ACT_QMIN, ACT_QMAX + 1, (1024, 24), generator=generator, dtype=torch.int8)
+    a[:8], a[8:16], b[:, :8], b[:, 8:16] = 127, -128, 127, -128  # 127 * 127 and -128 * -128 pairs overflow int16
+    try:
+        return torch.equal(torch._int_mm(a, b).double(), a.double() @ b.double())
+    except RuntimeError:  # no CPU kernel for these shapes in this build
+        return False
+
+
+def int_conv2d(codes: torch.Tensor, weight: torch.Tensor, stride, padding) -> torch.Tensor:
+    """conv2d of int8 ``codes`` (B, C, H, W) with an int8 ``weight`` (O, C, kh, kw), groups 1 and
+    dilation 1, exact in int32: one int8 GEMM over the input's patches, gathered channels-last.
+    Returns (B, O, H', W') int32 (a channels-last view)."""
+    (batch, channels, height, width), (out, _, kh, kw) = codes.shape, weight.shape
+    (sh, sw), (ph, pw) = _pair(stride), _pair(padding)
+    out_h, out_w = (height + 2 * ph - kh) // sh + 1, (width + 2 * pw - kw) // sw + 1
+    x = codes.permute(0, 2, 3, 1)  # (B, H, W, C)
+    if ph or pw:
+        x = F.pad(x, (0, 0, pw, pw, ph, ph))
+    patches = torch.stack([x[:, i:i + sh * (out_h - 1) + 1:sh, j:j + sw * (out_w - 1) + 1:sw]
+                           for i in range(kh) for j in range(kw)], dim=3)  # (B, H', W', kh * kw, C)
+    columns = weight.permute(0, 2, 3, 1).reshape(out, kh * kw * channels)  # same (i, j, c) order
+    sums = torch._int_mm(patches.reshape(-1, kh * kw * channels), columns.t())
+    return sums.view(batch, out_h, out_w, out).permute(0, 3, 1, 2)
 
 
 # dtypes in which a layer may convolve the raw integers and scale the output (range as float32)
@@ -360,13 +447,16 @@ class QuantLayer(nn.Module):
         in_table = self.in_scale_table()
         if in_table is not None:
             x = x * self._per_sample(in_table[scale_set], x)
-        if self.act_bits is not None:
-            x = self.quantize_input(x, self.act_scales_for(interval))
         # The output-channel scale is s_out (s_ptq for the post-training row). Either it goes
         # into the output after the op on the raw integers (one multiply-add with the bias), or
         # s_ptq goes into the weight and the output is multiplied by s_out / s_ptq.
         scale_after = self.scales_output(x)
-        z = IntWeightOp.apply(x, self.w_int, None if scale_after else self.s_ptq, self)
+        if scale_after and self.act_bits is not None and self.runs_on_integers(x):
+            z = IntGemmOp.apply(x, self.act_scales_for(interval), self.w_int, self)
+        else:
+            if self.act_bits is not None:
+                x = self.quantize_input(x, self.act_scales_for(interval))
+            z = IntWeightOp.apply(x, self.w_int, None if scale_after else self.s_ptq, self)
         if scale_after:  # the post-training row is s_ptq, so a base without sets takes this path too
             scale = self._per_sample(self.out_scale_table()[scale_set], z)
         elif self.num_sets:
@@ -377,6 +467,24 @@ class QuantLayer(nn.Module):
             return z if scale is None else z * scale
         bias = self.bias.to(z.dtype).view(self._bias_view(z))
         return z + bias if scale is None else torch.addcmul(bias, z, scale)
+
+    def runs_on_integers(self, x: torch.Tensor) -> bool:
+        """Whether this call's op runs on :class:`IntGemmOp`: a float32 CPU input, a geometry
+        :meth:`int_apply` computes, and an exact int8 GEMM here."""
+        return x.dtype == torch.float32 and x.device.type == "cpu" and self.int_geometry() and int_gemm_available()
+
+    def int_geometry(self) -> bool:
+        """Whether :meth:`int_apply` computes this layer's op."""
+        return True
+
+    def int_apply(self, codes: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """The op on int8 codes and an int8 weight (its input-channel slice), in exact int32."""
+        raise NotImplementedError
+
+    def channel_groups(self, x: torch.Tensor) -> list[tuple[int, int]]:
+        """(start, size) of the input's channel groups that share an activation scale."""
+        channels = x.shape[self.channel_dim]
+        return [(0, self.split), (self.split, channels - self.split)] if self.split else [(0, channels)]
 
     def quantize_input(self, x: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
         """Fake-quantize x with per-sample scales (B, P); P = 2 splits channels at ``split``."""
@@ -431,6 +539,12 @@ class QuantConv2d(QuantLayer):
     def apply_weight(self, x, weight):
         return F.conv2d(x, weight, None, self.stride, self.padding, self.dilation, self.groups)
 
+    def int_geometry(self):
+        return self.groups == 1 and _pair(self.dilation) == (1, 1) and not isinstance(self.padding, str)
+
+    def int_apply(self, codes, weight):
+        return int_conv2d(codes, weight, self.stride, self.padding)
+
     def output_numel(self, x):
         if isinstance(self.padding, str):  # "same" keeps the size; "valid" pads nothing
             if self.padding == "same":
@@ -471,6 +585,10 @@ class QuantLinear(QuantLayer):
 
     def apply_weight(self, x, weight):
         return F.linear(x, weight)
+
+    def int_apply(self, codes, weight):
+        sums = torch._int_mm(codes.reshape(-1, codes.shape[-1]), weight.t())
+        return sums.view(*codes.shape[:-1], self.out_features)
 
     def output_numel(self, x):
         return x.numel() // self.in_features * self.out_features

@@ -2,6 +2,7 @@ import pytest
 import torch
 from torch import nn
 
+from qpdeploy import layers
 from qpdeploy.calibrate import sqnr_db
 from qpdeploy.intervals import Intervals
 from qpdeploy.layers import (QuantConv2d, QuantLinear, ScaleRouter, fake_quant, pack_int4, unpack_int4,
@@ -175,3 +176,113 @@ def test_a_layer_of_a_routed_unet_called_before_routing_is_an_error():
     router.route(torch.tensor([100, 900]), 2, "cpu")
     interval, scale_set = router.selection(2, "cpu")
     assert interval.tolist() == [0, 3] and scale_set.tolist() == [0, 3]
+
+
+# -- the integer forward (an exact int8 GEMM, where the CPU has one) ----------------------
+
+needs_int_gemm = pytest.mark.skipif(not layers.int_gemm_available(),
+                                    reason="no exact int8 GEMM on this CPU (needs VNNI or AMX)")
+
+
+@needs_int_gemm
+@pytest.mark.parametrize("kernel, stride, padding, size", [(3, 1, 1, (7, 9)), (3, 2, 1, (8, 7)), (1, 1, 0, (5, 6)),
+                                                           (3, 1, 0, (6, 6)), (1, 2, 0, (7, 7))])
+def test_integer_convolution_is_exactly_the_convolution_of_the_integers(kernel, stride, padding, size):
+    g = torch.Generator().manual_seed(0)
+    codes = torch.randint(-128, 128, (2, 11, *size), generator=g, dtype=torch.int8)
+    weight = torch.randint(-127, 128, (13, 11, kernel, kernel), generator=g, dtype=torch.int8)
+    sums = layers.int_conv2d(codes, weight, stride, padding)
+    expected = nn.functional.conv2d(codes.double(), weight.double(), stride=stride, padding=padding)
+    assert sums.dtype == torch.int32 and torch.equal(sums.double(), expected)
+
+
+def _layer_pair(kind, split):
+    torch.manual_seed(0)
+    if kind == "conv":
+        layer = QuantConv2d.from_float(nn.Conv2d(16, 24, 3, stride=2, padding=1), split=split)
+        x = torch.randn(3, 16, 9, 9)
+    else:
+        layer = QuantLinear.from_float(nn.Linear(16, 24), split=split)
+        x = torch.randn(3, 5, 16)
+    layer.set_int_weight(torch.randint(-127, 128, layer.weight_shape, dtype=torch.int8))
+    layer.s_ptq.copy_(torch.rand(24) * 0.01 + 0.001)
+    layer.act_scale = torch.tensor([[0.02, 0.05] if split else [0.03]])
+    layer.set_scale_sets(torch.stack([layer.s_ptq * 1.3, layer.s_ptq * 0.7]), torch.rand(2, 16) + 0.5)
+    router = ScaleRouter(Intervals.uniform(2), num_sets=2, set_of_interval=[0, 1])
+    object.__setattr__(layer, "router", router)
+    router.route(torch.tensor([100, 900, 300]), batch=3, device="cpu")
+    return layer, x
+
+
+@needs_int_gemm
+@pytest.mark.parametrize("kind", ["conv", "linear"])
+@pytest.mark.parametrize("split", [0, 6])
+def test_the_integer_forward_is_the_float_forward_without_its_rounding_and_has_its_gradients(monkeypatch, kind,
+                                                                                            split):
+    layer, x0 = _layer_pair(kind, split)
+    calls = []
+    int_mm = torch._int_mm
+    monkeypatch.setattr(torch, "_int_mm", lambda a, b: calls.append(a.shape) or int_mm(a, b))
+    results = []
+    for integers in (True, False):
+        monkeypatch.setattr(layers, "int_gemm_available", lambda v=integers: v)
+        x = x0.clone().requires_grad_(True)
+        for t in (layer.s_out, layer.s_in):
+            t.requires_grad_(True)
+            t.grad = None
+        y = layer(x)
+        (y * torch.linspace(-1, 1, y.numel()).view(y.shape)).sum().backward()  # the same upstream gradient
+        results.append([y.detach(), layer.s_out.grad, x.grad, layer.s_in.grad])
+    assert len(calls) == (2 if split else 1)  # the integer run only: one GEMM per channel group
+    (y_int, s_out_int, *grads_int), (y_float, s_out_float, *grads_float) = results
+    assert torch.allclose(y_int, y_float, rtol=1e-5, atol=1e-5 * y_float.abs().max().item())
+    assert torch.allclose(s_out_int, s_out_float, rtol=1e-5, atol=1e-5 * s_out_float.abs().max().item())
+    for a, b in zip(grads_int, grads_float):  # input and s_in gradients: the same ops, bit for bit
+        assert torch.equal(a, b)
+
+
+@needs_int_gemm
+def test_the_integer_forward_computes_what_the_int8_engine_computes():
+    """z = a * sum(codes * W_int), exact in the integers: no float rounding inside the sum."""
+    layer, x = _layer_pair("linear", 0)
+    layer.set_scale_sets(layer.s_ptq[None].clone())  # one set, post-training scales: y = s_ptq * z + bias
+    object.__setattr__(layer, "router", None)
+    a = layer.act_scale[0, 0]
+    codes = torch.clamp(torch.round(x / a), -128, 127).double()
+    exact = (codes @ layer.int_weight().double().T) * a.double()
+    z = (layer(x) - layer.bias).double() / layer.s_ptq.double()
+    assert torch.allclose(z, exact, rtol=1e-6, atol=1e-6 * exact.abs().max().item())
+
+
+def test_an_int8_gemm_that_saturates_is_not_used(monkeypatch):
+    """Without VNNI, x86 int8 kernels add pairs of products in saturating int16: the check
+    catches that, and the layers keep the float path."""
+    def saturating(a, b):
+        products = a.int()[:, :, None] * b.int()[None]  # (M, K, N)
+        pairs = products[:, 0::2] + products[:, 1::2]
+        return pairs.clamp(-32768, 32767).sum(dim=1, dtype=torch.int32)
+
+    layers.int_gemm_available.cache_clear()
+    monkeypatch.setattr(torch, "_int_mm", saturating)
+    try:
+        assert not layers.int_gemm_available()
+        layer, x = _layer_pair("linear", 0)
+        assert not layer.runs_on_integers(x)
+        layers.int_gemm_available.cache_clear()
+        monkeypatch.setattr(torch, "_int_mm", lambda a, b: (a.double() @ b.double()).int())  # an exact one
+        assert layers.int_gemm_available()
+        monkeypatch.setenv(layers.INT_GEMM_ENV, "0")
+        layers.int_gemm_available.cache_clear()
+        assert not layers.int_gemm_available()  # turned off by the environment
+    finally:
+        layers.int_gemm_available.cache_clear()
+
+
+def test_layers_the_integer_path_does_not_compute_keep_the_float_one():
+    grouped = QuantConv2d.from_float(nn.Conv2d(8, 8, 3, groups=2))
+    dilated = QuantConv2d.from_float(nn.Conv2d(8, 8, 3, dilation=2))
+    same = QuantConv2d.from_float(nn.Conv2d(8, 8, 3, padding="same"))
+    assert [layer.int_geometry() for layer in (grouped, dilated, same)] == [False] * 3
+    assert QuantConv2d.from_float(nn.Conv2d(8, 8, 3, stride=2, padding=1)).int_geometry()
+    layer, x = _layer_pair("linear", 0)
+    assert not layer.runs_on_integers(x.double()) and not layer.runs_on_integers(x.half())
