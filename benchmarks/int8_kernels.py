@@ -9,12 +9,15 @@ linear layers at the training benchmark's 32x32 latents (``benchmarks/train_memo
 - ``float``: a float32 GEMM whose float weight is ready (LoRA's frozen layers);
 - ``convert_float``: int8 -> float32 conversion, then the same GEMM (what ours does);
 - ``int8``: oneDNN's u8 x s8 GEMM with float32 output (``torch.ops.onednn.qlinear_pointwise``,
-  the kernel PyTorch's x86 quantization lowers to), activations shifted by a zero point of 128.
+  the kernel PyTorch's x86 quantization lowers to), activations shifted by a zero point of 128;
+- ``int_mm``: ``torch._int_mm`` (s8 x s8 -> int32) and the conversion of its sums to float32:
+  what the layers' integer forward runs where it is exact (``qpdeploy.layers.IntGemmOp``).
 
 Exactness is checked on full-range INT8 weights ([-127, 127]) and on 7-bit weights
 ([-63, 63]): without VNNI instructions, x86 int8 kernels multiply u8 by s8 and add pairs in
 saturating int16 (``vpmaddubsw``), which 255 * 127 * 2 overflows and 255 * 63 * 2 does not.
-A kernel that is fast but inexact cannot run what the engine computes.
+A kernel that is fast but inexact cannot run what the engine computes; the report also says
+whether ``qpdeploy.layers.int_gemm_available`` lets the layers use ``torch._int_mm`` here.
 
     python -m benchmarks.int8_kernels --out benchmarks/results/int8_kernels.json
 
@@ -47,7 +50,7 @@ SD15_GEMMS = {
     "ff out 8x8 (64 x 5120 -> 1280)": (64, 5120, 1280),
 }
 CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
-WAYS = ("float", "convert_float", "int8")  # what time_gemm times, see the module docstring
+WAYS = ("float", "convert_float", "int8", "int_mm")  # what time_gemm times, see the module docstring
 
 
 def cpu_flags() -> dict:
@@ -96,7 +99,9 @@ def exactness(tokens: int, k: int, n: int, weight_max: int, seed: int = 0) -> di
     w = torch.randint(-weight_max, weight_max + 1, (n, k), dtype=torch.int8, generator=g)
     exact = x.double() @ w.double().T  # integer sums, exact in float64
     error = (Int8Gemm(w, tokens)(shifted(x)).double() - exact).abs().max().item()
-    return {"max_abs_error": error, "exact": error == 0.0, "largest_abs_sum": exact.abs().max().item()}
+    int_mm_error = (torch._int_mm(x, w.T).double() - exact).abs().max().item()
+    return {"max_abs_error": error, "exact": error == 0.0, "largest_abs_sum": exact.abs().max().item(),
+            "int_mm_max_abs_error": int_mm_error, "int_mm_exact": int_mm_error == 0.0}
 
 
 def _median_ms(fn, repeats: int) -> float:
@@ -118,18 +123,21 @@ def time_gemm(tokens: int, k: int, n: int, repeats: int, seed: int = 0) -> dict:
     int8 = Int8Gemm(w, tokens)
     ways = {"float": lambda: x_float @ w_float.T,
             "convert_float": lambda: x_float @ scratch.copy_(w).T,
-            "int8": lambda: int8(x_u8)}
+            "int8": lambda: int8(x_u8),
+            "int_mm": lambda: torch._int_mm(x, w.T).float()}
     for fn in ways.values():  # warm up (first calls pick kernels, touch pages)
         fn()
     return {way: _median_ms(ways[way], repeats) for way in WAYS}
 
 
 def run(rounds: int = 5, repeats: int = 5, threads: int = 1, gemms: dict = SD15_GEMMS) -> dict:
+    from qpdeploy.layers import int_gemm_available
     from qpdeploy.miniworld.stats import bootstrap_mean
 
     torch.set_num_threads(threads)
     started = time.perf_counter()
-    report = {"cpu": cpu_flags(), "threads": threads, "torch": torch.__version__}
+    report = {"cpu": cpu_flags(), "threads": threads, "torch": torch.__version__,
+              "layers_use_int_mm": int_gemm_available()}
     try:
         shape = next(iter(gemms.values()))
         report["exactness"] = {"int8 weights [-127, 127]": exactness(*shape, weight_max=127),
@@ -145,6 +153,7 @@ def run(rounds: int = 5, repeats: int = 5, threads: int = 1, gemms: dict = SD15_
     totals = [{way: sum(r[name][way] for name in gemms) for way in WAYS} for r in per_round]
     report["ratios_of_the_summed_gemms"] = {
         "int8 / convert_float": bootstrap_mean([[t["int8"] / t["convert_float"] for t in totals]]),
+        "int_mm / convert_float": bootstrap_mean([[t["int_mm"] / t["convert_float"] for t in totals]]),
         "int8 / float": bootstrap_mean([[t["int8"] / t["float"] for t in totals]]),
         "convert_float / float": bootstrap_mean([[t["convert_float"] / t["float"] for t in totals]]),
     }

@@ -17,7 +17,9 @@ step) per method, each method in its own process, one after the other:
   disk, with the training defaults (output and input scales; S2 with K = 2) and batch 1;
   ``_gc`` adds gradient checkpointing (``--gradient-checkpointing``), ``_lowmem`` is
   ``qpdeploy train --low-memory`` (checkpointing, and on CPU large freed blocks go back to
-  the OS at once: :func:`qpdeploy.memory.cap_heap_retention`).
+  the OS at once: :func:`qpdeploy.memory.cap_heap_retention`); ``ours_s2_int8_float_gemm`` is
+  ``ours_s2_int8`` with the layers' integer forward turned off (``QPDEPLOY_INT8_GEMM=0``): on a
+  CPU with an exact int8 GEMM (VNNI, AMX) the two differ, elsewhere they are the same code.
 
 The quantized bases are built once in a helper process (``--prepare-base``) with min/max
 weight scales and a minimal activation calibration on 4 random UNet calls: this benchmark
@@ -32,9 +34,10 @@ moments) and the tensors autograd saves for backward (counted with saved-tensor 
     python benchmarks/train_memory.py --out benchmarks/results/train_memory.json
 
 With a GPU the same script measures 32x32 and 64x64 latents. ``--speed-rounds N`` then times
-``ours_s2_int8`` against ``lora_r4`` again, alternating, N rounds; on a CPU every timed run
+``ours_s2_int8``, ``lora_r4`` and ``ours_s2_int8_float_gemm`` again, in rotating order, N
+rounds; on a CPU every timed run
 also profiles one more step (after the timing) and reports its CPU time by kind of operator:
-convolutions/matmuls/attention, copies (for ours, the integer weights converted to float),
+convolutions/matmuls/attention, copies (for ours, integer weights and sums converted to float),
 elementwise passes, the rest.
 """
 
@@ -82,7 +85,9 @@ METHODS = {
     "ours_s2_int8_gc": ("ours", 8, {"strategy": "s2", "gradient_checkpointing": True}),
     "ours_s2_int8_lowmem": ("ours", 8, {"strategy": "s2", "gradient_checkpointing": True, "low_memory": True}),
     "ours_s2_int4": ("ours", 4, {"strategy": "s2"}),
+    "ours_s2_int8_float_gemm": ("ours", 8, {"strategy": "s2", "float_gemm": True}),
 }
+WORKER_ONLY = ("low_memory", "float_gemm")  # options the worker process applies, not ScaleTrainer
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]  # what fidelity.add_lora targets (named in the report)
 LR = {"full_finetune": 5e-6, "lora_r4": 1e-4, "qlora_r4_int8": 1e-4, "textual_inversion": 5e-4}
 
@@ -137,8 +142,8 @@ def allocator_free_bytes() -> int | None:
 OP_KINDS = {
     "convolution, matmul, attention": ("aten::convolution_backward", "aten::mkldnn_convolution",
                                        "aten::_slow_conv2d", "aten::mm", "aten::addmm", "aten::bmm",
-                                       "aten::_scaled_dot_product"),
-    "copies (ours: integer weights to float)": ("aten::copy_",),
+                                       "aten::_scaled_dot_product", "aten::_int_mm"),
+    "copies (ours: integer weights and sums to float)": ("aten::copy_",),
     "elementwise and small reductions": ("aten::mul", "aten::add", "aten::addcmul", "aten::div", "aten::round",
                                          "aten::clamp", "aten::eq", "aten::ge", "aten::le", "aten::sum", "aten::cat",
                                          "aten::stack", "aten::sub", "aten::where", "aten::bitwise_and",
@@ -297,7 +302,7 @@ def build_ours(method: str, base_dir: Path, latent: int, steps: int, device):
     examples = Examples(latent_mean=latents, latent_std=torch.zeros_like(latents), prompt_index=torch.tensor([0]),
                         is_prior=torch.tensor([False]), prompt_embeds=context)
     # the training defaults (strategy's K, output and input scales), batch 1 like every method here
-    options = {k: v for k, v in METHODS[method][2].items() if k != "low_memory"}
+    options = {k: v for k, v in METHODS[method][2].items() if k not in WORKER_ONLY}
     config = TrainConfig("a photo of sks dog", **options, batch_size=1, steps=steps)
     trainer = ScaleTrainer(base, examples, config, SD15_SCHEDULER, device)
     return base, trainer
@@ -437,6 +442,10 @@ def run_method(method: str, latent: int, args, base_dirs: dict, profile: bool = 
         command += ["--base", str(base_dirs[METHODS[method][1]])]
     print(f"[{time.strftime('%H:%M:%S')}] {method} at {latent}x{latent} latents ...", flush=True)
     env = dict(os.environ)
+    if METHODS[method][2].get("float_gemm"):
+        from qpdeploy.layers import INT_GEMM_ENV
+
+        env[INT_GEMM_ENV] = "0"
     if args.malloc_mmap_threshold:
         env["MALLOC_MMAP_THRESHOLD_"] = str(args.malloc_mmap_threshold)
     subprocess.run(command, check=True, env=env)
@@ -445,24 +454,33 @@ def run_method(method: str, latent: int, args, base_dirs: dict, profile: bool = 
     return data
 
 
-SPEED_PAIR = ("ours_s2_int8", "lora_r4")
+SPEED_METHODS = ("ours_s2_int8", "lora_r4", "ours_s2_int8_float_gemm")
 
 
 def speed_rounds(args, base_dirs: dict) -> dict:
-    """Seconds per step of ours S2 INT8 against LoRA r4, in alternating order, round by round."""
+    """Seconds per step of ours S2 INT8 (integer forward where exact, and float GEMMs) against
+    LoRA r4, in an order that rotates each round, round by round."""
+    from qpdeploy.layers import int_gemm_available
     from qpdeploy.miniworld.stats import bootstrap_mean
 
-    seconds = {m: [] for m in SPEED_PAIR}
-    profiles = {m: [] for m in SPEED_PAIR}
+    seconds = {m: [] for m in SPEED_METHODS}
+    profiles = {m: [] for m in SPEED_METHODS}
     for r in range(args.speed_rounds):
-        for method in SPEED_PAIR if r % 2 == 0 else SPEED_PAIR[::-1]:
+        shift = r % len(SPEED_METHODS)
+        for method in SPEED_METHODS[shift:] + SPEED_METHODS[:shift]:
             data = run_method(method, 32, args, base_dirs, profile=args.device == "cpu")
             seconds[method].append(data["seconds_per_step"])
             if "profile" in data:
                 profiles[method].append(data["profile"]["self_seconds_by_kind"])
-    ratios_ = [a / b for a, b in zip(*seconds.values())]
+
+    def ratio(a, b):
+        return bootstrap_mean([[x / y for x, y in zip(seconds[a], seconds[b])]])
+
     report = {"rounds": args.speed_rounds, "seconds_per_step": seconds,
-              f"{SPEED_PAIR[0]} / {SPEED_PAIR[1]}": bootstrap_mean([ratios_]), "target": "<= 1"}
+              "integer_forward": args.device == "cpu" and int_gemm_available(),
+              "ours_s2_int8 / lora_r4": ratio("ours_s2_int8", "lora_r4"), "target": "<= 1",
+              "ours_s2_int8_float_gemm / lora_r4": ratio("ours_s2_int8_float_gemm", "lora_r4"),
+              "ours_s2_int8 / ours_s2_int8_float_gemm": ratio("ours_s2_int8", "ours_s2_int8_float_gemm")}
     if all(profiles.values()):  # one profiled step after each timed run, mean over the rounds
         report["profile_self_seconds_by_kind"] = {
             m: {k: round(sum(p[k] for p in runs) / len(runs), 3) for k in runs[0]} for m, runs in profiles.items()}
@@ -539,7 +557,7 @@ def main() -> None:
 
     start = time.perf_counter()
     base_dirs = {}
-    speed_methods = SPEED_PAIR if args.speed_rounds else ()
+    speed_methods = SPEED_METHODS if args.speed_rounds else ()
     for bits in sorted({METHODS[m][1] for m in (*methods, *speed_methods) if METHODS[m][1] is not None}):
         base_dirs[bits] = args.workdir / f"base-int{bits}"
         if not (base_dirs[bits] / "quant_config.json").is_file():

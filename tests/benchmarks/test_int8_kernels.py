@@ -23,13 +23,15 @@ def test_the_kernel_subtracts_the_zero_point():
     assert out.tolist() == [[-127 + 381 - 4, 635 - 889 - 8]]
 
 
-def test_the_report_times_every_shape_three_ways():
+def test_the_report_times_every_shape_every_way():
     gemms = {"a": (16, 32, 48), "b": (8, 64, 16)}
     report = int8_kernels.run(rounds=2, repeats=1, gemms=gemms)
     assert set(report["milliseconds"]) == set(gemms)
-    assert all(set(ms) == {"float", "convert_float", "int8"} and min(ms.values()) > 0
+    assert all(set(ms) == {"float", "convert_float", "int8", "int_mm"} and min(ms.values()) > 0
                for ms in report["milliseconds"].values())
     assert report["exactness"]["7-bit weights [-63, 63]"]["exact"]
     for ratio in report["ratios_of_the_summed_gemms"].values():
         assert ratio["n"] == 2 and ratio["low"] <= ratio["mean"] <= ratio["high"]
     assert set(report["cpu"]["flags"]) <= set(int8_kernels.CPU_FLAGS)
+    full_range = report["exactness"]["int8 weights [-127, 127]"]
+    assert full_range["int_mm_exact"] or not report["layers_use_int_mm"]  # the layers never use an inexact kernel

@@ -34,8 +34,8 @@ def test_every_method_trains_a_step_and_accounts_for_its_memory(tmp_path):
     (tmp_path / "configs.json").write_text(json.dumps([TINY_UNET, TINY_TEXT]))
     results = {}
     for method, (kind, bits, options) in METHODS.items():
-        if bits == 4 or options.get("low_memory"):
-            continue  # W4: W8's code with another base; low memory: a process-wide setting (test_memory.py)
+        if bits == 4 or options.get("low_memory") or options.get("float_gemm"):
+            continue  # W4: W8's code with another base; low memory and float GEMMs: process-wide settings
         args = argparse.Namespace(worker=method, threads=1, device="cpu", configs=tmp_path / "configs.json",
                                   base=tmp_path / "base", latent=8, steps=2, workdir=str(tmp_path),
                                   profile=method in ("ours_s2_int8", "lora_r4"))
@@ -55,7 +55,7 @@ def test_every_method_trains_a_step_and_accounts_for_its_memory(tmp_path):
     # the profiled step: ours converts integer weights (copies), both run convolutions
     kinds = {m: results[m]["profile"]["self_seconds_by_kind"] for m in ("ours_s2_int8", "lora_r4")}
     assert all(k["convolution, matmul, attention"] > 0 for k in kinds.values())
-    assert kinds["ours_s2_int8"]["copies (ours: integer weights to float)"] > 0
+    assert kinds["ours_s2_int8"]["copies (ours: integer weights and sums to float)"] > 0
     assert "profile" not in results["full_finetune"]
 
 
@@ -63,8 +63,8 @@ def test_a_profiled_step_sorts_operators_by_kind():
     a, b = torch.randn(512, 512), torch.randn(512, 512)
     profiled = profile_step(lambda: (a @ b).mul_(2).add(1).to(torch.float64))
     kinds = profiled["self_seconds_by_kind"]
-    assert set(kinds) == {"convolution, matmul, attention", "copies (ours: integer weights to float)",
+    assert set(kinds) == {"convolution, matmul, attention", "copies (ours: integer weights and sums to float)",
                           "elementwise and small reductions", "other"}
     assert kinds["convolution, matmul, attention"] > 0 and kinds["elementwise and small reductions"] > 0
-    assert kinds["copies (ours: integer weights to float)"] > 0  # the float64 conversion
+    assert kinds["copies (ours: integer weights and sums to float)"] > 0  # the float64 conversion
     assert "aten::mm" in profiled["top_ops"] and profiled["top_ops"]["aten::mm"]["calls"] == 1
