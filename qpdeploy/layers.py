@@ -159,9 +159,8 @@ class IntGemmOp(torch.autograd.Function):
             q.round_()
             codes = q.clamp(ACT_QMIN, ACT_QMAX)
             masks.append(codes == q)
-            sums = layer.int_apply(codes.to(torch.int8), weight.narrow(1, start, size))  # int32, exact
-            part_z = sums.to(x.dtype).mul_(scale)
-            z = part_z if z is None else z.add_(part_z)
+            sums = layer.int_apply(layer.int_codes(codes), weight.narrow(1, start, size))  # int32, exact
+            z = sums * scale if z is None else z.addcmul_(sums, scale)  # int32 * float32: float32, one pass
         ctx.layer, ctx.x_shape = layer, x.shape
         ctx.save_for_backward(masks[0] if len(masks) == 1 else torch.cat(masks, dim=layer.channel_dim), w_int)
         return z
@@ -203,18 +202,22 @@ def int_gemm_available() -> bool:
 
 def int_conv2d(codes: torch.Tensor, weight: torch.Tensor, stride, padding) -> torch.Tensor:
     """conv2d of int8 ``codes`` (B, C, H, W) with an int8 ``weight`` (O, C, kh, kw), groups 1 and
-    dilation 1, exact in int32: one int8 GEMM over the input's patches, gathered channels-last.
-    Returns (B, O, H', W') int32 (a channels-last view)."""
+    dilation 1, exact in int32: one int8 GEMM over the input's patches, gathered channels-last
+    (codes in channels-last memory, as :meth:`QuantConv2d.int_codes` makes them, need no copy
+    for a 1x1 convolution). Returns (B, O, H', W') int32 (a channels-last view)."""
     (batch, channels, height, width), (out, _, kh, kw) = codes.shape, weight.shape
     (sh, sw), (ph, pw) = _pair(stride), _pair(padding)
     out_h, out_w = (height + 2 * ph - kh) // sh + 1, (width + 2 * pw - kw) // sw + 1
     x = codes.permute(0, 2, 3, 1)  # (B, H, W, C)
-    if ph or pw:
-        x = F.pad(x, (0, 0, pw, pw, ph, ph))
-    patches = torch.stack([x[:, i:i + sh * (out_h - 1) + 1:sh, j:j + sw * (out_w - 1) + 1:sw]
-                           for i in range(kh) for j in range(kw)], dim=3)  # (B, H', W', kh * kw, C)
-    columns = weight.permute(0, 2, 3, 1).reshape(out, kh * kw * channels)  # same (i, j, c) order
-    sums = torch._int_mm(patches.reshape(-1, kh * kw * channels), columns.t())
+    if kh == kw == 1 and ph == pw == 0:
+        patches = x[:, ::sh, ::sw]
+    else:
+        if ph or pw:
+            x = F.pad(x, (0, 0, pw, pw, ph, ph))
+        # (B, H', W', C, kh * kw): the weight's own (c, i, j) order, so the weight needs no copy
+        patches = torch.stack([x[:, i:i + sh * (out_h - 1) + 1:sh, j:j + sw * (out_w - 1) + 1:sw]
+                               for i in range(kh) for j in range(kw)], dim=4)
+    sums = torch._int_mm(patches.reshape(-1, kh * kw * channels), weight.reshape(out, -1).t())
     return sums.view(batch, out_h, out_w, out).permute(0, 3, 1, 2)
 
 
@@ -481,6 +484,10 @@ class QuantLayer(nn.Module):
         """The op on int8 codes and an int8 weight (its input-channel slice), in exact int32."""
         raise NotImplementedError
 
+    def int_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        """Integer-valued float codes as the int8 tensor :meth:`int_apply` reads best."""
+        return codes.to(torch.int8)
+
     def channel_groups(self, x: torch.Tensor) -> list[tuple[int, int]]:
         """(start, size) of the input's channel groups that share an activation scale."""
         channels = x.shape[self.channel_dim]
@@ -544,6 +551,9 @@ class QuantConv2d(QuantLayer):
 
     def int_apply(self, codes, weight):
         return int_conv2d(codes, weight, self.stride, self.padding)
+
+    def int_codes(self, codes):
+        return codes.to(torch.int8, memory_format=torch.channels_last)  # the conversion and the layout in one pass
 
     def output_numel(self, x):
         if isinstance(self.padding, str):  # "same" keeps the size; "valid" pads nothing
