@@ -91,17 +91,23 @@ class FakeQuantSTE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, scale):
-        q = x / scale
-        q.round_()
-        clamped = q.clamp(ACT_QMIN, ACT_QMAX)
-        inside = clamped == q  # one comparison instead of two and an AND (NaN: outside, as before)
+        codes, inside = int8_codes(x, scale)
         ctx.save_for_backward(inside)
-        return clamped.mul_(scale)
+        return codes.mul_(scale)
 
     @staticmethod
     def backward(ctx, grad):
         (inside,) = ctx.saved_tensors
         return grad * inside, None
+
+
+def int8_codes(x: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``clamp(round(x / scale), -128, 127)`` (integer values, in x's float dtype) and where
+    it was not clipped (the straight-through gradient's mask)."""
+    q = x / scale
+    q.round_()
+    codes = q.clamp(ACT_QMIN, ACT_QMAX)
+    return codes, codes == q  # one comparison instead of two and an AND (NaN: outside)
 
 
 def fake_quant(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -155,10 +161,8 @@ class IntGemmOp(torch.autograd.Function):
         for group, (start, size) in enumerate(layer.channel_groups(x)):
             part = x.narrow(layer.channel_dim, start, size) if size != x.shape[layer.channel_dim] else x
             scale = scales[:, group].to(x.dtype).view(batch_view)
-            q = part / scale
-            q.round_()
-            codes = q.clamp(ACT_QMIN, ACT_QMAX)
-            masks.append(codes == q)
+            codes, inside = int8_codes(part, scale)
+            masks.append(inside)
             sums = layer.int_apply(layer.int_codes(codes), weight.narrow(1, start, size))  # int32, exact
             z = sums * scale if z is None else z.addcmul_(sums, scale)  # int32 * float32: float32, one pass
         ctx.layer, ctx.x_shape = layer, x.shape
@@ -496,13 +500,11 @@ class QuantLayer(nn.Module):
     def quantize_input(self, x: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
         """Fake-quantize x with per-sample scales (B, P); P = 2 splits channels at ``split``."""
         batch_view = (-1,) + (1,) * (x.ndim - 1)
-        if not self.split:
+        groups = self.channel_groups(x)
+        if len(groups) == 1:
             return fake_quant(x, scales[:, 0].view(batch_view))
-        head, tail = x.split([self.split, x.shape[self.channel_dim] - self.split], dim=self.channel_dim)
-        return torch.cat(
-            [fake_quant(head, scales[:, 0].view(batch_view)), fake_quant(tail, scales[:, 1].view(batch_view))],
-            dim=self.channel_dim,
-        )
+        return torch.cat([fake_quant(x.narrow(self.channel_dim, start, size), scales[:, g].view(batch_view))
+                          for g, (start, size) in enumerate(groups)], dim=self.channel_dim)
 
     def act_scales_for(self, interval: torch.Tensor) -> torch.Tensor:
         """Per-sample activation scales (B, P): the sample's interval row, or the global row."""
