@@ -207,8 +207,8 @@ def test_an_adapter_row_at_another_guidance_reuses_the_adapter_trained_for_its_s
     bench._train_adapter, bench.evaluate = train_adapter, evaluate
     original = pipe.text_encoder
     for row, seed in (("fp_dreambooth", 0), ("fp_dreambooth:g6", 0), ("fp_dreambooth:g8", 1)):
-        assert bench.float_row(*split_guidance(row)[:1], SUBJECTS["sks"], tmp_path, seed,
-                               split_guidance(row)[1])["train_seconds"] == 1.0
+        name, guidance = split_guidance(row)
+        assert bench.float_row(name, SUBJECTS["sks"], tmp_path, seed, guidance)["train_seconds"] == 1.0
     assert trained == [("fp_dreambooth", "sks", 0), ("fp_dreambooth", "sks", 1)]  # seed 1: trained again
     assert sampled == [(True, GUIDANCE), (True, 6.0), (True, 8.0)] and pipe.text_encoder is original
 
