@@ -32,7 +32,10 @@ evaluator on the subject's ``test`` prompts (choices such as S1's intervals are 
   e.g. ``s2_k2+in+bg0.3``, also at a strength: ``s2_k2+in+bg0.3@0.9``;
 - ``<row>:g<guidance>``: the row's images sampled at another classifier-free guidance (default
   :data:`GUIDANCE`, the bundled model's recommendation), from the same trained pack or adapter,
-  e.g. ``s2_k2+in,s2_k2+in:g6,fp_dreambooth,fp_dreambooth:g6``.
+  e.g. ``s2_k2+in,s2_k2+in:g6,fp_dreambooth,fp_dreambooth:g6``;
+- ``<row>:kvptq`` (last): a probe, the scale row's pack with the cross-attention key and value
+  projections (:data:`CROSS_KV`, the layers that read the prompt's embeddings) put back to
+  their post-training scales, e.g. ``s2_k2+in,s2_k2+in:kvptq``.
 
 Columns (mean and std over subjects x seeds): ``subject_fidelity`` (evaluator probability of
 the subject), ``subject_recognised`` (share of images the instance embedding recognises as the
@@ -132,6 +135,8 @@ SCALE_ROWS.update({f"{row}+token": spec for row, spec in SCALE_ROWS.items()
                    if row in ("baseline", "s2_k2", "s2_k2+in", "s2_k4", "w4a8_s2_k4")})  # pivotal tuning (--train-token)
 TEXT_ROWS = {"s2_k2+in+text_encoder": "encoder", "s2_k2+in+text_scales": "scales"}  # row: what of the text encoder trains
 SCALE_ROWS.update({row: SCALE_ROWS["s2_k2+in"] for row in TEXT_ROWS})
+CROSS_KV = ("attn2.to_k", "attn2.to_v")  # cross-attention projections of the text embeddings
+KV_PROBE = ":kvptq"  # row suffix: the pack without trained CROSS_KV scales
 ADAPTER_ROWS = ("fp_dreambooth", "fp_lora", "fp_ti", "w8a8_lora")  # trained outside qpdeploy.train
 ROWS = ("fp", "fp_dreambooth", "fp_lora", "fp_ti", "w8a8_ptq", "w8a8_lora", *SCALE_ROWS)
 # per-image values of evaluate_prompts -> the table's column names
@@ -200,6 +205,7 @@ class Bench:
         images = self.workdir / f"instance-{subject.identifier}"
         if not images.is_dir():
             write_instance_images(subject, images, masks=True)
+        row, kv_reset = (row[:-len(KV_PROBE)], True) if row.endswith(KV_PROBE) else (row, False)
         row, guidance = split_guidance(row)
         if row == "fp":
             return {**self.evaluate(self.pipe, subject, self.args.split, seed, guidance),
@@ -213,9 +219,9 @@ class Bench:
         row, background, strength = parse_row(row)
         bits, strategy, k, s1, input_scales = SCALE_ROWS[row]
         token = row.endswith("+token")
-        if strength or background < 1 or guidance != GUIDANCE:
+        if strength or background < 1 or guidance != GUIDANCE or kv_reset:
             return self.scale_row(bits, strategy, k, s1, input_scales, subject, images, seed, self.args.split, token,
-                                  parse_strength(strength or "1"), background, guidance)
+                                  parse_strength(strength or "1"), background, guidance, kv_reset)
         if row in TEXT_ROWS:
             return self.text_row(TEXT_ROWS[row], bits, strategy, k, s1, input_scales, subject, images, seed)
         if s1 is None:  # S1: pick the intervals on dev
@@ -230,10 +236,11 @@ class Bench:
         return self.scale_row(bits, strategy, k, s1, input_scales, subject, images, seed, self.args.split, token)
 
     def scale_row(self, bits, strategy, k, s1, input_scales, subject, images, seed, split, token=False,
-                  strength=1.0, background=1.0, guidance=GUIDANCE) -> dict:
+                  strength=1.0, background=1.0, guidance=GUIDANCE, kv_reset=False) -> dict:
         """Train (once per row, background weight, subject and seed: the rows
         ``<row>@<strength>`` and ``<row>:g<guidance>`` reuse the pack) and measure the pack at
-        ``strength`` (see ``qpdeploy.pack.at_strength``), sampling at ``guidance``."""
+        ``strength`` (see ``qpdeploy.pack.at_strength``), sampling at ``guidance``; with
+        ``kv_reset``, the cross-attention key and value projections on post-training scales."""
         key = (bits, strategy, k, tuple(s1), input_scales, token, background, subject.identifier, seed)
         if key not in self.trained:
             self.trained[key] = self.train_pack(bits, strategy, k, s1, input_scales, subject, images, seed, token,
@@ -241,6 +248,8 @@ class Bench:
         path, report = self.trained[key]
         base = load_base(self.base_dir(bits))
         pack = at_strength(load_pack(path), post_training_scales(base), strength)
+        if kv_reset:
+            pack = without_trained(pack, post_training_scales(base), CROSS_KV)
         apply_pack(base, pack)
         pipe = quantized_pipeline(self.pipe, base.unet.eval())
         with tokens_applied(pipe, pack.token, pack.tokens):  # pivotal tuning's rows, for this row only
@@ -517,6 +526,20 @@ def parse_row(row: str) -> tuple[str, float, str]:
     return name, 1.0, strength
 
 
+def without_trained(pack, post_training: dict, suffixes: tuple[str, ...]):
+    """The pack with the layers whose names end with one of ``suffixes`` back on their
+    post-training scales (``s_out = s_ptq``, ``s_in = 1``) in every set: what the rest of the
+    pack does without them."""
+    scales = {}
+    for key, value in pack.scales.items():
+        name, kind = key.rsplit(".", 1)
+        if name.endswith(suffixes):
+            value = post_training[name].detach().float().expand_as(value).clone() if kind == "s_out" \
+                else torch.ones_like(value)
+        scales[key] = value
+    return dataclasses.replace(pack, scales=scales)
+
+
 def split_guidance(row: str) -> tuple[str, float]:
     """A ``--rows`` entry ``<row>[:g<guidance>]`` as (the row, the classifier-free guidance its
     images are sampled at; without the suffix :data:`GUIDANCE`, the bundled model's own).
@@ -541,13 +564,16 @@ def row_problem(row: str) -> str | None:
     scale row trained with a background weight, ``<row>+bg<w>``; any of these sampled at another
     guidance, ``<row>:g<guidance>`` (not the rows that train a text side or choose S1's
     intervals per run)."""
+    probe = row.endswith(KV_PROBE)
     try:
-        head, guidance = split_guidance(row)
+        head, guidance = split_guidance(row[:-len(KV_PROBE)] if probe else row)
         name, background, strength = parse_row(head)
     except ValueError:
         return f"row {row}: the background weight after +bg and the guidance after :g must be numbers"
     if name not in ROWS:
         return f"unknown row {name!r}"
+    if probe and not has_fixed_intervals(name):
+        return f"row {name} has no {KV_PROBE} probe (only scale rows with fixed intervals do)"
     if guidance != GUIDANCE and name in SCALE_ROWS and not has_fixed_intervals(name):
         return f"row {name} has no guidance variant (only unpersonalized, adapter and fixed-interval scale rows do)"
     if not 1 <= guidance <= 30:
