@@ -223,3 +223,29 @@ def test_a_row_at_another_guidance_is_any_row_that_trains_nothing_per_run_beyond
     assert row_problem("fp:gx") == "row fp:gx: the background weight after +bg and the guidance after :g must be numbers"
     assert row_problem("fp:g0.5") == "row fp:g0.5: guidance must be in 1..30, got 0.5"
     assert row_problem("nope:g6") == "unknown row 'nope'"
+
+
+def test_the_kv_probe_puts_exactly_the_cross_attention_keys_and_values_back_on_post_training_scales(saved_base):
+    from benchmarks.fidelity import CROSS_KV, without_trained
+    from qpdeploy.base import load_base
+    from qpdeploy.layers import quant_layers
+    from qpdeploy.pack import ScalePack, init_scale_sets, post_training_scales, scales_of
+
+    base = load_base(saved_base("sd1"))
+    init_scale_sets(base, "s2", base.intervals, input_scales=True)
+    for _, layer in quant_layers(base.unet):
+        layer.s_out.data *= 1.5
+        layer.s_in.data += 0.25
+    pack = ScalePack("s2", base.intervals, base.base_hash, scales_of(base.unet))
+    ptq = post_training_scales(base)
+    probed = without_trained(pack, ptq, CROSS_KV)
+    reset = {name for name in ptq if name.endswith(CROSS_KV)}
+    assert reset and len(reset) < len(ptq)
+    for name in ptq:
+        s_out, s_in = probed.scales[f"{name}.s_out"], probed.scales[f"{name}.s_in"]
+        if name in reset:
+            assert torch.equal(s_out, ptq[name].expand_as(s_out)) and torch.equal(s_in, torch.ones_like(s_in))
+        else:
+            assert torch.equal(s_out, pack.scales[f"{name}.s_out"]) and torch.equal(s_in, pack.scales[f"{name}.s_in"])
+    assert [row_problem(r) for r in ("s2_k2+in:kvptq", "s2_k2+in@0.9:g6:kvptq")] == [None, None]
+    assert "no :kvptq probe" in row_problem("fp_dreambooth:kvptq")
