@@ -205,8 +205,7 @@ class Bench:
         images = self.workdir / f"instance-{subject.identifier}"
         if not images.is_dir():
             write_instance_images(subject, images, masks=True)
-        row, kv_reset = (row[:-len(KV_PROBE)], True) if row.endswith(KV_PROBE) else (row, False)
-        row, guidance = split_guidance(row)
+        row, guidance, kv_reset = split_sampling(row)
         if row == "fp":
             return {**self.evaluate(self.pipe, subject, self.args.split, seed, guidance),
                     "trainable_params": 0, "pack_bytes": 0}
@@ -247,9 +246,10 @@ class Bench:
                                                 background)
         path, report = self.trained[key]
         base = load_base(self.base_dir(bits))
-        pack = at_strength(load_pack(path), post_training_scales(base), strength)
+        post_training = post_training_scales(base)
+        pack = at_strength(load_pack(path), post_training, strength)
         if kv_reset:
-            pack = without_trained(pack, post_training_scales(base), CROSS_KV)
+            pack = without_trained(pack, post_training, CROSS_KV)
         apply_pack(base, pack)
         pipe = quantized_pipeline(self.pipe, base.unet.eval())
         with tokens_applied(pipe, pack.token, pack.tokens):  # pivotal tuning's rows, for this row only
@@ -551,6 +551,14 @@ def split_guidance(row: str) -> tuple[str, float]:
     return (head, float(value)) if marker else (row, GUIDANCE)
 
 
+def split_sampling(row: str) -> tuple[str, float, bool]:
+    """A ``--rows`` entry ``<row>[:g<guidance>][:kvptq]`` as (the row, the guidance its images
+    are sampled at, whether the K/V probe applies to its pack)."""
+    probe = row.endswith(KV_PROBE)
+    head, guidance = split_guidance(row.removesuffix(KV_PROBE))
+    return head, guidance, probe
+
+
 def has_fixed_intervals(name: str) -> bool:
     """A scale row trained by ``qpdeploy.train`` with its intervals fixed in advance (not S1's
     per-run choice, not a text-side experiment): the rows a strength or a background weight
@@ -564,9 +572,8 @@ def row_problem(row: str) -> str | None:
     scale row trained with a background weight, ``<row>+bg<w>``; any of these sampled at another
     guidance, ``<row>:g<guidance>`` (not the rows that train a text side or choose S1's
     intervals per run)."""
-    probe = row.endswith(KV_PROBE)
     try:
-        head, guidance = split_guidance(row[:-len(KV_PROBE)] if probe else row)
+        head, guidance, probe = split_sampling(row)
         name, background, strength = parse_row(head)
     except ValueError:
         return f"row {row}: the background weight after +bg and the guidance after :g must be numbers"

@@ -30,7 +30,7 @@ from pathlib import Path
 from qpdeploy.io import write_file_atomic, write_json
 from qpdeploy.miniworld.subjects import SUBJECTS
 
-from .fidelity import KV_PROBE, SCALE_ROWS, parse_row, quantize_base, split_guidance, summarize
+from .fidelity import SCALE_ROWS, parse_row, quantize_base, split_sampling, summarize
 from .miniworld.dev_sweep import combinations
 
 SHOWN = ("subject_recognised", "prompt_fidelity", "instance_prompt_recognised", "preservation", "background_match",
@@ -45,7 +45,7 @@ def job_name(rows: str, setting: dict[str, str], subject: str, seed: str, split:
 
 def ensure_bases(rows: list[str], model: str, bases: Path) -> None:
     """Quantize the bases the rows need once, before the jobs share them."""
-    names = [parse_row(split_guidance(r.removesuffix(KV_PROBE))[0])[0] for r in rows]  # <row>+bg<w>@<s>:g<x> needs its base
+    names = [parse_row(split_sampling(r)[0])[0] for r in rows]  # <row>+bg<w>@<s>:g<x> needs the row's base
     bits = {SCALE_ROWS[r][0] for r in names if r in SCALE_ROWS} | ({8} if {"w8a8_ptq", "w8a8_lora"} & set(names) else set())
     for b in sorted(bits):
         path = bases / f"base-w{b}a8"
