@@ -208,7 +208,7 @@ def int_conv2d(codes: torch.Tensor, weight: torch.Tensor, stride, padding) -> to
     """conv2d of int8 ``codes`` (B, C, H, W) with an int8 ``weight`` (O, C, kh, kw), groups 1 and
     dilation 1, exact in int32: one int8 GEMM over the input's patches, gathered channels-last
     (codes in channels-last memory, as :meth:`QuantConv2d.int_codes` makes them, need no copy
-    for a 1x1 convolution). Returns (B, O, H', W') int32 (a channels-last view)."""
+    for a 1x1 stride-1 convolution). Returns (B, O, H', W') int32 (a channels-last view)."""
     (batch, channels, height, width), (out, _, kh, kw) = codes.shape, weight.shape
     (sh, sw), (ph, pw) = _pair(stride), _pair(padding)
     out_h, out_w = (height + 2 * ph - kh) // sh + 1, (width + 2 * pw - kw) // sw + 1
