@@ -233,6 +233,9 @@ def train(
     background_weight: float = typer.Option(TrainConfig.background_weight, help="Below 1: weigh the photos' "
                                             "background down in the loss by this factor, using subject masks in "
                                             "<images>/masks/<image name>.png (white on the subject)."),
+    keep_scales: Optional[list[str]] = typer.Option(None, "--keep-scales", help="Regular expression on quantized "
+                                                    "layer names whose scales stay at their post-training values "
+                                                    "(not trained); repeatable, e.g. 'attn2\\.to_[kv]$'."),
     class_dir: Optional[Path] = typer.Option(None, help="Class-image cache root (default ~/.cache/qpdeploy/class-images)."),
     sample_steps: int = typer.Option(25, help="Sampling steps of class and validation images."),
     gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing",
@@ -283,7 +286,7 @@ def train(
         token_lr=token_lr,
         class_prompt=class_prompt if subjects is None else None,
         prior_images=prior_images if subjects is None else 0, prior_weight=prior_weight,
-        background_weight=background_weight, sample_steps=sample_steps,
+        background_weight=background_weight, keep_scales=tuple(keep_scales or ()), sample_steps=sample_steps,
         gradient_checkpointing=gradient_checkpointing or low_memory, precision=precision, seed=seed,
         checkpoint_every=checkpoint_every, validate_every=validate_every, validation_prompt=validation_prompt,
     )

@@ -62,10 +62,14 @@ class ScaleSetOptimizer:
         unet: a quantized UNet whose layers hold E >= 1 trainable scale sets; their
             ``s_out`` (and ``s_in``) are parametrized here until :meth:`release`.
         lr, weight_decay, betas, eps: AdamW hyperparameters (lr in relative units).
+        keep: names of layers whose tables stay as they are (not parametrized, not trained).
     """
 
-    def __init__(self, unet, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.999), eps: float = 1e-8):
-        self.layers = [layer for _, layer in quant_layers(unet)]
+    def __init__(self, unet, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.999), eps: float = 1e-8,
+                 keep: frozenset[str] = frozenset()):
+        self.layers = [layer for name, layer in quant_layers(unet) if name not in keep]
+        if not self.layers:
+            raise ValueError("every quantized layer is kept: no scale to train")
         sets = {layer.num_sets for layer in self.layers}
         if len(sets) != 1 or 0 in sets:
             raise ValueError(f"every quantized layer needs the same number (>= 1) of scale sets, got {sorted(sets)}")

@@ -47,6 +47,7 @@ from .distributed import process_group
 from .errors import QPDeployError
 from .intervals import Intervals
 from .io import check_output, claim_output, read_json
+from .layers import quant_layers
 from .memory import PeakMemory, release_free_heap
 from .optim import ScaleSetOptimizer
 from .pack import (PACK_ARTIFACT, ScalePack, init_scale_sets, num_sets_for, reset_to_post_training, save_pack,
@@ -186,7 +187,8 @@ class ScaleTrainer:
             unet.requires_grad_(False)
             init_scale_sets(base, config.strategy, self.intervals, config.s1_intervals, config.train_input_scales,
                             count)
-            shared = ScaleSetOptimizer(unet, config.lr, config.weight_decay)
+            kept = config.kept_layers(name for name, _ in quant_layers(unet))
+            shared = ScaleSetOptimizer(unet, config.lr, config.weight_decay, keep=kept)
         self.optimizer = shared
         self.own_sets = num_sets_for(config.strategy, self.intervals.k)
         self.first_set = index * self.own_sets
@@ -479,6 +481,7 @@ def _train(base, images, out, config, pipe, source, config_dir, run_dir, class_d
     device = group.device if group is not None and str(device) == "auto" else resolve_device(device)
     autocast_dtype(config.precision, device)
     config.make_intervals(base.intervals)
+    config.kept_layers(name for name, _ in quant_layers(base.unet))  # before data, which may take long
     checkpoint = None
     if resume is not None:
         checkpoint = find_checkpoint(resume)
