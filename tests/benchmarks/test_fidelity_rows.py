@@ -249,3 +249,16 @@ def test_the_kv_probe_puts_exactly_the_cross_attention_keys_and_values_back_on_p
             assert torch.equal(s_out, pack.scales[f"{name}.s_out"]) and torch.equal(s_in, pack.scales[f"{name}.s_in"])
     assert [row_problem(r) for r in ("s2_k2+in:kvptq", "s2_k2+in@0.9:g6:kvptq")] == [None, None]
     assert "no :kvptq probe" in row_problem("fp_dreambooth:kvptq")
+
+
+def test_the_kept_kv_row_keeps_exactly_the_layers_the_probe_resets(saved_base):
+    from benchmarks.fidelity import CROSS_KV, KEEP_ROWS, SCALE_ROWS
+    from qpdeploy.base import load_base
+    from qpdeploy.config import TrainConfig
+    from qpdeploy.layers import quant_layers
+
+    names = [name for name, _ in quant_layers(load_base(saved_base("sd1")).unet)]
+    config = TrainConfig("a photo of sks dog", keep_scales=KEEP_ROWS["s2_k2+in+keepkv"])
+    assert config.kept_layers(names) == {n for n in names if n.endswith(CROSS_KV)} != set()
+    assert SCALE_ROWS["s2_k2+in+keepkv"] == SCALE_ROWS["s2_k2+in"]  # the defaults but for the kept layers
+    assert [row_problem(r) for r in ("s2_k2+in+keepkv", "s2_k2+in+keepkv@0.9", "s2_k2+in+keepkv:g6")] == [None] * 3

@@ -458,3 +458,59 @@ def test_the_scale_sets_are_the_unets_trainable_parameters_and_release_bakes_the
     assert not parametrize.is_parametrized(layer) and isinstance(layer.s_out, torch.nn.Parameter)
     assert torch.equal(layer.s_out, moved) and not layer.s_out.requires_grad
     assert not any(p.requires_grad for p in trainer.unet.parameters())
+
+
+# ------------------------------------------------------------------------------------
+# keep_scales: some layers' scales stay at post-training
+# ------------------------------------------------------------------------------------
+
+KV = r"attn2\.to_[kv]$"
+
+
+def test_kept_layers_stay_bit_exact_at_post_training_and_the_rest_trains(cheap_base, tiny_pipe, instance_dir,
+                                                                         tmp_path):
+    from qpdeploy.pack import load_pack
+
+    path, report = run(cheap_base, tiny_pipe, instance_dir, tmp_path / "pack", strategy="s2", intervals=2, steps=3,
+                       lr=0.05, weight_decay=0.1, train_input_scales=True, keep_scales=(KV,))
+    base = cheap_base("sd1")
+    layers = dict(quant_layers(base.unet))
+    kept = [n for n in layers if n.endswith(("attn2.to_k", "attn2.to_v"))]
+    assert len(kept) >= 2
+    pack = load_pack(path)
+    for name, layer in layers.items():
+        s_out, s_in = pack.scales[f"{name}.s_out"], pack.scales[f"{name}.s_in"]
+        assert s_out.shape == (2, layer.out_features)
+        if name in kept:  # both sets, both tables, exactly where training started
+            assert torch.equal(s_out, layer.s_ptq.detach().expand(2, -1))
+            assert torch.equal(s_in, torch.ones(2, layer.in_features))
+        else:
+            assert not torch.equal(s_out[0], layer.s_ptq.detach()), name
+    per_set = sum(layer.out_features + layer.in_features for n, layer in layers.items() if n not in kept)
+    assert report["trainable_params"] == 2 * per_set
+    assert pack.meta["train"]["keep_scales"] == [KV]
+
+
+def test_keep_scales_refuses_a_bad_pattern_one_that_matches_nothing_and_one_that_matches_all(
+        cheap_base, tiny_pipe, instance_dir, tmp_path):
+    with pytest.raises(QPDeployError, match=r"keep-scales pattern '\(' is not a valid regular expression"):
+        TrainConfig(PROMPT, keep_scales=("(",))
+    for pattern, message in (("no_such_layer", "keep-scales pattern 'no_such_layer' matches no quantized layer"),
+                             (".", "matches every quantized layer")):
+        with pytest.raises(QPDeployError, match=message):
+            run(cheap_base, tiny_pipe, instance_dir, tmp_path / "pack", steps=1, keep_scales=(pattern,))
+        assert not (tmp_path / "pack").exists()  # nothing half-written
+
+
+def test_cli_train_passes_keep_scales(cheap_saved_base, instance_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from qpdeploy.cli import app
+    from qpdeploy.pack import load_pack
+
+    out = tmp_path / "pack"
+    result = CliRunner().invoke(app, ["train", "--base", str(cheap_saved_base("sd1")), "--images", str(instance_dir),
+                                      "--prompt", PROMPT, "--steps", "1", "--keep-scales", KV,
+                                      "--keep-scales", r"attn1\.to_q$", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert load_pack(out).meta["train"]["keep_scales"] == [KV, r"attn1\.to_q$"]
