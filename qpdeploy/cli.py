@@ -336,6 +336,8 @@ def _command_line(ctx: typer.Context, drop=()) -> list[str]:
             continue
         if param.is_flag:
             words.append(param.opts[0] if value else param.secondary_opts[0])
+        elif param.multiple:  # a repeatable option: once per value (none given: left out)
+            words += [word for item in value for word in (param.opts[0], str(item))]
         else:
             words += [param.opts[0], str(value)]
     return [*words, *ctx.args]

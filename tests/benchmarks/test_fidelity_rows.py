@@ -175,11 +175,13 @@ def test_rows_at_a_strength_measure_the_rows_own_pack_trained_once(saved_base, t
     assert all(torch.equal(s, ptq[name].expand_as(s)) for name, s in measured[2].items())  # 0: the base
     for row in ("s2_k2+in+bg0.3", "s2_k2+in+bg0.3@0.5"):  # another background weight: its own pack, once
         bench.run_row(row, SUBJECTS["sks"], 0)
-    assert [args[-1] for args in trained] == [1.0, 0.3]
+    assert [args[-2:] for args in trained] == [(1.0, ()), (0.3, ())]  # (background weight, kept layers)
+    bench.run_row("s2_k2+in+keepkv@0.5", SUBJECTS["sks"], 0)  # kept layers: a pack of its own
+    assert trained[-1][-2:] == (1.0, fidelity.KEEP_ROWS["s2_k2+in+keepkv"])
     guidances.clear()
     bench.run_row("s2_k2+in:g6", SUBJECTS["sks"], 0)  # another guidance: the same pack, sampled at 6
     bench.run_row("s2_k2+in@0.5:g7.5", SUBJECTS["sks"], 0)
-    assert len(trained) == 2 and guidances == [6.0, 7.5]
+    assert len(trained) == 3 and guidances == [6.0, 7.5]
     assert all(torch.equal(s, at_strength(pack, ptq, 0.5).scales[f"{n}.s_out"]) for n, s in measured[len(measured) - 1].items())
 
 

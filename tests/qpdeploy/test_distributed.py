@@ -74,3 +74,20 @@ def test_parallel_runs_refuse_what_they_cannot_split(cheap_saved_base, instance_
                                       "--prompt", "a photo of sks dog", "--out", str(tmp_path / "p"), *extra])
     assert result.exit_code == 2 and message in result.output, result.output
     assert not (tmp_path / "p").exists()
+
+
+@pytest.mark.parametrize("keep", [[], [r"attn2\.to_k$", r"attn2\.to_v$"]])
+def test_the_launched_processes_get_the_command_line_with_each_repeated_option_once_per_value(
+        cheap_saved_base, instance_dir, tmp_path, monkeypatch, keep):
+    import qpdeploy.distributed
+
+    launched = []
+    monkeypatch.setattr(qpdeploy.distributed, "launch", lambda command, processes: launched.append(command) or 0)
+    words = [word for pattern in keep for word in ("--keep-scales", pattern)]
+    result = CliRunner().invoke(app, ["train", "--base", str(cheap_saved_base("sd1")), "--images", str(instance_dir),
+                                      *ARGS, *words, "--out", str(tmp_path / "p"), "--processes", "2"])
+    assert result.exit_code == 0, result.output
+    (command,) = launched
+    assert command[0] == "train" and "--processes" not in command
+    assert [command[i + 1] for i, w in enumerate(command) if w == "--keep-scales"] == keep
+    assert command[command.index("--grad-accum") + 1] == "2" and command[command.index("--out") + 1] == str(tmp_path / "p")
