@@ -63,6 +63,7 @@ import dataclasses
 import functools
 import json
 import os
+import re
 import sys
 import tempfile
 import time
@@ -140,7 +141,7 @@ TEXT_ROWS = {"s2_k2+in+text_encoder": "encoder", "s2_k2+in+text_scales": "scales
 SCALE_ROWS.update({row: SCALE_ROWS["s2_k2+in"] for row in TEXT_ROWS})
 CROSS_KV = ("attn2.to_k", "attn2.to_v")  # cross-attention projections of the text embeddings
 KV_PROBE = ":kvptq"  # row suffix: the pack without trained CROSS_KV scales
-KEEP_ROWS = {"s2_k2+in+keepkv": (r"attn2\.to_[kv]$",)}  # row: TrainConfig.keep_scales (CROSS_KV not trained)
+KEEP_ROWS = {"s2_k2+in+keepkv": tuple(re.escape(s) + "$" for s in CROSS_KV)}  # row: TrainConfig.keep_scales
 SCALE_ROWS.update({row: SCALE_ROWS["s2_k2+in"] for row in KEEP_ROWS})
 ADAPTER_ROWS = ("fp_dreambooth", "fp_lora", "fp_ti", "w8a8_lora")  # trained outside qpdeploy.train
 ROWS = ("fp", "fp_dreambooth", "fp_lora", "fp_ti", "w8a8_ptq", "w8a8_lora", *SCALE_ROWS)
