@@ -111,13 +111,13 @@ def latencies(configs: list[tuple[str, Path, object]], steps: int, rounds: int) 
     rounds in which every configuration makes one image of ``steps`` DDIM steps in turn, so a
     change of machine load hits them all alike. UNet, denoising and switch figures."""
     from qpdeploy.exporters.manifest import read_manifest
-    from qpdeploy.runtimes import close_pipeline, load_pipeline
+    from qpdeploy.runtimes import close_pipeline, load_deploy_pipeline
 
     pipes, loads = {}, {}
     try:
         for name, deploy, runtime in configs:
             start = time.perf_counter()
-            pipes[name] = load_pipeline(read_manifest(deploy), runtime, "ddim")
+            pipes[name] = load_deploy_pipeline(read_manifest(deploy), runtime, "ddim")
             loads[name] = time.perf_counter() - start
             image(pipes[name], steps, seed=0)  # warm-up
         timed = {name: [] for name in pipes}
