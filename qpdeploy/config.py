@@ -94,6 +94,11 @@ def check_patterns(patterns, what: str) -> None:
             raise QPDeployError(f"{what} pattern {pattern!r} is not a valid regular expression: {exc}") from exc
 
 
+def matches_any(patterns, name: str) -> bool:
+    """Whether any of the regular expressions ``patterns`` is found in ``name`` (a module name)."""
+    return any(re.search(p, name) for p in patterns)
+
+
 class ConfigBase:
     """JSON round trip shared by the stage configs (tuples become lists and back).
 
@@ -263,7 +268,7 @@ class QuantizeConfig(ConfigBase):
 
     def is_skipped(self, name: str) -> bool:
         """Whether module ``name`` stays in floating point."""
-        return any(re.search(p, name) for p in self.skip)
+        return matches_any(self.skip, name)
 
 
 # --------------------------------------------------------------------------------------
@@ -407,9 +412,9 @@ class TrainConfig(ConfigBase):
         """
         names = list(names)
         for pattern in self.keep_scales:
-            if not any(re.search(pattern, n) for n in names):
+            if not any(matches_any((pattern,), n) for n in names):
                 raise QPDeployError(f"keep-scales pattern {pattern!r} matches no quantized layer")
-        kept = frozenset(n for n in names if any(re.search(p, n) for p in self.keep_scales))
+        kept = frozenset(n for n in names if matches_any(self.keep_scales, n))
         if names and len(kept) == len(names):
             raise QPDeployError("keep-scales matches every quantized layer: no scale is left to train")
         return kept
