@@ -7,7 +7,8 @@ memory of the per-interval and multi-expert layouts, and FP32 versus INT8 QDQ ON
 Every ratio is measured side by side in one run on one machine:
 
 - latency: DDIM images of ``--steps`` steps (CFG batch 2) after a warm-up image, the
-  configurations taking turns for ``--rounds`` rounds: ONNX Runtime resident, ONNX Runtime
+  configurations taking turns for ``--rounds`` rounds: ONNX Runtime resident (INT8 weights
+  dequantized in each call, the default, and ``--fold-weights``), ONNX Runtime
   ``--low-memory``, the multi-expert layout, the torch reference (with --base and --pack),
   TensorRT (where installed and the deploy dir has engines). ``unet_ms_per_step`` is the
   median UNet call; ``denoise_ms_per_step`` the mean step with scheduler and guidance.
@@ -19,11 +20,13 @@ Every ratio is measured side by side in one run on one machine:
 - fp32_vs_int8: the deploy dir's INT8 QDQ graph against an FP32 graph of the same UNet
   architecture (exported here with torch.onnx from a float UNet built from the manifest's
   config: speed does not depend on weight values), alternating calls, median of
-  ``--repeats``, on ONNX Runtime CPU with the runtime's session settings.
+  ``--repeats``, on ONNX Runtime CPU with the runtime's session settings, at "basic" (the
+  INT8 graph also with ``--fold-weights``) and at "all" (fused INT8 kernels).
 
 Without a real model, ``--build-synthetic DIR`` first writes a mid-size random SD1-like model
 (about 70M UNet parameters) quantized, personalized with a perturbed S2 pack and exported in
-both layouts to DIR/{base,pack,per-interval,multi-expert}.
+both layouts to DIR/{base,pack,per-interval,multi-expert}, at ``--size`` pixels (default 32,
+16x16 latents, where weights dominate the work; 128 gives SD 1.5's 64x64 latents at 512 px).
 """
 
 from __future__ import annotations
@@ -263,6 +266,7 @@ def fp32_vs_int8(deploy: Path, threads: int, repeats: int) -> dict:
         graphs = {"fp32": fp32, "int8_qdq": int8}
         sessions = {f"{name}_{level}": SessionFromOnnxPath(path, threads=threads, optimization=level)()
                     for name, path in graphs.items() for level in ("basic", "all")}
+        sessions["int8_qdq_basic_fold"] = SessionFromOnnxPath(int8, threads=threads, fold_weights=True)()
         fp32_feed = {k: v for k, v in feed.items() if v.dtype == np.float32}
         feeds = {name: fp32_feed if name.startswith("fp32") else feed for name in sessions}
         times = {name: [] for name in sessions}
@@ -278,6 +282,7 @@ def fp32_vs_int8(deploy: Path, threads: int, repeats: int) -> dict:
     result = {f"{name}_ms": value for name, value in result.items()}
     for level in ("basic", "all"):  # each graph at the same ONNX Runtime optimization level
         result[f"int8_speedup_vs_fp32_{level}"] = round(result[f"fp32_{level}_ms"] / result[f"int8_qdq_{level}_ms"], 3)
+    result["int8_speedup_vs_fp32_basic_fold"] = round(result["fp32_basic_ms"] / result["int8_qdq_basic_fold_ms"], 3)
     result["fp32_graph_bytes"] = fp32_bytes
     result["int8_graph_bytes"] = manifest.file_bytes(manifest.unet["weights_file"]) + \
         manifest.file_bytes(manifest.unet["graphs"][0]["onnx"])
@@ -292,7 +297,8 @@ def run(args) -> dict:
     ort = RuntimeConfig(threads=args.threads, verify_hashes=False)
     report = {"deploy": str(args.deploy), "multi_expert_deploy": str(args.multi_expert) if args.multi_expert else None,
               "steps": args.steps, "threads": args.threads, "machine": machine()}
-    configs = [("ort", args.deploy, ort), ("ort --low-memory", args.deploy, ort.replace(low_memory=True))]
+    configs = [("ort", args.deploy, ort), ("ort --fold-weights", args.deploy, ort.replace(fold_weights=True)),
+               ("ort --low-memory", args.deploy, ort.replace(low_memory=True))]
     if args.multi_expert:
         configs.append(("ort, multi-expert layout", args.multi_expert, ort))
     if args.base:
@@ -306,6 +312,7 @@ def run(args) -> dict:
     memory_runs = {"per-interval resident (shared weights map)": (args.deploy, ort),
                    "per-interval resident (each session its own weights)":
                        (args.deploy, ort.replace(share_weights=False)),
+                   "per-interval resident --fold-weights": (args.deploy, ort.replace(fold_weights=True)),
                    "per-interval --low-memory": (args.deploy, ort.replace(low_memory=True))}
     if args.multi_expert:
         memory_runs["multi-expert"] = (args.multi_expert, ort)
@@ -335,8 +342,8 @@ def print_table(report: dict) -> None:
         print(f"| {name} | {mib('after_load_rss')} | {mib('after_calls_rss')} | {mib('peak_rss')} |")
     f = report["fp32_vs_int8"]
     print("\n| ONNX Runtime CPU, ms per UNet call (batch 2) | FP32 | INT8 QDQ | INT8 speed-up |\n|---|---|---|---|")
-    for level in ("basic", "all"):
-        print(f"| optimization '{level}' | {f[f'fp32_{level}_ms']} | {f[f'int8_qdq_{level}_ms']} | "
+    for level, fp32 in (("basic", "basic"), ("basic_fold", "basic"), ("all", "all")):
+        print(f"| optimization '{level}' | {f[f'fp32_{fp32}_ms']} | {f[f'int8_qdq_{level}_ms']} | "
               f"x{f[f'int8_speedup_vs_fp32_{level}']} |")
 
 
@@ -356,10 +363,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="timed images per configuration (interleaved)")
     parser.add_argument("--repeats", type=int, default=5, help="FP32/INT8 calls timed per graph")
     parser.add_argument("--build-synthetic", type=Path, help="first write the synthetic model and deploy dirs here")
+    parser.add_argument("--size", type=int, default=32, help="--build-synthetic: image size (the latents are half)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.build_synthetic:
-        build_synthetic(args.build_synthetic)
+        build_synthetic(args.build_synthetic, args.size)
         args.deploy = args.deploy or args.build_synthetic / "per-interval"
         args.multi_expert = args.multi_expert or args.build_synthetic / "multi-expert"
         args.base = args.base or args.build_synthetic / "base"

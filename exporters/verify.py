@@ -12,11 +12,12 @@
    comparator, and gives the SQNR in dB per interval.
 
 ONNX Runtime runs the graph with the runtime's default session settings (basic optimizations:
-constant folding and redundancy elimination, and ``session.disable_quant_qdq=1``):
-with its default optimizations ORT fuses Q/DQ into QLinearConv/QLinearMatMul kernels, and on
-CPUs without VNNI their u8s8 int16 intermediate sums saturate (ORT documents this; it is why
-its quantizer offers ``reduce_range``), which would measure ORT's kernels, not the graph. Run
-as written, ORT computes the graph's Q/DQ math in float, as torch does.
+constant folding and redundancy elimination; the weights' DequantizeLinear nodes stay, and ORT
+has no Q/DQ fusions at that level). At "extended" and above ORT fuses Q/DQ into
+QLinearConv/QLinearMatMul kernels, and on CPUs without VNNI their u8s8 int16 intermediate sums
+saturate (ORT documents this; it is why its quantizer offers ``reduce_range``), which would
+measure ORT's kernels, not the graph. At "basic", ORT computes the graph's Q/DQ math in float,
+as torch does, bit for bit what the unoptimized graph gives.
 """
 
 from __future__ import annotations

@@ -30,6 +30,13 @@ class RuntimeConfig(ConfigBase):
             and redundancy elimination) keeps the Q/DQ arithmetic as exported; "extended"
             and "all" add fusions that reorder float math and so round activations
             differently from the torch model.
+        fold_weights: ONNX Runtime at "basic": dequantize every INT8 weight into an FP32
+            copy when a session loads (ORT's constant folding with its Q/DQ handling off),
+            instead of dequantizing on the fly in each call. Faster calls where weights
+            dominate the work (small latents, CPU), at four bytes per weight per loaded
+            session: the per-interval sessions' scales differ, so the copies cannot be
+            shared, and ``share_weights`` then saves nothing. Off, the sessions keep the
+            INT8 weights (shared) and compute exactly the unoptimized graph's numbers.
         share_weights: ONNX Runtime sessions of a per-interval layout read the one shared
             weights file from a single memory map instead of each holding a copy.
         cuda_graph: TensorRT: capture each engine's launch in a CUDA graph (static shapes).
@@ -44,6 +51,7 @@ class RuntimeConfig(ConfigBase):
     low_memory: bool = False
     threads: int = 0
     ort_optimization: str = "basic"
+    fold_weights: bool = False
     share_weights: bool = True
     cuda_graph: bool = False
     verify_hashes: bool = True
@@ -58,6 +66,9 @@ class RuntimeConfig(ConfigBase):
             (self.threads >= 0, f"threads must be >= 0, got {self.threads}"),
             (self.ort_optimization in ORT_OPTIMIZATIONS,
              f"ort optimization must be one of {', '.join(ORT_OPTIMIZATIONS)}, got {self.ort_optimization!r}"),
+            (not self.fold_weights or (self.backend == "ort" and self.ort_optimization == "basic"),
+             "fold weights applies to the ort backend at ort optimization basic (at none nothing is folded; "
+             "extended and all run fused INT8 kernels on the INT8 weights)"),
             (self.backend == "torch" or (self.base is None and self.pack is None),
              "base and pack directories are only used by the torch backend"),
             (self.backend != "torch" or self.base is not None,

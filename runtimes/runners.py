@@ -28,7 +28,6 @@ from .config import RuntimeConfig
 
 OPTIMIZATION_LEVELS = {"none": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
                        "all": "ORT_ENABLE_ALL"}
-EXACT_QDQ_LEVELS = ("none", "basic")  # levels that keep the exported Q/DQ arithmetic
 
 
 def first_line(exc: BaseException) -> str:
@@ -92,25 +91,31 @@ class SessionFromOnnxPath(BaseLoader):
         providers: execution providers in priority order (names or (name, options) pairs).
         threads: intra-op threads (0: ONNX Runtime's default).
         optimization: "none", "basic", "extended" or "all" (see RuntimeConfig). At "none" and
-            "basic" ORT's Q/DQ fusions are also off (``session.disable_quant_qdq``), so the
-            session computes the graph's Q/DQ arithmetic as exported: these are the settings
-            export verification measures (``qpdeploy.exporters.verify.ort_session``).
+            "basic" the session computes the graph's Q/DQ arithmetic exactly as exported
+            (bit for bit the unoptimized graph's outputs, with or without ``fold_weights``):
+            these are the settings export verification measures
+            (``qpdeploy.exporters.verify.ort_session``).
+        fold_weights: at "basic", dequantize the weights once at load (see RuntimeConfig):
+            ORT's Q/DQ handling is turned off (``session.disable_quant_qdq``), so its
+            constant folding turns each weight's DequantizeLinear into an FP32 initializer,
+            and weight prepacking is off (``session.disable_prepacking``): prepacked constant
+            weights go through other GEMM kernels, whose different summation order changes
+            the last bits, which the next activation quantizer can round to another code.
+            Left at basic without it, ORT keeps the DequantizeLinear nodes (constant folding
+            skips them) and has no Q/DQ fusions at that level (they come with "extended").
         shared: :class:`SharedWeights` whose initializers replace the file's own, or None.
     """
 
     def __init__(self, path, providers=("CPUExecutionProvider",), threads: int = 0, optimization: str = "basic",
-                 shared: SharedWeights | None = None):
+                 shared: SharedWeights | None = None, fold_weights: bool = False):
+        if fold_weights and optimization != "basic":
+            raise ValueError(f"fold_weights needs optimization 'basic', got {optimization!r}")
         self.path = Path(path)
         self.providers = list(providers)
-        self.threads, self.optimization, self.shared = threads, optimization, shared
+        self.threads, self.optimization, self.shared, self.fold_weights = threads, optimization, shared, fold_weights
 
-    @property
-    def exact_qdq(self) -> bool:
-        """Whether Q/DQ pairs run as float math (no fused integer kernels)."""
-        return self.optimization in EXACT_QDQ_LEVELS
-
-    def call_impl(self):
-        """Returns: the session. Raises: QPDeployError naming the file when it cannot load."""
+    def session_options(self):
+        """The ``SessionOptions`` this loader opens the file with (shared initializers aside)."""
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -119,8 +124,16 @@ class SessionFromOnnxPath(BaseLoader):
         options.inter_op_num_threads = 1
         options.enable_cpu_mem_arena = False  # see the module docstring
         options.log_severity_level = 3
-        if self.exact_qdq:  # fused QLinear kernels saturate on CPUs without VNNI (exporters.verify)
+        if self.fold_weights:  # see the class docstring
             options.add_session_config_entry("session.disable_quant_qdq", "1")
+            options.add_session_config_entry("session.disable_prepacking", "1")
+        return options
+
+    def call_impl(self):
+        """Returns: the session. Raises: QPDeployError naming the file when it cannot load."""
+        import onnxruntime as ort
+
+        options = self.session_options()
         try:
             for name, value in (self.shared.initializers(self.path) if self.shared else {}).items():
                 options.add_initializer(name, value)
@@ -155,7 +168,7 @@ def ort_runner(path, config: RuntimeConfig, shared: SharedWeights | None = None,
     from polygraphy.backend.onnxrt import OnnxrtRunner
 
     providers, _ = ort_providers(config.device)
-    loader = SessionFromOnnxPath(path, providers, config.threads, config.ort_optimization, shared)
+    loader = SessionFromOnnxPath(path, providers, config.threads, config.ort_optimization, shared, config.fold_weights)
     return OnnxrtRunner(loader, name=name or Path(path).stem)
 
 

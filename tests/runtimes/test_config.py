@@ -19,6 +19,10 @@ def test_configs_round_trip_through_json():
     (RuntimeConfig, dict(backend="torch"), "give the base it was exported from"),
     (RuntimeConfig, dict(base="b"), "only used by the torch backend"),
     (RuntimeConfig, dict(ort_optimization="max"), "ort optimization must be one of"),
+    (RuntimeConfig, dict(fold_weights=True, ort_optimization="none"), "fold weights applies to the ort backend at "
+                                                                      "ort optimization basic"),
+    (RuntimeConfig, dict(fold_weights=True, ort_optimization="all"), "extended and all run fused INT8 kernels"),
+    (RuntimeConfig, dict(fold_weights=True, backend="trt"), "fold weights applies to the ort backend"),
     (RuntimeConfig, dict(device="tpu"), "device must be auto, cpu or cuda"),
     (GenerateConfig, dict(steps=0), "steps must be in 1..1000, got 0"),
     (GenerateConfig, dict(steps=100_000), "steps must be in 1..1000, got 100000"),

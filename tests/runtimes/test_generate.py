@@ -85,11 +85,11 @@ def test_the_interval_of_every_step_follows_the_scheduler(name, options, sd1_pip
 
 
 @pytest.mark.slow
-def test_prompts_file_images_per_prompt_determinism_and_low_memory(deploy, tmp_path):
+def test_prompts_file_images_per_prompt_determinism_low_memory_and_folded_weights(deploy, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a photo of sks dog\n# a comment\na red car on a street\n")
     runs = {}
-    for run, extra in [("first", []), ("again", []), ("low", ["--low-memory"])]:
+    for run, extra in [("first", []), ("again", []), ("low", ["--low-memory"]), ("fold", ["--fold-weights"])]:
         ok(deploy("sd1_s2"), "--prompts-file", prompts, "--images-per-prompt", 2, "--out-dir", tmp_path / run,
            "--steps", 2, "--seed", 5, *extra)
         runs[run] = sorted((tmp_path / run).glob("*.png"))
@@ -98,10 +98,13 @@ def test_prompts_file_images_per_prompt_determinism_and_low_memory(deploy, tmp_p
                      "0003_a-red-car-on-a-street.png"]
     records = [read_json(p.with_suffix(".json")) for p in runs["low"]]
     assert [r["seed"] for r in records] == [5, 6, 7, 8] and all(r["low_memory"] for r in records)
+    assert all(read_json(p.with_suffix(".json"))["fold_weights"] for p in runs["fold"])
     first = [p.read_bytes() for p in runs["first"]]
     assert len(set(first)) == 4  # different seeds, different images
-    # the same seed and backend give the same bytes, with every engine resident or loaded ahead
-    assert first == [p.read_bytes() for p in runs["again"]] == [p.read_bytes() for p in runs["low"]]
+    # the same seed and backend give the same bytes, with every engine resident or loaded ahead,
+    # and with the weights dequantized once at load or in every call
+    assert first == [p.read_bytes() for p in runs["again"]] == [p.read_bytes() for p in runs["low"]] == \
+           [p.read_bytes() for p in runs["fold"]]
     assert [r["interval_per_step"] for r in records] == \
            [read_json(p.with_suffix(".json"))["interval_per_step"] for p in runs["first"]]
 

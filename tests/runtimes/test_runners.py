@@ -63,3 +63,66 @@ def test_cuda_without_onnxruntime_gpu_is_one_line():
     assert ort_providers("auto")[0] == ["CPUExecutionProvider"]
     with pytest.raises(QPDeployError, match="device cuda needs onnxruntime-gpu and a CUDA GPU"):
         ort_providers("cuda")
+
+
+def _int8_weights(graph) -> int:
+    """INT8 initializers a DequantizeLinear reads as its data (weights, not zero points)."""
+    import onnx
+
+    int8 = {t.name for t in graph.initializer if t.data_type == onnx.TensorProto.INT8}
+    return len({n.input[0] for n in graph.node if n.op_type == "DequantizeLinear"} & int8)
+
+
+def _optimized(loader, out):
+    """``loader``'s session and the number of INT8 weights in the graph ONNX Runtime runs."""
+    import onnx
+    import onnxruntime
+
+    options = loader.session_options()
+    options.optimized_model_filepath = str(out)
+    session = onnxruntime.InferenceSession(str(loader.path), options, providers=["CPUExecutionProvider"])
+    return session, _int8_weights(onnx.load(str(out), load_external_data=False).graph)
+
+
+def test_basic_keeps_the_int8_weights_unless_asked_to_fold_and_both_compute_the_graph_exactly(deploy, tmp_path):
+    import onnx
+
+    manifest = read_manifest(deploy("sd1_s2"))
+    path = manifest.file(manifest.unet["graphs"][1]["onnx"])
+    weights = _int8_weights(onnx.load(str(path), load_external_data=False).graph)
+    assert weights > 10
+    kept, kept_int8 = _optimized(SessionFromOnnxPath(path, threads=1), tmp_path / "kept.onnx")
+    folded, folded_int8 = _optimized(SessionFromOnnxPath(path, threads=1, fold_weights=True), tmp_path / "folded.onnx")
+    assert kept_int8 == weights  # every weight stays INT8 behind its DequantizeLinear
+    assert folded_int8 == 0  # every weight became an FP32 initializer
+    feed = {k: v.numpy() for k, v in feeds(manifest, 400).items()}
+    plain = SessionFromOnnxPath(path, threads=1, optimization="none")().run(None, feed)[0]
+    assert (kept.run(None, feed)[0] == plain).all() and (folded.run(None, feed)[0] == plain).all()
+    with pytest.raises(ValueError, match="fold_weights needs optimization 'basic'"):
+        SessionFromOnnxPath(path, optimization="all", fold_weights=True)
+
+
+def test_folded_weights_keep_the_graphs_numbers_where_prepacked_kernels_would_not(tmp_path):
+    # One DequantizeLinear -> MatMul, large enough that ONNX Runtime's prepacked GEMM (used for
+    # constant weights) sums in another order than its plain one: with folding and prepacking
+    # both on, this graph's output differs from the unoptimized one in the last bits (ORT 1.32).
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    gen = np.random.default_rng(0)
+    weight = gen.integers(-127, 128, size=(1024, 512), dtype=np.int8)
+    scale = (gen.random(512) + 0.5).astype(np.float32) * 1e-3
+    graph = helper.make_graph(
+        [helper.make_node("DequantizeLinear", ["w", "s", "z"], ["wf"], axis=1),
+         helper.make_node("MatMul", ["x", "wf"], ["y"])], "dq_matmul",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [64, 1024])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [64, 512])],
+        [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(scale, "s"),
+         numpy_helper.from_array(np.zeros(512, np.int8), "z")])
+    path = tmp_path / "dq_matmul.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)]), path)
+    feed = {"x": gen.standard_normal((64, 1024)).astype(np.float32)}
+    plain = SessionFromOnnxPath(path, threads=1, optimization="none")().run(None, feed)[0]
+    for loader in (SessionFromOnnxPath(path, threads=1), SessionFromOnnxPath(path, threads=1, fold_weights=True)):
+        assert (loader().run(None, feed)[0] == plain).all()
