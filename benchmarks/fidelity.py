@@ -35,7 +35,8 @@ evaluator on the subject's ``test`` prompts (choices such as S1's intervals are 
   e.g. ``s2_k2+in,s2_k2+in:g6,fp_dreambooth,fp_dreambooth:g6``;
 - ``s2_k2+in+keepkv``: the training defaults with the cross-attention key and value
   projections' scales kept at post-training while the rest trains (``--keep-scales``,
-  :data:`KEEP_ROWS`); a pack strength applies as to its parent row;
+  :data:`LAYER_ROWS`); ``s2_k2+in+kv0.1`` and ``+kv0.3``: those scales trained at 0.1 or 0.3
+  times the learning rate (``--scale-lr``); a pack strength applies as to its parent row;
 - ``<row>:kvptq`` (last): a probe, the scale row's pack with the cross-attention key and value
   projections (:data:`CROSS_KV`, the layers that read the prompt's embeddings) put back to
   their post-training scales, e.g. ``s2_k2+in,s2_k2+in:kvptq``.
@@ -141,8 +142,12 @@ TEXT_ROWS = {"s2_k2+in+text_encoder": "encoder", "s2_k2+in+text_scales": "scales
 SCALE_ROWS.update({row: SCALE_ROWS["s2_k2+in"] for row in TEXT_ROWS})
 CROSS_KV = ("attn2.to_k", "attn2.to_v")  # cross-attention projections of the text embeddings
 KV_PROBE = ":kvptq"  # row suffix: the pack without trained CROSS_KV scales
-KEEP_ROWS = {"s2_k2+in+keepkv": tuple(re.escape(s) + "$" for s in CROSS_KV)}  # row: TrainConfig.keep_scales
-SCALE_ROWS.update({row: SCALE_ROWS["s2_k2+in"] for row in KEEP_ROWS})
+KV_PATTERNS = tuple(re.escape(s) + "$" for s in CROSS_KV)
+LAYER_ROWS = {  # row: TrainConfig options on some layers' scales (kept, or trained at a fraction of lr)
+    "s2_k2+in+keepkv": {"keep_scales": KV_PATTERNS},
+    **{f"s2_k2+in+kv{f}": {"scale_lr": tuple(f"{p}={f}" for p in KV_PATTERNS)} for f in (0.1, 0.3)},
+}
+SCALE_ROWS.update({row: SCALE_ROWS["s2_k2+in"] for row in LAYER_ROWS})
 ADAPTER_ROWS = ("fp_dreambooth", "fp_lora", "fp_ti", "w8a8_lora")  # trained outside qpdeploy.train
 ROWS = ("fp", "fp_dreambooth", "fp_lora", "fp_ti", "w8a8_ptq", "w8a8_lora", *SCALE_ROWS)
 # per-image values of evaluate_prompts -> the table's column names
@@ -224,10 +229,10 @@ class Bench:
         row, background, strength = parse_row(row)
         bits, strategy, k, s1, input_scales = SCALE_ROWS[row]
         token = row.endswith("+token")
-        keep = KEEP_ROWS.get(row, ())
-        if strength or background < 1 or guidance != GUIDANCE or kv_reset or keep:
+        layers = tuple(LAYER_ROWS.get(row, {}).items())
+        if strength or background < 1 or guidance != GUIDANCE or kv_reset or layers:
             return self.scale_row(bits, strategy, k, s1, input_scales, subject, images, seed, self.args.split, token,
-                                  parse_strength(strength or "1"), background, guidance, kv_reset, keep)
+                                  parse_strength(strength or "1"), background, guidance, kv_reset, layers)
         if row in TEXT_ROWS:
             return self.text_row(TEXT_ROWS[row], bits, strategy, k, s1, input_scales, subject, images, seed)
         if s1 is None:  # S1: pick the intervals on dev
@@ -242,16 +247,16 @@ class Bench:
         return self.scale_row(bits, strategy, k, s1, input_scales, subject, images, seed, self.args.split, token)
 
     def scale_row(self, bits, strategy, k, s1, input_scales, subject, images, seed, split, token=False,
-                  strength=1.0, background=1.0, guidance=GUIDANCE, kv_reset=False, keep=()) -> dict:
+                  strength=1.0, background=1.0, guidance=GUIDANCE, kv_reset=False, layers=()) -> dict:
         """Train (once per row, background weight, kept layers, subject and seed: the rows
         ``<row>@<strength>`` and ``<row>:g<guidance>`` reuse the pack) and measure the pack at
         ``strength`` (see ``qpdeploy.pack.at_strength``), sampling at ``guidance``; with
         ``kv_reset``, the cross-attention key and value projections on post-training scales;
-        ``keep``: the layers trained with their scales kept (``TrainConfig.keep_scales``)."""
-        key = (bits, strategy, k, tuple(s1), input_scales, token, background, keep, subject.identifier, seed)
+        ``layers``: (TrainConfig field, value) pairs of :data:`LAYER_ROWS` (kept layers, layer rates)."""
+        key = (bits, strategy, k, tuple(s1), input_scales, token, background, layers, subject.identifier, seed)
         if key not in self.trained:
             self.trained[key] = self.train_pack(bits, strategy, k, s1, input_scales, subject, images, seed, token,
-                                                background, keep)
+                                                background, layers)
         path, report = self.trained[key]
         base = load_base(self.base_dir(bits))
         post_training = post_training_scales(base)
@@ -267,14 +272,14 @@ class Bench:
                 "peak_memory_bytes": report["peak_memory_bytes"], "final_loss": report["final_loss"]}
 
     def train_pack(self, bits, strategy, k, s1, input_scales, subject, images, seed, token,
-                   background=1.0, keep=()) -> tuple[Path, dict]:
+                   background=1.0, layers=()) -> tuple[Path, dict]:
         """Train one scale pack with the benchmark's settings: its directory and report."""
         config = TrainConfig(prompt=subject.instance_prompt().text, identifier=subject.identifier, strategy=strategy,
                              intervals=k, s1_intervals=tuple(s1), train_input_scales=input_scales,
                              steps=self.args.steps, lr=self.args.lr, weight_decay=self.args.weight_decay,
                              batch_size=self.args.batch_size, seed=seed,
                              guidance=GUIDANCE, train_token=token, token_lr=self.args.token_lr,
-                             background_weight=background, keep_scales=keep, **self.prior_options(subject))
+                             background_weight=background, **dict(layers), **self.prior_options(subject))
         base = load_base(self.base_dir(bits))
         out = self.workdir / f"pack-{subject.identifier}-{seed}-{time.monotonic_ns()}"
         return train(base, images, out, config, pipe=self.pipe, run_dir=self.workdir / "run", device=self.args.device)

@@ -236,6 +236,9 @@ def train(
     keep_scales: Optional[list[str]] = typer.Option(None, "--keep-scales", help="Regular expression on quantized "
                                                     "layer names whose scales stay at their post-training values "
                                                     "(not trained); repeatable, e.g. 'attn2\\.to_[kv]$'."),
+    scale_lr: Optional[list[str]] = typer.Option(None, "--scale-lr", help="REGEX=FACTOR: the scales of the "
+                                                 "quantized layers the expression matches train at FACTOR x --lr; "
+                                                 "repeatable (the first match wins), e.g. 'attn2\\.to_[kv]$=0.3'."),
     class_dir: Optional[Path] = typer.Option(None, help="Class-image cache root (default ~/.cache/qpdeploy/class-images)."),
     sample_steps: int = typer.Option(25, help="Sampling steps of class and validation images."),
     gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing",
@@ -286,7 +289,8 @@ def train(
         token_lr=token_lr,
         class_prompt=class_prompt if subjects is None else None,
         prior_images=prior_images if subjects is None else 0, prior_weight=prior_weight,
-        background_weight=background_weight, keep_scales=tuple(keep_scales or ()), sample_steps=sample_steps,
+        background_weight=background_weight, keep_scales=tuple(keep_scales or ()),
+        scale_lr=tuple(scale_lr or ()), sample_steps=sample_steps,
         gradient_checkpointing=gradient_checkpointing or low_memory, precision=precision, seed=seed,
         checkpoint_every=checkpoint_every, validate_every=validate_every, validation_prompt=validation_prompt,
     )

@@ -8,13 +8,16 @@ scale sets on other intervals' data.
 So while training, each layer's tables are parametrized (``torch.nn.utils.parametrize``):
 the real parameters are one vector per layer, table and scale set, in relative units,
 
-    s_out[e] = s_ptq * (1 + delta_out[e])        s_in[e] = 1 + delta_in[e]
+    s_out[e] = s_ptq * (1 + r * delta_out[e])        s_in[e] = 1 + r * delta_in[e]
 
 and ``layer.s_out`` / ``layer.s_in`` are computed from them at every access, so autograd
 delivers the gradients where the optimizer steps (clipping, gradient scaling or another
 optimizer on ``unet.parameters()`` see the tensors that actually train). The learning rate
 is a fraction of the post-training scale whatever the layer, and weight decay pulls towards
-the post-training scales. ``torch.optim.AdamW`` skips a parameter whose ``.grad`` is None
+the post-training scales. ``r`` is the layer's rate (1 unless the caller gives another): AdamW's
+step is invariant to the gradient's scale, so ``delta`` moves as much as in any layer and the
+scales move ``r`` times as far, a learning rate of ``r * lr`` for that layer within one
+parameter group (checkpoints keep one flat state per set). ``torch.optim.AdamW`` skips a parameter whose ``.grad`` is None
 entirely (no moment update, no step count, no decay); a set the batch was not routed to is
 handed no gradient and stays bit for bit where it was. Releasing the optimizer bakes the
 tables back into plain, frozen tensors.
@@ -33,26 +36,27 @@ TABLES = ("s_out", "s_in")
 
 class RelativeScales(nn.Module):
     """Parametrization of an (E, C) scale table as E vectors relative to a reference row:
-    ``table[e] = reference * (1 + delta[e])``; the reference is ``s_ptq`` for ``s_out`` and
-    ones for ``s_in``. A set equal to its reference has ``delta`` exactly 0."""
+    ``table[e] = reference * (1 + rate * delta[e])``; the reference is ``s_ptq`` for ``s_out``
+    and ones for ``s_in``. A set equal to its reference has ``delta`` exactly 0."""
 
-    def __init__(self, layer, table: str):
+    def __init__(self, layer, table: str, rate: float = 1.0):
         super().__init__()
         object.__setattr__(self, "layer", layer)  # read, not owned (not a submodule)
-        self.table = table
+        self.table, self.rate = table, rate
 
     def reference(self) -> torch.Tensor:
         return self.layer.s_ptq if self.table == "s_out" else None
 
     def forward(self, *deltas: torch.Tensor) -> torch.Tensor:
-        table = 1 + torch.stack(deltas)
+        stacked = torch.stack(deltas)
+        table = 1 + (stacked if self.rate == 1 else self.rate * stacked)
         reference = self.reference()
         return table if reference is None else reference * table
 
     def right_inverse(self, table: torch.Tensor) -> tuple[torch.Tensor, ...]:
         reference = self.reference()
         relative = table if reference is None else table / reference
-        return tuple(row - 1 for row in relative.detach().float())
+        return tuple((row - 1) / self.rate for row in relative.detach().float())
 
 
 class ScaleSetOptimizer:
@@ -63,11 +67,15 @@ class ScaleSetOptimizer:
             ``s_out`` (and ``s_in``) are parametrized here until :meth:`release`.
         lr, weight_decay, betas, eps: AdamW hyperparameters (lr in relative units).
         keep: names of layers whose tables stay as they are (not parametrized, not trained).
+        rates: layer name -> rate (> 0): that layer's scales move at ``rate * lr`` (see the
+            module doc); layers not named move at ``lr``.
     """
 
     def __init__(self, unet, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.999), eps: float = 1e-8,
-                 keep: frozenset[str] = frozenset()):
-        self.layers = [layer for name, layer in quant_layers(unet) if name not in keep]
+                 keep: frozenset[str] = frozenset(), rates: dict[str, float] | None = None):
+        rates = rates or {}
+        named = [(name, layer) for name, layer in quant_layers(unet) if name not in keep]
+        self.layers = [layer for _, layer in named]
         if not self.layers:
             raise ValueError("every quantized layer is kept: no scale to train")
         sets = {layer.num_sets for layer in self.layers}
@@ -75,12 +83,12 @@ class ScaleSetOptimizer:
             raise ValueError(f"every quantized layer needs the same number (>= 1) of scale sets, got {sorted(sets)}")
         self.num_sets = sets.pop()
         self.sets: list[list[nn.Parameter]] = [[] for _ in range(self.num_sets)]
-        for layer in self.layers:
+        for name, layer in named:
             for table in TABLES:
                 if getattr(layer, table) is None:
                     continue
                 if not parametrize.is_parametrized(layer, table):
-                    parametrize.register_parametrization(layer, table, RelativeScales(layer, table))
+                    parametrize.register_parametrization(layer, table, RelativeScales(layer, table, rates.get(name, 1.0)))
                 originals = layer.parametrizations[table]
                 for e in range(self.num_sets):
                     self.sets[e].append(getattr(originals, f"original{e}").requires_grad_(True))

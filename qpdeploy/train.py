@@ -187,8 +187,9 @@ class ScaleTrainer:
             unet.requires_grad_(False)
             init_scale_sets(base, config.strategy, self.intervals, config.s1_intervals, config.train_input_scales,
                             count)
-            kept = config.kept_layers(name for name, _ in quant_layers(unet))
-            shared = ScaleSetOptimizer(unet, config.lr, config.weight_decay, keep=kept)
+            names = [name for name, _ in quant_layers(unet)]
+            shared = ScaleSetOptimizer(unet, config.lr, config.weight_decay, keep=config.kept_layers(names),
+                                       rates=config.layer_rates(names))
         self.optimizer = shared
         self.own_sets = num_sets_for(config.strategy, self.intervals.k)
         self.first_set = index * self.own_sets
@@ -483,7 +484,7 @@ def _train(base, images, out, config, pipe, source, config_dir, run_dir, class_d
     device = group.device if group is not None and str(device) == "auto" else resolve_device(device)
     autocast_dtype(config.precision, device)
     config.make_intervals(base.intervals)
-    config.kept_layers(name for name, _ in quant_layers(base.unet))  # before data, which may take long
+    config.layer_rates(name for name, _ in quant_layers(base.unet))  # kept and rated layers: before data
     checkpoint = None
     if resume is not None:
         checkpoint = find_checkpoint(resume)

@@ -225,7 +225,6 @@ def image_record(pipe, prompt: str, seed: int, name: str | None, config: Generat
         "width": context["size"][1],
         "backend": runtime.backend,
         "low_memory": runtime.low_memory,
-        "fold_weights": runtime.fold_weights,
         "deploy_dir": context["deploy_dir"],
         "manifest_sha256": context["manifest_sha256"],
         "base_hash": manifest.hashes[0],

@@ -175,13 +175,15 @@ def test_rows_at_a_strength_measure_the_rows_own_pack_trained_once(saved_base, t
     assert all(torch.equal(s, ptq[name].expand_as(s)) for name, s in measured[2].items())  # 0: the base
     for row in ("s2_k2+in+bg0.3", "s2_k2+in+bg0.3@0.5"):  # another background weight: its own pack, once
         bench.run_row(row, SUBJECTS["sks"], 0)
-    assert [args[-2:] for args in trained] == [(1.0, ()), (0.3, ())]  # (background weight, kept layers)
+    assert [args[-2:] for args in trained] == [(1.0, ()), (0.3, ())]  # (background weight, layer options)
     bench.run_row("s2_k2+in+keepkv@0.5", SUBJECTS["sks"], 0)  # kept layers: a pack of its own
-    assert trained[-1][-2:] == (1.0, fidelity.KEEP_ROWS["s2_k2+in+keepkv"])
+    assert trained[-1][-2:] == (1.0, (("keep_scales", fidelity.KV_PATTERNS),))
+    bench.run_row("s2_k2+in+kv0.1", SUBJECTS["sks"], 0)  # layer rates: another
+    assert trained[-1][-2:] == (1.0, (("scale_lr", tuple(f"{p}=0.1" for p in fidelity.KV_PATTERNS)),))
     guidances.clear()
     bench.run_row("s2_k2+in:g6", SUBJECTS["sks"], 0)  # another guidance: the same pack, sampled at 6
     bench.run_row("s2_k2+in@0.5:g7.5", SUBJECTS["sks"], 0)
-    assert len(trained) == 3 and guidances == [6.0, 7.5]
+    assert len(trained) == 4 and guidances == [6.0, 7.5]  # no new pack for either
     assert all(torch.equal(s, at_strength(pack, ptq, 0.5).scales[f"{n}.s_out"]) for n, s in measured[len(measured) - 1].items())
 
 
@@ -254,13 +256,18 @@ def test_the_kv_probe_puts_exactly_the_cross_attention_keys_and_values_back_on_p
 
 
 def test_the_kept_kv_row_keeps_exactly_the_layers_the_probe_resets(saved_base):
-    from benchmarks.fidelity import CROSS_KV, KEEP_ROWS, SCALE_ROWS
+    from benchmarks.fidelity import CROSS_KV, LAYER_ROWS, SCALE_ROWS
     from qpdeploy.base import load_base
     from qpdeploy.config import TrainConfig
     from qpdeploy.layers import quant_layers
 
     names = [name for name, _ in quant_layers(load_base(saved_base("sd1")).unet)]
-    config = TrainConfig("a photo of sks dog", keep_scales=KEEP_ROWS["s2_k2+in+keepkv"])
-    assert config.kept_layers(names) == {n for n in names if n.endswith(CROSS_KV)} != set()
+    kv = {n for n in names if n.endswith(CROSS_KV)}
+    config = TrainConfig("a photo of sks dog", **LAYER_ROWS["s2_k2+in+keepkv"])
+    assert config.kept_layers(names) == kv != set()
+    for factor in (0.1, 0.3):  # the rated rows slow exactly the same layers
+        assert TrainConfig("a photo of sks dog", **LAYER_ROWS[f"s2_k2+in+kv{factor}"]).layer_rates(names) == \
+               dict.fromkeys(kv, factor)
+        assert SCALE_ROWS[f"s2_k2+in+kv{factor}"] == SCALE_ROWS["s2_k2+in"]
     assert SCALE_ROWS["s2_k2+in+keepkv"] == SCALE_ROWS["s2_k2+in"]  # the defaults but for the kept layers
     assert [row_problem(r) for r in ("s2_k2+in+keepkv", "s2_k2+in+keepkv@0.9", "s2_k2+in+keepkv:g6")] == [None] * 3

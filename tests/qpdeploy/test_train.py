@@ -514,3 +514,71 @@ def test_cli_train_passes_keep_scales(cheap_saved_base, instance_dir, tmp_path):
                                       "--keep-scales", r"attn1\.to_q$", "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert load_pack(out).meta["train"]["keep_scales"] == [KV, r"attn1\.to_q$"]
+
+
+# ------------------------------------------------------------------------------------
+# scale_lr: some layers' scales train at another learning rate
+# ------------------------------------------------------------------------------------
+
+def test_a_layer_rate_scales_how_far_its_scales_move_and_leaves_the_rest_bit_identical(
+        cheap_base, tiny_pipe, instance_dir, tmp_path):
+    # AdamW's first step moves a value by lr * g / (|g| + eps) = lr * f (f = |g| / (|g| + eps),
+    # read off the plain run); at rate 1/4 the layer's gradient is g / 4, its own step
+    # lr * g / (|g| + 4 eps) = lr * f / (f + 4 (1 - f)), and its scales move a quarter of that.
+    # The other layers, whose forward and gradients are the same, end bit for bit where they did
+    from qpdeploy.pack import load_pack
+
+    options = dict(strategy="s2", intervals=2, steps=1, lr=0.05, train_input_scales=True)
+    plain = load_pack(run(cheap_base, tiny_pipe, instance_dir, tmp_path / "plain", **options)[0])
+    rated = load_pack(run(cheap_base, tiny_pipe, instance_dir, tmp_path / "rated", scale_lr=(f"{KV}=0.25",),
+                          **options)[0])
+    layers = dict(quant_layers(cheap_base("sd1").unet))
+    slow = [n for n in layers if n.endswith(("attn2.to_k", "attn2.to_v"))]
+    assert len(slow) >= 2
+    for name, layer in layers.items():
+        for table, reference in (("s_out", layer.s_ptq.detach()), ("s_in", torch.ones(layer.in_features))):
+            a, b = plain.scales[f"{name}.{table}"], rated.scales[f"{name}.{table}"]
+            if name in slow:
+                moved, rated_moved = a / reference - 1, b / reference - 1
+                assert (moved.abs() > 0.049).float().mean() > 0.5, name  # most moved a full lr
+                f = moved.abs() / 0.05
+                torch.testing.assert_close(rated_moved, 0.25 * moved / (f + 4 * (1 - f)), rtol=1e-3, atol=1e-6)
+            else:
+                assert torch.equal(a, b), name
+    assert rated.meta["train"]["scale_lr"] == [f"{KV}=0.25"]
+
+
+@pytest.mark.parametrize("entry, message", [
+    ("attn2", r"scale-lr 'attn2' is not REGEX=FACTOR with a factor > 0"),
+    ("attn2=0", r"with a factor > 0 \(to freeze layers, use keep-scales\)"),
+    ("attn2=-1", "is not REGEX=FACTOR"),
+    ("attn2=fast", "is not REGEX=FACTOR"),
+    ("=0.5", "is not REGEX=FACTOR"),
+    ("(=0.5", r"scale-lr pattern '\(' is not a valid regular expression"),
+])
+def test_scale_lr_refuses_a_malformed_entry_in_one_line(entry, message):
+    with pytest.raises(QPDeployError, match=message) as error:
+        TrainConfig(PROMPT, scale_lr=(entry,))
+    assert "\n" not in str(error.value)
+
+
+def test_scale_lr_refuses_a_pattern_that_matches_no_trained_layer_before_writing(cheap_base, tiny_pipe, instance_dir,
+                                                                                  tmp_path):
+    for options in (dict(scale_lr=("no_such_layer=2",)), dict(keep_scales=(KV,), scale_lr=(f"{KV}=2",))):
+        with pytest.raises(QPDeployError, match="matches no trained quantized layer"):
+            run(cheap_base, tiny_pipe, instance_dir, tmp_path / "pack", steps=1, **options)
+        assert not (tmp_path / "pack").exists()
+
+
+def test_cli_train_passes_scale_lr(cheap_saved_base, instance_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from qpdeploy.cli import app
+    from qpdeploy.pack import load_pack
+
+    out = tmp_path / "pack"
+    result = CliRunner().invoke(app, ["train", "--base", str(cheap_saved_base("sd1")), "--images", str(instance_dir),
+                                      "--prompt", PROMPT, "--steps", "1", "--scale-lr", f"{KV}=0.3",
+                                      "--scale-lr", r"attn1\.to_q$=2", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert load_pack(out).meta["train"]["scale_lr"] == [f"{KV}=0.3", r"attn1\.to_q$=2"]

@@ -98,7 +98,7 @@ def test_prompts_file_images_per_prompt_determinism_low_memory_and_folded_weight
                      "0003_a-red-car-on-a-street.png"]
     records = [read_json(p.with_suffix(".json")) for p in runs["low"]]
     assert [r["seed"] for r in records] == [5, 6, 7, 8] and all(r["low_memory"] for r in records)
-    assert all(read_json(p.with_suffix(".json"))["fold_weights"] for p in runs["fold"])
+    assert all(read_json(p.with_suffix(".json"))["runtime"]["fold_weights"] for p in runs["fold"])
     first = [p.read_bytes() for p in runs["first"]]
     assert len(set(first)) == 4  # different seeds, different images
     # the same seed and backend give the same bytes, with every engine resident or loaded ahead,
