@@ -320,8 +320,10 @@ def part_runner(manifest, record: dict, config: RuntimeConfig) -> BaseRunner:
         if not record.get("engine"):
             raise QPDeployError(f"deploy dir {manifest.path} has no TensorRT engine for {record['name']}")
         return trt_runner(manifest.file(record["engine"]), config, record["name"])
-    return ort_runner(manifest.file(record["onnx"]), config.replace(backend="ort", base=None, pack=None),
-                      name=record["name"])
+    # fold_weights is the UNet's: a float part has no INT8 weight, and keeps its own session
+    # settings (prepacking) so that its outputs do not depend on the option
+    return ort_runner(manifest.file(record["onnx"]),
+                      config.replace(backend="ort", base=None, pack=None, fold_weights=False), name=record["name"])
 
 
 def feed_device(config: RuntimeConfig) -> torch.device:
