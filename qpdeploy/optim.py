@@ -14,13 +14,15 @@ and ``layer.s_out`` / ``layer.s_in`` are computed from them at every access, so 
 delivers the gradients where the optimizer steps (clipping, gradient scaling or another
 optimizer on ``unet.parameters()`` see the tensors that actually train). The learning rate
 is a fraction of the post-training scale whatever the layer, and weight decay pulls towards
-the post-training scales. ``r`` is the layer's rate (1 unless the caller gives another): AdamW's
-step is invariant to the gradient's scale, so ``delta`` moves as much as in any layer and the
-scales move ``r`` times as far, a learning rate of ``r * lr`` for that layer within one
-parameter group (checkpoints keep one flat state per set). ``torch.optim.AdamW`` skips a parameter whose ``.grad`` is None
-entirely (no moment update, no step count, no decay); a set the batch was not routed to is
-handed no gradient and stays bit for bit where it was. Releasing the optimizer bakes the
-tables back into plain, frozen tensors.
+the post-training scales. ``r`` is the layer's rate (1 unless the caller gives another):
+AdamW's step is invariant to the gradient's scale, so ``delta`` moves as much as in any
+layer and the scales move ``r`` times as far, a learning rate of ``r * lr`` for that layer
+within one parameter group (checkpoints keep one flat state per set).
+
+``torch.optim.AdamW`` skips a parameter whose ``.grad`` is None entirely (no moment update,
+no step count, no decay); a set the batch was not routed to is handed no gradient and stays
+bit for bit where it was. Releasing the optimizer bakes the tables back into plain, frozen
+tensors.
 """
 
 from __future__ import annotations
