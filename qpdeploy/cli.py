@@ -568,6 +568,8 @@ _REPO_OPTIONS = {
                             "serving machine)."),
     "device": typer.Option("auto", "--device", help="auto, cpu or cuda[:N]."),
     "threads": typer.Option(0, "--threads", help="ONNX Runtime threads per model (0: its default)."),
+    "fold_weights": typer.Option(False, "--fold-weights", help="ONNX Runtime (python platform): dequantize the UNet's "
+                                 "INT8 weights to FP32 once at load (as generate --fold-weights)."),
     "delay": typer.Option(2000, "--max-queue-delay-us", help="How long the UNet's dynamic batcher waits for more "
                           "requests (microseconds)."),
     "platform": typer.Option("python", "--platform", help="python (Python-backend models running qpdeploy's runners: "
@@ -577,11 +579,12 @@ _REPO_OPTIONS = {
 
 
 def _repository(deploy: Path, out: Path, force: bool, instances: int, backend: str, device: str, threads: int,
-                delay: int, platform: str, deploy_path: Optional[str] = None, verify_hashes: bool = True) -> Path:
+                fold_weights: bool, delay: int, platform: str, deploy_path: Optional[str] = None,
+                verify_hashes: bool = True) -> Path:
     from .runtimes.triton import RepositoryConfig, write_repository
 
     config = RepositoryConfig(instances=instances, max_queue_delay_us=delay, backend=backend, device=device,
-                              threads=threads, deploy_path=deploy_path, platform=platform)
+                              threads=threads, fold_weights=fold_weights, deploy_path=deploy_path, platform=platform)
     return write_repository(deploy, out, config, force, verify_hashes)
 
 
@@ -596,13 +599,15 @@ def triton(
     backend: Literal["ort", "trt"] = _REPO_OPTIONS["backend"],
     device: str = _REPO_OPTIONS["device"],
     threads: int = _REPO_OPTIONS["threads"],
+    fold_weights: bool = _REPO_OPTIONS["fold_weights"],
     delay: int = _REPO_OPTIONS["delay"],
     platform: Literal["python", "onnxruntime", "tensorrt"] = _REPO_OPTIONS["platform"],
     force: bool = typer.Option(False, "--force", help="Replace an existing repository written by this command."),
 ):
     """Write a Triton Inference Server model repository for a deploy dir (pipeline, unet,
     text encoder and VAE decoder models), for tritonserver here, in a container or on Jetson."""
-    repo = _repository(deploy, out, force, instances, backend, device, threads, delay, platform, deploy_path)
+    repo = _repository(deploy, out, force, instances, backend, device, threads, fold_weights, delay, platform,
+                       deploy_path)
     models = sorted(p.name for p in repo.iterdir() if p.is_dir())
     typer.echo(f"model repository -> {repo} (models: {', '.join(models)}); run it with "
                f"tritonserver --model-repository {repo}")
@@ -620,6 +625,7 @@ def serve(
     backend: Literal["ort", "trt"] = _REPO_OPTIONS["backend"],
     device: str = _REPO_OPTIONS["device"],
     threads: int = _REPO_OPTIONS["threads"],
+    fold_weights: bool = _REPO_OPTIONS["fold_weights"],
     delay: int = _REPO_OPTIONS["delay"],
     platform: Literal["python", "onnxruntime", "tensorrt"] = _REPO_OPTIONS["platform"],
     force: bool = typer.Option(False, "--force", help="Replace an existing repository written by qpdeploy."),
@@ -631,7 +637,7 @@ def serve(
     from .runtimes.triton import TritonServer
 
     # the served models hash the files they open as they load: no second pass here
-    repository = _repository(deploy, repo, force, instances, backend, device, threads, delay, platform,
+    repository = _repository(deploy, repo, force, instances, backend, device, threads, fold_weights, delay, platform,
                              verify_hashes=False)
     server = TritonServer(repository, http_port, http_port + 1, http_port + 2, address=host,
                           log=repository / "tritonserver.log")

@@ -70,6 +70,8 @@ class RepositoryConfig:
         backend: the runners of every model: "ort" or "trt" (engines built on the target).
         device: "auto", "cpu" or "cuda[:N]".
         threads: ONNX Runtime intra-op threads per model (0: its default).
+        fold_weights: ONNX Runtime: dequantize the UNet's INT8 weights once at load
+            (``RuntimeConfig.fold_weights``); python platform with the ort backend only.
         deploy_path: the deploy dir as the server sees it (default: its absolute path here).
         platform: how the text encoder(s), VAE decoder and UNet graphs are served: "python"
             (Python-backend models running qpdeploy's runners: everywhere, every layout),
@@ -85,6 +87,7 @@ class RepositoryConfig:
     backend: str = "ort"
     device: str = "auto"
     threads: int = 0
+    fold_weights: bool = False
     deploy_path: str | None = None
     platform: str = "python"
 
@@ -97,6 +100,9 @@ class RepositoryConfig:
              f"max queue delay must be in 0..1000000 microseconds, got {self.max_queue_delay_us}"),
             (self.backend in ("ort", "trt"), f"backend must be ort or trt for serving, got {self.backend!r}"),
             (self.threads >= 0, f"threads must be >= 0, got {self.threads}"),
+            (not self.fold_weights or (self.backend == "ort" and self.platform == "python"),
+             "fold weights applies to the python platform with the ort backend (Triton's own backends and "
+             "TensorRT keep their own weight handling)"),
             (self.platform in PLATFORMS, f"platform must be one of {', '.join(PLATFORMS)}, got {self.platform!r}"),
         ])
 
@@ -126,7 +132,7 @@ def write_repository(deploy, out, config: RepositoryConfig = RepositoryConfig(),
                             "serving machine, or use --platform onnxruntime / python")
     where = config.deploy_path or str(manifest.path.resolve())
     params = {"deploy_dir": where, "backend": config.backend, "device": config.device, "threads": str(config.threads),
-              "platform": config.platform}
+              "fold_weights": str(config.fold_weights).lower(), "platform": config.platform}
     batch = 2 * config.instances  # classifier-free guidance: two samples per request
     models, links = {}, {}
     parts = [*manifest.text_encoders, manifest.vae_decoder]

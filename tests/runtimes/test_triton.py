@@ -151,10 +151,11 @@ def test_the_triton_command_writes_a_repository_and_refuses_bad_input(deploy, tm
     run = CliRunner().invoke
     source = deploy(name)
     result = run(app, ["triton", str(source), "--out", str(tmp_path / "repo"), "--instances", "2",
-                       "--deploy-path", "/deploy"])
+                       "--deploy-path", "/deploy", "--fold-weights"])
     assert result.exit_code == 0 and "model repository" in result.output, result.output
     unet = (tmp_path / "repo" / "unet" / "config.pbtxt").read_text()
     assert 'string_value: "/deploy"' in unet and "max_batch_size: 4" in unet
+    assert 'parameters { key: "fold_weights" value: { string_value: "true" } }' in unet
     assert "expert" not in unet  # the selector is the model's business, not the client's
     assert json.loads((tmp_path / "repo" / "qpdeploy-triton.json").read_text())["subjects"] == []
     result = run(app, ["triton", str(tmp_path / "nowhere"), "--out", str(tmp_path / "r2")])
@@ -163,6 +164,10 @@ def test_the_triton_command_writes_a_repository_and_refuses_bad_input(deploy, tm
     assert result.exit_code == 2 and "instances must be in 1..64" in result.output
     result = run(app, ["serve", str(source), "--repo", str(tmp_path / "repo")])
     assert result.exit_code == 2 and "already exists" in result.output  # never replaced without --force
+    result = run(app, ["triton", str(source), "--out", str(tmp_path / "r4"), "--fold-weights", "--platform",
+                       "onnxruntime"])
+    assert result.exit_code == 2 and "fold weights applies to the python platform" in result.output
+    assert not (tmp_path / "r4").exists()
 
 
 class _FakeBackend:
@@ -313,7 +318,9 @@ def test_the_unet_model_serves_a_mixed_batch_and_fails_only_the_bad_request(depl
     monkeypatch.setitem(sys.modules, "triton_python_backend_utils", fake.module)
     model = UNetModel()
     model.initialize({"model_config": json.dumps({"parameters": {"deploy_dir": {"string_value": str(source)},
-                                                                 "threads": {"string_value": "1"}}})})
+                                                                 "threads": {"string_value": "1"},
+                                                                 "fold_weights": {"string_value": "true"}}})})
+    assert model.runtime.fold_weights  # served folded; compared below with the default, unfolded
     gen = torch.Generator().manual_seed(0)
     jobs = [("sks", 100.0), ("dog", 500.0), ("zwx", 900.0)]
     requests = []
