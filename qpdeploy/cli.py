@@ -578,7 +578,7 @@ _REPO_OPTIONS = {
 }
 
 
-def _repository(deploy: Path, out: Path, force: bool, instances: int, backend: str, device: str, threads: int,
+def _repository(deploy: Path, out: Path, force: bool, *, instances: int, backend: str, device: str, threads: int,
                 fold_weights: bool, delay: int, platform: str, deploy_path: Optional[str] = None,
                 verify_hashes: bool = True) -> Path:
     from .runtimes.triton import RepositoryConfig, write_repository
@@ -606,8 +606,8 @@ def triton(
 ):
     """Write a Triton Inference Server model repository for a deploy dir (pipeline, unet,
     text encoder and VAE decoder models), for tritonserver here, in a container or on Jetson."""
-    repo = _repository(deploy, out, force, instances, backend, device, threads, fold_weights, delay, platform,
-                       deploy_path)
+    repo = _repository(deploy, out, force, instances=instances, backend=backend, device=device, threads=threads,
+                       fold_weights=fold_weights, delay=delay, platform=platform, deploy_path=deploy_path)
     models = sorted(p.name for p in repo.iterdir() if p.is_dir())
     typer.echo(f"model repository -> {repo} (models: {', '.join(models)}); run it with "
                f"tritonserver --model-repository {repo}")
@@ -637,7 +637,8 @@ def serve(
     from .runtimes.triton import TritonServer
 
     # the served models hash the files they open as they load: no second pass here
-    repository = _repository(deploy, repo, force, instances, backend, device, threads, fold_weights, delay, platform,
+    repository = _repository(deploy, repo, force, instances=instances, backend=backend, device=device,
+                             threads=threads, fold_weights=fold_weights, delay=delay, platform=platform,
                              verify_hashes=False)
     server = TritonServer(repository, http_port, http_port + 1, http_port + 2, address=host,
                           log=repository / "tritonserver.log")
