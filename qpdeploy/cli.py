@@ -240,7 +240,10 @@ def train(
                                                  "quantized layers the expression matches train at FACTOR x --lr; "
                                                  "repeatable (the first match wins), e.g. 'attn2\\.to_[kv]$=0.3'."),
     class_dir: Optional[Path] = typer.Option(None, help="Class-image cache root (default ~/.cache/qpdeploy/class-images)."),
-    sample_steps: int = typer.Option(25, help="Sampling steps of class and validation images."),
+    sample_steps: Optional[int] = typer.Option(None, help="Sampling steps of class and validation images "
+                                               "(default: the model's recommendation, else 25)."),
+    sample_guidance: Optional[float] = typer.Option(None, help="Guidance scale of class and validation images "
+                                                    "(default: the model's recommendation, else 7.5)."),
     gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing",
                                                 help="Recompute UNet blocks in backward: less memory, more time."),
     low_memory: bool = typer.Option(False, "--low-memory",
@@ -290,7 +293,7 @@ def train(
         class_prompt=class_prompt if subjects is None else None,
         prior_images=prior_images if subjects is None else 0, prior_weight=prior_weight,
         background_weight=background_weight, keep_scales=tuple(keep_scales or ()),
-        scale_lr=tuple(scale_lr or ()), sample_steps=sample_steps,
+        scale_lr=tuple(scale_lr or ()), sample_steps=sample_steps, guidance=sample_guidance,
         gradient_checkpointing=gradient_checkpointing or low_memory, precision=precision, seed=seed,
         checkpoint_every=checkpoint_every, validate_every=validate_every, validation_prompt=validation_prompt,
     )
@@ -662,11 +665,9 @@ def _interrupt(*_) -> None:
 def _sampling_defaults(deploy: Path, steps: int | None, guidance: float | None) -> tuple[int, float]:
     """Steps and guidance: the user's, else the deploy dir's recommendation, else 25 and 7.5."""
     from .exporters.manifest import read_manifest
-    from .runtimes.config import GenerateConfig
+    from .models import resolve_sampling
 
-    recommended = read_manifest(deploy).sampling if steps is None or guidance is None else {}
-    return (steps if steps is not None else recommended.get("steps", GenerateConfig.steps),
-            guidance if guidance is not None else recommended.get("guidance", GenerateConfig.guidance))
+    return resolve_sampling(read_manifest(deploy).sampling if steps is None or guidance is None else {}, steps, guidance)
 
 
 @app.command()

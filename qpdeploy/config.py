@@ -317,7 +317,9 @@ class TrainConfig(ConfigBase):
             ``w + (1 - w) * m`` (``m`` the share of it the subject covers, from the masks
             beside the images, :func:`qpdeploy.data.mask_file`), so that the scales learn the
             subject more than the photos' backdrop; 1 (default) is DreamBooth's plain loss.
-        sample_steps / guidance: sampling of class and validation images.
+        sample_steps / guidance: sampling of class and validation images (None: the model
+            folder's recommendation, ``qpdeploy_sampling.json``, else 25 steps and guidance
+            7.5, as ``generate`` samples: :func:`qpdeploy.models.resolve_sampling`).
         gradient_checkpointing: recompute UNet blocks in backward (less memory, more time).
         precision: "auto" (bf16 or fp16 autocast on CUDA, fp32 on CPU), "fp32", "fp16", "bf16".
         seed: every random draw of the run derives from it and the step number.
@@ -348,8 +350,8 @@ class TrainConfig(ConfigBase):
     background_weight: float = 1.0
     keep_scales: tuple[str, ...] = ()
     scale_lr: tuple[str, ...] = ()
-    sample_steps: int = 25
-    guidance: float = 7.5
+    sample_steps: int | None = None
+    guidance: float | None = None
     gradient_checkpointing: bool = False
     precision: str = "auto"
     seed: int = 0
@@ -395,8 +397,9 @@ class TrainConfig(ConfigBase):
             (self.prior_weight >= 0, f"prior weight must be >= 0, got {self.prior_weight}"),
             (0 <= self.background_weight <= 1, f"background weight must be in 0..1, got {self.background_weight}"),
             (self.token_lr > 0, f"token learning rate must be positive, got {self.token_lr}"),
-            (1 <= self.sample_steps <= MAX_STEPS, f"sample steps must be in 1..{MAX_STEPS}, got {self.sample_steps}"),
-            (self.guidance >= 0, f"guidance must be >= 0, got {self.guidance}"),
+            (self.sample_steps is None or 1 <= self.sample_steps <= MAX_STEPS,
+             f"sample steps must be in 1..{MAX_STEPS}, got {self.sample_steps}"),
+            (self.guidance is None or 0 <= self.guidance <= 100, f"guidance must be in 0..100, got {self.guidance}"),
             (self.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}"),
             (self.seed >= 0, f"seed must be >= 0, got {self.seed}"),
             (self.checkpoint_every >= 0, f"checkpoint interval must be >= 0, got {self.checkpoint_every}"),

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from .errors import QPDeployError
 from .io import read_json, write_json
+from .models import FALLBACK_SAMPLING, native_resolution
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 MASK_FOLDER = "masks"  # subject masks live in this subfolder of the images folder, one per image
@@ -397,8 +398,6 @@ def prompt_embeddings(pipe, prompts: list[str], device) -> tuple[torch.Tensor, t
 
 def default_resolution(pipe) -> int:
     """The model's native image size (see :func:`qpdeploy.models.native_resolution`)."""
-    from .models import native_resolution
-
     return native_resolution(pipe)
 
 
@@ -420,7 +419,8 @@ def class_cache_dir(root, base_hash: str, class_prompt: str, resolution: int, st
 
 
 def class_images(pipe, base_hash: str, class_prompt: str, count: int, resolution: int, root=None,
-                 steps: int = 25, guidance: float = 7.5, seed: int = 0, progress=None) -> list[InstanceImage]:
+                 steps: int = FALLBACK_SAMPLING["steps"], guidance: float = FALLBACK_SAMPLING["guidance"], seed: int = 0,
+                 progress=None) -> list[InstanceImage]:
     """The ``count`` class images for prior preservation, generated only where not cached.
 
     ``pipe.unet`` must be the quantized base with its post-training scales. Image i is

@@ -28,6 +28,7 @@ import torch
 
 from .config import MAX_STEPS, ConfigBase, check_all, is_full_strength, strength_problem
 from .errors import QPDeployError
+from .models import resolve_sampling
 
 MINIWORLD_GUIDANCE, ENCODER_GUIDANCE = 4.0, 7.5  # sampling defaults of the two metric sets
 EVALUATION_KIND = "qpdeploy.evaluation"
@@ -289,8 +290,7 @@ def evaluate_model(prompts: list[str], config: EvaluateConfig, scorer, deploy=No
     instances = read_instance_images(instance_dir) if instance_dir is not None else None
     scorer.check(prompts, config.identifier, instances)
     pipe, batch, close, recommended = open_model(deploy, base, pack, device, config.pack_strength)
-    guidance = config.guidance if config.guidance is not None else recommended.get("guidance", scorer.guidance)
-    steps = config.steps if config.steps is not None else recommended.get("steps", 25)
+    steps, guidance = resolve_sampling({"guidance": scorer.guidance, **recommended}, config.steps, config.guidance)
     wanted = [p for p in prompts for _ in range(config.images_per_prompt)]
     try:
         images = generate(pipe, wanted, seed=config.seed, steps=steps, guidance=guidance, batch_size=batch)

@@ -303,6 +303,7 @@ def model_folder(pipe) -> Path | None:
 
 SAMPLING_FILE = "qpdeploy_sampling.json"  # a model folder's recommended sampling settings
 SAMPLING_KEYS = {"guidance": float, "steps": int}
+FALLBACK_SAMPLING = {"guidance": 7.5, "steps": 25}  # a folder without a recommendation: Stable Diffusion's usual
 
 
 def model_sampling_defaults(pipe) -> dict:
@@ -325,6 +326,14 @@ def model_sampling_defaults(pipe) -> dict:
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise QPDeployError(f"cannot read {path}: {type(exc).__name__}") from None
     return check_sampling_defaults(data, path)
+
+
+def resolve_sampling(recommended: dict, steps: int | None = None, guidance: float | None = None) -> tuple[int, float]:
+    """``(steps, guidance)``: the ones given, else the ``recommended`` ones (a model folder's,
+    :func:`model_sampling_defaults`, or a deploy dir's record of it), else :data:`FALLBACK_SAMPLING`."""
+    fallback = {**FALLBACK_SAMPLING, **recommended}
+    return (int(steps if steps is not None else fallback["steps"]),
+            float(guidance if guidance is not None else fallback["guidance"]))
 
 
 def check_sampling_defaults(data, where) -> dict:

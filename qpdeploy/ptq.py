@@ -15,7 +15,8 @@ from .calibrate import calibrate_activations, capture_trajectories, sqnr_by_inte
 from .config import QuantizeConfig
 from .io import claim_output, read_json
 from .memory import release_free_heap
-from .models import check_resolution, describe_source, load_pipeline, model_folder, model_sampling_defaults
+from .models import (check_resolution, describe_source, load_pipeline, model_folder, model_sampling_defaults,
+                     resolve_sampling)
 from .progress import stage
 from .prompts import CALIBRATION_FILE, CALIBRATION_PROMPTS, read_prompt_file
 from .qunet import float_weights_of, plan_layers, quantize_weights, quantized_copy
@@ -29,17 +30,14 @@ def resolve_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
-DEFAULT_CALIB_GUIDANCE = 7.5  # a model folder without a recommendation: Stable Diffusion's usual scale
-
-
 def resolve_config(pipe, config: QuantizeConfig) -> QuantizeConfig:
     """``config`` with its model-dependent defaults filled in: the calibration guidance (the
     model folder's recommended guidance, else 7.5). Quantization samples its trajectories the
     way the model will be sampled, so activation ranges are those the deployed model sees."""
     if config.guidance is not None:
         return config
-    guidance = model_sampling_defaults(pipe).get("guidance", DEFAULT_CALIB_GUIDANCE)
-    return dataclasses.replace(config, guidance=float(guidance))
+    _, guidance = resolve_sampling(model_sampling_defaults(pipe))
+    return dataclasses.replace(config, guidance=guidance)
 
 
 def quantize_pipeline(pipe, config: QuantizeConfig, device="cpu", show_progress: bool | str = False,

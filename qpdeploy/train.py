@@ -54,7 +54,7 @@ from .pack import (PACK_ARTIFACT, ScalePack, init_scale_sets, num_sets_for, rese
                    scales_of, subject_set_map)
 from .progress import stage
 from .prompts import check_text
-from .models import check_resolution
+from .models import check_resolution, model_sampling_defaults, resolve_sampling
 from .ptq import resolve_device
 from .qunet import get_router
 from .strategies import get_strategy
@@ -403,14 +403,15 @@ def prepare_data(base: QuantizedBase, images, config: TrainConfig, pipe=None, cl
         identifier_token_ids(pipe, config.identifier)  # one token, or fail before any long work
     instance = load_instance_images(images, resolution, config.crop, config.crops_per_image, config.seed,
                                     masks=config.background_weight < 1)
+    steps, guidance = resolve_sampling(model_sampling_defaults(pipe), config.sample_steps, config.guidance)
     prior = []
     if config.prior_images:
         with stage("class images", config.prior_images, show_progress) as advance:
             prior = class_images(pipe, base.base_hash, config.class_prompt, config.prior_images, resolution,
-                                 class_dir, config.sample_steps, config.guidance, config.seed, advance)
+                                 class_dir, steps, guidance, config.seed, advance)
     examples = encode_examples(pipe, instance, config.prompt, prior, config.class_prompt, device)
     examples.meta["resolution"] = resolution
-    validator = Validator(pipe, base.unet, config, resolution, device) if config.validate_every else None
+    validator = Validator(pipe, base.unet, config, resolution, device, (steps, guidance)) if config.validate_every else None
     return examples, dict(pipe.scheduler.config), validator, resolution, (pipe if config.train_token else None)
 
 

@@ -29,12 +29,12 @@ class Validator:
     Args:
         pipe: the source pipeline with its text encoders (used here once, then dropped).
         unet: the quantized UNet being trained.
-        config: the run's :class:`~qpdeploy.config.TrainConfig` (prompt, image count,
-            sampling steps, guidance, seed).
+        config: the run's :class:`~qpdeploy.config.TrainConfig` (prompt, image count, seed).
         resolution: image size.
+        sampling: ``(steps, guidance)``, resolved (:func:`qpdeploy.models.resolve_sampling`).
     """
 
-    def __init__(self, pipe, unet, config, resolution: int, device):
+    def __init__(self, pipe, unet, config, resolution: int, device, sampling: tuple[int, float]):
         if getattr(pipe, "text_encoder_2", None) is not None:
             names = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds")
             values = pipe.encode_prompt(config.validation_prompt, device=device, num_images_per_prompt=1,
@@ -45,7 +45,7 @@ class Validator:
         self.embeds = {k: v.detach() for k, v in zip(names, values)}
         drop = {k: None for k in ("text_encoder", "text_encoder_2") if k in pipe.components}
         self.pipe = quantized_pipeline(pipe, unet, **drop)
-        self.config, self.resolution = config, resolution
+        self.config, self.resolution, (self.steps, self.guidance) = config, resolution, sampling
 
     @torch.no_grad()
     def __call__(self, unet, path: Path) -> Path:
@@ -55,8 +55,8 @@ class Validator:
         try:
             n = self.config.validation_images
             generators = [torch.Generator("cpu").manual_seed(self.config.seed + i) for i in range(n)]
-            images = self.pipe(**self.embeds, num_images_per_prompt=n, num_inference_steps=self.config.sample_steps,
-                               guidance_scale=self.config.guidance, height=self.resolution, width=self.resolution,
+            images = self.pipe(**self.embeds, num_images_per_prompt=n, num_inference_steps=self.steps,
+                               guidance_scale=self.guidance, height=self.resolution, width=self.resolution,
                                generator=generators).images
         finally:
             unet.train(was_training)

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from qpdeploy.errors import QPDeployError
+from qpdeploy.models import FALLBACK_SAMPLING
 
 
 @dataclass(frozen=True)
@@ -34,8 +35,8 @@ class Request:
     prompt: str
     subject: str | None = None
     seed: int = 0
-    steps: int = 25
-    guidance: float = 7.5
+    steps: int = FALLBACK_SAMPLING["steps"]
+    guidance: float = FALLBACK_SAMPLING["guidance"]
     negative_prompt: str | None = None
 
 

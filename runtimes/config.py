@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from qpdeploy.config import MAX_STEPS, ConfigBase, check_all
+from qpdeploy.models import FALLBACK_SAMPLING
 
 BACKENDS = ("ort", "trt", "torch")
 SCHEDULERS = ("ddim", "pndm", "dpm", "euler")
@@ -95,8 +96,8 @@ class GenerateConfig(ConfigBase):
             sets the UNet uses; None: the post-training scales.
     """
 
-    steps: int = 25
-    guidance: float = 7.5
+    steps: int = FALLBACK_SAMPLING["steps"]
+    guidance: float = FALLBACK_SAMPLING["guidance"]
     scheduler: str | None = None
     seed: int = 0
     images_per_prompt: int = 1

@@ -64,3 +64,12 @@ def test_a_safetensors_file_without_a_unet_is_not_a_diffusion_model(tmp_path):
     save_file({"encoder.weight": torch.zeros(2, 2)}, str(tmp_path / "other.safetensors"))
     with pytest.raises(QPDeployError, match="not a Stable Diffusion checkpoint"):
         load_pipeline(tmp_path / "other.safetensors")
+
+
+def test_sampling_resolves_given_then_recommended_then_the_fallback():
+    from qpdeploy.models import FALLBACK_SAMPLING, resolve_sampling
+
+    assert resolve_sampling({}) == (FALLBACK_SAMPLING["steps"], FALLBACK_SAMPLING["guidance"]) == (25, 7.5)
+    assert resolve_sampling({"guidance": 4.0}) == (25, 4.0)
+    assert resolve_sampling({"guidance": 4.0, "steps": 30}, steps=10) == (10, 4.0)
+    assert resolve_sampling({"guidance": 4.0}, guidance=0.0) == (25, 0.0)  # 0 is a choice, not "not given"

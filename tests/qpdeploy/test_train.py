@@ -582,3 +582,34 @@ def test_cli_train_passes_scale_lr(cheap_saved_base, instance_dir, tmp_path):
                                       "--scale-lr", r"attn1\.to_q$=2", "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert load_pack(out).meta["train"]["scale_lr"] == [f"{KV}=0.3", r"attn1\.to_q$=2"]
+
+
+def test_class_and_validation_images_follow_the_models_recommended_sampling(cheap_base, tiny_pipe, instance_dir,
+                                                                            tmp_path):
+    """Training samples its class and validation images as generate samples the model: the
+    model folder's recommended steps and guidance (miniworld: guidance 4, not 7.5) unless given."""
+    import json
+
+    from qpdeploy.models import SAMPLING_FILE
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / SAMPLING_FILE).write_text('{"guidance": 2.5, "steps": 3}')
+
+    def sampled(name, **given):
+        pipe = tiny_pipe("sd1")
+        pipe.register_to_config(_name_or_path=str(folder))
+        config = TrainConfig(PROMPT, class_prompt="a photo of a dog", prior_images=1, validate_every=1,
+                             validation_prompt="a sks dog", validation_images=1, **given)
+        base = cheap_base()
+        _, _, validator, _, _ = prepare_data(base, instance_dir, config, pipe=pipe, class_dir=tmp_path / name)
+        (cache,) = (tmp_path / name).rglob("cache.json")
+        class_sampling = json.loads(cache.read_text())
+        validator(base.unet, tmp_path / f"{name}.png")
+        return ((class_sampling["steps"], class_sampling["guidance"]),
+                (len(validator.pipe.scheduler.timesteps), validator.guidance))
+
+    assert sampled("recommended") == ((3, 2.5), (3, 2.5))
+    assert sampled("given", sample_steps=2, guidance=1.5) == ((2, 1.5), (2, 1.5))
+    with pytest.raises(QPDeployError, match="guidance must be in 0..100"):
+        TrainConfig(PROMPT, guidance=-1)

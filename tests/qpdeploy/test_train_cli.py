@@ -21,7 +21,8 @@ def test_train_on_a_base_writes_a_pack_that_applies(cheap_saved_base, instance_d
     base_dir = cheap_saved_base("sd1")
     out = tmp_path / "pack"
     result = invoke("--base", base_dir, "--images", instance_dir, "--prompt", "a photo of a dog", "--out", out,
-                    "--strategy", "s1", "--s1-intervals", "0,2", "--steps", "2", "--device", "cpu")
+                    "--strategy", "s1", "--s1-intervals", "0,2", "--steps", "2", "--device", "cpu",
+                    "--sample-steps", "3", "--sample-guidance", "2.5")
     assert result.exit_code == 0, result.output
     assert f"scale pack: {out}" in result.output and "warning: the instance prompt" in result.output
     report = json.loads((out / "report.json").read_text())
@@ -30,6 +31,8 @@ def test_train_on_a_base_writes_a_pack_that_applies(cheap_saved_base, instance_d
     apply_pack(base, load_pack(out))
     assert base.unet.qp_router.set_of_interval.tolist() == [0, 1, 0, 1]
     assert all(layer.num_sets == 1 for _, layer in quant_layers(base.unet))
+    assert {k: load_pack(out).meta["train"][k] for k in ("sample_steps", "guidance")} == {"sample_steps": 3,
+                                                                                          "guidance": 2.5}
 
 
 def test_input_scales_train_by_default_and_can_be_turned_off(cheap_saved_base, instance_dir, tmp_path):
@@ -42,6 +45,7 @@ def test_input_scales_train_by_default_and_can_be_turned_off(cheap_saved_base, i
         assert result.exit_code == 0, result.output
         pack = load_pack(out)
         assert pack.input_scales is with_inputs
+        assert pack.meta["train"]["guidance"] is None  # the model's recommendation, resolved when sampling
         assert sum(k.endswith(".s_in") for k in pack.scales) == (layers if with_inputs else 0)
 
 
@@ -73,6 +77,8 @@ def test_model_is_quantized_first_with_quantize_options(instance_dir, tmp_path):
     (["--base", "{missing}", "--images", "{images}", "--prompt", "p", "--out", "{out}"], "quantized base not found"),
     (["--base", "{base}", "--images", "{images}", "--prompt", "p", "--out", "{out}", "--s1-intervals", "a,b"],
      "comma-separated integers"),
+    (["--base", "{base}", "--images", "{images}", "--prompt", "p", "--out", "{out}", "--sample-guidance", "-1"],
+     "guidance must be in 0..100"),
 ])
 def test_bad_input_exits_2_with_one_line(cheap_saved_base, instance_dir, tmp_path, args, message):
     (tmp_path / "empty").mkdir()
