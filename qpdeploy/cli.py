@@ -502,6 +502,9 @@ def generate(
     fold_weights: bool = typer.Option(False, "--fold-weights", help="ONNX Runtime: dequantize the INT8 weights "
                                       "to FP32 once at load (faster calls at small image sizes on CPU, four bytes "
                                       "per weight per loaded engine instead of one shared INT8 copy)."),
+    arena: bool = typer.Option(True, "--arena/--no-arena", help="ONNX Runtime: one memory arena reused by every "
+                               "call (default); --no-arena allocates each call afresh: less memory held between "
+                               "calls, slower calls."),
     cuda_graph: bool = typer.Option(False, "--cuda-graph", help="TensorRT: replay each engine from a CUDA graph."),
     verify_hashes: bool = typer.Option(True, help="Check every deploy file against the manifest's SHA-256 first."),
     base: Optional[Path] = typer.Option(None, "--base", help="torch backend: the quantized base exported."),
@@ -523,8 +526,8 @@ def generate(
                          images_per_prompt=images_per_prompt, negative_prompt=negative_prompt, height=height,
                          width=width, subject=subject)
     runtime = RuntimeConfig(backend=backend, device=device, low_memory=low_memory, threads=threads,
-                            ort_optimization=ort_optimization, fold_weights=fold_weights, cuda_graph=cuda_graph,
-                            verify_hashes=verify_hashes,
+                            ort_optimization=ort_optimization, fold_weights=fold_weights, arena=arena,
+                            cuda_graph=cuda_graph, verify_hashes=verify_hashes,
                             base=None if base is None else str(base), pack=None if pack is None else str(pack))
     from .runtimes.generate import generate as generate_images
     from .runtimes.generate import print_generate_summary

@@ -38,6 +38,11 @@ class RuntimeConfig(ConfigBase):
             session: the per-interval sessions' scales differ, so the copies cannot be
             shared, and ``share_weights`` then saves nothing. Off, the sessions keep the
             INT8 weights (shared) and compute exactly the unoptimized graph's numbers.
+        arena: ONNX Runtime: every session takes its CPU buffers from one memory arena
+            shared by the process (:func:`qpdeploy.runtimes.runners.shared_cpu_arena`), so a
+            call reuses the last call's memory, whichever session ran it. False: each call
+            allocates and frees its buffers (the least memory held between calls; slower,
+            and a newly loaded session's first calls slower still).
         share_weights: ONNX Runtime sessions of a per-interval layout read the one shared
             weights file from a single memory map instead of each holding a copy.
         cuda_graph: TensorRT: capture each engine's launch in a CUDA graph (static shapes).
@@ -53,6 +58,7 @@ class RuntimeConfig(ConfigBase):
     threads: int = 0
     ort_optimization: str = "basic"
     fold_weights: bool = False
+    arena: bool = True
     share_weights: bool = True
     cuda_graph: bool = False
     verify_hashes: bool = True
@@ -70,6 +76,7 @@ class RuntimeConfig(ConfigBase):
             (not self.fold_weights or (self.backend == "ort" and self.ort_optimization == "basic"),
              "fold weights applies to the ort backend at ort optimization basic (at none nothing is folded; "
              "extended and all run fused INT8 kernels on the INT8 weights)"),
+            (self.arena or self.backend == "ort", "the memory arena setting applies to the ort backend only"),
             (self.backend == "torch" or (self.base is None and self.pack is None),
              "base and pack directories are only used by the torch backend"),
             (self.backend != "torch" or self.base is not None,

@@ -7,8 +7,8 @@ tensors on the runner's device.
 
 - ONNX Runtime: Polygraphy's own ``OnnxrtRunner`` over :class:`SessionFromOnnxPath`, a loader
   in Polygraphy's style that adds what its ``SessionFromOnnx`` lacks: thread count, the CUDA
-  execution provider's device, no memory arena (activations are freed after each call, so K
-  resident sessions do not each keep a peak-sized arena), and :class:`SharedWeights`.
+  execution provider's device, one CPU memory arena shared by every session of the process
+  (:func:`shared_cpu_arena`), and :class:`SharedWeights`.
 - TensorRT: :class:`qpdeploy.runtimes.trt.TrtRunner` (tensorrt imported lazily).
 - torch: :class:`TorchUNetRunner`, the quantized PyTorch UNet with the pack applied.
 """
@@ -83,6 +83,31 @@ class SharedWeights:
         return array, ort.OrtValue.ortvalue_from_numpy(array)
 
 
+_ARENA_LOCK = threading.Lock()
+_ARENA_REGISTERED = False
+
+
+def shared_cpu_arena() -> None:
+    """Register one CPU memory arena with ONNX Runtime's process-wide environment (once).
+
+    Sessions opened with ``session.use_env_allocators`` take their CPU tensors from it, so
+    the buffers of one call (activations, and the FP32 weights each DequantizeLinear makes
+    when the INT8 weights are kept) are reused by the next call of any session, instead of
+    being mapped and faulted in afresh every call: a session's own arena would keep a
+    peak-sized arena per resident session, and no arena pays the page faults each call
+    (measured with ``benchmarks/runtime.py``; README, "Runtime measurements"). The arena
+    grows by what is asked (no power-of-two rounding) and keeps its memory for the process.
+    """
+    global _ARENA_REGISTERED
+    import onnxruntime as ort
+
+    with _ARENA_LOCK:
+        if not _ARENA_REGISTERED:
+            info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+            ort.create_and_register_allocator(info, ort.OrtArenaCfg({"arena_extend_strategy": 1}))
+            _ARENA_REGISTERED = True
+
+
 class SessionFromOnnxPath(BaseLoader):
     """Loader: an ONNX Runtime ``InferenceSession`` for an ONNX file (external data beside it).
 
@@ -104,15 +129,20 @@ class SessionFromOnnxPath(BaseLoader):
             Left at basic without it, ORT keeps the DequantizeLinear nodes (constant folding
             skips them) and has no Q/DQ fusions at that level (they come with "extended").
         shared: :class:`SharedWeights` whose initializers replace the file's own, or None.
+        arena: CPU tensors come from the process's shared arena (:func:`shared_cpu_arena`);
+            ORT's memory patterns are then off (with an arena they allocate a second
+            peak-sized block). False: each call's buffers are allocated and freed afresh
+            (memory patterns on): the least resident memory between calls, the slowest calls.
     """
 
     def __init__(self, path, providers=("CPUExecutionProvider",), threads: int = 0, optimization: str = "basic",
-                 shared: SharedWeights | None = None, fold_weights: bool = False):
+                 shared: SharedWeights | None = None, fold_weights: bool = False, arena: bool = True):
         if fold_weights and optimization != "basic":
             raise ValueError(f"fold_weights needs optimization 'basic', got {optimization!r}")
         self.path = Path(path)
         self.providers = list(providers)
         self.threads, self.optimization, self.shared, self.fold_weights = threads, optimization, shared, fold_weights
+        self.arena = arena
 
     def session_options(self):
         """The ``SessionOptions`` this loader opens the file with (shared initializers aside)."""
@@ -122,11 +152,14 @@ class SessionFromOnnxPath(BaseLoader):
         options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, OPTIMIZATION_LEVELS[self.optimization])
         options.intra_op_num_threads = self.threads
         options.inter_op_num_threads = 1
-        options.enable_cpu_mem_arena = False  # see the module docstring
+        options.enable_cpu_mem_arena = False  # never a session's own arena (see shared_cpu_arena)
         options.log_severity_level = 3
         if self.fold_weights:  # see the class docstring
             options.add_session_config_entry("session.disable_quant_qdq", "1")
             options.add_session_config_entry("session.disable_prepacking", "1")
+        if self.arena:
+            options.enable_mem_pattern = False
+            options.add_session_config_entry("session.use_env_allocators", "1")
         return options
 
     def call_impl(self):
@@ -134,6 +167,8 @@ class SessionFromOnnxPath(BaseLoader):
         import onnxruntime as ort
 
         options = self.session_options()
+        if self.arena:
+            shared_cpu_arena()
         try:
             for name, value in (self.shared.initializers(self.path) if self.shared else {}).items():
                 options.add_initializer(name, value)
@@ -168,7 +203,8 @@ def ort_runner(path, config: RuntimeConfig, shared: SharedWeights | None = None,
     from polygraphy.backend.onnxrt import OnnxrtRunner
 
     providers, _ = ort_providers(config.device)
-    loader = SessionFromOnnxPath(path, providers, config.threads, config.ort_optimization, shared, config.fold_weights)
+    loader = SessionFromOnnxPath(path, providers, config.threads, config.ort_optimization, shared, config.fold_weights,
+                                 config.arena)
     return OnnxrtRunner(loader, name=name or Path(path).stem)
 
 

@@ -23,6 +23,7 @@ def test_configs_round_trip_through_json():
                                                                       "ort optimization basic"),
     (RuntimeConfig, dict(fold_weights=True, ort_optimization="all"), "extended and all run fused INT8 kernels"),
     (RuntimeConfig, dict(fold_weights=True, backend="trt"), "fold weights applies to the ort backend"),
+    (RuntimeConfig, dict(arena=False, backend="trt"), "memory arena setting applies to the ort backend only"),
     (RuntimeConfig, dict(device="tpu"), "device must be auto, cpu or cuda"),
     (GenerateConfig, dict(steps=0), "steps must be in 1..1000, got 0"),
     (GenerateConfig, dict(steps=100_000), "steps must be in 1..1000, got 100000"),

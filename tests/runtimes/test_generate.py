@@ -85,11 +85,12 @@ def test_the_interval_of_every_step_follows_the_scheduler(name, options, sd1_pip
 
 
 @pytest.mark.slow
-def test_prompts_file_images_per_prompt_determinism_low_memory_and_folded_weights(deploy, tmp_path):
+def test_prompts_file_images_per_prompt_determinism_low_memory_folded_weights_and_arena(deploy, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a photo of sks dog\n# a comment\na red car on a street\n")
     runs = {}
-    for run, extra in [("first", []), ("again", []), ("low", ["--low-memory"]), ("fold", ["--fold-weights"])]:
+    for run, extra in [("first", []), ("again", []), ("low", ["--low-memory"]), ("fold", ["--fold-weights"]),
+                       ("no_arena", ["--no-arena"])]:
         ok(deploy("sd1_s2"), "--prompts-file", prompts, "--images-per-prompt", 2, "--out-dir", tmp_path / run,
            "--steps", 2, "--seed", 5, *extra)
         runs[run] = sorted((tmp_path / run).glob("*.png"))
@@ -99,12 +100,14 @@ def test_prompts_file_images_per_prompt_determinism_low_memory_and_folded_weight
     records = [read_json(p.with_suffix(".json")) for p in runs["low"]]
     assert [r["seed"] for r in records] == [5, 6, 7, 8] and all(r["low_memory"] for r in records)
     assert all(read_json(p.with_suffix(".json"))["runtime"]["fold_weights"] for p in runs["fold"])
+    assert [read_json(p.with_suffix(".json"))["runtime"]["arena"] for p in runs["first"] + runs["no_arena"]] == \
+           [True] * 4 + [False] * 4
     first = [p.read_bytes() for p in runs["first"]]
     assert len(set(first)) == 4  # different seeds, different images
     # the same seed and backend give the same bytes, with every engine resident or loaded ahead,
-    # and with the weights dequantized once at load or in every call
+    # with the weights dequantized once at load or in every call, and with or without the arena
     assert first == [p.read_bytes() for p in runs["again"]] == [p.read_bytes() for p in runs["low"]] == \
-           [p.read_bytes() for p in runs["fold"]]
+           [p.read_bytes() for p in runs["fold"]] == [p.read_bytes() for p in runs["no_arena"]]
     assert [r["interval_per_step"] for r in records] == \
            [read_json(p.with_suffix(".json"))["interval_per_step"] for p in runs["first"]]
 

@@ -98,6 +98,7 @@ def test_basic_keeps_the_int8_weights_unless_asked_to_fold_and_both_compute_the_
     feed = {k: v.numpy() for k, v in feeds(manifest, 400).items()}
     plain = SessionFromOnnxPath(path, threads=1, optimization="none")().run(None, feed)[0]
     assert (kept.run(None, feed)[0] == plain).all() and (folded.run(None, feed)[0] == plain).all()
+    assert (SessionFromOnnxPath(path, threads=1, arena=False)().run(None, feed)[0] == plain).all()
     with pytest.raises(ValueError, match="fold_weights needs optimization 'basic'"):
         SessionFromOnnxPath(path, optimization="all", fold_weights=True)
 
@@ -126,3 +127,35 @@ def test_folded_weights_keep_the_graphs_numbers_where_prepacked_kernels_would_no
     plain = SessionFromOnnxPath(path, threads=1, optimization="none")().run(None, feed)[0]
     for loader in (SessionFromOnnxPath(path, threads=1), SessionFromOnnxPath(path, threads=1, fold_weights=True)):
         assert (loader().run(None, feed)[0] == plain).all()
+
+
+def test_calls_reuse_the_shared_arenas_memory_instead_of_faulting_in_fresh_pages(tmp_path):
+    """With the shared arena a call takes its buffers from the memory earlier calls (of any
+    session) used; without it, every call maps and faults in its large buffers afresh."""
+    import resource
+
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper
+
+    shape = [16, 1024, 1024]  # 64 MiB buffers: beyond glibc's largest mmap threshold (32 MiB)
+    x, y = helper.make_tensor_value_info("x", TensorProto.FLOAT, shape), helper.make_tensor_value_info(
+        "y", TensorProto.FLOAT, [1])
+    two = helper.make_tensor("two", TensorProto.FLOAT, [], [2.0])
+    graph = helper.make_graph([helper.make_node("Mul", ["x", "two"], ["a"]), helper.make_node("Relu", ["a"], ["b"]),
+                               helper.make_node("ReduceMax", ["b"], ["y"], keepdims=0)], "big", [x], [y], [two])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    path = tmp_path / "big.onnx"
+    onnx.save(model, str(path))
+    feed = {"x": np.ones(shape, np.float32)}
+
+    def faults_of_a_later_call(arena: bool) -> int:
+        sessions = [SessionFromOnnxPath(path, threads=1, arena=arena)() for _ in range(2)]
+        sessions[0].run(None, feed)  # the first session grows the arena; the second reuses it
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        assert sessions[1].run(None, feed)[0] == 2.0
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+    pages = 64 * 2**20 // resource.getpagesize()
+    assert faults_of_a_later_call(arena=False) > pages // 2  # a 64 MiB buffer faulted in again (measured: all of it)
+    assert faults_of_a_later_call(arena=True) < pages // 8  # (measured: none)
