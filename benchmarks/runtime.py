@@ -8,8 +8,9 @@ Every ratio is measured side by side in one run on one machine:
 
 - latency: DDIM images of ``--steps`` steps (CFG batch 2) after a warm-up image, the
   configurations taking turns for ``--rounds`` rounds: ONNX Runtime resident (INT8 weights
-  dequantized in each call, the default, and ``--fold-weights``), ONNX Runtime
-  ``--low-memory``, the multi-expert layout, the torch reference (with --base and --pack),
+  dequantized in each call, the default, and ``--fold-weights``; the default also with
+  ``--no-arena``), ONNX Runtime ``--low-memory`` (with and without the arena), the
+  multi-expert layout, the torch reference (with --base and --pack),
   TensorRT (where installed and the deploy dir has engines). ``unet_ms_per_step`` is the
   median UNet call; ``denoise_ms_per_step`` the mean step with scheduler and guidance.
 - switching: the share of denoising time spent making the next interval's engine ready
@@ -298,7 +299,9 @@ def run(args) -> dict:
     report = {"deploy": str(args.deploy), "multi_expert_deploy": str(args.multi_expert) if args.multi_expert else None,
               "steps": args.steps, "threads": args.threads, "machine": machine()}
     configs = [("ort", args.deploy, ort), ("ort --fold-weights", args.deploy, ort.replace(fold_weights=True)),
-               ("ort --low-memory", args.deploy, ort.replace(low_memory=True))]
+               ("ort --no-arena", args.deploy, ort.replace(arena=False)),
+               ("ort --low-memory", args.deploy, ort.replace(low_memory=True)),
+               ("ort --low-memory --no-arena", args.deploy, ort.replace(low_memory=True, arena=False))]
     if args.multi_expert:
         configs.append(("ort, multi-expert layout", args.multi_expert, ort))
     if args.base:
@@ -313,7 +316,9 @@ def run(args) -> dict:
                    "per-interval resident (each session its own weights)":
                        (args.deploy, ort.replace(share_weights=False)),
                    "per-interval resident --fold-weights": (args.deploy, ort.replace(fold_weights=True)),
-                   "per-interval --low-memory": (args.deploy, ort.replace(low_memory=True))}
+                   "per-interval resident --no-arena": (args.deploy, ort.replace(arena=False)),
+                   "per-interval --low-memory": (args.deploy, ort.replace(low_memory=True)),
+                   "per-interval --low-memory --no-arena": (args.deploy, ort.replace(low_memory=True, arena=False))}
     if args.multi_expert:
         memory_runs["multi-expert"] = (args.multi_expert, ort)
     report["memory"] = {name: memory(path, runtime) for name, (path, runtime) in memory_runs.items()}

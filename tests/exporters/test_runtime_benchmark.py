@@ -16,7 +16,8 @@ def test_the_runtime_benchmark_measures_every_configuration_on_a_deploy_dir(depl
                               rounds=1, repeats=1)
     report = run(args)
     rows = {r["configuration"]: r for r in report["latency"]}
-    assert set(rows) == {"ort", "ort --fold-weights", "ort --low-memory", "torch reference"}
+    assert set(rows) == {"ort", "ort --fold-weights", "ort --no-arena", "ort --low-memory",
+                         "ort --low-memory --no-arena", "torch reference"}
     for name, row in rows.items():
         assert row["unet_ms_per_step"] > 0 and row["denoise_ms_per_step"] > 0, name
         assert len(row["interval_per_step"]) == 4 and set(row["interval_per_step"]) <= set(range(k)), name
@@ -25,7 +26,8 @@ def test_the_runtime_benchmark_measures_every_configuration_on_a_deploy_dir(depl
     assert report["tensorrt"] != "measured" or "trt" in rows
     assert set(report["memory"]) == {"per-interval resident (shared weights map)",
                                       "per-interval resident (each session its own weights)",
-                                      "per-interval resident --fold-weights", "per-interval --low-memory"}
+                                      "per-interval resident --fold-weights", "per-interval resident --no-arena",
+                                      "per-interval --low-memory", "per-interval --low-memory --no-arena"}
     assert all(m["after_load_rss"] >= m["baseline_rss"] for m in report["memory"].values())
     f = report["fp32_vs_int8"]
     assert f["int8_graph_bytes"] < f["fp32_graph_bytes"] and f["fp32_basic_ms"] > 0 and f["int8_qdq_all_ms"] > 0
