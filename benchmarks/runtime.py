@@ -16,8 +16,10 @@ Every ratio is measured side by side in one run on one machine:
 - switching: the share of denoising time spent making the next interval's engine ready
   (target below 1%), and the calls that had to load an engine on the spot (stalls).
 - memory: each configuration in a fresh process: resident set size after importing (the
-  baseline), after loading the UNet engines, and at the end of one UNet call per interval;
-  ``engine_bytes`` is the last minus the baseline.
+  baseline), after loading the UNet engines, and at the end of one UNet call per interval,
+  and the process's peak resident set from after the imports on (``peak_kind``: whether the
+  high-water mark could be reset there); ``engine_bytes`` and ``peak_engine_bytes`` are the
+  last two minus the baseline.
 - fp32_vs_int8: the deploy dir's INT8 QDQ graph against an FP32 graph of the same UNet
   architecture (exported here with torch.onnx from a float UNet built from the manifest's
   config: speed does not depend on weight values), alternating calls, median of
@@ -183,24 +185,27 @@ def trt_status(deploy: Path) -> str | None:
 # ------------------------------------------------------------------------------------
 
 def memory_child(deploy: Path, runtime_json: str) -> dict:
-    """Runs in a child process: RSS after imports, after loading, after a call per interval."""
+    """Runs in a child process: RSS after imports, after loading, after a call per interval, and
+    the process's high-water mark from after the imports to the end (during the calls, where
+    each call's buffers come and go)."""
     from qpdeploy.exporters.manifest import read_manifest
+    from qpdeploy.memory import PeakMemory
     from qpdeploy.memory import rss_bytes as rss
     from qpdeploy.runtimes import EngineUNet, RuntimeConfig
 
     manifest = read_manifest(deploy)
     specs = {s["name"]: [2 if d == "batch" else d for d in s["shape"]] for s in manifest.unet_inputs}
     baseline = rss()
+    meter = PeakMemory("cpu").reset()
     unet = EngineUNet.from_deploy(deploy, config=RuntimeConfig.from_json(json.loads(runtime_json)))
     loaded = rss()
-    peak = loaded
     sample, hidden = torch.randn(specs["sample"]), torch.randn(specs["encoder_hidden_states"])
     for k in reversed(range(manifest.intervals.k)):
         lo, hi = manifest.intervals.bounds(k)
         unet(sample, (lo + hi) // 2, hidden)
-        peak = max(peak, rss())
-    result = {"baseline_rss": baseline, "after_load_rss": loaded, "after_calls_rss": rss(), "peak_rss": peak,
-              "engine_bytes": rss() - baseline, "peak_engine_bytes": peak - baseline,
+    after, peak = rss(), meter.peak()
+    result = {"baseline_rss": baseline, "after_load_rss": loaded, "after_calls_rss": after, "peak_rss": peak,
+              "peak_kind": meter.kind, "engine_bytes": after - baseline, "peak_engine_bytes": peak - baseline,
               "resident_engines_at_end": len(unet.engines.resident)}
     unet.close()
     return result

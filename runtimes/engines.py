@@ -8,7 +8,8 @@ correctly; diffusers pipelines send one timestep per call.
 
 Residency: every runner active (default), or ``low_memory``: only the current runner is
 active and the one the schedule needs next is activated ahead on a background thread while
-the current one computes. The order comes from :meth:`IntervalEngines.expect` (the schedule's
+the current one computes; the one left behind is freed on that thread too, before the next
+load it queues, so no call waits for it and at most two are ever resident. The order comes from :meth:`IntervalEngines.expect` (the schedule's
 timesteps) or, by default, from the fact that sampling visits intervals from K-1 down to 0;
 it wraps around, so the next image's first engine loads while the last one finishes.
 
@@ -67,6 +68,7 @@ class IntervalEngines:
         self.stalls = 0  # calls that had to load their engine on the spot
         self.plan = _dedupe(self.runner_of_interval[k] for k in reversed(range(intervals.k)))
         self._current, self._loaded, self._pending, self._pool = None, set(), None, None
+        self._retiring = []  # futures of deactivations queued on the background thread
 
     # -- residency ---------------------------------------------------------------------
 
@@ -85,9 +87,12 @@ class IntervalEngines:
         return self
 
     def close(self) -> None:
-        """Deactivate every active runner (waiting for a load in flight)."""
+        """Deactivate every active runner (waiting for a load or a release in flight)."""
         try:
-            self._wait_pending()
+            try:
+                self._wait_pending()
+            finally:
+                self._wait_retired()
         finally:
             for unit in sorted(self._loaded):
                 self.runners[unit].deactivate()
@@ -115,6 +120,7 @@ class IntervalEngines:
         self.plan = plan or self.plan
 
     def _activate(self, unit: int) -> None:
+        self._wait_retired()  # a load here, in the caller's thread, starts once the others are freed
         self._count_load()
         self.runners[unit].activate()
         self._loaded.add(unit)
@@ -130,13 +136,28 @@ class IntervalEngines:
             return self.plan[0]
         return self.plan[(self.plan.index(unit) + 1) % len(self.plan)]
 
+    def _background(self) -> ThreadPoolExecutor:
+        """The one background thread: its queue runs releases and loads in the order given."""
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qpdeploy-prefetch")
+        return self._pool
+
     def _prefetch(self, unit: int | None) -> None:
         if unit is None or unit in self._loaded or (self._pending is not None and self._pending[0] == unit):
             return
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qpdeploy-prefetch")
         self._count_load()
-        self._pending = (unit, self._pool.submit(self.runners[unit].activate))
+        self._pending = (unit, self._background().submit(self.runners[unit].activate))
+
+    def _retire(self, unit: int) -> None:
+        """Free ``unit`` on the background thread, ahead of any load queued after it."""
+        self._loaded.discard(unit)
+        self._retiring.append(self._background().submit(self.runners[unit].deactivate))
+
+    def _wait_retired(self, only_done: bool = False) -> None:
+        """Wait for the queued releases (or collect the finished ones); a release's error
+        surfaces here, in the caller's thread."""
+        while self._retiring and (not only_done or self._retiring[0].done()):
+            self._retiring.pop(0).result()
 
     def _wait_pending(self) -> None:
         if self._pending is not None:
@@ -148,19 +169,20 @@ class IntervalEngines:
     def _acquire(self, unit: int) -> float | None:
         """Make ``unit`` the current runner; returns the seconds that took (None: no change).
 
-        Low memory: keep ``unit`` and the one planned after it, free the rest, load ``unit``
-        now only if no prefetch foresaw it (a stall), then prefetch the next one.
+        Low memory: keep ``unit`` and the one planned after it, free the rest (on the
+        background thread), load ``unit`` now only if no prefetch foresaw it (a stall), then
+        prefetch the next one.
         """
         if unit == self._current:
             return None
         start = time.perf_counter()
         if self.low_memory:
+            self._wait_retired(only_done=True)
             keep = {unit, self._next_after(unit)}
             if self._pending is not None and (self._pending[0] == unit or self._pending[0] not in keep):
                 self._wait_pending()
             for other in sorted(self._loaded - keep):
-                self.runners[other].deactivate()
-                self._loaded.discard(other)
+                self._retire(other)
         if unit not in self._loaded:
             self.stalls += 1
             self._activate(unit)

@@ -29,6 +29,7 @@ def test_the_runtime_benchmark_measures_every_configuration_on_a_deploy_dir(depl
                                       "per-interval resident --fold-weights", "per-interval resident --no-arena",
                                       "per-interval --low-memory", "per-interval --low-memory --no-arena"}
     assert all(m["after_load_rss"] >= m["baseline_rss"] for m in report["memory"].values())
+    assert all(m["peak_rss"] >= max(m["after_load_rss"], m["after_calls_rss"]) for m in report["memory"].values())
     f = report["fp32_vs_int8"]
     assert f["int8_graph_bytes"] < f["fp32_graph_bytes"] and f["fp32_basic_ms"] > 0 and f["int8_qdq_all_ms"] > 0
     assert f["int8_qdq_basic_fold_ms"] > 0 and f["int8_speedup_vs_fp32_basic_fold"] > 0

@@ -146,6 +146,32 @@ def test_low_memory_keeps_one_engine_and_prepares_the_next_ahead():
     assert all(not runner.is_active for runner in scheduler.runners)
 
 
+def test_low_memory_frees_the_engine_left_behind_on_the_background_thread():
+    import threading
+
+    log, freed_on = [], []
+    timesteps = ddim_timesteps(10)
+    scheduler = stub_scheduler(True, log)
+    for runner in scheduler.runners:
+        def deactivate(free=runner.deactivate):
+            freed_on.append(threading.current_thread().name)
+            free()
+        runner.deactivate = deactivate
+    with scheduler:
+        for image in range(2):
+            scheduler.expect(timesteps)
+            for t in timesteps:
+                scheduler({"sample": torch.zeros(2, 1)}, torch.full((2,), int(t)))
+        during = list(freed_on)
+    assert len(during) == 7 and all(name.startswith("qpdeploy-prefetch") for name in during)  # 9 loads, 2 left
+    assert freed_on[7:] == [threading.current_thread().name] * 2  # close() frees the last two itself
+    active, most = 0, 0
+    for event, _ in log:  # in the order they happened, on either thread
+        active += 1 if event == "load" else -1
+        most = max(most, active)
+    assert most == 2 and active == 0 and scheduler.stalls == 0
+
+
 def test_resident_loads_every_engine_once_and_a_surprise_order_only_stalls():
     log = []
     with stub_scheduler(False, log) as resident:
