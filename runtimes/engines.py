@@ -9,9 +9,10 @@ correctly; diffusers pipelines send one timestep per call.
 Residency: every runner active (default), or ``low_memory``: only the current runner is
 active and the one the schedule needs next is activated ahead on a background thread while
 the current one computes; the one left behind is freed on that thread too, before the next
-load it queues, so no call waits for it and at most two are ever resident. The order comes from :meth:`IntervalEngines.expect` (the schedule's
-timesteps) or, by default, from the fact that sampling visits intervals from K-1 down to 0;
-it wraps around, so the next image's first engine loads while the last one finishes.
+load it queues, so no call waits for it and at most two are ever resident. The order comes
+from :meth:`IntervalEngines.expect` (the schedule's timesteps) or, by default, from the fact
+that sampling visits intervals from K-1 down to 0; it wraps around, so the next image's
+first engine loads while the last one finishes.
 
 Every call is recorded (:class:`EngineCall`): timestep, interval, engine, seconds, and the
 switch time, the time spent making a different engine ready than the previous call's.
