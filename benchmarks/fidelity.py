@@ -39,7 +39,9 @@ evaluator on the subject's ``test`` prompts (choices such as S1's intervals are 
   times the learning rate (``--scale-lr``); a pack strength applies as to its parent row;
 - ``<row>:kvptq`` (last): a probe, the scale row's pack with the cross-attention key and value
   projections (:data:`CROSS_KV`, the layers that read the prompt's embeddings) put back to
-  their post-training scales, e.g. ``s2_k2+in,s2_k2+in:kvptq``.
+  their post-training scales, e.g. ``s2_k2+in,s2_k2+in:kvptq``; ``<row>:kvtok``: the same
+  layers on their trained scales for the identifier's token positions only and on
+  post-training scales for every other token (:func:`kv_scales_on_identifier_only`).
 
 Columns (mean and std over subjects x seeds): ``subject_fidelity`` (evaluator probability of
 the subject), ``subject_recognised`` (share of images the instance embedding recognises as the
@@ -59,6 +61,7 @@ Runs on the CPU (torch threads ``--threads``); ``--device cuda`` where a GPU is 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import functools
@@ -142,6 +145,7 @@ TEXT_ROWS = {"s2_k2+in+text_encoder": "encoder", "s2_k2+in+text_scales": "scales
 SCALE_ROWS.update({row: SCALE_ROWS["s2_k2+in"] for row in TEXT_ROWS})
 CROSS_KV = ("attn2.to_k", "attn2.to_v")  # cross-attention projections of the text embeddings
 KV_PROBE = ":kvptq"  # row suffix: the pack without trained CROSS_KV scales
+KV_TOKEN_PROBE = ":kvtok"  # row suffix: the pack's CROSS_KV scales on the identifier's tokens only
 KV_PATTERNS = tuple(re.escape(s) + "$" for s in CROSS_KV)
 LAYER_ROWS = {  # row: TrainConfig options on some layers' scales (kept, or trained at a fraction of lr)
     "s2_k2+in+keepkv": {"keep_scales": KV_PATTERNS},
@@ -247,11 +251,12 @@ class Bench:
         return self.scale_row(bits, strategy, k, s1, input_scales, subject, images, seed, self.args.split, token)
 
     def scale_row(self, bits, strategy, k, s1, input_scales, subject, images, seed, split, token=False,
-                  strength=1.0, background=1.0, guidance=GUIDANCE, kv_reset=False, layers=()) -> dict:
+                  strength=1.0, background=1.0, guidance=GUIDANCE, kv_reset=None, layers=()) -> dict:
         """Train (once per row, background weight, kept layers, subject and seed: the rows
         ``<row>@<strength>`` and ``<row>:g<guidance>`` reuse the pack) and measure the pack at
         ``strength`` (see ``qpdeploy.pack.at_strength``), sampling at ``guidance``; with
-        ``kv_reset``, the cross-attention key and value projections on post-training scales;
+        ``kv_reset`` (a probe suffix), the cross-attention key and value projections on
+        post-training scales (":kvptq") or on them for every token but the identifier's (":kvtok");
         ``layers``: (TrainConfig field, value) pairs of :data:`LAYER_ROWS` (kept layers, layer rates)."""
         key = (bits, strategy, k, tuple(s1), input_scales, token, background, layers, subject.identifier, seed)
         if key not in self.trained:
@@ -261,11 +266,13 @@ class Bench:
         base = load_base(self.base_dir(bits))
         post_training = post_training_scales(base)
         pack = at_strength(load_pack(path), post_training, strength)
-        if kv_reset:
+        if kv_reset == KV_PROBE:
             pack = without_trained(pack, post_training, CROSS_KV)
         apply_pack(base, pack)
         pipe = quantized_pipeline(self.pipe, base.unet.eval())
-        with tokens_applied(pipe, pack.token, pack.tokens):  # pivotal tuning's rows, for this row only
+        gate = kv_scales_on_identifier_only(pipe, subject.identifier) if kv_reset == KV_TOKEN_PROBE \
+            else contextlib.nullcontext()
+        with tokens_applied(pipe, pack.token, pack.tokens), gate:  # pivotal tuning's rows, for this row only
             measured = self.evaluate(pipe, subject, split, seed, guidance)
         return {**measured, "trainable_params": report["trainable_params"],
                 "pack_bytes": report["pack_bytes"], "train_seconds": report["seconds"],
@@ -553,6 +560,54 @@ def without_trained(pack, post_training: dict, suffixes: tuple[str, ...]):
     return dataclasses.replace(pack, scales=scales)
 
 
+@contextlib.contextmanager
+def kv_scales_on_identifier_only(pipe, identifier: str):
+    """Within the block, the cross-attention key and value projections (:data:`CROSS_KV`) of
+    ``pipe.unet`` use the applied pack's scale sets on the token positions that hold
+    ``identifier`` and the post-training scales on every other token: what the pack would do
+    if its K/V scales could not touch the other words of a prompt.
+
+    Which positions hold the identifier comes from the pipeline's own text-encoder calls
+    (diffusers encodes the prompts, then the negative prompts, and batches them negative
+    first); a layer runs twice per call, once per scale row, and keeps each token's row."""
+    from qpdeploy.layers import quant_layers
+
+    (token_id,) = identifier_token_ids(pipe, identifier).values()
+    encoded = []  # per text-encoder call: (B, L) bool, where the identifier is
+
+    def capture(module, args, kwargs):
+        ids = args[0] if args else kwargs["input_ids"]
+        encoded.append(ids == token_id)
+
+    def identifier_rows(batch: int) -> torch.Tensor:
+        prompts, negatives = encoded[-2], encoded[-1]
+        return torch.cat([negatives, prompts]) if batch == 2 * prompts.shape[0] else encoded[-1]
+
+    def gated(layer, run):
+        def forward(x):
+            trained = run(x)
+            router = layer.router
+            chosen = router.scale_set
+            router.scale_set = torch.full_like(chosen, layer.num_sets)  # the post-training row
+            try:
+                post_training = run(x)
+            finally:
+                router.scale_set = chosen
+            return torch.where(identifier_rows(x.shape[0]).to(x.device)[:, :x.shape[1], None], trained, post_training)
+        return forward
+
+    layers = [layer for name, layer in quant_layers(pipe.unet) if name.endswith(CROSS_KV)]
+    handle = pipe.text_encoder.register_forward_pre_hook(capture, with_kwargs=True)
+    for layer in layers:
+        layer.forward = gated(layer, layer.forward)  # an instance attribute over the class's
+    try:
+        yield
+    finally:
+        handle.remove()
+        for layer in layers:
+            del layer.forward
+
+
 def split_guidance(row: str) -> tuple[str, float]:
     """A ``--rows`` entry ``<row>[:g<guidance>]`` as (the row, the classifier-free guidance its
     images are sampled at; without the suffix :data:`GUIDANCE`, the bundled model's own).
@@ -564,11 +619,11 @@ def split_guidance(row: str) -> tuple[str, float]:
     return (head, float(value)) if marker else (row, GUIDANCE)
 
 
-def split_sampling(row: str) -> tuple[str, float, bool]:
-    """A ``--rows`` entry ``<row>[:g<guidance>][:kvptq]`` as (the row, the guidance its images
-    are sampled at, whether the K/V probe applies to its pack)."""
-    probe = row.endswith(KV_PROBE)
-    head, guidance = split_guidance(row.removesuffix(KV_PROBE))
+def split_sampling(row: str) -> tuple[str, float, str | None]:
+    """A ``--rows`` entry ``<row>[:g<guidance>][:kvptq|:kvtok]`` as (the row, the guidance its
+    images are sampled at, the K/V probe that applies to its pack: None, ":kvptq" or ":kvtok")."""
+    probe = next((p for p in (KV_PROBE, KV_TOKEN_PROBE) if row.endswith(p)), None)
+    head, guidance = split_guidance(row.removesuffix(probe) if probe else row)
     return head, guidance, probe
 
 
@@ -593,7 +648,7 @@ def row_problem(row: str) -> str | None:
     if name not in ROWS:
         return f"unknown row {name!r}"
     if probe and not has_fixed_intervals(name):
-        return f"row {name} has no {KV_PROBE} probe (only scale rows with fixed intervals do)"
+        return f"row {name} has no {probe} probe (only scale rows with fixed intervals do)"
     if guidance != GUIDANCE and name in SCALE_ROWS and not has_fixed_intervals(name):
         return f"row {name} has no guidance variant (only unpersonalized, adapter and fixed-interval scale rows do)"
     if not 1 <= guidance <= 30:

@@ -1,6 +1,7 @@
 """The fidelity benchmark's own rows: the QLoRA-style row (peft LoRA around qpdeploy's quantized
 linears) and the text-side levers (the text encoder trains with the scales)."""
 
+import contextlib
 from unittest import mock
 
 import pytest
@@ -271,3 +272,50 @@ def test_the_kept_kv_row_keeps_exactly_the_layers_the_probe_resets(saved_base):
         assert SCALE_ROWS[f"s2_k2+in+kv{factor}"] == SCALE_ROWS["s2_k2+in"]
     assert SCALE_ROWS["s2_k2+in+keepkv"] == SCALE_ROWS["s2_k2+in"]  # the defaults but for the kept layers
     assert [row_problem(r) for r in ("s2_k2+in+keepkv", "s2_k2+in+keepkv@0.9", "s2_k2+in+keepkv:g6")] == [None] * 3
+
+
+@pytest.mark.slow
+def test_the_token_kv_probe_keeps_the_packs_keys_and_values_on_the_identifiers_tokens_only(saved_base, tiny_pipe):
+    from benchmarks.fidelity import CROSS_KV, kv_scales_on_identifier_only, without_trained
+    from qpdeploy.base import load_base
+    from qpdeploy.pack import ScalePack, apply_pack, init_scale_sets, post_training_scales, scales_of
+    from qpdeploy.validate import quantized_pipeline
+
+    base = load_base(saved_base("sd1"))
+    init_scale_sets(base, "s2", base.intervals, input_scales=True)
+    for _, layer in quant_layers(base.unet):
+        layer.s_out.data *= 1.5
+        layer.s_in.data += 0.25
+    pack = ScalePack("s2", base.intervals, base.base_hash, scales_of(base.unet))
+    probed = without_trained(pack, post_training_scales(base), CROSS_KV)
+    first_kv = next(layer for n, layer in quant_layers(base.unet) if n.endswith(CROSS_KV))
+    pipe = quantized_pipeline(tiny_pipe("sd1"), base.unet.eval())
+    (token_id,) = identifier_token_ids(pipe, "sks").values()
+
+    def run(scales, prompt, gated=False):
+        """Images and the first K/V layer's output in the first UNet call (CFG: negatives first)."""
+        apply_pack(base, scales)
+        seen = []
+        handle = first_kv.register_forward_hook(lambda m, a, out: seen.append(out.detach().clone()))
+        try:
+            with kv_scales_on_identifier_only(pipe, "sks") if gated else contextlib.nullcontext():
+                images = pipe(prompt, num_inference_steps=2, guidance_scale=4.0, output_type="np",
+                              generator=torch.Generator().manual_seed(0)).images
+        finally:
+            handle.remove()
+        return images, seen[0]
+
+    # without the identifier in the prompt, the probe is the pack with its K/V layers reset, bit for bit
+    assert (run(pack, "a photo of a dog", gated=True)[0] == run(probed, "a photo of a dog")[0]).all()
+    # with it, each token's keys/values come from the pack on the identifier and from post-training elsewhere
+    _, gated_kv = run(pack, PROMPT, gated=True)
+    _, full_kv = run(pack, PROMPT)
+    _, reset_kv = run(probed, PROMPT)
+    ids = pipe.tokenizer(PROMPT, padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                         truncation=True, return_tensors="pt").input_ids[0]
+    on = ids == token_id
+    assert on.sum() == 1 and not torch.equal(full_kv, reset_kv)
+    assert torch.equal(gated_kv[1, on], full_kv[1, on]) and torch.equal(gated_kv[1, ~on], reset_kv[1, ~on])
+    assert torch.equal(gated_kv[0], reset_kv[0])  # the negative prompt has no identifier
+    assert "forward" not in first_kv.__dict__  # the layer's own forward is back
+    assert row_problem("s2_k2+in@0.9:kvtok") is None and "no :kvtok probe" in row_problem("fp_dreambooth:kvtok")
