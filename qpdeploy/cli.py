@@ -576,6 +576,9 @@ _REPO_OPTIONS = {
     "threads": typer.Option(0, "--threads", help="ONNX Runtime threads per model (0: its default)."),
     "fold_weights": typer.Option(False, "--fold-weights", help="ONNX Runtime (python platform): dequantize the UNet's "
                                  "INT8 weights to FP32 once at load (as generate --fold-weights)."),
+    "arena": typer.Option(True, "--arena/--no-arena", help="ONNX Runtime (python platform): one memory arena per "
+                          "model process, reused by every call (default); --no-arena gives each call's memory back "
+                          "(slower calls)."),
     "delay": typer.Option(2000, "--max-queue-delay-us", help="How long the UNet's dynamic batcher waits for more "
                           "requests (microseconds)."),
     "platform": typer.Option("python", "--platform", help="python (Python-backend models running qpdeploy's runners: "
@@ -585,12 +588,13 @@ _REPO_OPTIONS = {
 
 
 def _repository(deploy: Path, out: Path, force: bool, *, instances: int, backend: str, device: str, threads: int,
-                fold_weights: bool, delay: int, platform: str, deploy_path: Optional[str] = None,
+                fold_weights: bool, arena: bool, delay: int, platform: str, deploy_path: Optional[str] = None,
                 verify_hashes: bool = True) -> Path:
     from .runtimes.triton import RepositoryConfig, write_repository
 
     config = RepositoryConfig(instances=instances, max_queue_delay_us=delay, backend=backend, device=device,
-                              threads=threads, fold_weights=fold_weights, deploy_path=deploy_path, platform=platform)
+                              threads=threads, fold_weights=fold_weights, arena=arena, deploy_path=deploy_path,
+                              platform=platform)
     return write_repository(deploy, out, config, force, verify_hashes)
 
 
@@ -606,6 +610,7 @@ def triton(
     device: str = _REPO_OPTIONS["device"],
     threads: int = _REPO_OPTIONS["threads"],
     fold_weights: bool = _REPO_OPTIONS["fold_weights"],
+    arena: bool = _REPO_OPTIONS["arena"],
     delay: int = _REPO_OPTIONS["delay"],
     platform: Literal["python", "onnxruntime", "tensorrt"] = _REPO_OPTIONS["platform"],
     force: bool = typer.Option(False, "--force", help="Replace an existing repository written by this command."),
@@ -613,7 +618,8 @@ def triton(
     """Write a Triton Inference Server model repository for a deploy dir (pipeline, unet,
     text encoder and VAE decoder models), for tritonserver here, in a container or on Jetson."""
     repo = _repository(deploy, out, force, instances=instances, backend=backend, device=device, threads=threads,
-                       fold_weights=fold_weights, delay=delay, platform=platform, deploy_path=deploy_path)
+                       fold_weights=fold_weights, arena=arena, delay=delay, platform=platform,
+                       deploy_path=deploy_path)
     models = sorted(p.name for p in repo.iterdir() if p.is_dir())
     typer.echo(f"model repository -> {repo} (models: {', '.join(models)}); run it with "
                f"tritonserver --model-repository {repo}")
@@ -632,6 +638,7 @@ def serve(
     device: str = _REPO_OPTIONS["device"],
     threads: int = _REPO_OPTIONS["threads"],
     fold_weights: bool = _REPO_OPTIONS["fold_weights"],
+    arena: bool = _REPO_OPTIONS["arena"],
     delay: int = _REPO_OPTIONS["delay"],
     platform: Literal["python", "onnxruntime", "tensorrt"] = _REPO_OPTIONS["platform"],
     force: bool = typer.Option(False, "--force", help="Replace an existing repository written by qpdeploy."),
@@ -644,8 +651,8 @@ def serve(
 
     # the served models hash the files they open as they load: no second pass here
     repository = _repository(deploy, repo, force, instances=instances, backend=backend, device=device,
-                             threads=threads, fold_weights=fold_weights, delay=delay, platform=platform,
-                             verify_hashes=False)
+                             threads=threads, fold_weights=fold_weights, arena=arena, delay=delay,
+                             platform=platform, verify_hashes=False)
     server = TritonServer(repository, http_port, http_port + 1, http_port + 2, address=host,
                           log=repository / "tritonserver.log")
     server.start()

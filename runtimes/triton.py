@@ -72,6 +72,9 @@ class RepositoryConfig:
         threads: ONNX Runtime intra-op threads per model (0: its default).
         fold_weights: ONNX Runtime: dequantize the UNet's INT8 weights once at load
             (``RuntimeConfig.fold_weights``); python platform with the ort backend only.
+        arena: ONNX Runtime: the models' sessions take their buffers from one memory arena per
+            model process (``RuntimeConfig.arena``); False gives that memory back after each
+            call, at the price of slower calls. Python platform with the ort backend only.
         deploy_path: the deploy dir as the server sees it (default: its absolute path here).
         platform: how the text encoder(s), VAE decoder and UNet graphs are served: "python"
             (Python-backend models running qpdeploy's runners: everywhere, every layout),
@@ -88,6 +91,7 @@ class RepositoryConfig:
     device: str = "auto"
     threads: int = 0
     fold_weights: bool = False
+    arena: bool = True
     deploy_path: str | None = None
     platform: str = "python"
 
@@ -103,6 +107,8 @@ class RepositoryConfig:
             (not self.fold_weights or (self.backend == "ort" and self.platform == "python"),
              "fold weights applies to the python platform with the ort backend (Triton's own backends and "
              "TensorRT keep their own weight handling)"),
+            (self.arena or (self.backend == "ort" and self.platform == "python"),
+             "the memory arena setting applies to the python platform with the ort backend"),
             (self.platform in PLATFORMS, f"platform must be one of {', '.join(PLATFORMS)}, got {self.platform!r}"),
         ])
 
@@ -132,7 +138,8 @@ def write_repository(deploy, out, config: RepositoryConfig = RepositoryConfig(),
                             "serving machine, or use --platform onnxruntime / python")
     where = config.deploy_path or str(manifest.path.resolve())
     params = {"deploy_dir": where, "backend": config.backend, "device": config.device, "threads": str(config.threads),
-              "fold_weights": str(config.fold_weights).lower(), "platform": config.platform}
+              "fold_weights": str(config.fold_weights).lower(), "arena": str(config.arena).lower(),
+              "platform": config.platform}
     batch = 2 * config.instances  # classifier-free guidance: two samples per request
     models, links = {}, {}
     parts = [*manifest.text_encoders, manifest.vae_decoder]

@@ -41,7 +41,8 @@ class _Model:
         self.manifest = read_manifest(self.params["deploy_dir"], verify_hashes=False)
         self.runtime = RuntimeConfig(backend=self.params.get("backend", "ort"), device=self.params.get("device", "auto"),
                                      threads=int(self.params.get("threads", "0")),
-                                     fold_weights=self.params.get("fold_weights", "false") == "true", verify_hashes=False)
+                                     fold_weights=self.params.get("fold_weights", "false") == "true",
+                                     arena=self.params.get("arena", "true") == "true", verify_hashes=False)
 
     def verify(self, *names: str) -> None:
         """Check the hashes of the deploy dir files this model opens (and the manifest's)."""

@@ -151,11 +151,12 @@ def test_the_triton_command_writes_a_repository_and_refuses_bad_input(deploy, tm
     run = CliRunner().invoke
     source = deploy(name)
     result = run(app, ["triton", str(source), "--out", str(tmp_path / "repo"), "--instances", "2",
-                       "--deploy-path", "/deploy", "--fold-weights"])
+                       "--deploy-path", "/deploy", "--fold-weights", "--no-arena"])
     assert result.exit_code == 0 and "model repository" in result.output, result.output
     unet = (tmp_path / "repo" / "unet" / "config.pbtxt").read_text()
     assert 'string_value: "/deploy"' in unet and "max_batch_size: 4" in unet
     assert 'parameters { key: "fold_weights" value: { string_value: "true" } }' in unet
+    assert 'parameters { key: "arena" value: { string_value: "false" } }' in unet
     assert "expert" not in unet  # the selector is the model's business, not the client's
     assert json.loads((tmp_path / "repo" / "qpdeploy-triton.json").read_text())["subjects"] == []
     result = run(app, ["triton", str(tmp_path / "nowhere"), "--out", str(tmp_path / "r2")])
@@ -168,6 +169,10 @@ def test_the_triton_command_writes_a_repository_and_refuses_bad_input(deploy, tm
                        "onnxruntime"])
     assert result.exit_code == 2 and "fold weights applies to the python platform" in result.output
     assert not (tmp_path / "r4").exists()
+    result = run(app, ["triton", str(source), "--out", str(tmp_path / "r5"), "--no-arena", "--platform",
+                       "onnxruntime"])
+    assert result.exit_code == 2 and "memory arena setting applies to the python platform" in result.output
+    assert not (tmp_path / "r5").exists()
 
 
 class _FakeBackend:
@@ -319,8 +324,9 @@ def test_the_unet_model_serves_a_mixed_batch_and_fails_only_the_bad_request(depl
     model = UNetModel()
     model.initialize({"model_config": json.dumps({"parameters": {"deploy_dir": {"string_value": str(source)},
                                                                  "threads": {"string_value": "1"},
-                                                                 "fold_weights": {"string_value": "true"}}})})
-    assert model.runtime.fold_weights  # served folded; compared below with the default, unfolded
+                                                                 "fold_weights": {"string_value": "true"},
+                                                                 "arena": {"string_value": "false"}}})})
+    assert model.runtime.fold_weights and not model.runtime.arena  # compared below with the defaults
     gen = torch.Generator().manual_seed(0)
     jobs = [("sks", 100.0), ("dog", 500.0), ("zwx", 900.0)]
     requests = []
