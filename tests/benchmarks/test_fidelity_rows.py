@@ -230,18 +230,24 @@ def test_a_row_at_another_guidance_is_any_row_that_trains_nothing_per_run_beyond
     assert row_problem("nope:g6") == "unknown row 'nope'"
 
 
-def test_the_kv_probe_puts_exactly_the_cross_attention_keys_and_values_back_on_post_training_scales(saved_base):
-    from benchmarks.fidelity import CROSS_KV, without_trained
+def _perturbed_s2_pack(saved_base):
+    """A tiny base and an S2 pack with input scales whose every scale moved off post-training."""
     from qpdeploy.base import load_base
-    from qpdeploy.layers import quant_layers
-    from qpdeploy.pack import ScalePack, init_scale_sets, post_training_scales, scales_of
+    from qpdeploy.pack import ScalePack, init_scale_sets, scales_of
 
     base = load_base(saved_base("sd1"))
     init_scale_sets(base, "s2", base.intervals, input_scales=True)
     for _, layer in quant_layers(base.unet):
         layer.s_out.data *= 1.5
         layer.s_in.data += 0.25
-    pack = ScalePack("s2", base.intervals, base.base_hash, scales_of(base.unet))
+    return base, ScalePack("s2", base.intervals, base.base_hash, scales_of(base.unet))
+
+
+def test_the_kv_probe_puts_exactly_the_cross_attention_keys_and_values_back_on_post_training_scales(saved_base):
+    from benchmarks.fidelity import CROSS_KV, without_trained
+    from qpdeploy.pack import post_training_scales
+
+    base, pack = _perturbed_s2_pack(saved_base)
     ptq = post_training_scales(base)
     probed = without_trained(pack, ptq, CROSS_KV)
     reset = {name for name in ptq if name.endswith(CROSS_KV)}
@@ -277,16 +283,10 @@ def test_the_kept_kv_row_keeps_exactly_the_layers_the_probe_resets(saved_base):
 @pytest.mark.slow
 def test_the_token_kv_probe_keeps_the_packs_keys_and_values_on_the_identifiers_tokens_only(saved_base, tiny_pipe):
     from benchmarks.fidelity import CROSS_KV, kv_scales_on_identifier_only, without_trained
-    from qpdeploy.base import load_base
-    from qpdeploy.pack import ScalePack, apply_pack, init_scale_sets, post_training_scales, scales_of
+    from qpdeploy.pack import apply_pack, post_training_scales
     from qpdeploy.validate import quantized_pipeline
 
-    base = load_base(saved_base("sd1"))
-    init_scale_sets(base, "s2", base.intervals, input_scales=True)
-    for _, layer in quant_layers(base.unet):
-        layer.s_out.data *= 1.5
-        layer.s_in.data += 0.25
-    pack = ScalePack("s2", base.intervals, base.base_hash, scales_of(base.unet))
+    base, pack = _perturbed_s2_pack(saved_base)
     probed = without_trained(pack, post_training_scales(base), CROSS_KV)
     first_kv = next(layer for n, layer in quant_layers(base.unet) if n.endswith(CROSS_KV))
     pipe = quantized_pipeline(tiny_pipe("sd1"), base.unet.eval())
