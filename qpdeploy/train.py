@@ -411,7 +411,8 @@ def prepare_data(base: QuantizedBase, images, config: TrainConfig, pipe=None, cl
                                  class_dir, steps, guidance, config.seed, advance)
     examples = encode_examples(pipe, instance, config.prompt, prior, config.class_prompt, device)
     examples.meta["resolution"] = resolution
-    validator = Validator(pipe, base.unet, config, resolution, device, (steps, guidance)) if config.validate_every else None
+    validator = (Validator(pipe, base.unet, config, resolution, device, (steps, guidance))
+                 if config.validate_every else None)
     return examples, dict(pipe.scheduler.config), validator, resolution, (pipe if config.train_token else None)
 
 
