@@ -324,6 +324,15 @@ def test_resume_refuses_other_settings_and_other_bases(cheap_base, tiny_pipe, in
     with pytest.raises(QPDeployError, match="trained with lr=0.001, this run has 0.5"):
         run(cheap_base, tiny_pipe, instance_dir, tmp_path / "q", steps=4, lr=0.5, strategy="baseline",
             resume=tmp_path / "p.run")
+    # a run checkpointed with the old fixed sampling (25 steps, guidance 7.5) resumes when given them again
+    run(cheap_base, tiny_pipe, instance_dir, tmp_path / "old", steps=2, checkpoint_every=2, strategy="baseline",
+        sample_steps=25, guidance=7.5)
+    with pytest.raises(QPDeployError, match="trained with sample_steps=25, this run has None"):
+        run(cheap_base, tiny_pipe, instance_dir, tmp_path / "new", steps=3, strategy="baseline",
+            resume=tmp_path / "old.run")
+    _, report = run(cheap_base, tiny_pipe, instance_dir, tmp_path / "new", steps=3, strategy="baseline",
+                    sample_steps=25, guidance=7.5, resume=tmp_path / "old.run")
+    assert report["resumed_from_step"] == 2 and report["steps"] == 3
     other = cheap_base("sd1", weight_bits=4)
     with pytest.raises(QPDeployError, match="was trained on base"):
         run(cheap_base, tiny_pipe, instance_dir, tmp_path / "q", base=other, steps=4, strategy="baseline",
